@@ -1,0 +1,223 @@
+"""Model hyper-parameters read from GGUF metadata into frozen dataclasses, validated once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from engine.errors import ModelFileError
+from engine.gguf_file import GGUFFile
+
+GATING_SOFTMAX = 1
+GATING_SIGMOID = 2
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of `n_rot` dims (adjacent pairs, llama.cpp's NORM type) with optional scaling."""
+
+    n_rot: int
+    freq_base: float = 10000.0
+    scaling_type: str = "none"  # none | linear | yarn
+    factor: float = 1.0
+    orig_ctx: int = 0
+    yarn_log_multiplier: float | None = None  # GGUF value (= 0.1 * mscale_all_dim); None if absent
+    attn_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+    @property
+    def is_yarn(self) -> bool:
+        return self.scaling_type == "yarn" and self.factor > 1.0
+
+    @property
+    def magnitude(self) -> float:
+        """Scale applied to cos/sin (llama.cpp cancels YaRN's factor when the log-multiplier key exists)."""
+        if self.is_yarn and self.yarn_log_multiplier is None:
+            return self.attn_factor * (1.0 + 0.1 * math.log(self.factor))
+        return self.attn_factor
+
+    @property
+    def attention_mscale(self) -> float:
+        """Multiplier of the softmax scale's square root (DeepSeek's mscale)."""
+        if not self.is_yarn:
+            return 1.0
+        if self.yarn_log_multiplier is None:
+            return self.attn_factor * (1.0 + 0.1 * math.log(self.factor))
+        m_all = self.yarn_log_multiplier / 0.1
+        return self.attn_factor * (1.0 + 0.1 * m_all * math.log(self.factor))
+
+
+def _rope_from_gguf(f: GGUFFile, arch: str, n_rot: int) -> RopeConfig:
+    stype = str(f.get(f"{arch}.rope.scaling.type", "none"))
+    factor = float(f.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    if stype not in ("none", "linear", "yarn"):
+        raise ModelFileError(f"{f.path}: rope scaling type '{stype}' is not supported (none, linear, yarn)")
+    if stype == "linear" and factor == 1.0:
+        stype = "none"
+    log_mul = f.get(f"{arch}.rope.scaling.yarn_log_multiplier", None)
+    return RopeConfig(
+        n_rot=n_rot,
+        freq_base=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
+        scaling_type=stype,
+        factor=factor,
+        orig_ctx=int(f.get(f"{arch}.rope.scaling.original_context_length", f.get(f"{arch}.context_length"))),
+        yarn_log_multiplier=None if log_mul is None else float(log_mul),
+        attn_factor=float(f.get(f"{arch}.rope.scaling.attn_factor", 1.0)),
+    )
+
+
+def _positive(f: GGUFFile, key: str, value: int) -> int:
+    if value <= 0:
+        raise ModelFileError(f"{f.path}: metadata '{key}' = {value} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class DeepSeek2Config:
+    """DeepSeek-V2/V3 (`deepseek2`) hyper-parameters, DeepSeek's field names."""
+
+    n_vocab: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    q_lora_rank: int  # 0: plain attn_q
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    intermediate_size: int  # dense FFN
+    moe_intermediate_size: int
+    n_routed_experts: int
+    n_experts_per_tok: int
+    n_shared_experts: int
+    first_k_dense_replace: int
+    routed_scaling_factor: float
+    norm_topk_prob: bool
+    gating_func: int
+    n_group: int
+    topk_group: int
+    rms_norm_eps: float
+    context_length: int
+    rope: RopeConfig
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kq_scale(self) -> float:
+        return self.rope.attention_mscale**2 / math.sqrt(self.qk_head_dim)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> DeepSeek2Config:
+        a = "deepseek2"
+        g = f.get
+        n_heads = _positive(f, f"{a}.attention.head_count", _scalar(f, f"{a}.attention.head_count"))
+        kv_lora = _positive(f, f"{a}.attention.kv_lora_rank", int(g(f"{a}.attention.kv_lora_rank")))
+        n_rot = _positive(f, f"{a}.rope.dimension_count", int(g(f"{a}.rope.dimension_count")))
+        key_len = int(g(f"{a}.attention.key_length_mla", g(f"{a}.attention.key_length")))
+        val_len = int(g(f"{a}.attention.value_length_mla", g(f"{a}.attention.value_length")))
+        if f"{a}.attention.key_length_mla" not in f.metadata and key_len == kv_lora + n_rot:
+            # split-form file without the *_mla keys (made by the unmerged PR #11446): derive from tensors
+            k_b = f.tensors.get("blk.0.attn_k_b.weight")
+            v_b = f.tensors.get("blk.0.attn_v_b.weight")
+            if k_b is None or v_b is None:
+                raise ModelFileError(f"{f.path}: key_length {key_len} = kv_lora + rope but no attn_k_b/attn_v_b")
+            key_len = k_b.shape[-1] + n_rot
+            val_len = v_b.shape[-2] if len(v_b.shape) == 3 else v_b.shape[0] // n_heads
+        if key_len <= n_rot:
+            raise ModelFileError(f"{f.path}: key length {key_len} must exceed rope dims {n_rot}")
+        n_experts = int(g(f"{a}.expert_count", 0))
+        n_used = int(g(f"{a}.expert_used_count", 0))
+        if n_experts and not 0 < n_used <= n_experts:
+            raise ModelFileError(f"{f.path}: expert_used_count {n_used} must be in 1..expert_count ({n_experts})")
+        n_group = int(g(f"{a}.expert_group_count", 0))
+        topk_group = int(g(f"{a}.expert_group_used_count", 0))
+        if n_group > 1 and (n_experts % n_group or not 0 < topk_group <= n_group):
+            raise ModelFileError(
+                f"{f.path}: expert groups {n_group}/{topk_group} do not divide {n_experts} experts"
+            )
+        gating = int(g(f"{a}.expert_gating_func", GATING_SOFTMAX))
+        if gating not in (GATING_SOFTMAX, GATING_SIGMOID):
+            raise ModelFileError(f"{f.path}: expert_gating_func {gating} is not supported (1 softmax, 2 sigmoid)")
+        q_lora = int(g(f"{a}.attention.q_lora_rank", 0)) if "blk.0.attn_q_a.weight" in f.tensors else 0
+        return cls(
+            n_vocab=int(g(f"{a}.vocab_size", len(g("tokenizer.ggml.tokens", [])) or 0))
+            or f.tensors["token_embd.weight"].shape[0],
+            hidden_size=_positive(f, f"{a}.embedding_length", int(g(f"{a}.embedding_length"))),
+            n_layers=_positive(f, f"{a}.block_count", int(g(f"{a}.block_count"))),
+            n_heads=n_heads,
+            q_lora_rank=q_lora,
+            kv_lora_rank=kv_lora,
+            qk_nope_head_dim=key_len - n_rot,
+            qk_rope_head_dim=n_rot,
+            v_head_dim=val_len,
+            intermediate_size=_scalar(f, f"{a}.feed_forward_length", 0),
+            moe_intermediate_size=_scalar(f, f"{a}.expert_feed_forward_length", 0),
+            n_routed_experts=n_experts,
+            n_experts_per_tok=n_used,
+            n_shared_experts=int(g(f"{a}.expert_shared_count", 0)),
+            first_k_dense_replace=int(g(f"{a}.leading_dense_block_count", 0)),
+            routed_scaling_factor=float(g(f"{a}.expert_weights_scale", 0.0)),
+            norm_topk_prob=bool(g(f"{a}.expert_weights_norm", False)),
+            gating_func=gating,
+            n_group=n_group if n_group > 1 else 1,
+            topk_group=topk_group if n_group > 1 else 1,
+            rms_norm_eps=float(g(f"{a}.attention.layer_norm_rms_epsilon")),
+            context_length=int(g(f"{a}.context_length")),
+            rope=_rope_from_gguf(f, a, n_rot),
+        )
+
+
+def _scalar(f: GGUFFile, key: str, default: int | None = None) -> int:
+    """A u32 key that llama.cpp also accepts as a per-layer array; ikctl needs it uniform."""
+    v = f.get(key) if default is None else f.get(key, default)
+    if isinstance(v, list):
+        if len(set(v)) > 1:
+            raise ModelFileError(f"{f.path}: per-layer values for '{key}' ({sorted(set(v))}) are not supported")
+        v = v[0]
+    return int(v)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Llama-architecture hyper-parameters (dense, grouped-query attention, SwiGLU)."""
+
+    n_vocab: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    context_length: int
+    rope: RopeConfig
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> LlamaConfig:
+        a = "llama"
+        g = f.get
+        hidden = _positive(f, f"{a}.embedding_length", int(g(f"{a}.embedding_length")))
+        n_heads = _positive(f, f"{a}.attention.head_count", _scalar(f, f"{a}.attention.head_count"))
+        n_kv = _scalar(f, f"{a}.attention.head_count_kv", n_heads)
+        if n_heads % n_kv:
+            raise ModelFileError(f"{f.path}: head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
+        head_dim = int(g(f"{a}.attention.key_length", hidden // n_heads))
+        n_rot = int(g(f"{a}.rope.dimension_count", head_dim))
+        return cls(
+            n_vocab=int(g(f"{a}.vocab_size", 0)) or f.tensors["token_embd.weight"].shape[0],
+            hidden_size=hidden,
+            n_layers=_positive(f, f"{a}.block_count", int(g(f"{a}.block_count"))),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            intermediate_size=_scalar(f, f"{a}.feed_forward_length"),
+            rms_norm_eps=float(g(f"{a}.attention.layer_norm_rms_epsilon")),
+            context_length=int(g(f"{a}.context_length")),
+            rope=_rope_from_gguf(f, a, n_rot),
+        )

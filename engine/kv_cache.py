@@ -1,0 +1,129 @@
+"""Per-layer key/value caches in f32, f16 or q8_0 (like llama.cpp's -ctk), grown on demand up to n_ctx.
+
+A cache holds one or more named row streams per layer (e.g. MLA's latent rows, or naive K and V rows).
+Legend: S cached positions, W row width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.errors import IkctlError
+
+CACHE_TYPES = ("f32", "f16", "q8_0")
+_Q8_BLOCK = 32
+
+
+def q8_0_quantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [S, W] -> (int8 [S, Wp], f16 scales [S, Wp/32]); W is zero-padded to a multiple of 32."""
+    S, W = rows.shape
+    Wp = -(-W // _Q8_BLOCK) * _Q8_BLOCK
+    x = np.zeros((S, Wp), np.float32)
+    x[:, :W] = rows
+    blocks = x.reshape(S, -1, _Q8_BLOCK)
+    d = np.max(np.abs(blocks), axis=-1) / 127.0
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    q = np.clip(np.round(blocks * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(S, Wp), d.astype(np.float16)
+
+
+def q8_0_dequantize(q: np.ndarray, d: np.ndarray, width: int) -> np.ndarray:
+    S = q.shape[0]
+    x = q.reshape(S, -1, _Q8_BLOCK).astype(np.float32) * d.astype(np.float32)[..., None]
+    return x.reshape(S, -1)[:, :width]
+
+
+class _Stream:
+    """Rows of one width for one layer."""
+
+    def __init__(self, width: int, cache_type: str) -> None:
+        self.width = width
+        self.cache_type = cache_type
+        self.capacity = 0
+        self._data: np.ndarray | None = None
+        self._scale: np.ndarray | None = None
+
+    def ensure(self, capacity: int) -> None:
+        if capacity <= self.capacity:
+            return
+        if self.cache_type == "q8_0":
+            wp = -(-self.width // _Q8_BLOCK) * _Q8_BLOCK
+            data = np.zeros((capacity, wp), np.int8)
+            scale = np.zeros((capacity, wp // _Q8_BLOCK), np.float16)
+            if self._scale is not None:
+                scale[: self.capacity] = self._scale[: self.capacity]
+            self._scale = scale
+        else:
+            data = np.zeros((capacity, self.width), np.float16 if self.cache_type == "f16" else np.float32)
+        if self._data is not None:
+            data[: self.capacity] = self._data[: self.capacity]
+        self._data = data
+        self.capacity = capacity
+
+    def write(self, pos: int, rows: np.ndarray) -> None:
+        assert self._data is not None
+        if self.cache_type == "q8_0":
+            assert self._scale is not None
+            q, d = q8_0_quantize(rows)
+            self._data[pos : pos + len(rows)] = q
+            self._scale[pos : pos + len(rows)] = d
+        else:
+            self._data[pos : pos + len(rows)] = rows
+
+    def read(self, n: int) -> np.ndarray:
+        assert self._data is not None
+        if self.cache_type == "q8_0":
+            assert self._scale is not None
+            return q8_0_dequantize(self._data[:n], self._scale[:n], self.width)
+        if self.cache_type == "f32":
+            return self._data[:n]
+        return self._data[:n].astype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._data is None else self._data.nbytes + (0 if self._scale is None else self._scale.nbytes)
+
+
+class KVCache:
+    """Caches for `n_layers` layers, each with the named streams of the given widths."""
+
+    def __init__(self, n_layers: int, widths: dict[str, int], n_ctx: int, cache_type: str = "f16") -> None:
+        if cache_type not in CACHE_TYPES:
+            raise IkctlError(f"cache type '{cache_type}' is not supported; use one of {', '.join(CACHE_TYPES)}")
+        if n_ctx <= 0:
+            raise IkctlError(f"context size {n_ctx} must be positive")
+        self.n_ctx = n_ctx
+        self.cache_type = cache_type
+        self.layers = [{name: _Stream(w, cache_type) for name, w in widths.items()} for _ in range(n_layers)]
+        self.n_past = 0
+
+    def reserve(self, n_new: int) -> int:
+        """Make room for n_new more positions; returns the first new position."""
+        end = self.n_past + n_new
+        if end > self.n_ctx:
+            raise IkctlError(
+                f"context is full: {self.n_past} cached + {n_new} new tokens exceed the context size "
+                f"{self.n_ctx}; raise -c/--ctx-size"
+            )
+        for layer in self.layers:
+            for s in layer.values():
+                if end > s.capacity:
+                    s.ensure(min(self.n_ctx, max(end, 2 * s.capacity, 256)))
+        return self.n_past
+
+    def write(self, layer: int, name: str, pos: int, rows: np.ndarray) -> None:
+        self.layers[layer][name].write(pos, rows)
+
+    def read(self, layer: int, name: str, n: int) -> np.ndarray:
+        """The first n rows as float32 [n, W]."""
+        return self.layers[layer][name].read(n)
+
+    def advance(self, n: int) -> None:
+        self.n_past += n
+
+    def clear(self) -> None:
+        self.n_past = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for layer in self.layers for s in layer.values())

@@ -1,0 +1,83 @@
+"""Mixture-of-experts routing (a pure function of the router scores) and the expert FFN.
+
+Legend: T tokens, D hidden, E experts, K experts per token, G expert groups, F expert FFN width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.config import GATING_SIGMOID
+from engine.ops import silu, softmax
+from engine.quant import QTensor
+
+
+@dataclass(frozen=True)
+class Router:
+    n_experts_per_tok: int
+    gating_func: int  # 1 softmax, 2 sigmoid
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 0.0  # 0 or 1: no scaling (llama.cpp)
+    # How a group is scored: "sum2" = sum of its two best biased scores (DeepSeek-V3 noaux_tc and llama.cpp
+    # for every model), "max" = its best score (DeepSeek-V2 group_limited_greedy reference).
+    group_score: str = "sum2"
+
+
+def route(router: Router, logits: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Router logits [T, E] -> (expert ids [T, K] int64, weights [T, K] float32)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    T, E = logits.shape
+    if router.gating_func == GATING_SIGMOID:
+        probs = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits))
+    else:
+        probs = softmax(logits, axis=-1)
+    select = probs + bias if bias is not None else probs.copy()  # the bias only steers selection
+    if router.n_group > 1:
+        grouped = select.reshape(T, router.n_group, E // router.n_group)  # [T, G, E/G]
+        if router.group_score == "max":
+            gscore = grouped.max(axis=-1)
+        else:
+            gscore = -np.sort(-grouped, axis=-1)[..., :2].sum(axis=-1)
+        keep = np.argsort(-gscore, axis=-1, kind="stable")[:, : router.topk_group]  # [T, Gk]
+        gmask = np.ones((T, router.n_group), bool)
+        np.put_along_axis(gmask, keep, False, axis=-1)
+        select = np.where(np.repeat(gmask, E // router.n_group, axis=-1), -np.inf, select)
+    idx = np.argsort(-select, axis=-1, kind="stable")[:, : router.n_experts_per_tok]  # [T, K]
+    w = np.take_along_axis(probs, idx, axis=-1)
+    if router.norm_topk_prob:
+        w = w / np.maximum(w.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
+    if router.routed_scaling_factor not in (0.0, 1.0):
+        w = w * np.float32(router.routed_scaling_factor)
+    return idx, w.astype(np.float32)
+
+
+def swiglu(x: np.ndarray, gate: QTensor, up: QTensor, down: QTensor) -> np.ndarray:
+    """down(silu(gate x) * up x) for x [T, D]."""
+    return down.matmul_t(silu(gate.matmul_t(x)) * up.matmul_t(x))
+
+
+def moe_ffn(
+    x: np.ndarray,  # [T, D]
+    idx: np.ndarray,  # [T, K]
+    weights: np.ndarray,  # [T, K]
+    gate_exps: QTensor,  # [E, F, D]
+    up_exps: QTensor,  # [E, F, D]
+    down_exps: QTensor,  # [E, D, F]
+) -> np.ndarray:  # [T, D]
+    """Sum of the selected experts' SwiGLU outputs; tokens are grouped by expert so each expert is read once."""
+    T, K = idx.shape
+    out = np.zeros_like(x, dtype=np.float32)
+    flat = idx.ravel()
+    order = np.argsort(flat, kind="stable")
+    experts, starts = np.unique(flat[order], return_index=True)
+    bounds = [*starts[1:], len(order)]
+    for e, a, b in zip(experts, starts, bounds, strict=True):
+        sel = order[a:b]  # positions in the flattened [T*K] assignment
+        tok = sel // K
+        y = swiglu(x[tok], gate_exps[int(e)], up_exps[int(e)], down_exps[int(e)])
+        np.add.at(out, tok, y * weights.ravel()[sel, None])
+    return out

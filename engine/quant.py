@@ -1,0 +1,115 @@
+"""Weights kept in their GGUF encoding, used through dequantize-per-tile matrix products.
+
+Legend: R rows (output features), C columns (input features), T tokens.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+
+from engine.errors import ModelFileError
+
+# Rows dequantized at once by the generic path: bounds the float32 scratch to ~16 MiB per tile.
+_TILE_ELEMENTS = 1 << 22
+
+
+@cache
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+@cache
+def can_dequantize(qtype: int) -> bool:
+    """Whether the gguf package can decode this type (probed once on one zero block)."""
+    gguf = _gguf()
+    t = gguf.GGMLQuantizationType(qtype)
+    block, nbytes = gguf.GGML_QUANT_SIZES[t]
+    if t in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return True
+    try:
+        gguf.quants.dequantize(np.zeros((1, nbytes), np.uint8), t)
+    except (NotImplementedError, KeyError, ValueError, TypeError):
+        return False
+    return True
+
+
+def qtype_name(qtype: int) -> str:
+    return _gguf().GGMLQuantizationType(qtype).name
+
+
+class QTensor:
+    """A weight tensor in its on-disk encoding (memory-mapped, never copied to float32 whole).
+
+    `shape` is the logical NumPy shape. `data` is the reader's array: float types carry the logical
+    shape; quantized (and BF16) types are uint8 with the last axis in bytes.
+    """
+
+    __slots__ = ("data", "name", "qtype", "shape")
+
+    def __init__(self, name: str, data: np.ndarray, qtype: int, shape: tuple[int, ...]) -> None:
+        self.name = name
+        self.data = data
+        self.qtype = int(qtype)
+        self.shape = tuple(int(s) for s in shape)
+        if not can_dequantize(self.qtype):
+            raise ModelFileError(
+                f"tensor '{name}' has type {qtype_name(self.qtype)}, which ikctl cannot decode; "
+                "requantize the model to a standard llama.cpp type (Q8_0, Q4_K, ...)"
+            )
+
+    @classmethod
+    def from_array(cls, name: str, array: np.ndarray) -> QTensor:
+        """Wrap a float32 array (used for derived weights and tests)."""
+        a = np.ascontiguousarray(array, dtype=np.float32)
+        return cls(name, a, _gguf().GGMLQuantizationType.F32, a.shape)
+
+    @property
+    def qtype_name(self) -> str:
+        return qtype_name(self.qtype)
+
+    @property
+    def is_float32(self) -> bool:
+        return self.qtype == _gguf().GGMLQuantizationType.F32
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def __getitem__(self, index: int) -> QTensor:
+        """Slice the leading axis (an expert of a stacked expert tensor, a head)."""
+        return QTensor(f"{self.name}[{index}]", self.data[index], self.qtype, self.shape[1:])
+
+    def dequantize(self) -> np.ndarray:
+        """The whole tensor as float32 (for small tensors and tests; big ones go through matmul_t)."""
+        return self._decode(self.data).reshape(self.shape)
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """Selected rows of a 2-D tensor as float32 [len(index), C] (embedding lookup)."""
+        return self._decode(self.data[np.asarray(index)]).reshape(len(index), self.shape[-1])
+
+    def matmul_t(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T for a 2-D W [R, C] and x [T, C] -> [T, R] float32, one row tile at a time."""
+        R, C = self.shape
+        x = np.asarray(x, dtype=np.float32)
+        if self.is_float32:
+            return x @ self.data.T
+        out = np.empty((x.shape[0], R), dtype=np.float32)
+        step = max(1, _TILE_ELEMENTS // C)
+        for r0 in range(0, R, step):
+            w = self._decode(self.data[r0 : r0 + step]).reshape(-1, C)
+            np.matmul(x, w.T, out=out[:, r0 : r0 + w.shape[0]])
+        return out
+
+    def _decode(self, raw: np.ndarray) -> np.ndarray:
+        gguf = _gguf()
+        if self.qtype == gguf.GGMLQuantizationType.F32:
+            return np.asarray(raw, dtype=np.float32)
+        if self.qtype == gguf.GGMLQuantizationType.F16:
+            return np.asarray(raw).astype(np.float32)
+        return gguf.quants.dequantize(np.asarray(raw), gguf.GGMLQuantizationType(self.qtype)).astype(
+            np.float32, copy=False
+        )
