@@ -1,0 +1,156 @@
+"""`load_model(path, **options) -> Model`: the engine's public entry point, used by the CLI and by tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from engine.errors import IkctlError, ModelFileError
+from engine.gguf_file import GGUFFile
+from engine.kv_cache import CACHE_TYPES, KVCache
+
+
+@dataclass(frozen=True)
+class Options:
+    """Run options, named after the long CLI flags (`--ctx-size` -> ctx_size)."""
+
+    ctx_size: int = 4096  # -c; 0 = the model's training context
+    cache_type_k: str = "f16"  # -ctk: f16 | f32 | q8_0
+    mla: int = 3  # -mla: 0 naive (decompressed K/V cache), 1/2 absorbed, 3 naive prefill + absorbed decode
+    amb: int = 256  # -amb: MiB cap on the attention score scratch
+    threads: int | None = None  # -t: compute threads (None = all cores)
+    ubatch_size: int = 512  # -ub: tokens per forward pass in prefill
+
+    def validated(self) -> Options:
+        if self.cache_type_k not in CACHE_TYPES:
+            raise IkctlError(f"-ctk {self.cache_type_k!r} is not supported; use one of {', '.join(CACHE_TYPES)}")
+        if self.ctx_size < 0:
+            raise IkctlError(f"-c {self.ctx_size} must be >= 0")
+        if self.ubatch_size <= 0:
+            raise IkctlError(f"-ub {self.ubatch_size} must be positive")
+        if self.amb <= 0:
+            raise IkctlError(f"-amb {self.amb} must be a positive number of MiB")
+        if self.threads is not None and self.threads <= 0:
+            raise IkctlError(f"-t {self.threads} must be positive")
+        return self
+
+
+class Network(Protocol):
+    """What an architecture module provides (engine/deepseek2.py, engine/llama.py)."""
+
+    cfg: Any
+
+    def new_cache(self, n_ctx: int, cache_type: str) -> KVCache: ...
+
+    def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray: ...
+
+
+def _build_network(f: GGUFFile, opts: Options) -> Network:
+    arch = f.architecture
+    if arch == "deepseek2":
+        from engine.deepseek2 import DeepSeek2
+
+        return DeepSeek2(f, mla=opts.mla, amb_bytes=opts.amb << 20)
+    if arch == "llama":
+        from engine.llama import Llama
+
+        return Llama(f, amb_bytes=opts.amb << 20)
+    raise ModelFileError(f"{f.path}: architecture '{arch or '?'}' is not supported (deepseek2, llama)")
+
+
+class Model:
+    """A loaded model: weights stay memory-mapped in their GGUF encoding."""
+
+    def __init__(self, path: Path, gguf: GGUFFile, options: Options) -> None:
+        from engine.tokenizer import Tokenizer
+
+        self.path = path
+        self.gguf = gguf
+        self.options = options
+        self.net = _build_network(gguf, options)
+        self.tokenizer = Tokenizer.from_gguf(gguf)
+        self._threads = options.threads
+
+    @property
+    def arch(self) -> str:
+        return self.gguf.architecture
+
+    @property
+    def config(self) -> Any:
+        return self.net.cfg
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.net.cfg.n_vocab)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.options.ctx_size or int(self.net.cfg.context_length)
+
+    # ---- inference ------------------------------------------------------------------------------
+    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        return self.net.new_cache(n_ctx or self.n_ctx, self.options.cache_type_k)
+
+    def eval(self, token_ids: Sequence[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the cache in micro-batches of `ubatch_size`; logits of all or of the last token."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise IkctlError("eval needs a non-empty list of token ids")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
+            raise IkctlError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+        ub = self.options.ubatch_size
+        outs = []
+        with self._thread_limit():
+            for a in range(0, len(ids), ub):
+                chunk = ids[a : a + ub]
+                last = a + ub >= len(ids)
+                if all_logits or last:
+                    outs.append(self.net.forward(chunk, cache, all_logits=all_logits))
+                else:
+                    self.net.forward(chunk, cache, all_logits=False)
+        return np.concatenate(outs, axis=0) if all_logits else outs[-1]
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(token_ids), n_vocab]: logits at every position of a fresh sequence."""
+        cache = self.new_cache(max(self.n_ctx, len(token_ids)))
+        return self.eval(token_ids, cache, all_logits=True)
+
+    def _thread_limit(self):
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=self._threads)
+
+    # ---- text ---------------------------------------------------------------------------------
+    def tokenize(self, text: str, special: bool = True, add_bos: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, special=special, add_bos=add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        from engine.chat_template import apply_chat_template
+
+        return apply_chat_template(self.gguf, self.tokenizer, messages, add_generation_prompt)
+
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[Any]:
+        """Stream generated tokens; see engine.generate.generate for the keyword arguments."""
+        from engine.generate import generate
+
+        return generate(self, prompt, **kwargs)
+
+
+def load_model(path: str | os.PathLike[str], **options: Any) -> Model:
+    """Open a GGUF model. Options are named after the long CLI flags (threads=, ctx_size=, cache_type_k=, mla=...)."""
+    known = {f.name for f in fields(Options)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise IkctlError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    opts = replace(Options(), **options).validated()
+    p = Path(path)
+    return Model(p, GGUFFile(p), opts)
