@@ -133,6 +133,10 @@ class Model:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.gguf.get("tokenizer.chat_template", ""))
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         from engine.chat_template import apply_chat_template
 

@@ -1,0 +1,108 @@
+"""`ikctl` command line: llama.cpp-style flags over the engine's Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from engine.errors import IkctlError
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and context")
+    g.add_argument("-m", "--model", help="GGUF model file (default: the embedded deepseek2 model, generated once)")
+    g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (0 = the model's)")
+    g.add_argument("-ctk", "--cache-type-k", default="f16", choices=["f16", "f32", "q8_0"], help="KV cache type")
+    g.add_argument("-mla", "--mla-use", dest="mla", type=int, default=3, choices=[0, 1, 2, 3],
+                   help="MLA mode: 0 naive K/V cache, 1/2 absorbed, 3 naive prefill + absorbed decode")
+    g.add_argument("-amb", "--attn-max-batch", dest="amb", type=int, default=256,
+                   help="MiB cap on the attention score scratch (long contexts run in chunks)")
+    g.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
+    g.add_argument("-ub", "--ubatch-size", type=int, default=512, help="tokens per forward pass in prefill")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1 = until EOS)")
+    g.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy)")
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1 = random)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ikctl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="generate text from a prompt (like llama-cli)")
+    _add_model_flags(run)
+    _add_sampling_flags(run)
+    run.add_argument("-p", "--prompt", default="Once upon a time", help="the prompt")
+    run.add_argument("-sys", "--system-prompt", default=None, help="system message (chat mode)")
+    run.add_argument("-no-cnv", "--no-conversation", dest="chat", action="store_false",
+                     help="use the prompt as raw text instead of wrapping it in the model's chat template")
+    return parser
+
+
+def model_options(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "ctx_size": args.ctx_size,
+        "cache_type_k": args.cache_type_k,
+        "mla": args.mla,
+        "amb": args.amb,
+        "threads": args.threads,
+        "ubatch_size": args.ubatch_size,
+    }
+
+
+def resolve_model_path(path: str | None) -> str:
+    if path:
+        return path
+    from engine.synth import default_model_path
+
+    print("ikctl: no -m given, using the embedded deepseek2 model", file=sys.stderr)
+    return str(default_model_path())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine import load_model
+
+    model = load_model(resolve_model_path(args.model), **model_options(args))
+    prompt = args.prompt
+    if args.chat and model.has_chat_template:
+        messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        prompt = model.apply_chat_template([*messages, {"role": "user", "content": prompt}])
+    gen = model.generate(prompt, n_predict=args.n_predict, temp=args.temp, top_k=args.top_k,
+                         top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    out = sys.stdout
+    if not args.chat:
+        out.write(args.prompt)
+    for t in gen:
+        out.write(t.text)
+        out.flush()
+    out.write("\n")
+    print(gen.stats.summary(), file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return {"run": cmd_run}[args.command](args)
+    except IkctlError as e:
+        print(f"ikctl: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ikctl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())
