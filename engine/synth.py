@@ -1,0 +1,565 @@
+"""Seeded random-weight deepseek2 GGUF models, written tensor by tensor in llama.cpp's converter layout.
+
+The layout (metadata keys and their order, tensor names, shapes and types) mirrors the generator that made
+the llama.cpp reference GGUFs in shared/refs; with that generator's flags `write_model` reproduces those files
+byte for byte. Every tensor is drawn from `numpy.random.default_rng([seed, zlib.crc32(name)])`, so each one
+can be made alone and a 0.7B-parameter model never needs all its weights in memory at once.
+
+Legend: D hidden, H heads, dn/dr/dv nope/rope/value head dims, r kv_lora_rank, rq q_lora_rank, E experts,
+Fe expert FFN, F dense FFN, V vocab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from engine import kquants
+
+if TYPE_CHECKING:
+    import gguf
+
+ARCH = "deepseek2"
+BOS_TEXT = "<｜begin▁of▁sentence｜>"
+EOS_TEXT = "<｜end▁of▁sentence｜>"
+# DeepSeek-V3's prompt format with its role markers as plain text (they are not tokens of this vocabulary).
+CHAT_TEMPLATE_V3 = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '<｜Assistant｜>' + message['content'] + '" + EOS_TEXT + "' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<｜Assistant｜>' }}{%- endif -%}"
+)
+CHAT_TEMPLATES = {"none": "", "deepseek-v3": CHAT_TEMPLATE_V3}
+
+# Types the writer can encode: gguf's own quantizers, plus engine.kquants for the K-quants.
+DTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+# llama-quant.cpp's substitutes for rows that are not a multiple of 256 (F16 if still not a block multiple).
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# general.file_type is MOSTLY_<dtype> but for these; all-Q4_K/Q5_K files are closest to llama.cpp's "_S" mixes
+_FILE_TYPES = {"F32": "ALL_F32", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}
+_MIN_VOCAB = 256 + 30 + 2  # bytes, the fixed merges, BOS and EOS
+# Part of the cached default model's name: bump it when the same spec would give different bytes.
+GENERATOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """Hyper-parameters of a synthetic model; field names follow the generator's flags (`--q-lora-rank` ...).
+
+    The defaults are the reference models' shared shape (hidden 128, 3 layers, 8 experts...).
+    """
+
+    hidden: int = 128
+    layers: int = 3
+    dense_layers: int = 1
+    heads: int = 4
+    q_lora_rank: int = 0  # 0: plain attn_q
+    kv_lora_rank: int = 32
+    qk_nope: int = 24
+    qk_rope: int = 8
+    v_head: int = 16
+    experts: int = 8
+    top_k: int = 2
+    shared_experts: int = 1
+    expert_ffn: int = 48
+    dense_ffn: int = 192
+    vocab: int = 288
+    gating: str = "softmax"  # softmax | sigmoid (sigmoid adds the exp_probs_b selection bias)
+    expert_groups: int = 1
+    expert_groups_used: int = 1
+    expert_weights_norm: bool = False
+    expert_weights_scale: float = 1.0  # written only when it changes the weights (not 0 or 1)
+    yarn: bool = False
+    yarn_factor: float = 40.0
+    yarn_orig_ctx: int = 4096
+    yarn_mscale_all_dim: float = 1.0
+    context_length: int = 0  # 0: yarn_factor * yarn_orig_ctx with YaRN, else 4096
+    kv_b_form: str = "split"  # split: attn_k_b + attn_v_b (current llama.cpp); legacy: attn_kv_b
+    dtype: str = "F32"
+    init_std: float = 0.02
+    norm_noise: float = 0.1
+    probs_bias_std: float = 0.05
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    seed: int = 0
+    name: str = "synth-ds2"
+    tokenizer_pre: str = "default"
+    chat_template: str = ""  # Jinja text; empty: no tokenizer.chat_template key
+
+    def __post_init__(self) -> None:
+        problems = _spec_problems(self)
+        if problems:
+            raise ValueError("SynthSpec: " + "; ".join(problems))
+
+    @property
+    def n_ctx_train(self) -> int:
+        if self.context_length:
+            return self.context_length
+        return int(self.yarn_factor * self.yarn_orig_ctx) if self.yarn else 4096
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers
+
+
+def _spec_problems(s: SynthSpec) -> list[str]:
+    positive = ("hidden", "layers", "heads", "kv_lora_rank", "qk_nope", "qk_rope", "v_head")
+    out = [f"{k} = {getattr(s, k)} must be positive" for k in positive if getattr(s, k) <= 0]
+    counts = ("dense_layers", "q_lora_rank", "experts", "shared_experts", "context_length")
+    out += [f"{k} = {getattr(s, k)} must not be negative" for k in counts if getattr(s, k) < 0]
+    if s.qk_rope % 2:
+        out.append(f"qk_rope = {s.qk_rope} must be even (RoPE rotates pairs)")
+    if s.vocab < _MIN_VOCAB:
+        out.append(f"vocab = {s.vocab} is below {_MIN_VOCAB} (256 bytes, 30 merges, BOS, EOS)")
+    if s.dense_layers > s.layers:
+        out.append(f"dense_layers = {s.dense_layers} exceeds layers = {s.layers}")
+    if s.dense_layers and s.dense_ffn <= 0:
+        out.append(f"dense_ffn = {s.dense_ffn} must be positive with {s.dense_layers} dense layers")
+    if s.layers > s.dense_layers:
+        if s.experts <= 0 or s.expert_ffn <= 0 or not 0 < s.top_k <= s.experts:
+            out.append(f"MoE layers need experts > 0, expert_ffn > 0 and 0 < top_k <= experts "
+                       f"(got {s.experts}, {s.expert_ffn}, {s.top_k})")
+        elif s.expert_groups > 1 and (
+            s.experts % s.expert_groups
+            or not 0 < s.expert_groups_used <= s.expert_groups
+            or s.top_k > s.expert_groups_used * (s.experts // s.expert_groups)
+        ):
+            out.append(f"expert_groups {s.expert_groups} / used {s.expert_groups_used} must divide "
+                       f"{s.experts} experts and leave at least top_k = {s.top_k} of them")
+    if s.gating not in ("softmax", "sigmoid"):
+        out.append(f"gating = {s.gating!r} must be 'softmax' or 'sigmoid'")
+    if s.kv_b_form not in ("split", "legacy"):
+        out.append(f"kv_b_form = {s.kv_b_form!r} must be 'split' or 'legacy'")
+    if s.dtype not in DTYPES:
+        out.append(f"dtype = {s.dtype!r} is not one of {', '.join(DTYPES)}")
+    if s.yarn and (s.yarn_factor <= 1 or s.yarn_orig_ctx <= 0):
+        out.append(f"YaRN needs yarn_factor > 1 and yarn_orig_ctx > 0 ({s.yarn_factor}, {s.yarn_orig_ctx})")
+    return out
+
+
+DEFAULT_SPEC = SynthSpec(
+    hidden=256, layers=4, dense_layers=1, heads=8, q_lora_rank=96, kv_lora_rank=64, qk_nope=32, qk_rope=16,
+    v_head=32, experts=16, top_k=4, shared_experts=1, expert_ffn=128, dense_ffn=512, vocab=1024,
+    gating="sigmoid", expert_groups=4, expert_groups_used=2, expert_weights_norm=True,
+    expert_weights_scale=2.5, yarn=True, yarn_factor=4.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0,
+    kv_b_form="split", dtype="Q8_0", seed=20260, name="ikctl-tiny-v3", chat_template=CHAT_TEMPLATE_V3,
+)
+# A scaled-down DeepSeek-V2-Lite (same head dims ratio, softmax routing, 2 shared experts): ~0.70B parameters.
+BENCH_SPEC = SynthSpec(
+    hidden=1024, layers=12, dense_layers=1, heads=16, q_lora_rank=0, kv_lora_rank=256, qk_nope=64, qk_rope=32,
+    v_head=64, experts=32, top_k=6, shared_experts=2, expert_ffn=512, dense_ffn=2816, vocab=32000,
+    gating="softmax", yarn=True, yarn_factor=40.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=0.707,
+    kv_b_form="split", dtype="Q8_0", seed=20261, name="ikctl-bench-v2lite", chat_template=CHAT_TEMPLATE_V3,
+)
+PRESETS = {"refs": SynthSpec(), "default": DEFAULT_SPEC, "bench": BENCH_SPEC}
+
+
+# ---- tensors -----------------------------------------------------------------------------------------------
+
+
+class TensorPlan(NamedTuple):
+    """One tensor to write: NumPy shape (ggml ne reversed) and how its values are drawn."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # weight | norm | bias | k_b | v_b (the last two are cut from one attn_kv_b draw)
+
+
+def tensor_plan(s: SynthSpec) -> list[TensorPlan]:
+    """The tensors in llama.cpp's converter order."""
+    D, H, r, dn, dr, dv = s.hidden, s.heads, s.kv_lora_rank, s.qk_nope, s.qk_rope, s.v_head
+    out = [TensorPlan("token_embd.weight", (s.vocab, D), "weight"),
+           TensorPlan("output_norm.weight", (D,), "norm"),
+           TensorPlan("output.weight", (s.vocab, D), "weight")]
+    for i in range(s.layers):
+        p = f"blk.{i}."
+
+        def t(name: str, shape: tuple[int, ...], kind: str = "weight", p: str = p) -> None:
+            out.append(TensorPlan(p + name, shape, kind))
+
+        t("attn_norm.weight", (D,), "norm")
+        if s.q_lora_rank:
+            t("attn_q_a_norm.weight", (s.q_lora_rank,), "norm")
+            t("attn_q_a.weight", (s.q_lora_rank, D))
+            t("attn_q_b.weight", (H * (dn + dr), s.q_lora_rank))
+        else:
+            t("attn_q.weight", (H * (dn + dr), D))
+        t("attn_kv_a_norm.weight", (r,), "norm")
+        t("attn_kv_a_mqa.weight", (r + dr, D))
+        if s.kv_b_form == "split":
+            t("attn_k_b.weight", (H, r, dn), "k_b")
+            t("attn_v_b.weight", (H, dv, r), "v_b")
+        else:
+            t("attn_kv_b.weight", (H * (dn + dv), r))
+        t("attn_output.weight", (D, H * dv))
+        t("ffn_norm.weight", (D,), "norm")
+        if i < s.dense_layers:
+            t("ffn_gate.weight", (s.dense_ffn, D))
+            t("ffn_up.weight", (s.dense_ffn, D))
+            t("ffn_down.weight", (D, s.dense_ffn))
+            continue
+        E, Fe, Fs = s.experts, s.expert_ffn, s.shared_experts * s.expert_ffn
+        t("ffn_gate_inp.weight", (E, D))
+        if s.gating == "sigmoid":
+            t("exp_probs_b.bias", (E,), "bias")
+        t("ffn_gate_exps.weight", (E, Fe, D))
+        t("ffn_up_exps.weight", (E, Fe, D))
+        t("ffn_down_exps.weight", (E, D, Fe))
+        if Fs:
+            t("ffn_gate_shexp.weight", (Fs, D))
+            t("ffn_up_shexp.weight", (Fs, D))
+            t("ffn_down_shexp.weight", (D, Fs))
+    return out
+
+
+def param_count(s: SynthSpec) -> int:
+    return sum(int(np.prod(t.shape)) for t in tensor_plan(s))
+
+
+def _normal(s: SynthSpec, name: str, shape: tuple[int, ...], std: float) -> np.ndarray:
+    rng = np.random.default_rng([s.seed, zlib.crc32(name.encode())])
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+
+def tensor_values(s: SynthSpec, t: TensorPlan) -> np.ndarray:
+    """The float32 values of one tensor (a pure function of the spec's seed and the tensor name)."""
+    if t.kind == "norm":  # 1 + noise, so that swapping two norm tensors changes the output
+        return np.float32(1) + _normal(s, t.name, t.shape, s.norm_noise)
+    if t.kind == "bias":
+        return _normal(s, t.name, t.shape, s.probs_bias_std)
+    if t.kind in ("k_b", "v_b"):
+        # cut from the legacy tensor's draw, so both forms hold the same function (llama.cpp's convert split)
+        H, dn, dv, r = s.heads, s.qk_nope, s.v_head, s.kv_lora_rank
+        kv_name = t.name.replace("attn_k_b", "attn_kv_b").replace("attn_v_b", "attn_kv_b")
+        kv = _normal(s, kv_name, (H * (dn + dv), r), s.init_std).reshape(H, dn + dv, r)
+        part = kv[:, :dn].transpose(0, 2, 1) if t.kind == "k_b" else kv[:, dn:]  # [H, r, dn] / [H, dv, r]
+        return np.ascontiguousarray(part)
+    return _normal(s, t.name, t.shape, s.init_std)
+
+
+def tensor_qtype(s: SynthSpec, t: TensorPlan) -> str:
+    """The GGML type name for a tensor: norms, biases and the router stay F32 (as llama.cpp keeps them)."""
+    import gguf
+
+    if len(t.shape) == 1 or t.name.endswith("ffn_gate_inp.weight"):
+        return "F32"
+    name = s.dtype
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][0]
+    if t.shape[-1] % block:
+        name = _FALLBACK.get(name, "F16")
+        if t.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][0]:
+            name = "F16"
+    return name
+
+
+def encode(values: np.ndarray, qtype: str) -> np.ndarray:
+    """Values in the on-disk encoding of `qtype` (float arrays for F32/F16, uint8 blocks otherwise)."""
+    import gguf
+
+    if qtype == "F32":
+        return np.ascontiguousarray(values, dtype=np.float32)
+    if qtype == "F16":
+        return values.astype(np.float16)
+    if qtype in kquants.supported():
+        return kquants.quantize(values, qtype)
+    return gguf.quants.quantize(values, gguf.GGMLQuantizationType[qtype])
+
+
+def _encoded_bytes(shape: tuple[int, ...], qtype: str) -> int:
+    import gguf
+
+    block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    return int(np.prod(shape[:-1])) * shape[-1] // block * type_bytes
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------------
+
+# The reference generator's first 30 merges; later merges are learned from _SAMPLE_TEXT after these.
+_FIXED_MERGES = (
+    "Ġ t", "h e", "i n", "r e", "o n", "Ġt he", "e r", "a n", "Ġ a", "o r", "e n", "Ġ s", "e s", "a t", "Ġ w",
+    "i s", "Ġ c", "o u", "n d", "i t", "Ġ o", "e d", "Ġ b", "in g", "Ġ f", "Ġ m", "a l", "Ġ p", "a r", "l l",
+)
+_SAMPLE_TEXT = """\
+The river runs past the old mill and under the stone bridge before it reaches the town. In the spring the
+water is high and fast, and the children who live near the bank are told to stay away from the edge. In the
+summer it is slow and warm, and the same children spend their afternoons there, building small dams out of
+mud and pebbles and watching the fish that hide in the shadows of the reeds.
+Most of the people in the town work in the shops along the main street, at the school, or on the farms that
+spread out across the valley. They know each other by name. When a new family arrives, someone always brings
+bread, someone else brings a pot of soup, and within a week the newcomers are invited to the market on
+Saturday morning, where everything from apples to old books is sold from wooden tables under striped
+awnings.
+A computer is a machine that follows instructions. The instructions are written as a program, and the
+program is stored in memory together with the data it works on. The processor reads one instruction at a
+time, does what it says, and moves on to the next. Modern processors are so fast that they can carry out
+billions of these steps every second, which is why a program that looks simple on the screen can still do a
+great deal of work behind it.
+Language models are programs that predict the next word in a piece of text. They are trained on large
+amounts of writing, and during training they learn which words tend to follow which others. A model does not
+read letters one by one; it reads tokens, which are pieces of words. Common words such as the, and, of, and
+to are single tokens, while rare words are split into several smaller parts. The list of tokens is called
+the vocabulary, and the rules that join letters into tokens are called merges.
+When you ask a question, the model reads your words, turns them into tokens, and then writes an answer one
+token at a time. Each new token depends on all the tokens that came before it, so the answer grows like a
+sentence written by a careful person who thinks about every word. It is important to remember that the model
+can make mistakes, and that its answers should be checked, especially when they matter.
+The weather this week has been cold and clear. On Monday there was frost on the windows, and by Wednesday
+the first snow had fallen on the hills to the north. The forecast says that the weekend will be warmer, with
+light rain on Sunday afternoon. Farmers are happy about the rain, because the fields have been dry since the
+end of the summer, and the wells in the higher villages are lower than they have been for many years.
+Good morning! How are you today? I am fine, thank you. Would you like a cup of tea or coffee? Yes, please, a
+cup of tea with milk would be lovely. What are you working on this morning? I am writing a short report
+about the results of our test, and then I have a meeting with the team at ten o'clock. Let me know if you
+need help.
+Numbers and dates appear in many texts: 1, 2, 3, 10, 100, 2024, 3.14, and 42 are all common. So are lists of
+things to do: first, read the instructions; second, prepare the tools; third, start the work; and finally,
+check the result and write down what you have learned for the next time.
+"""
+_PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+
+
+@functools.cache
+def byte_tokens() -> tuple[str, ...]:
+    """GPT-2's printable stand-in for each byte value (token id = byte value)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return tuple(chr(b) if b in keep else chr(next(extra)) for b in range(256))
+
+
+def _merge_word(word: tuple[str, ...], a: str, b: str) -> tuple[str, ...]:
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+@functools.cache
+def bpe_merges() -> tuple[str, ...]:
+    """The fixed merges, then BPE on the sample text until each word is one token (ties: least pair)."""
+    chars = byte_tokens()
+    words = Counter(tuple(chars[b] for b in w.encode()) for w in _PRETOKEN.findall(_SAMPLE_TEXT))
+    merges = list(_FIXED_MERGES)
+    known = {*chars, *(m.replace(" ", "") for m in merges)}
+    for m in merges:
+        a, b = m.split(" ")
+        words = Counter({_merge_word(w, a, b): n for w, n in words.items()})
+    while True:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for w, n in words.items():
+            for pair in itertools.pairwise(w):
+                pairs[pair] += n
+        # a pair whose join is already a token would add no token; skip it so ids stay one per merge
+        ranked = sorted((-n, pair) for pair, n in pairs.items() if pair[0] + pair[1] not in known)
+        if not ranked:
+            return tuple(merges)
+        a, b = ranked[0][1]
+        merges.append(f"{a} {b}")
+        known.add(a + b)
+        words = Counter({_merge_word(w, a, b): n for w, n in words.items()})
+
+
+class Vocab(NamedTuple):
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    bos: int
+    eos: int
+
+
+def make_vocab(size: int) -> Vocab:
+    """Bytes, merges, BOS, EOS, then unused `[PAD{id}]` tokens up to `size`, as llama.cpp's converter pads."""
+    merges = list(bpe_merges()[: size - 258])
+    tokens = [*byte_tokens(), *(m.replace(" ", "") for m in merges), BOS_TEXT, EOS_TEXT]
+    types = [1] * (len(tokens) - 2) + [3, 3]  # NORMAL, then CONTROL
+    bos = len(tokens) - 2
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), size)]
+    types += [5] * (size - len(types))  # UNUSED
+    return Vocab(tokens, types, merges, bos, bos + 1)
+
+
+# ---- writing -----------------------------------------------------------------------------------------------
+
+
+def _add_metadata(w: gguf.GGUFWriter, s: SynthSpec) -> None:
+    import gguf
+
+    w.add_name(s.name)
+    w.add_file_type(gguf.LlamaFileType[_FILE_TYPES.get(s.dtype, "MOSTLY_" + s.dtype)])
+    if s.dtype not in ("F32", "F16", "BF16"):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_block_count(s.layers)
+    w.add_context_length(s.n_ctx_train)
+    w.add_embedding_length(s.hidden)
+    w.add_feed_forward_length(s.dense_ffn)
+    w.add_head_count(s.heads)
+    w.add_rope_freq_base(s.rope_theta)
+    w.add_layer_norm_rms_eps(s.rms_eps)
+    w.add_expert_count(s.experts)
+    w.add_expert_used_count(s.top_k)
+    if s.expert_groups > 1:
+        w.add_expert_group_count(s.expert_groups)
+        w.add_expert_group_used_count(s.expert_groups_used)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType[s.gating.upper()])
+    w.add_leading_dense_block_count(s.dense_layers)
+    w.add_vocab_size(s.vocab)
+    w.add_q_lora_rank(s.q_lora_rank)
+    w.add_kv_lora_rank(s.kv_lora_rank)
+    if s.kv_b_form == "split":  # llama.cpp's MLA form: one latent "head" of width r + dr
+        w.add_head_count_kv(1)
+        w.add_key_length(s.kv_lora_rank + s.qk_rope)
+        w.add_value_length(s.kv_lora_rank)
+        w.add_key_length_mla(s.qk_nope + s.qk_rope)
+        w.add_value_length_mla(s.v_head)
+    else:
+        w.add_head_count_kv(s.heads)
+        w.add_key_length(s.qk_nope + s.qk_rope)
+        w.add_value_length(s.v_head)
+    w.add_expert_feed_forward_length(s.expert_ffn)
+    w.add_expert_shared_count(s.shared_experts)
+    if s.expert_weights_scale not in (0.0, 1.0):
+        w.add_expert_weights_scale(s.expert_weights_scale)
+    if s.expert_weights_norm:
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(s.qk_rope)
+    if s.yarn:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(s.yarn_factor)
+        w.add_rope_scaling_orig_ctx_len(s.yarn_orig_ctx)
+        w.add_rope_scaling_yarn_log_mul(0.1 * s.yarn_mscale_all_dim)  # llama.cpp divides it by 0.1 again
+    v = make_vocab(s.vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(s.tokenizer_pre)
+    w.add_token_list(v.tokens)
+    w.add_token_types(v.types)
+    w.add_token_merges(v.merges)
+    w.add_bos_token_id(v.bos)
+    w.add_eos_token_id(v.eos)
+    w.add_pad_token_id(v.eos)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    if s.chat_template:
+        w.add_chat_template(s.chat_template)
+
+
+def write_model(path: str | os.PathLike[str], spec: SynthSpec) -> Path:
+    """Write the model to `path` (atomically: a temp file beside it, renamed when complete) and return it."""
+    import gguf
+
+    path = Path(path)
+    plan = [(t, tensor_qtype(spec, t)) for t in tensor_plan(spec)]
+    w = gguf.GGUFWriter(None, ARCH)
+    _add_metadata(w, spec)
+    for t, qt in plan:
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _encoded_bytes(t.shape, qt),
+                          raw_dtype=gguf.GGMLQuantizationType[qt])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t, qt in plan:  # one tensor in memory at a time
+            w.write_tensor_data(encode(tensor_values(spec, t), qt))
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        w.close()
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def cache_dir() -> Path:
+    """$IKCTL_CACHE, else $XDG_CACHE_HOME/ikctl, else ~/.cache/ikctl."""
+    if os.environ.get("IKCTL_CACHE"):
+        return Path(os.environ["IKCTL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ikctl"
+
+
+def spec_digest(spec: SynthSpec) -> str:
+    """A short name for the bytes `write_model` gives this spec (the spec and the generator version)."""
+    key = json.dumps({"generator": GENERATOR_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def default_model_path() -> Path:
+    """The embedded default model in the cache dir, made on first use (its name changes with the spec)."""
+    path = cache_dir() / f"{DEFAULT_SPEC.name}-{DEFAULT_SPEC.dtype.lower()}-{spec_digest(DEFAULT_SPEC)}.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_model(path, DEFAULT_SPEC)
+    return path
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+
+_CHOICES = {"gating": ("softmax", "sigmoid"), "kv_b_form": ("split", "legacy"), "dtype": DTYPES}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.synth", description="Write a seeded deepseek2 GGUF.")
+    p.add_argument("out", type=Path, help="output .gguf path")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="refs",
+                   help="starting spec: refs (the reference models' shape), default (ikctl's embedded "
+                        "model), bench (~0.7B, V2-Lite-like); flags override it")
+    for f in dataclasses.fields(SynthSpec):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(PRESETS["refs"], f.name)
+        if f.name == "chat_template":
+            p.add_argument(flag, choices=sorted(CHAT_TEMPLATES), default=None)
+        elif isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(flag, type=type(default), choices=_CHOICES.get(f.name), default=None,
+                           metavar=None if f.name in _CHOICES else f.name.upper())
+    return p
+
+
+def spec_from_args(args: argparse.Namespace) -> SynthSpec:
+    names = [f.name for f in dataclasses.fields(SynthSpec)]
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if "chat_template" in given:
+        given["chat_template"] = CHAT_TEMPLATES[given["chat_template"]]
+    return dataclasses.replace(PRESETS[args.preset], **given)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    try:
+        spec = spec_from_args(args)
+    except ValueError as e:
+        p.error(str(e))
+    path = write_model(args.out, spec)
+    n = param_count(spec)
+    size = path.stat().st_size
+    print(f"{path}: {spec.name}, {n:,} parameters ({n / 1e9:.3f} B), {spec.dtype}, {size:,} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
