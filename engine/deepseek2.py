@@ -192,7 +192,8 @@ class DeepSeek2:
             cache.write(i, "v", pos0, np.einsum("tr,hvr->thv", latent, wv).reshape(T, -1))
             k_all = cache.read(i, "k", S).reshape(S, H, dn + dr)
             v_all = cache.read(i, "v", S).reshape(S, H, dv)
-            o = causal_attention(np.concatenate([q_nope, q_pe], -1), k_all, v_all, positions, c.kq_scale, self.amb_bytes)
+            q_full = np.concatenate([q_nope, q_pe], -1)
+            o = causal_attention(q_full, k_all, v_all, positions, c.kq_scale, self.amb_bytes)
         else:
             cache.write(i, "ckv", pos0, np.concatenate([latent, k_pe], axis=-1))
             ckv = cache.read(i, "ckv", S)  # [S, r + dr]

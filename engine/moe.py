@@ -69,7 +69,7 @@ def moe_ffn(
     down_exps: QTensor,  # [E, D, F]
 ) -> np.ndarray:  # [T, D]
     """Sum of the selected experts' SwiGLU outputs; tokens are grouped by expert so each expert is read once."""
-    T, K = idx.shape
+    K = idx.shape[1]
     out = np.zeros_like(x, dtype=np.float32)
     flat = idx.ravel()
     order = np.argsort(flat, kind="stable")

@@ -27,7 +27,7 @@ def can_dequantize(qtype: int) -> bool:
     """Whether the gguf package can decode this type (probed once on one zero block)."""
     gguf = _gguf()
     t = gguf.GGMLQuantizationType(qtype)
-    block, nbytes = gguf.GGML_QUANT_SIZES[t]
+    nbytes = gguf.GGML_QUANT_SIZES[t][1]
     if t in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         return True
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gguf_rewrite import rewrite_gguf  # noqa: E402
+from gguf_rewrite import rewrite_gguf
 
 REFS = Path(__file__).resolve().parents[3] / "shared" / "refs"
 V3 = REFS / "open-v3.gguf"
@@ -77,7 +77,8 @@ def test_type_the_reader_does_not_know(tmp_path: Path) -> None:
 def test_type_we_cannot_decode(tmp_path: Path) -> None:
     # Q8_1 is an activation-only type: valid in the format, but no weight decoder exists for it
     raw = np.zeros((192, 128 // 32 * 40), np.uint8)
-    p = rewrite_gguf(V3, tmp_path / "q81.gguf", tensors={"blk.0.ffn_gate.weight": (raw, gguf.GGMLQuantizationType.Q8_1)})
+    q81 = {"blk.0.ffn_gate.weight": (raw, gguf.GGMLQuantizationType.Q8_1)}
+    p = rewrite_gguf(V3, tmp_path / "q81.gguf", tensors=q81)
     assert_one_line_error(run_ikctl("run", "-m", str(p), "-n", "2"), "blk.0.ffn_gate.weight", "Q8_1")
 
 
