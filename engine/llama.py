@@ -1,0 +1,148 @@
+"""The dense Llama (`llama`) forward pass: RMSNorm, grouped-query attention with RoPE, SwiGLU FFN.
+
+Legend: T new tokens, S cached positions, D hidden, H query heads, Hkv key/value heads,
+G = H / Hkv query heads per kv head, hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.attention import causal_attention
+from engine.config import LlamaConfig
+from engine.deepseek2 import load_vector, load_weight
+from engine.errors import ModelFileError
+from engine.gguf_file import GGUFFile
+from engine.kv_cache import KVCache
+from engine.moe import swiglu
+from engine.ops import rms_norm
+from engine.quant import QTensor
+from engine.rope import RopeTable, apply_rope
+
+# Tensors of llama-architecture variants this module does not implement; failing beats wrong logits.
+_UNSUPPORTED = {
+    "blk.0.ffn_gate_inp.weight": "mixture-of-experts llama (Mixtral-style) layers",
+    "blk.0.attn_q.bias": "attention biases",
+    "blk.0.attn_k.bias": "attention biases",
+    "blk.0.attn_v.bias": "attention biases",
+    "blk.0.attn_output.bias": "attention biases",
+    "rope_freqs.weight": "per-dimension RoPE frequency factors (Llama 3.1 rope scaling)",
+}
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray  # [D]
+    wq: QTensor  # [H * hd, D]
+    wk: QTensor  # [Hkv * hd, D]
+    wv: QTensor  # [Hkv * hd, D]
+    wo: QTensor  # [D, H * hd]
+    ffn_norm: np.ndarray  # [D]
+    ffn: tuple[QTensor, QTensor, QTensor]  # gate [F, D], up [F, D], down [D, F]
+
+
+def check_supported(f: GGUFFile) -> None:
+    """Refuse files that use llama-architecture features this forward pass would silently ignore."""
+    for name, what in _UNSUPPORTED.items():
+        if name in f.tensors:
+            raise ModelFileError(f"{f.path}: {what} ('{name}') are not supported by ikctl's llama forward")
+
+
+def rope_head(x: np.ndarray, n_rot: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """RoPE on the first n_rot dims of every head, x [T, H, hd]; llama.cpp leaves the rest unrotated."""
+    if n_rot == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    out = x.copy()
+    out[..., :n_rot] = apply_rope(np.ascontiguousarray(x[..., :n_rot]), cos, sin)
+    return out
+
+
+class Llama:
+    """Weights of a llama GGUF, used in place (memory-mapped), and the forward pass over a KVCache."""
+
+    def __init__(self, f: GGUFFile, amb_bytes: int = 256 << 20) -> None:
+        check_supported(f)
+        self.cfg = cfg = LlamaConfig.from_gguf(f)
+        if cfg.rope.n_rot > cfg.head_dim or cfg.rope.n_rot % 2:
+            raise ModelFileError(f"{f.path}: rope dims {cfg.rope.n_rot} must be even and <= {cfg.head_dim}")
+        self.amb_bytes = amb_bytes
+        self.rope = RopeTable(cfg.rope)
+        self.token_embd = load_weight(f, "token_embd.weight")
+        self.output_norm = load_vector(f, "output_norm.weight")
+        # tied embeddings (SmolLM2, Llama 3.2 1B/3B): the file has no separate output head
+        self.output = load_weight(f, "output.weight") if "output.weight" in f.tensors else self.token_embd
+        self.layers = [self._load_layer(f, i) for i in range(cfg.n_layers)]
+
+    @staticmethod
+    def _load_layer(f: GGUFFile, i: int) -> Layer:
+        p = f"blk.{i}."
+        gate, up, down = (load_weight(f, p + f"ffn_{n}.weight") for n in ("gate", "up", "down"))
+        return Layer(
+            attn_norm=load_vector(f, p + "attn_norm.weight"),
+            wq=load_weight(f, p + "attn_q.weight"),
+            wk=load_weight(f, p + "attn_k.weight"),
+            wv=load_weight(f, p + "attn_v.weight"),
+            wo=load_weight(f, p + "attn_output.weight"),
+            ffn_norm=load_vector(f, p + "ffn_norm.weight"),
+            ffn=(gate, up, down),
+        )
+
+    # ---- cache layout -------------------------------------------------------------------------
+    def cache_widths(self) -> dict[str, int]:
+        w = self.cfg.n_kv_heads * self.cfg.head_dim
+        return {"k": w, "v": w}
+
+    def new_cache(self, n_ctx: int, cache_type: str) -> KVCache:
+        return KVCache(self.cfg.n_layers, self.cache_widths(), n_ctx, cache_type)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run T new tokens after the cached ones; logits [T, V] if all_logits else [1, V] (last token)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        T = len(ids)
+        pos0 = cache.reserve(T)
+        positions = np.arange(pos0, pos0 + T)
+        cos, sin = self.rope.cos_sin(positions)  # [T, n_rot / 2], shared by every layer
+        x = self.token_embd.rows(ids)  # [T, D]
+        eps = self.cfg.rms_norm_eps
+        for i, L in enumerate(self.layers):
+            x = x + self._attention(i, L, rms_norm(x, L.attn_norm, eps), positions, cos, sin, cache)
+            x = x + swiglu(rms_norm(x, L.ffn_norm, eps), *L.ffn)
+        cache.advance(T)
+        rows = x if all_logits else x[-1:]
+        return self.output.matmul_t(rms_norm(rows, self.output_norm, eps))
+
+    def _attention(
+        self,
+        i: int,
+        L: Layer,
+        h: np.ndarray,  # [T, D]
+        positions: np.ndarray,  # [T]
+        cos: np.ndarray,
+        sin: np.ndarray,
+        cache: KVCache,
+    ) -> np.ndarray:  # [T, D]
+        c = self.cfg
+        T = h.shape[0]
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        q = rope_head(L.wq.matmul_t(h).reshape(T, H, hd), c.rope.n_rot, cos, sin)
+        k = rope_head(L.wk.matmul_t(h).reshape(T, Hkv, hd), c.rope.n_rot, cos, sin)
+        pos0 = int(positions[0])
+        S = pos0 + T
+        cache.write(i, "k", pos0, k.reshape(T, Hkv * hd))
+        cache.write(i, "v", pos0, L.wv.matmul_t(h))
+        k_all = cache.read(i, "k", S).reshape(S, Hkv, hd)
+        v_all = cache.read(i, "v", S).reshape(S, Hkv, hd)
+        # GQA: query head j*G + g reads kv head j (llama.cpp's mapping); each group is an MQA over one
+        # shared key head, which avoids materialising G copies of the cache.
+        G = H // Hkv
+        o = np.empty((T, H, hd), np.float32)
+        scale = 1.0 / math.sqrt(hd)
+        for j in range(Hkv):
+            o[:, j * G : (j + 1) * G] = causal_attention(
+                q[:, j * G : (j + 1) * G], k_all[:, j], v_all[:, j], positions, scale, self.amb_bytes
+            )
+        return L.wo.matmul_t(o.reshape(T, H * hd))
