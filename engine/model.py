@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -121,10 +122,21 @@ class Model:
         cache = self.new_cache(max(self.n_ctx, len(token_ids)))
         return self.eval(token_ids, cache, all_logits=True)
 
-    def _thread_limit(self):
+    @contextmanager
+    def _thread_limit(self) -> Iterator[None]:
+        """Run with `threads` BLAS and kernel threads (numba keeps its count per calling thread)."""
         from threadpoolctl import threadpool_limits
 
-        return threadpool_limits(limits=self._threads)
+        from engine import kernels
+
+        before = kernels.get_threads()
+        if self._threads:
+            kernels.set_threads(self._threads)
+        try:
+            with threadpool_limits(limits=self._threads):
+                yield
+        finally:
+            kernels.set_threads(before)
 
     # ---- text ---------------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True, add_bos: bool = False) -> list[int]:

@@ -13,6 +13,22 @@ from engine.errors import ModelFileError
 
 # Rows dequantized at once by the generic path: bounds the float32 scratch to ~16 MiB per tile.
 _TILE_ELEMENTS = 1 << 22
+# Fused numba kernels (engine.kernels) when True; the generic gguf-dequantize path is the baseline.
+_use_kernels = True
+
+
+def use_kernels(enabled: bool) -> None:
+    """Choose the fused kernels (default) or the generic dequantize-per-tile path (for comparisons)."""
+    global _use_kernels
+    _use_kernels = enabled
+
+
+def _fast(qtype: int) -> bool:
+    if not _use_kernels:
+        return False
+    from engine import kernels
+
+    return kernels.supports(qtype)
 
 
 @cache
@@ -85,11 +101,21 @@ class QTensor:
 
     def dequantize(self) -> np.ndarray:
         """The whole tensor as float32 (for small tensors and tests; big ones go through matmul_t)."""
+        if _fast(self.qtype) and not self.is_float32 and len(self.shape) >= 1:
+            from engine import kernels
+
+            rows = int(np.prod(self.shape[:-1], dtype=np.int64))
+            return kernels.dequantize_rows(self.data, self.qtype, (rows, self.shape[-1])).reshape(self.shape)
         return self._decode(self.data).reshape(self.shape)
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Selected rows of a 2-D tensor as float32 [len(index), C] (embedding lookup)."""
-        return self._decode(self.data[np.asarray(index)]).reshape(len(index), self.shape[-1])
+        raw = self.data[np.asarray(index)]
+        if _fast(self.qtype) and not self.is_float32:
+            from engine import kernels
+
+            return kernels.dequantize_rows(raw, self.qtype, (len(index), self.shape[-1]))
+        return self._decode(raw).reshape(len(index), self.shape[-1])
 
     def matmul_t(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T for a 2-D W [R, C] and x [T, C] -> [T, R] float32, one row tile at a time."""
@@ -97,6 +123,10 @@ class QTensor:
         x = np.asarray(x, dtype=np.float32)
         if self.is_float32:
             return x @ self.data.T
+        if _fast(self.qtype):
+            from engine import kernels
+
+            return kernels.matmul_t(self.data, self.qtype, (R, C), x)
         out = np.empty((x.shape[0], R), dtype=np.float32)
         step = max(1, _TILE_ELEMENTS // C)
         for r0 in range(0, R, step):

@@ -82,6 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out.write(t.text)
         out.flush()
     out.write("\n")
+    out.flush()
     print(gen.stats.summary(), file=sys.stderr)
     return 0
 
