@@ -14,7 +14,7 @@ from engine import load_model
 from engine.synth import SynthSpec, write_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gguf_rewrite import rewrite_gguf  # noqa: E402
+from gguf_rewrite import rewrite_gguf
 
 # 256-wide rows so K-quants apply to most matrices (the rest fall back to 32-block types, as in llama.cpp)
 SPEC = SynthSpec(hidden=256, layers=2, dense_layers=1, heads=4, q_lora_rank=64, kv_lora_rank=64, qk_nope=32,
