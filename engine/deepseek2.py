@@ -21,6 +21,7 @@ from engine.quant import QTensor
 from engine.rope import RopeTable, apply_rope
 
 MLA_MODES = (0, 1, 2, 3)
+KV_F32_BUDGET = 256 << 20
 
 
 @dataclass
@@ -82,6 +83,9 @@ class DeepSeek2:
             group_score="max" if cfg.gating_func == GATING_SOFTMAX else "sum2",
         )
         self.layers = [self._load_layer(f, i) for i in range(cfg.n_layers)]
+        # Decoded Wk/Wv per layer, kept when all of them fit the budget; otherwise decoded at each use.
+        kv_f32_bytes = 4 * cfg.n_layers * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank
+        self._kv_f32: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if kv_f32_bytes <= KV_F32_BUDGET else None
 
     def _load_layer(self, f: GGUFFile, i: int) -> Layer:
         p = f"blk.{i}."
@@ -154,15 +158,22 @@ class DeepSeek2:
             y = y + swiglu(h, *L.shared)
         return x + y
 
-    def kv_weights(self, L: Layer) -> tuple[np.ndarray, np.ndarray]:
+    def kv_weights(self, i: int, L: Layer) -> tuple[np.ndarray, np.ndarray]:
         """Per-head decompression matrices Wk [H, dn, r] and Wv [H, dv, r] from whichever form the file has."""
+        if self._kv_f32 is not None:
+            if i not in self._kv_f32:
+                self._kv_f32[i] = self._decode_kv_weights(L)
+            return self._kv_f32[i]
+        return self._decode_kv_weights(L)
+
+    def _decode_kv_weights(self, L: Layer) -> tuple[np.ndarray, np.ndarray]:
         c = self.cfg
         H, dn, dv, r = c.n_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
         if L.kv_b is not None:
             kv = L.kv_b.dequantize().reshape(H, dn + dv, r)
-            return kv[:, :dn], kv[:, dn:]
+            return np.ascontiguousarray(kv[:, :dn]), np.ascontiguousarray(kv[:, dn:])
         assert L.k_b is not None and L.v_b is not None
-        wk = L.k_b.dequantize().reshape(H, r, dn).transpose(0, 2, 1)
+        wk = np.ascontiguousarray(L.k_b.dequantize().reshape(H, r, dn).transpose(0, 2, 1))
         wv = L.v_b.dequantize().reshape(H, dv, r)
         return wk, wv
 
@@ -182,7 +193,7 @@ class DeepSeek2:
         q_pe = apply_rope(np.ascontiguousarray(q[..., dn:]), cos, sin)  # [T, H, dr]
         k_pe = apply_rope(np.ascontiguousarray(kv[:, r:]), cos, sin)  # [T, dr], one head shared by all
         q_nope = q[..., :dn]
-        wk, wv = self.kv_weights(L)
+        wk, wv = self.kv_weights(i, L)
         pos0 = int(positions[0])
         S = pos0 + T
         if self.mla == 0:  # cache decompressed per-head K and V (llama.cpp's legacy MHA path)

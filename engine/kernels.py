@@ -599,6 +599,33 @@ def _matvec_kernel(raw: np.ndarray, qtype: int, qk: int, x: np.ndarray, out: np.
                 out[t, r] = acc[t]
 
 
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _gather_matvec_kernel(
+    raw: np.ndarray, qtype: int, qk: int, experts: np.ndarray, x: np.ndarray, out: np.ndarray
+) -> None:
+    """out[n, r] = x[n] . row r of matrix experts[n] of a stacked [E, R, bytes] tensor: all selected experts of
+    an MoE layer in one parallel launch (decode calls many small matrices; launches, not bytes, dominated)."""
+    E, R, row_bytes = raw.shape
+    N, C = x.shape
+    blocks = C // qk
+    block_bytes = row_bytes // blocks
+    chunk = max(1, _CHUNK_VALUES // qk)
+    per = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for k in prange(N * per):
+        n = k // per
+        e = experts[n]
+        buf = np.empty(min(blocks, chunk) * qk, np.float32)
+        for r in range((k % per) * _ROWS_PER_TASK, min(R, (k % per + 1) * _ROWS_PER_TASK)):
+            row = raw[e, r]
+            acc = np.float32(0.0)
+            for b0 in range(0, blocks, chunk):
+                b1 = min(blocks, b0 + chunk)
+                w = buf[: (b1 - b0) * qk]
+                _decode_row(qtype, row[b0 * block_bytes : b1 * block_bytes], w)
+                acc += _dot(w, x[n, b0 * qk : b1 * qk])
+            out[n, r] = acc
+
+
 @njit(parallel=True, cache=True)
 def _dequantize_kernel(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
     for r in prange(raw.shape[0]):
@@ -696,3 +723,22 @@ def matmul_t(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray)
     T = int(np.prod(lead, dtype=np.int64))
     y = matvec(raw, qtype, shape, x) if T <= MATVEC_MAX_T else matmul_tiled(raw, qtype, shape, x)
     return y.reshape(*lead, R)
+
+
+def gather_matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int, int], experts: np.ndarray,
+                  x: np.ndarray) -> np.ndarray:
+    """For a stacked weight [E, R, C]: out[n] = x[n] @ W[experts[n]].T, x [N, C] -> [N, R] (one launch)."""
+    E, R, C = (int(s) for s in shape)
+    if not supports(qtype):
+        raise ValueError(f"no kernel for GGML type {qtype}")
+    a = np.ascontiguousarray(raw).view(np.uint8).reshape(E, R, row_bytes(qtype, C))
+    a = a.view()
+    a.flags.writeable = False
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, C)
+    ids = np.ascontiguousarray(experts, dtype=np.int64)
+    if ids.shape[0] != x.shape[0] or (ids.size and (ids.min() < 0 or ids.max() >= E)):
+        raise ValueError(f"expert ids {ids.tolist()} do not fit {E} experts and {x.shape[0]} inputs")
+    out = np.empty((x.shape[0], R), np.float32)
+    if out.size:
+        _gather_matvec_kernel(a, int(qtype), BLOCK[int(qtype)][0], ids, x, out)
+    return out

@@ -124,6 +124,12 @@ class KVCache:
     def clear(self) -> None:
         self.n_past = 0
 
+    def truncate(self, n: int) -> None:
+        """Forget positions n and later (llama.cpp's seq_rm from n); rows stay allocated."""
+        if not 0 <= n <= self.n_past:
+            raise IkctlError(f"cannot truncate a cache of {self.n_past} positions to {n}")
+        self.n_past = n
+
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for layer in self.layers for s in layer.values())

@@ -14,6 +14,10 @@ from engine.ops import silu, softmax
 from engine.quant import QTensor
 
 
+# Up to this many tokens, experts run as gathered (token, expert) pairs rather than grouped by expert.
+GATHER_MAX_TOKENS = 2
+
+
 @dataclass(frozen=True)
 class Router:
     n_experts_per_tok: int
@@ -69,7 +73,13 @@ def moe_ffn(
     down_exps: QTensor,  # [E, D, F]
 ) -> np.ndarray:  # [T, D]
     """Sum of the selected experts' SwiGLU outputs; tokens are grouped by expert so each expert is read once."""
-    K = idx.shape[1]
+    T, K = idx.shape
+    if T <= GATHER_MAX_TOKENS:  # decode: all (token, expert) pairs in one kernel launch per matrix
+        pairs = idx.ravel()
+        xs = np.repeat(x, K, axis=0)  # [T*K, D]
+        act = silu(gate_exps.gather_matmul_t(pairs, xs)) * up_exps.gather_matmul_t(pairs, xs)  # [T*K, F]
+        y = down_exps.gather_matmul_t(pairs, act)  # [T*K, D]
+        return (y * weights.reshape(-1, 1)).reshape(T, K, -1).sum(axis=1)
     out = np.zeros_like(x, dtype=np.float32)
     flat = idx.ravel()
     order = np.argsort(flat, kind="stable")

@@ -134,6 +134,14 @@ class QTensor:
             np.matmul(x, w.T, out=out[:, r0 : r0 + w.shape[0]])
         return out
 
+    def gather_matmul_t(self, experts: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """For a stacked 3-D W [E, R, C]: row n of the result is x[n] @ W[experts[n]].T; x [N, C] -> [N, R]."""
+        if _fast(self.qtype):
+            from engine import kernels
+
+            return kernels.gather_matvec(self.data, self.qtype, self.shape, experts, x)  # type: ignore[arg-type]
+        return np.concatenate([self[int(e)].matmul_t(x[n : n + 1]) for n, e in enumerate(experts)], axis=0)
+
     def _decode(self, raw: np.ndarray) -> np.ndarray:
         gguf = _gguf()
         if self.qtype == gguf.GGMLQuantizationType.F32:

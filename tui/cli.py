@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-sys", "--system-prompt", default=None, help="system message (chat mode)")
     run.add_argument("-no-cnv", "--no-conversation", dest="chat", action="store_false",
                      help="use the prompt as raw text instead of wrapping it in the model's chat template")
+    bench = sub.add_parser("bench", help="sweep benchmark: PP and TG speed as the context fills (llama-sweep-bench)")
+    _add_model_flags(bench)
+    bench.set_defaults(ctx_size=2048)
+    bench.add_argument("-n", "--n-gen", type=int, default=None, help="tokens generated per step (default: ub/4)")
+    bench.add_argument("--json", metavar="FILE", help="write settings and rows (sweep-bench JSONL keys) to FILE")
+    bench.add_argument("-s", "--seed", type=int, default=0, help="seed of the random token ids")
     return parser
 
 
@@ -87,6 +93,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(done: int, total: int) -> None:
+    width = 30
+    fill = width * done // total
+    end = "\n" if done == total else ""
+    print(f"\rikctl bench [{'#' * fill}{'.' * (width - fill)}] {done}/{total} steps", end=end, file=sys.stderr,
+          flush=True)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from engine import load_model
+    from engine.bench import HEADER, RULE, bench_settings, rows_as_dicts, sweep, sweep_steps
+
+    model = load_model(resolve_model_path(args.model), **model_options(args))
+    n_ctx = model.n_ctx
+    n_gen = args.n_gen if args.n_gen is not None else max(1, args.ubatch_size // 4)
+    sweep_steps(n_ctx, args.ubatch_size, n_gen)  # reject impossible settings before printing anything
+    settings = bench_settings(model, n_ctx, args.ubatch_size, n_gen)
+    print(f"model: {settings['model_name']} ({settings['arch']}, {', '.join(settings['quant'])}), "
+          f"n_ctx {n_ctx}, ub {args.ubatch_size}, tg {n_gen}, threads {settings['threads']}, "
+          f"-ctk {settings['cache_type_k']}" + (f", -mla {settings['mla']}" if settings["mla"] is not None else ""))
+    print()
+    print(HEADER)
+    print(RULE, flush=True)
+    rows = []
+    for row in sweep(model, n_ctx, args.ubatch_size, n_gen, seed=args.seed, on_step=_progress):
+        rows.append(row)
+        print(row.table_line(), flush=True)
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump({**settings, "rows": rows_as_dicts(rows)}, f, indent=1)
+                f.write("\n")
+        except OSError as e:
+            raise IkctlError(f"cannot write --json {args.json}: {e.strerror}") from None
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"run": cmd_run}[args.command](args)
+        return {"run": cmd_run, "bench": cmd_bench}[args.command](args)
     except IkctlError as e:
         print(f"ikctl: error: {e}", file=sys.stderr)
         return 1

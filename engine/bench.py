@@ -1,0 +1,128 @@
+"""Sweep benchmark like ik_llama.cpp's llama-sweep-bench: PP and TG speed as the context fills up."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engine.errors import IkctlError
+
+if TYPE_CHECKING:
+    from engine.model import Model
+
+HEADER = "|    PP |     TG |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |"
+RULE = "|-------|--------|--------|----------|----------|----------|----------|"
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One step, with the keys of llama-sweep-bench's JSONL output."""
+
+    n_kv: int
+    pp: int
+    tg: int
+    t_pp: float
+    speed_pp: float
+    t_tg: float
+    speed_tg: float
+
+    def table_line(self) -> str:
+        return (f"| {self.pp:5d} | {self.tg:6d} | {self.n_kv:6d} | {self.t_pp:8.3f} | {self.speed_pp:8.2f} | "
+                f"{self.t_tg:8.3f} | {self.speed_tg:8.2f} |")
+
+
+def sweep_steps(n_ctx: int, ubatch: int, n_gen: int) -> list[int]:
+    """The N_KV of each step: 0, ub, 2ub, ... while the step's prompt batch still fits the context."""
+    if ubatch <= 0 or n_gen < 0:
+        raise IkctlError(f"-ub {ubatch} must be positive and -n {n_gen} >= 0")
+    steps = list(range(0, n_ctx - max(ubatch, n_gen) + 1, ubatch))
+    if not steps:
+        raise IkctlError(f"context {n_ctx} is smaller than one step of -ub {ubatch} / -n {n_gen}; raise -c")
+    return steps
+
+
+def sweep(
+    model: Model,
+    n_ctx: int,
+    ubatch: int,
+    n_gen: int,
+    seed: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
+) -> Iterator[SweepRow]:
+    """At each N_KV: time n_gen single-token decodes, drop them, then time one `ubatch`-token prompt batch."""
+    steps = sweep_steps(n_ctx, ubatch, n_gen)
+    rng = np.random.default_rng(seed)
+    cache = model.new_cache(n_ctx)
+    model.eval(rng.integers(0, model.n_vocab, 4).tolist(), model.new_cache(16))  # warm-up: compile, page in
+    for k, n_kv in enumerate(steps):
+        cache.truncate(n_kv)
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            model.eval([int(rng.integers(0, model.n_vocab))], cache)
+        t_tg = time.perf_counter() - t0
+        cache.truncate(n_kv)
+        batch = rng.integers(0, model.n_vocab, ubatch).tolist()
+        t0 = time.perf_counter()
+        model.eval(batch, cache)
+        t_pp = time.perf_counter() - t0
+        if on_step:
+            on_step(k + 1, len(steps))
+        yield SweepRow(n_kv, ubatch, n_gen, t_pp, ubatch / t_pp, t_tg, n_gen / t_tg if t_tg > 0 else 0.0)
+
+
+def host_info() -> dict[str, Any]:
+    import psutil
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "hostname": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from engine.kernels import get_threads
+
+    try:
+        pkg = version("ikctl")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    types = sorted({t.qtype_name for t in model.gguf.tensors.values()})
+    return {
+        "model": str(model.path),
+        "model_name": model.gguf.get("general.name", model.path.stem),
+        "model_bytes": model.gguf.file_bytes,
+        "arch": model.arch,
+        "quant": types,
+        "n_ctx": n_ctx,
+        "n_ubatch": ubatch,
+        "n_gen": n_gen,
+        "threads": model.options.threads or get_threads(),
+        "cache_type_k": model.options.cache_type_k,
+        "mla": model.options.mla if model.arch == "deepseek2" else None,
+        "placement": {"CPU": model.gguf.file_bytes},  # everything local until remote devices arrive
+        "host": host_info(),
+        "ikctl_version": pkg,
+    }
+
+
+def rows_as_dicts(rows: list[SweepRow]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]

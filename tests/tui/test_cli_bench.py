@@ -1,0 +1,59 @@
+"""`ikctl bench`: the sweep table, the JSON file, and the step plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from engine.bench import sweep_steps
+from engine.errors import IkctlError
+
+ROW_KEYS = {"n_kv", "pp", "tg", "t_pp", "speed_pp", "t_tg", "speed_tg"}
+
+
+def test_sweep_steps() -> None:
+    assert sweep_steps(128, 32, 8) == [0, 32, 64, 96]
+    assert sweep_steps(100, 32, 8) == [0, 32, 64]
+    assert sweep_steps(64, 16, 40) == [0, 16]  # the TG tokens must fit after N_KV too
+    with pytest.raises(IkctlError, match="raise -c"):
+        sweep_steps(16, 32, 8)
+
+
+def test_bench_on_the_embedded_model(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "IKCTL_CACHE": str(tmp_path / "cache")}
+    exe = shutil.which("ikctl")
+    assert exe
+    proc = subprocess.run([exe, "bench", "-c", "128", "-ub", "32", "-n", "4", "-t", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "|    PP |     TG |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |" in lines
+    table = [ln for ln in lines if ln.startswith("|") and ln.split("|")[1].strip().isdigit()]
+    assert [int(ln.split("|")[3]) for ln in table] == [0, 32, 64, 96]
+    assert "4/4 steps" in proc.stderr  # the progress bar
+    doc = json.loads(out.read_text())
+    for key in ("model", "quant", "threads", "placement", "host", "ikctl_version", "n_ctx", "n_ubatch", "mla"):
+        assert key in doc
+    assert doc["threads"] == 1 and doc["n_ctx"] == 128 and "Q8_0" in doc["quant"]
+    assert doc["host"]["cores"] >= 1
+    rows = doc["rows"]
+    assert [r["n_kv"] for r in rows] == [0, 32, 64, 96]
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        assert r["pp"] == 32 and r["tg"] == 4
+        assert r["t_pp"] > 0 and abs(r["speed_pp"] - 32 / r["t_pp"]) < 1e-6 * r["speed_pp"]
+        assert r["t_tg"] > 0 and abs(r["speed_tg"] - 4 / r["t_tg"]) < 1e-6 * r["speed_tg"]
+
+
+def test_bench_rejects_a_context_smaller_than_a_step(tmp_path: Path) -> None:
+    env = {**os.environ, "IKCTL_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([shutil.which("ikctl") or "ikctl", "bench", "-c", "16", "-ub", "32"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("ikctl: error: context 16 is smaller")
