@@ -605,7 +605,7 @@ def _gather_matvec_kernel(
 ) -> None:
     """out[n, r] = x[n] . row r of matrix experts[n] of a stacked [E, R, bytes] tensor: all selected experts of
     an MoE layer in one parallel launch (decode calls many small matrices; launches, not bytes, dominated)."""
-    E, R, row_bytes = raw.shape
+    R, row_bytes = raw.shape[1], raw.shape[2]
     N, C = x.shape
     blocks = C // qk
     block_bytes = row_bytes // blocks

@@ -13,7 +13,6 @@ from engine.config import GATING_SIGMOID
 from engine.ops import silu, softmax
 from engine.quant import QTensor
 
-
 # Up to this many tokens, experts run as gathered (token, expert) pairs rather than grouped by expert.
 GATHER_MAX_TOKENS = 2
 
