@@ -40,6 +40,7 @@ def test_weights_are_memory_mapped_not_copied(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout)
     load_peak = m["loaded"]["VmHWM"] - m["before"]["VmHWM"]
-    assert load_peak < 0.15 * size, f"loading raised peak RSS by {load_peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
+    mb = f"{size / 1e6:.0f} MB file"
+    assert load_peak < 0.15 * size, f"loading raised peak RSS by {load_peak / 1e6:.0f} MB for a {mb}"
     anon = m["ran"]["RssAnon"] - m["before"]["RssAnon"]
-    assert anon < 0.25 * size, f"a forward pass left {anon / 1e6:.0f} MB of private memory for a {size / 1e6:.0f} MB file"
+    assert anon < 0.25 * size, f"a forward pass left {anon / 1e6:.0f} MB of private memory for a {mb}"

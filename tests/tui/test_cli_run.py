@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-SPEED = re.compile(r"prompt: (\d+) tokens in [\d.]+ s \([\d.]+ t/s\) \| generation: (\d+) tokens in [\d.]+ s \([\d.]+ t/s\)")
+SPEED = re.compile(
+    r"prompt: (\d+) tokens in [\d.]+ s \([\d.]+ t/s\) \| generation: (\d+) tokens in [\d.]+ s \([\d.]+ t/s\)"
+)
 
 
 def ikctl(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
