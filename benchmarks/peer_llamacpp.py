@@ -1,5 +1,25 @@
 """llama.cpp peer benchmark: ik_llama.cpp's llama-sweep-bench over llama-cpp-python's low-level API."""
 
+# python benchmarks/peer_llamacpp.py -m MODEL.gguf -t 2 -c 512 -ub 128 -n 32 [-fa] [--jsonl]
+#
+# At each KV depth N_KV = 0, ub, 2ub, ... (while a PP batch still fits in -c) it times -n single-token decodes
+# (TG), removes them from the KV cache, then times one batch of -ub random tokens (PP), which stays in the cache
+# and deepens it for the next row: the order and the arithmetic of llama-sweep-bench.
+#
+# llama-cpp-python is an optional peer dependency (never a CI one): pip install llama-cpp-python==0.3.36.
+#
+# Weights are loaded without llama.cpp's CPU "extra buffer types" (use_extra_bufts = false) unless
+# --extra-bufts is given. The PyPI sdist builds with GGML_NATIVE, which on an AMX Xeon compiles in the AMX
+# buffer type, and llama.cpp then puts every weight whose matmul AMX accepts there. That breaks two ways here:
+#   - deepseek2 (MLA): attn_k_b/attn_v_b land in AMX (the loader's probe uses a contiguous activation), but
+#     the graph multiplies them by a permuted one (q_nope), which AMX's supports_op refuses and the CPU backend
+#     cannot read from a non-host AMX buffer, so no backend takes the op and context creation aborts with
+#     ggml-backend.cpp GGML_ASSERT(*cur_backend_id != -1);
+#   - any model with AMX kernels (Q4_0/Q4_1/Q8_0/K-quants): SIGILL (tileloadd) at the first multi-token batch,
+#     because GCC 12's _tile_loadconfig declares an 8-byte memory operand, so the compiler drops the tile
+#     shapes before ldtilecfg and the tiles stay unconfigured.
+# CPU_REPACK, the other extra buffer type, has no x86 kernels for Q8_0 or Q4_1, so these models lose nothing.
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +36,6 @@ from typing import Any
 
 INSTALL_HINT = "llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36 (the optional `peer` extra)"
 ROW_KEYS = ("n_kv", "pp", "tg", "t_pp", "speed_pp", "t_tg", "speed_tg")
-# Weight placements (`weights=`): which CPU buffer types llama.cpp may put the model's weights in.
-#   safe:    its extra buffer types (AMX, CPU_REPACK) except for the MLA attn_k_b/attn_v_b weights, which go to
-#            the plain CPU buffer: their matmuls take a permuted (non-contiguous) activation that the AMX kernel
-#            refuses, and then no backend supports the op (GGML_ASSERT(*cur_backend_id != -1) at context creation).
-#   plain:   no extra buffer type at all (use_extra_bufts = false): no AMX, no repacking.
-#   default: llama.cpp's own choice (aborts on deepseek2 with an AMX build, see above).
-WEIGHTS = ("safe", "plain", "default")
-SAFE_OVERRIDE = rb"attn_k_b|attn_v_b"
 GGML_LOG_LEVEL_ERROR = 3
 GGML_LOG_LEVEL_CONT = 5
 
@@ -40,28 +52,21 @@ def load_llama_cpp() -> ModuleType:
         raise PeerUnavailableError(INSTALL_HINT) from exc
 
 
-class _BuftOverride(ctypes.Structure):
-    _fields_ = (("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p))
+def depths(ctx: int, ubatch: int, n_gen: int) -> list[int]:
+    """The sweep's N_KV values: every multiple of ubatch whose PP batch (and TG tokens) fit in ctx."""
+    if ubatch < 1 or n_gen < 1:
+        raise ValueError(f"ubatch and n_gen must be >= 1, got {ubatch} and {n_gen}")
+    out = [n_kv for n_kv in range(0, ctx - ubatch + 1, ubatch) if n_kv + n_gen <= ctx]
+    if not out:
+        raise ValueError(f"ctx={ctx} holds no PP batch of {ubatch} tokens")
+    return out
 
 
-def _cpu_buffer_type(llama: ModuleType) -> int:
-    """The address of ggml's plain CPU buffer type (ggml_backend_cpu_buffer_type)."""
-    fn = llama.llama_cpp._lib.ggml_backend_cpu_buffer_type
-    fn.restype, fn.argtypes = ctypes.c_void_p, []
-    return int(fn())
-
-
-def _model_params(llama: ModuleType, weights: str, keep: list[Any]) -> Any:
-    """llama_model_params for a CPU-only load with the given weight placement; `keep` holds ctypes buffers alive."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, not {weights!r}")
+def _model_params(llama: ModuleType, extra_bufts: bool) -> Any:
+    """llama_model_params for a CPU-only load, with or without the CPU extra buffer types (AMX, CPU_REPACK)."""
     params = llama.llama_model_default_params()
     params.n_gpu_layers = 0
-    params.use_extra_bufts = weights != "plain"
-    if weights == "safe":
-        overrides = (_BuftOverride * 2)(_BuftOverride(SAFE_OVERRIDE, _cpu_buffer_type(llama)), _BuftOverride())
-        keep.append(overrides)
-        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+    params.use_extra_bufts = extra_bufts
     return params
 
 
@@ -80,8 +85,8 @@ def _context_params(llama: ModuleType, threads: int, ctx: int, ubatch: int, flas
 
 
 @contextmanager
-def _quiet_logs(llama: ModuleType, verbose: bool) -> Iterator[None]:
-    """Route llama.cpp's log to stderr: everything when verbose, else errors only."""
+def _log_filter(llama: ModuleType, verbose: bool) -> Iterator[None]:
+    """Pass llama.cpp's log to stderr (all of it when verbose, else errors); restore llama_cpp's logger after."""
     state = {"last": 0}
 
     @llama.llama_log_callback
@@ -95,15 +100,16 @@ def _quiet_logs(llama: ModuleType, verbose: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        llama.llama_log_set(callback, ctypes.c_void_p(0))
+        previous = getattr(getattr(llama, "_logger", None), "llama_log_callback", None)
+        if previous is not None:
+            llama.llama_log_set(previous, ctypes.c_void_p(0))
 
 
 @contextmanager
-def _loaded(llama: ModuleType, model_path: str, weights: str, cparams: Any) -> Iterator[tuple[Any, Any]]:
+def _loaded(llama: ModuleType, model_path: str, extra_bufts: bool, cparams: Any) -> Iterator[tuple[Any, Any]]:
     """Load the model and create its context; free both afterwards."""
-    keep: list[Any] = []
     llama.llama_backend_init()
-    model = llama.llama_model_load_from_file(model_path.encode(), _model_params(llama, weights, keep))
+    model = llama.llama_model_load_from_file(model_path.encode(), _model_params(llama, extra_bufts))
     if not model:
         raise RuntimeError(f"llama.cpp could not load {model_path}")
     try:
@@ -119,7 +125,7 @@ def _loaded(llama: ModuleType, model_path: str, weights: str, cparams: Any) -> I
 
 
 class _Runner:
-    """One sequence's batch, decode and KV-cache trimming, with wall-clock timing."""
+    """Sequence 0's batch, timed decodes and KV-cache trimming."""
 
     def __init__(self, llama: ModuleType, context: Any, n_vocab: int, capacity: int, seed: int) -> None:
         self.llama, self.context, self.n_vocab = llama, context, n_vocab
@@ -131,27 +137,37 @@ class _Runner:
         self.llama.llama_batch_free(self.batch)
 
     def trim(self, n_kv: int) -> None:
-        """Drop every cached position >= n_kv of sequence 0."""
+        """Drop every cached position >= n_kv."""
         if not self.llama.llama_memory_seq_rm(self.memory, 0, n_kv, -1):
             raise RuntimeError(f"llama.cpp could not trim the KV cache to {n_kv} tokens")
 
-    def decode(self, start: int, n_tokens: int, token: int | None = None) -> float:
-        """Decode n_tokens random tokens (or `token`) at positions start...; return the seconds it took."""
+    def _fill(self, start: int, n_tokens: int) -> None:
+        """Random valid token ids at positions start.., logits for the last one only."""
         batch = self.batch
         for i in range(n_tokens):
-            batch.token[i] = self.rng.randrange(self.n_vocab) if token is None else token
+            batch.token[i] = self.rng.randrange(self.n_vocab)
             batch.pos[i] = start + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = i == n_tokens - 1
         batch.n_tokens = n_tokens
+
+    def decode(self, start: int, n_tokens: int) -> float:
+        """Decode n_tokens random tokens at positions start..; return the wall-clock seconds it took."""
+        self._fill(start, n_tokens)
         t0 = time.perf_counter()
-        rc = self.llama.llama_decode(self.context, batch)
+        rc = self.llama.llama_decode(self.context, self.batch)
         self.llama.llama_synchronize(self.context)
         elapsed = time.perf_counter() - t0
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with {rc} at position {start}")
         return elapsed
+
+    def warm_up(self, ubatch: int) -> None:
+        """One token and one full batch (pages in every expert of an mmap'd MoE), then an empty cache."""
+        self.decode(0, 1)
+        self.decode(1, ubatch)
+        self.trim(0)
 
 
 def _row(n_kv: int, pp: int, tg: int, t_pp: float, t_tg: float) -> dict[str, Any]:
@@ -159,9 +175,9 @@ def _row(n_kv: int, pp: int, tg: int, t_pp: float, t_tg: float) -> dict[str, Any
 
 
 def _sweep_rows(runner: _Runner, ctx: int, ubatch: int, n_gen: int) -> list[dict[str, Any]]:
-    """sweep-bench's loop: at each depth n_kv, time n_gen single-token decodes, drop them, then time one PP batch."""
+    """sweep-bench's loop: at each depth, time n_gen single-token decodes, drop them, then time one PP batch."""
     rows = []
-    for n_kv in range(0, ctx - ubatch + 1, ubatch):
+    for n_kv in depths(ctx, ubatch, n_gen):
         runner.trim(n_kv)
         t_tg = sum(runner.decode(n_kv + i, 1) for i in range(n_gen))
         runner.trim(n_kv)
@@ -177,26 +193,25 @@ def sweep(
     ubatch: int,
     n_gen: int,
     *,
-    weights: str = "safe",
     flash_attn: bool = False,
+    extra_bufts: bool = False,
     seed: int = 0,
     verbose: bool = False,
 ) -> list[dict[str, Any]]:
-    """Measure llama.cpp like llama-sweep-bench; one row per KV depth 0, ubatch, 2*ubatch, ... < ctx.
+    """Measure llama.cpp like llama-sweep-bench; one row per N_KV in depths(ctx, ubatch, n_gen).
 
-    Each row has the sweep-bench JSONL keys (ROW_KEYS): the PP batch of `ubatch` random tokens at depth n_kv
+    Each row holds the sweep-bench JSONL keys ROW_KEYS: a PP batch of `ubatch` random tokens at depth n_kv
     (t_pp seconds, speed_pp tokens/s) and `n_gen` single-token decodes at the same depth (t_tg, speed_tg).
+    Raises PeerUnavailableError when llama-cpp-python is not installed.
     """
-    if ubatch < 1 or n_gen < 0 or ctx < ubatch + n_gen:
-        raise ValueError(f"need 1 <= ubatch and ubatch + n_gen <= ctx, got ctx={ctx} ubatch={ubatch} n_gen={n_gen}")
+    depths(ctx, ubatch, n_gen)  # validate before loading anything
     llama = load_llama_cpp()
     cparams = _context_params(llama, threads, ctx, ubatch, flash_attn)
-    with _quiet_logs(llama, verbose), _loaded(llama, model_path, weights, cparams) as (model, context):
-        vocab = llama.llama_model_get_vocab(model)
-        runner = _Runner(llama, context, llama.llama_vocab_n_tokens(vocab), ubatch, seed)
+    with _log_filter(llama, verbose), _loaded(llama, model_path, extra_bufts, cparams) as (model, context):
+        n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+        runner = _Runner(llama, context, n_vocab, ubatch, seed)
         try:
-            runner.decode(0, 1, token=max(llama.llama_vocab_bos(vocab), 0))  # warm-up, as sweep-bench does
-            runner.trim(0)
+            runner.warm_up(min(ubatch, ctx - 1))
             return _sweep_rows(runner, ctx, ubatch, n_gen)
         finally:
             runner.close()
@@ -204,8 +219,10 @@ def sweep(
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """sweep-bench's markdown table."""
-    lines = ["|    PP |     TG |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |"]
-    lines.append("|-------|--------|--------|----------|----------|----------|----------|")
+    lines = [
+        f"|{'PP':>6} | {'TG':>6} | {'N_KV':>6} | {'T_PP s':>8} | {'S_PP t/s':>8} | {'T_TG s':>8} | {'S_TG t/s':>8} |",
+        f"|{'-' * 7}|{'-' * 8}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|",
+    ]
     for r in rows:
         lines.append(
             f"|{r['pp']:6d} | {r['tg']:6d} | {r['n_kv']:6d} | {r['t_pp']:8.3f} | {r['speed_pp']:8.2f} | "
@@ -215,31 +232,44 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", required=True, help="GGUF file")
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("-c", "--ctx", type=int, default=512, help="KV cache size (N_KV max)")
-    ap.add_argument("-ub", "--ubatch", type=int, default=128, help="PP batch size and sweep step")
-    ap.add_argument("-n", "--n-gen", type=int, default=32, help="TG tokens per step")
-    ap.add_argument("--weights", choices=WEIGHTS, default="safe", help="weight buffer placement (see module)")
+    ap.add_argument("-c", "--ctx", type=int, default=512, help="KV cache size (largest N_KV + ubatch)")
+    ap.add_argument("-ub", "--ubatch", type=int, default=128, help="PP batch and sweep step")
+    ap.add_argument("-n", "--n-gen", type=int, default=32, help="TG tokens per row")
     ap.add_argument("-fa", "--flash-attn", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--jsonl", action="store_true", help="print JSONL rows instead of the table")
+    ap.add_argument("--extra-bufts", action="store_true", help="let llama.cpp use AMX/CPU_REPACK weight buffers")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    ap.add_argument("--jsonl", action="store_true", help="sweep-bench JSONL lines instead of the table")
     ap.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     return ap.parse_args(argv)
+
+
+def _jsonl(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    head = {"n_kv_max": args.ctx, "n_batch": args.ubatch, "n_ubatch": args.ubatch, "flash_attn": int(args.flash_attn)}
+    head |= {"n_gpu_layers": 0, "n_threads": args.threads, "n_threads_batch": args.threads}
+    return "\n".join(json.dumps(head | r) for r in rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         rows = sweep(
-            args.model, args.threads, args.ctx, args.ubatch, args.n_gen,
-            weights=args.weights, flash_attn=args.flash_attn, seed=args.seed, verbose=args.verbose,
+            args.model,
+            args.threads,
+            args.ctx,
+            args.ubatch,
+            args.n_gen,
+            flash_attn=args.flash_attn,
+            extra_bufts=args.extra_bufts,
+            seed=args.seed,
+            verbose=args.verbose,
         )
     except PeerUnavailableError as exc:
         print(exc, file=sys.stderr)
         return 2
-    print("\n".join(json.dumps(r) for r in rows) if args.jsonl else format_table(rows))
+    print(_jsonl(rows, args) if args.jsonl else format_table(rows))
     return 0
 
 
