@@ -197,10 +197,10 @@ class DeepSeek2:
         pos0 = int(positions[0])
         S = pos0 + T
         if self.mla == 0:  # cache decompressed per-head K and V (llama.cpp's legacy MHA path)
-            k_nope = np.einsum("tr,hdr->thd", latent, wk)
+            k_nope = (latent @ wk.reshape(H * dn, r).T).reshape(T, H, dn)
             k = np.concatenate([k_nope, np.broadcast_to(k_pe[:, None, :], (T, H, dr))], axis=-1)
             cache.write(i, "k", pos0, k.reshape(T, -1))
-            cache.write(i, "v", pos0, np.einsum("tr,hvr->thv", latent, wv).reshape(T, -1))
+            cache.write(i, "v", pos0, latent @ wv.reshape(H * dv, r).T)
             k_all = cache.read(i, "k", S).reshape(S, H, dn + dr)
             v_all = cache.read(i, "v", S).reshape(S, H, dv)
             q_full = np.concatenate([q_nope, q_pe], -1)
@@ -210,16 +210,16 @@ class DeepSeek2:
             ckv = cache.read(i, "ckv", S)  # [S, r + dr]
             if self.mla == 3 and T > 1:  # prefill: decompress K/V from the latent cache (fewer FLOPs)
                 lat = ckv[:, :r]
-                k_nope = np.einsum("sr,hdr->shd", lat, wk)
+                k_nope = (lat @ wk.reshape(H * dn, r).T).reshape(S, H, dn)
                 k_all = np.concatenate([k_nope, np.broadcast_to(ckv[:, None, r:], (S, H, dr))], axis=-1)
-                v_all = np.einsum("sr,hvr->shv", lat, wv)
+                v_all = (lat @ wv.reshape(H * dv, r).T).reshape(S, H, dv)
                 o = causal_attention(
                     np.concatenate([q_nope, q_pe], -1), k_all, v_all, positions, c.kq_scale, self.amb_bytes
                 )
             else:  # absorbed: attention is an MQA over [c | k_pe] rows; V is c itself
-                q_abs = np.einsum("thd,hdr->thr", q_nope, wk)  # [T, H, r]
+                q_abs = np.matmul(q_nope.transpose(1, 0, 2), wk).transpose(1, 0, 2)  # [T, H, r]
                 o_lat = causal_attention(
                     np.concatenate([q_abs, q_pe], -1), ckv, ckv[:, :r], positions, c.kq_scale, self.amb_bytes
                 )  # [T, H, r]
-                o = np.einsum("thr,hvr->thv", o_lat, wv)
+                o = np.matmul(o_lat.transpose(1, 0, 2), wv.transpose(0, 2, 1)).transpose(1, 0, 2)  # [T, H, dv]
         return L.wo.matmul_t(o.reshape(T, H * dv))

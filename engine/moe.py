@@ -88,5 +88,5 @@ def moe_ffn(
         sel = order[a:b]  # positions in the flattened [T*K] assignment
         tok = sel // K
         y = swiglu(x[tok], gate_exps[int(e)], up_exps[int(e)], down_exps[int(e)])
-        np.add.at(out, tok, y * weights.ravel()[sel, None])
+        out[tok] += y * weights.ravel()[sel, None]  # a token picks an expert at most once: no repeated index
     return out
