@@ -76,6 +76,23 @@ def sweep(
         yield SweepRow(n_kv, ubatch, n_gen, t_pp, ubatch / t_pp, t_tg, n_gen / t_tg if t_tg > 0 else 0.0)
 
 
+def active_weight_bytes(model: Model) -> int:
+    """Weight bytes one decoded token reads: every matrix once, K of E experts, one embedding row, the head."""
+    cfg = model.config
+    k, e = getattr(cfg, "n_experts_per_tok", 0), getattr(cfg, "n_routed_experts", 0)
+    total = 0
+    for t in model.gguf.tensors.values():
+        if t.name == "token_embd.weight":
+            total += t.n_bytes // t.shape[0]
+            if "output.weight" not in model.gguf.tensors:  # tied head: the whole matrix is read too
+                total += t.n_bytes
+        elif "_exps." in t.name and e:
+            total += t.n_bytes * k // e
+        else:
+            total += t.n_bytes
+    return total
+
+
 def host_info() -> dict[str, Any]:
     import psutil
 
@@ -96,7 +113,7 @@ def host_info() -> dict[str, Any]:
     }
 
 
-def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int) -> dict[str, Any]:
+def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int, kernels: bool = True) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     from engine.kernels import get_threads
@@ -110,6 +127,7 @@ def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int) -> dict[st
         "model": str(model.path),
         "model_name": model.gguf.get("general.name", model.path.stem),
         "model_bytes": model.gguf.file_bytes,
+        "active_weight_bytes": active_weight_bytes(model),
         "arch": model.arch,
         "quant": types,
         "n_ctx": n_ctx,
@@ -118,6 +136,7 @@ def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int) -> dict[st
         "threads": model.options.threads or get_threads(),
         "cache_type_k": model.options.cache_type_k,
         "mla": model.options.mla if model.arch == "deepseek2" else None,
+        "kernels": "fused" if kernels else "generic",
         "placement": {"CPU": model.gguf.file_bytes},  # everything local until remote devices arrive
         "host": host_info(),
         "ikctl_version": pkg,

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-n", "--n-gen", type=int, default=None, help="tokens generated per step (default: ub/4)")
     bench.add_argument("--json", metavar="FILE", help="write settings and rows (sweep-bench JSONL keys) to FILE")
     bench.add_argument("-s", "--seed", type=int, default=0, help="seed of the random token ids")
+    bench.add_argument("--generic", action="store_true",
+                       help="use the generic dequantize-then-BLAS path instead of the fused kernels (a baseline)")
     return parser
 
 
@@ -107,11 +109,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from engine import load_model
     from engine.bench import HEADER, RULE, bench_settings, rows_as_dicts, sweep, sweep_steps
 
+    if args.generic:
+        from engine.quant import use_kernels
+
+        use_kernels(False)
     model = load_model(resolve_model_path(args.model), **model_options(args))
     n_ctx = model.n_ctx
     n_gen = args.n_gen if args.n_gen is not None else max(1, args.ubatch_size // 4)
     sweep_steps(n_ctx, args.ubatch_size, n_gen)  # reject impossible settings before printing anything
-    settings = bench_settings(model, n_ctx, args.ubatch_size, n_gen)
+    settings = bench_settings(model, n_ctx, args.ubatch_size, n_gen, kernels=not args.generic)
     print(f"model: {settings['model_name']} ({settings['arch']}, {', '.join(settings['quant'])}), "
           f"n_ctx {n_ctx}, ub {args.ubatch_size}, tg {n_gen}, threads {settings['threads']}, "
           f"-ctk {settings['cache_type_k']}" + (f", -mla {settings['mla']}" if settings["mla"] is not None else ""))
