@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
+from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -107,7 +108,7 @@ class Model:
             raise IkctlError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
         ub = self.options.ubatch_size
         outs = []
-        with self._thread_limit():
+        with self._thread_limit(min(len(ids), ub)):
             for a in range(0, len(ids), ub):
                 chunk = ids[a : a + ub]
                 last = a + ub >= len(ids)
@@ -123,17 +124,20 @@ class Model:
         return self.eval(token_ids, cache, all_logits=True)
 
     @contextmanager
-    def _thread_limit(self) -> Iterator[None]:
-        """Run with `threads` BLAS and kernel threads (numba keeps its count per calling thread)."""
-        from threadpoolctl import threadpool_limits
+    def _thread_limit(self, n_tokens: int) -> Iterator[None]:
+        """Run with `threads` kernel threads (numba keeps its count per calling thread) and BLAS threads.
 
+        Decode-sized batches give BLAS one thread: their small attention GEMMs otherwise wake OpenBLAS's pool,
+        whose spinning workers then steal the cores from the weight kernels (decode ran 2x slower at N_KV 384).
+        """
         from engine import kernels
 
         before = kernels.get_threads()
         if self._threads:
             kernels.set_threads(self._threads)
+        blas = 1 if n_tokens <= kernels.MATVEC_MAX_T else self._threads
         try:
-            with threadpool_limits(limits=self._threads):
+            with _blas_pools().limit(limits=blas, user_api="blas"):
                 yield
         finally:
             kernels.set_threads(before)
@@ -159,6 +163,14 @@ class Model:
         from engine.generate import generate
 
         return generate(self, prompt, **kwargs)
+
+
+@cache
+def _blas_pools() -> Any:
+    """threadpoolctl's view of the loaded BLAS libraries, found once (the search costs ~1 ms per call)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def load_model(path: str | os.PathLike[str], **options: Any) -> Model:
