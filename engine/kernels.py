@@ -25,6 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from engine.block_decoders import BLOCK, F32, _decode_row
+from engine.simd import _prefetch
 
 # Up to this many tokens the matvec kernel wins: it reads the weights once and each extra token costs one
 # L1-resident dot, while the tiled path pays a full decode plus BLAS calls that are slow for small T
@@ -34,9 +35,11 @@ MATVEC_MAX_T = 16
 # but every tile is one hand-over between numba's and BLAS's thread pools, which is slow on a busy machine.
 _TILE_BYTES = 16 << 20
 # Rows per parallel task of the matvec: amortises the scratch allocation, keeps tasks balanced.
-_ROWS_PER_TASK = 16
+_ROWS_PER_TASK = 64
 # Values decoded per matvec step: a 16 KiB scratch that stays in L1 next to the token vectors' slices.
 _CHUNK_VALUES = 4096
+# Rows ahead whose bytes are prefetched while a row is decoded (hardware prefetch alone left the loads exposed).
+_PREFETCH_ROWS = 4
 # reassoc lets LLVM vectorise the dot reductions, contract allows FMA; NaN/inf semantics stay IEEE.
 _FASTMATH = {"reassoc", "contract"}
 
@@ -99,6 +102,10 @@ def _matvec_kernel(raw: np.ndarray, qtype: int, qk: int, x: np.ndarray, out: np.
         acc = np.empty(T, np.float32)
         for r in range(k * _ROWS_PER_TASK, min(R, (k + 1) * _ROWS_PER_TASK)):
             row = raw[r]
+            if r + _PREFETCH_ROWS < R:  # overlap DRAM reads of later rows with this row's decode
+                nxt = raw[r + _PREFETCH_ROWS]
+                for o in range(0, row_bytes, 64):
+                    _prefetch(nxt, o)
             acc[:] = 0.0
             for b0 in range(0, blocks, chunk):
                 b1 = min(blocks, b0 + chunk)
@@ -127,6 +134,10 @@ def _gather_matvec_kernel(
         buf = np.empty(min(blocks, chunk) * qk, np.float32)
         for r in range((k % per) * _ROWS_PER_TASK, min(R, (k % per + 1) * _ROWS_PER_TASK)):
             row = raw[e, r]
+            if r + _PREFETCH_ROWS < R:
+                nxt = raw[e, r + _PREFETCH_ROWS]
+                for o in range(0, row_bytes, 64):
+                    _prefetch(nxt, o)
             acc = np.float32(0.0)
             for b0 in range(0, blocks, chunk):
                 b1 = min(blocks, b0 + chunk)
@@ -138,7 +149,12 @@ def _gather_matvec_kernel(
 
 @njit(parallel=True, cache=True)
 def _dequantize_kernel(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
-    for r in prange(raw.shape[0]):
+    R, row_bytes = raw.shape
+    for r in prange(R):
+        if r + _PREFETCH_ROWS < R:
+            nxt = raw[r + _PREFETCH_ROWS]
+            for o in range(0, row_bytes, 64):
+                _prefetch(nxt, o)
         _decode_row(qtype, raw[r], out[r])
 
 

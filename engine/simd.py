@@ -238,3 +238,21 @@ def _f16_at(src: np.ndarray, o: int) -> np.float32:
 def _i8(v: np.uint8) -> np.float32:
     """A byte reinterpreted as a signed int8 value, as float32."""
     return np.float32(np.int32(v) - ((np.int32(v) & 128) << 1))
+
+
+@intrinsic
+def _prefetch(typingctx, arr, offset):
+    """Hint the CPU to fetch arr's byte at `offset` into cache (llvm.prefetch, read, high locality)."""
+    if not isinstance(arr, types.Array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.gep(data, [_arg_i64(context, builder, sig, args, 1)], source_etype=_I8)
+        i8p = _I8.as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=fnty)
+        builder.call(fn, [builder.bitcast(ptr, i8p), _I32(0), _I32(3), _I32(1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, offset), codegen
