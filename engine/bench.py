@@ -59,7 +59,8 @@ def sweep(
     steps = sweep_steps(n_ctx, ubatch, n_gen)
     rng = np.random.default_rng(seed)
     cache = model.new_cache(n_ctx)
-    model.eval(rng.integers(0, model.n_vocab, 4).tolist(), model.new_cache(16))  # warm-up: compile, page in
+    # warm-up: load compiled kernels, and page in every expert (a decode touches only K of E of them)
+    model.eval(rng.integers(0, model.n_vocab, ubatch).tolist(), model.new_cache(ubatch))
     for k, n_kv in enumerate(steps):
         cache.truncate(n_kv)
         t0 = time.perf_counter()

@@ -32,6 +32,22 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1 = random)")
 
 
+def _add_placement_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("placement (llama.cpp's flags, same meaning)")
+    g.add_argument("--rpc", metavar="SERVERS",
+                   help="comma-separated host:port of rpcnode workers (in -ts order, before local GPUs)")
+    g.add_argument("-ot", "--override-tensor", dest="override_tensor", action="append", default=[],
+                   metavar="REGEX=DEV", help="tensors whose name REGEX matches go to DEV (CPU, RPC[host:port], "
+                   "CUDA0...); repeatable, the first matching rule wins")
+    g.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=0, metavar="N",
+                   help="offload the last N repeating layers (and the output layer when N > layers) to the "
+                   "RPC/GPU devices (default: 0, all on CPU)")
+    g.add_argument("-ts", "--tensor-split", metavar="SPLIT",
+                   help="proportions of the offloaded layers per RPC/GPU device, e.g. 3,1 (default: by capacity)")
+    g.add_argument("--device-mem", action="append", default=[], metavar="DEV=SIZE",
+                   help="plan against this capacity, e.g. RPC[10.0.0.2:50052]=48GiB (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ikctl", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -50,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-s", "--seed", type=int, default=0, help="seed of the random token ids")
     bench.add_argument("--generic", action="store_true",
                        help="use the generic dequantize-then-BLAS path instead of the fused kernels (a baseline)")
+    plan = sub.add_parser("plan", help="show where every tensor would go and the bytes per device, loading nothing")
+    plan.add_argument("-m", "--model", help="GGUF model file (default: the embedded deepseek2 model, generated once)")
+    _add_placement_flags(plan)
+    plan.add_argument("-v", "--verbose", action="store_true", help="also print every tensor's device and rule")
     return parser
 
 
@@ -138,6 +158,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from engine.gguf_file import GGUFFile
+    from engine.placement import PlacementRules, devices_for, format_bytes, format_table, parse_device_mem, plan
+
+    # flags first, so that a typo is reported before the embedded model is generated
+    rules = PlacementRules.from_flags(args.override_tensor, args.n_gpu_layers, args.tensor_split, args.rpc)
+    devices = devices_for(rules.rpc, dict(parse_device_mem(t) for t in args.device_mem))
+    f = GGUFFile(resolve_model_path(args.model))  # the header only: tensor data stays unread in the map
+    n_layers = int(f.get(f"{f.architecture}.block_count"))
+    placement = plan(f.tensors.values(), n_layers, devices, rules)
+    total = sum(t.n_bytes for t in f.tensors.values())
+    print(f"model: {f.path.name} ({f.architecture}, {n_layers} layers, {len(f.tensors)} tensors, "
+          f"{format_bytes(total)})")
+    print()
+    print(format_table(placement))
+    for w in placement.warnings:
+        print(f"ikctl: warning: {w}", file=sys.stderr)
+    if args.verbose:
+        print()
+        for name in placement.device_of:
+            print(f"{format_bytes(placement.bytes_of[name]):>10}  {placement.explain(name)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -145,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"run": cmd_run, "bench": cmd_bench}[args.command](args)
+        return {"run": cmd_run, "bench": cmd_bench, "plan": cmd_plan}[args.command](args)
     except IkctlError as e:
         print(f"ikctl: error: {e}", file=sys.stderr)
         return 1
