@@ -13,13 +13,6 @@ threads; numba's fallback "workqueue" layer is not).
 
 from __future__ import annotations
 
-import os
-
-# OpenMP workers spin ~300k iterations after each parallel region by default, stealing the cores OpenBLAS needs
-# right after (prefill alternates decode tiles and BLAS calls): 2 threads ran 7x slower than 1. A short spin keeps
-# decode's back-to-back kernel launches fast. Must be set before libgomp loads.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
 import numba
 import numpy as np
 from numba import njit, prange

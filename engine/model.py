@@ -133,9 +133,11 @@ class Model:
         from engine import kernels
 
         before = kernels.get_threads()
-        if self._threads:
-            kernels.set_threads(self._threads)
-        blas = 1 if n_tokens <= kernels.MATVEC_MAX_T else self._threads
+        decode = n_tokens <= kernels.MATVEC_MAX_T
+        # Decode: all threads in the weight kernels, BLAS single-threaded. Prefill: BLAS gets the threads and the
+        # tile decoder runs on the calling thread, so the two pools never spin against each other.
+        kernels.set_threads((self._threads or before) if decode else 1)
+        blas = 1 if decode else self._threads
         try:
             with _blas_pools().limit(limits=blas, user_api="blas"):
                 yield

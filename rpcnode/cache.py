@@ -1,0 +1,819 @@
+"""The worker's content-addressed tensor cache on local disk, keyed by the BLAKE3 digest of a tensor's bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import mmap
+import os
+import re
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import blake3
+import numpy as np
+
+from rpcnode.gguf_table import TableEntry, read_tensor_table
+
+# A digest is BLAKE3-256 of the exact tensor bytes, as 64 lowercase hex characters (engine.digests agrees).
+DIGEST_CHARS = 64
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_TMP = re.compile(r"\.([0-9a-f]{64})\.(\d+)\.[0-9a-f]+\.tmp")
+# Above this size blake3 hashes with all cores; below it the threads cost more than they save.
+_PARALLEL_BYTES = 16 << 20
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+INDEX_FILE = "local-models.json"
+_INDEX_VERSION = 1
+_INDEX_SAVE_EVERY_S = 2.0
+_T = TypeVar("_T")
+
+
+class CacheError(Exception):
+    """The cache refused an operation; the message says why. The tensor itself is still usable from memory."""
+
+
+class DigestMismatch(CacheError):
+    """The bytes do not hash to the digest they were offered under; nothing was stored."""
+
+
+class CacheFull(CacheError):
+    """No room: the entry exceeds the limit, entries in use fill it, or the disk is full. Nothing was stored."""
+
+
+def check_digest(digest: str) -> str:
+    """The digest if well-formed; a ValueError otherwise (digests come off the wire and name files)."""
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise ValueError(f"not a digest (64 lowercase hex characters): {digest!r:.80}")
+    return digest
+
+
+def byte_view(data: Any) -> memoryview:
+    """A flat unsigned-byte view of a C-contiguous buffer (bytes, memoryview, NumPy array) without copying."""
+    mv = data if isinstance(data, memoryview) else memoryview(data)
+    if not mv.c_contiguous:
+        raise ValueError("the data is not contiguous in memory")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+def digest_of(data: Any) -> str:
+    """BLAKE3 of the bytes as hex, using all cores for big buffers (blake3 releases the GIL)."""
+    mv = byte_view(data)
+    threads = blake3.blake3.AUTO if mv.nbytes >= _PARALLEL_BYTES else 1
+    return blake3.blake3(mv, max_threads=threads).hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters since this TensorCache was opened; entries/bytes/in_use are the current state."""
+
+    entries: int
+    bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    corrupt: int  # entries that failed verification on get and were deleted
+    rejected: int  # put/commit bytes that did not match their digest
+    local_hits: int  # tensors served from a local GGUF under --models
+    in_use: int  # entries mapped by this process, never evicted
+
+
+@dataclass
+class _Entry:
+    size: int
+    last_used: float
+
+
+def _empty_array() -> np.ndarray:
+    arr = np.empty(0, dtype=np.uint8)
+    arr.flags.writeable = False
+    return arr
+
+
+def _map_file(path: Path) -> tuple[os.stat_result, mmap.mmap | None]:
+    """The file's stat and a read-only map of it (None for an empty file, which cannot be mapped)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        return st, (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else None)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; some filesystems refuse to open directories, which is harmless here.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    # os.pwrite may write less than asked (a nearly full disk does exactly that before raising ENOSPC).
+    done = 0
+    while done < mv.nbytes:
+        n = os.pwrite(fd, mv[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done += n
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Allocate the file's blocks up front so a full disk shows at begin(), not halfway through a stream."""
+    if nbytes == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise
+        os.ftruncate(fd, nbytes)  # the filesystem cannot preallocate; ENOSPC may then come from a write
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists but belongs to someone else
+    return True
+
+
+class _FileMaps:
+    """Read-only maps of local model files, and which byte ranges of them were verified against a digest."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._maps: dict[str, tuple[tuple[int, int, int, int], mmap.mmap | None]] = {}
+        self._verified: set[tuple[str, int, int, str]] = set()
+
+    def view(self, path: str | os.PathLike[str], offset: int, nbytes: int) -> np.ndarray | None:
+        """A read-only view of the range, or None if the file cannot be read or is too short."""
+        key = os.path.abspath(path)
+        mm = self._map(key)
+        if offset < 0 or nbytes < 0 or (mm is None and nbytes) or (mm is not None and offset + nbytes > len(mm)):
+            return None
+        if nbytes == 0:
+            return _empty_array()
+        return np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset)
+
+    def verified_view(self, path: str | os.PathLike[str], offset: int, nbytes: int, digest: str) -> np.ndarray | None:
+        """The range if its bytes hash to `digest` (hashed once per mapping), else None."""
+        arr = self.view(path, offset, nbytes)
+        if arr is None:
+            return None
+        mark = (os.path.abspath(path), offset, nbytes, digest)
+        if mark not in self._verified:
+            if digest_of(arr) != digest:
+                return None
+            self._verified.add(mark)
+        return arr
+
+    def mark_verified(self, path: str | os.PathLike[str], offset: int, nbytes: int, digest: str) -> None:
+        """Record that the range, hashed from this object's current map, gave `digest`."""
+        self._verified.add((os.path.abspath(path), offset, nbytes, digest))
+
+    def _map(self, key: str) -> mmap.mmap | None:
+        try:
+            st = os.stat(key)
+        except OSError:
+            return None
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            known = self._maps.get(key)
+            if known is not None and known[0] == ident:
+                return known[1]
+            # The file changed: what was verified against the old map says nothing about the new one.
+            self._verified = {m for m in self._verified if m[0] != key}
+            try:
+                st2, mm = _map_file(Path(key))
+            except (OSError, ValueError):
+                self._maps.pop(key, None)
+                return None
+            self._maps[key] = ((st2.st_dev, st2.st_ino, st2.st_size, st2.st_mtime_ns), mm)
+            return mm
+
+
+class TensorCache:
+    """Entries are `<root>/<aa>/<digest>` files holding exactly the bytes that hash to `digest`.
+
+    Writes are atomic (temp file beside the entry, fsync, rename) and verified before the rename; an entry not
+    written by this process is verified on its first `get` here, and a corrupt one is deleted and reported as
+    a miss.
+    The total size stays under `limit_bytes` by evicting the least recently used entries, except those this
+    process has mapped (arrays returned by `get` that are still alive). Thread-safe. Several processes may
+    share a root: files appear and vanish atomically, and a size check rescans the directory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], limit_bytes: int, models: ModelIndex | None = None) -> None:
+        if limit_bytes <= 0:
+            raise ValueError(f"the cache limit must be positive, got {limit_bytes}")
+        self.root = Path(root)
+        self.limit_bytes = int(limit_bytes)
+        self.models = models
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._entries: dict[str, _Entry] = {}
+        self._live: dict[str, weakref.ref[mmap.mmap]] = {}
+        self._verified: dict[str, tuple[int, int, int]] = {}
+        self._reserved = 0
+        self._counts = dict.fromkeys(("hits", "misses", "evictions", "corrupt", "rejected", "local_hits"), 0)
+        self._local = models.maps if models is not None else _FileMaps()
+        self._rescan(clean_temps=True)
+
+    # ---- lookups ---------------------------------------------------------------------------------------
+
+    def path(self, digest: str) -> Path:
+        """Where the entry for `digest` lives (whether or not it exists)."""
+        check_digest(digest)
+        return self.root / digest[:2] / digest
+
+    def has(self, digest: str) -> bool:
+        """Whether an entry file exists; unverified (use `get` to answer an offer)."""
+        return self.path(digest).is_file()
+
+    def get(self, digest: str) -> np.ndarray | None:
+        """The entry's bytes as a read-only uint8 array mapped from disk, or None on a miss.
+
+        A corrupt or truncated entry is deleted and counted as a miss, so the caller fetches the bytes again.
+        While the array (or any view of it) is alive the entry is in use and is not evicted.
+        """
+        path = self.path(digest)
+        arr = self._live_array(digest)
+        if arr is None:
+            arr = self._open_verified(digest, path)
+        if arr is None:
+            self._count("misses")
+            return None
+        self._touch(digest, path, arr.nbytes)
+        self._count("hits")
+        return arr
+
+    def lookup(self, digest: str, nbytes: int | None = None, name: str | None = None) -> np.ndarray | None:
+        """`get`, else the same bytes from a local GGUF file under --models (never copied into the cache)."""
+        arr = self.get(digest)
+        if arr is not None or self.models is None:
+            return arr
+        for _ in range(2):  # a second search after a stale record was dropped hashes the tensors afresh
+            found = self.models.find(digest, nbytes=nbytes, name=name)
+            if found is None:
+                return None
+            arr = self.link_or_read_from(found.path, found.offset, found.nbytes, digest)
+            if arr is not None:
+                return arr
+            self.models.forget(found.path)
+        return None
+
+    def link_or_read_from(
+        self, path: str | os.PathLike[str], offset: int, nbytes: int, digest: str
+    ) -> np.ndarray | None:
+        """A read-only view of `nbytes` bytes at `offset` of a local file if they hash to `digest`, else None.
+
+        The bytes are memory-mapped where they are, not copied into the cache: a local model would otherwise
+        take its size twice on the disk. They are verified on first use in this process.
+        """
+        check_digest(digest)
+        arr = self._local.verified_view(path, offset, nbytes, digest)
+        if arr is not None:
+            self._count("local_hits")
+        return arr
+
+    def stats(self) -> CacheStats:
+        """Counters since this object was made, and the entries it knows of (rescanned when space is short)."""
+        with self._lock:
+            in_use = sum(1 for d in self._entries if self._in_use(d))
+            return CacheStats(entries=len(self._entries), bytes=self._total(), in_use=in_use, **self._counts)
+
+    # ---- writes ----------------------------------------------------------------------------------------
+
+    def put(self, digest: str, data: Any) -> None:
+        """Store `data` under `digest` after checking that it hashes to it.
+
+        DigestMismatch if it does not; CacheFull if it cannot fit (the entry exceeds the limit, entries in use
+        fill it, or the disk is full even after evicting). Either way nothing is left on disk.
+        """
+        path = self.path(digest)
+        mv = byte_view(data)
+        self._check_size(mv.nbytes)
+        if digest_of(mv) != digest:
+            self._count("rejected")
+            raise DigestMismatch(f"the {mv.nbytes} bytes offered for {digest[:16]}… hash to something else")
+        if self._verified_file(digest, path):  # content-addressed: it already holds these bytes
+            self._touch(digest, path, mv.nbytes)
+            return
+        self._make_room(mv.nbytes)
+        try:
+            tmp = self._write_temp(digest, mv.nbytes, lambda fd: _pwrite_all(fd, mv, 0))
+            self._publish(tmp, digest, mv.nbytes)
+        finally:
+            self._release(mv.nbytes)
+
+    def begin(self, digest: str, nbytes: int) -> Writer:
+        """A writer for an entry streamed in chunks; its space is reserved (on the disk too) until commit/abort."""
+        path = self.path(digest)
+        self._check_size(nbytes)
+        self._make_room(nbytes)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            tmp = self._temp_path(digest)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except BaseException:
+            self._release(nbytes)
+            raise
+        writer = Writer(self, digest, nbytes, tmp, fd)
+        try:
+            self._retry_no_space(nbytes, lambda: _reserve(fd, nbytes))
+        except BaseException:
+            writer.abort()
+            raise
+        return writer
+
+    # ---- internals: reading ----------------------------------------------------------------------------
+
+    def _live_array(self, digest: str) -> np.ndarray | None:
+        with self._lock:
+            ref = self._live.get(digest)
+            mm = ref() if ref is not None else None
+        return None if mm is None else np.frombuffer(mm, dtype=np.uint8)
+
+    def _open_verified(self, digest: str, path: Path) -> np.ndarray | None:
+        try:
+            st, mm = _map_file(path)
+        except FileNotFoundError:
+            self._forget(digest)
+            return None
+        except (OSError, ValueError):
+            return self._corrupt(digest, path, None)
+        ident = (st.st_dev, st.st_ino, st.st_size)
+        arr = _empty_array() if mm is None else np.frombuffer(mm, dtype=np.uint8)
+        # Hash the map itself, not a separate read: these are exactly the bytes the caller will use.
+        if self._verified.get(digest) != ident and digest_of(arr) != digest:
+            return self._corrupt(digest, path, ident)
+        with self._lock:
+            self._verified[digest] = ident
+            if mm is not None:
+                self._live[digest] = weakref.ref(mm)
+        return arr
+
+    def _corrupt(self, digest: str, path: Path, ident: tuple[int, int, int] | None) -> None:
+        # Delete only the file that failed: a concurrent writer may have just renamed a good one into place.
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            if ident is None or (st.st_dev, st.st_ino, st.st_size) == ident:
+                path.unlink()
+        self._count("corrupt")
+        self._forget(digest)
+
+    def _verified_file(self, digest: str, path: Path) -> bool:
+        """Whether the entry file is the one verified in this process (an unverified one is simply rewritten)."""
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        return self._verified.get(digest) == (st.st_dev, st.st_ino, st.st_size)
+
+    def _touch(self, digest: str, path: Path, size: int) -> None:
+        now = time.time()
+        try:
+            os.utime(path, (now, now))  # the file's mtime is the last use, so LRU order survives a restart
+        except FileNotFoundError:  # another process sharing the root evicted it; a live map stays valid
+            with self._lock:
+                self._entries.pop(digest, None)
+            return
+        except OSError:
+            pass
+        with self._lock:
+            self._entries[digest] = _Entry(size, now)
+
+    # ---- internals: writing ----------------------------------------------------------------------------
+
+    def _check_size(self, nbytes: int) -> None:
+        if nbytes < 0:
+            raise ValueError(f"a negative size: {nbytes}")
+        if nbytes > self.limit_bytes:
+            raise CacheFull(f"an entry of {nbytes} bytes exceeds the cache limit of {self.limit_bytes} bytes")
+
+    def _temp_path(self, digest: str) -> Path:
+        # The pid lets a later process tell a crashed writer's leftovers from a live writer's file.
+        return self.root / digest[:2] / f".{digest}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+    def _write_temp(self, digest: str, nbytes: int, fill: Callable[[int], None]) -> Path:
+        """A complete, fsynced temp file beside the entry; on a full disk, evict and try once more."""
+
+        def attempt() -> Path:
+            tmp = self._temp_path(digest)
+            tmp.parent.mkdir(exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fill(fd)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+            os.close(fd)
+            return tmp
+
+        return self._retry_no_space(nbytes, attempt)
+
+    def _retry_no_space(self, nbytes: int, attempt: Callable[[], _T]) -> _T:
+        for tries_left in (1, 0):
+            try:
+                return attempt()
+            except OSError as e:
+                if e.errno not in _NO_SPACE:
+                    raise
+                if not tries_left or not self._evict_bytes(nbytes):
+                    raise CacheFull(f"no space left on the disk of {self.root} for an entry of {nbytes} bytes") from e
+        raise AssertionError("unreachable")
+
+    def _publish(self, tmp: Path, digest: str, nbytes: int) -> None:
+        path = self.path(digest)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        now = time.time()
+        ident = None
+        with contextlib.suppress(OSError):
+            os.utime(path, (now, now))  # an exact time: the kernel's own is coarse, and LRU order needs ties broken
+            st = path.stat()
+            ident = (st.st_dev, st.st_ino, st.st_size)
+        with self._lock:
+            # These bytes were verified on their way in, so the usual upload-then-load needs no second hash.
+            if ident is None:
+                self._verified.pop(digest, None)
+            else:
+                self._verified[digest] = ident
+            self._entries[digest] = _Entry(nbytes, now)
+
+    def _discard_temp(self, tmp: Path, nbytes: int) -> None:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        self._release(nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        with self._lock:
+            self._reserved -= nbytes
+
+    # ---- internals: size and eviction ------------------------------------------------------------------
+
+    def _make_room(self, nbytes: int) -> None:
+        """Reserve `nbytes` under the limit, evicting unused entries oldest first; CacheFull if impossible."""
+        with self._lock:
+            if self._total() + self._reserved + nbytes > self.limit_bytes:
+                self._rescan()  # other processes sharing the root may have added or removed entries
+            for digest in self._lru_order():
+                if self._total() + self._reserved + nbytes <= self.limit_bytes:
+                    break
+                self._evict(digest)
+            used = self._total() + self._reserved
+            if used + nbytes > self.limit_bytes:
+                raise CacheFull(f"no room for {nbytes} bytes: {used} of the {self.limit_bytes}-byte limit are in use "
+                                "by loaded tensors or writes in progress; raise the cache limit")
+            self._reserved += nbytes
+
+    def _evict_bytes(self, nbytes: int) -> bool:
+        """Evict unused entries, oldest first, until `nbytes` are freed; whether anything was."""
+        freed = 0
+        with self._lock:
+            for digest in self._lru_order():
+                if freed >= nbytes:
+                    break
+                freed += self._entries[digest].size
+                self._evict(digest)
+        return freed > 0
+
+    def _lru_order(self) -> list[str]:
+        unused = [d for d in self._entries if not self._in_use(d)]
+        return sorted(unused, key=lambda d: self._entries[d].last_used)
+
+    def _evict(self, digest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(digest).unlink()
+        self._forget(digest)
+        self._counts["evictions"] += 1
+
+    def _in_use(self, digest: str) -> bool:
+        ref = self._live.get(digest)
+        return ref is not None and ref() is not None
+
+    def _forget(self, digest: str) -> None:
+        with self._lock:
+            self._entries.pop(digest, None)
+            self._verified.pop(digest, None)
+            self._live.pop(digest, None)
+
+    def _total(self) -> int:
+        return sum(e.size for e in self._entries.values())
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    def _rescan(self, clean_temps: bool = False) -> None:
+        """Rebuild the entry list from the directory; optionally delete temp files of writers that died."""
+        entries: dict[str, _Entry] = {}
+        for sub in self.root.iterdir():
+            if len(sub.name) != 2 or not sub.is_dir():
+                continue
+            for f in os.scandir(sub):
+                if _DIGEST.fullmatch(f.name) and f.name[:2] == sub.name:
+                    with contextlib.suppress(OSError):
+                        st = f.stat(follow_symlinks=False)
+                        entries[f.name] = _Entry(st.st_size, st.st_mtime)
+                elif clean_temps:
+                    self._clean_temp(Path(f.path))
+        with self._lock:
+            self._entries = entries
+
+    @staticmethod
+    def _clean_temp(path: Path) -> None:
+        m = _TMP.fullmatch(path.name)
+        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            path.unlink(missing_ok=True)
+
+
+class Writer:
+    """One entry being streamed in: `write(offset, chunk)` in any order, then `commit()` or `abort()`.
+
+    Nothing is visible under the digest until `commit` has verified the whole file. A writer dropped or
+    left by an exception inside `with` is aborted; a process killed mid-write leaves only a temp file,
+    which the next TensorCache opened on the root deletes.
+    """
+
+    def __init__(self, cache: TensorCache, digest: str, nbytes: int, tmp: Path, fd: int) -> None:
+        self.digest = digest
+        self.nbytes = nbytes
+        self._cache = cache
+        self._tmp = tmp
+        self._fd = fd
+        # Chunks arriving in order are hashed as they come, so commit need not read the file back.
+        threads = blake3.blake3.AUTO if nbytes >= _PARALLEL_BYTES else 1
+        self._hasher: blake3.blake3 | None = blake3.blake3(max_threads=threads)
+        self._hashed = 0
+        self._cleanup = weakref.finalize(self, _abandon, fd, tmp, cache, nbytes)
+
+    @property
+    def active(self) -> bool:
+        """Neither committed nor aborted yet."""
+        return self._cleanup.alive
+
+    def write(self, offset: int, chunk: Any) -> None:
+        """Write `chunk` at `offset`; ValueError if it falls outside the entry, CacheFull if the disk is full."""
+        self._require_open()
+        mv = byte_view(chunk)
+        if offset < 0 or offset + mv.nbytes > self.nbytes:
+            raise ValueError(f"a chunk of {mv.nbytes} bytes at {offset} falls outside the {self.nbytes}-byte entry")
+        try:
+            _pwrite_all(self._fd, mv, offset)
+        except OSError as e:
+            self.abort()
+            if e.errno in _NO_SPACE:
+                raise CacheFull(f"no space left on the disk of {self._cache.root} while writing an entry") from e
+            raise
+        if self._hasher is not None and offset == self._hashed:
+            self._hasher.update(mv)
+            self._hashed += mv.nbytes
+        else:
+            self._hasher = None
+
+    def commit(self) -> None:
+        """Verify the whole entry against its digest and make it visible; DigestMismatch (and abort) if wrong."""
+        self._require_open()
+        try:
+            os.fsync(self._fd)
+            actual = self._digest()
+        except BaseException:
+            self.abort()
+            raise
+        if actual != self.digest:
+            self.abort()
+            self._cache._count("rejected")
+            raise DigestMismatch(f"the {self.nbytes} bytes streamed for {self.digest[:16]}… hash to something else")
+        self._cleanup.detach()
+        os.close(self._fd)
+        try:
+            self._cache._publish(self._tmp, self.digest, self.nbytes)
+        finally:
+            self._cache._release(self.nbytes)
+
+    def abort(self) -> None:
+        """Drop the partial entry; harmless if already committed or aborted."""
+        self._cleanup()
+
+    def _digest(self) -> str:
+        if self._hasher is not None and self._hashed == self.nbytes:
+            return self._hasher.hexdigest()
+        if self.nbytes == 0:
+            return digest_of(b"")
+        with mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) as mm:
+            return digest_of(mm)
+
+    def _require_open(self) -> None:
+        if not self.active:
+            raise CacheError(f"the writer for {self.digest[:16]}… was already committed or aborted")
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+def _abandon(fd: int, tmp: Path, cache: TensorCache, nbytes: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    cache._discard_temp(tmp, nbytes)
+
+
+# ---- local model files (--models DIR) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalTensor:
+    """Where a local GGUF file holds a tensor's bytes."""
+
+    path: Path
+    name: str
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class _LocalFile:
+    path: str
+    size: int
+    mtime_ns: int
+    table: list[TableEntry]
+    digests: dict[str, str]  # tensor name -> digest, filled as tensors get hashed
+
+
+class ModelIndex:
+    """The GGUF files under some directories, and which of their tensors hash to which digest.
+
+    Tensors are hashed lazily: `find(digest, nbytes, name)` first looks among known digests, then hashes the
+    unhashed tensors of that size (those named `name` first) until one matches. Each local tensor is thus
+    hashed at most once per file version; digests are remembered in a JSON file keyed by (path, size,
+    mtime_ns). Nothing in that file is trusted: the bytes are verified again before use.
+    """
+
+    def __init__(self, dirs: Iterable[str | os.PathLike[str]], index_file: str | os.PathLike[str]) -> None:
+        self.dirs = [Path(d) for d in dirs]
+        self.index_file = Path(index_file)
+        self.maps = _FileMaps()
+        self.problems: list[str] = []  # files left out, with the reason, for the worker's log
+        self._lock = threading.RLock()
+        self._files: dict[str, _LocalFile] = {}
+        self._by_digest: dict[str, tuple[_LocalFile, TableEntry]] = {}
+        self._dirty = False
+        self._saved_at = 0.0
+        self.scan()
+
+    def scan(self) -> None:
+        """Find the *.gguf files again and read their tensor tables (cheap: headers only)."""
+        stored = _load_index(self.index_file)
+        files: dict[str, _LocalFile] = {}
+        problems: list[str] = []
+        for path in self._gguf_paths():
+            try:
+                st = os.stat(path)
+                table = read_tensor_table(path)
+            except (OSError, ValueError) as e:
+                problems.append(f"{path}: {e}")
+                continue
+            names = {t.name for t in table}
+            known = stored.get(path)
+            digests = {}
+            if known is not None and (known["size"], known["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+                digests = {n: d for n, d in known["digests"].items() if n in names}
+            files[path] = _LocalFile(path, st.st_size, st.st_mtime_ns, table, digests)
+        with self._lock:
+            self._files, self.problems = files, problems
+            self._by_digest = {}
+            for f in files.values():
+                for t in f.table:
+                    if t.name in f.digests:
+                        self._by_digest.setdefault(f.digests[t.name], (f, t))
+
+    def files(self) -> list[Path]:
+        return [Path(p) for p in self._files]
+
+    def find(self, digest: str, nbytes: int | None = None, name: str | None = None) -> LocalTensor | None:
+        """A local tensor believed to hold the bytes of `digest` (verify before use), or None."""
+        check_digest(digest)
+        with self._lock:
+            hit = self._by_digest.get(digest)
+            if hit is None:
+                hit = self._hash_candidates(digest, nbytes, name)
+                self._save_if_due()
+        if hit is None:
+            return None
+        f, t = hit
+        return LocalTensor(Path(f.path), t.name, t.offset, t.nbytes)
+
+    def forget(self, path: str | os.PathLike[str]) -> None:
+        """Drop every digest recorded for a file whose bytes failed verification: it changed in place, or its
+        record lied, so none of them can be trusted. They are hashed again as needed."""
+        key = os.path.abspath(path)
+        with self._lock:
+            f = self._files.get(key)
+            if f is None or not f.digests:
+                return
+            f.digests.clear()
+            self._by_digest = {d: hit for d, hit in self._by_digest.items() if hit[0] is not f}
+            self._dirty = True
+
+    def build(self) -> int:
+        """Hash every tensor not hashed yet (eagerly, e.g. at worker start); how many were hashed."""
+        with self._lock:
+            todo = [(f, t) for f in self._files.values() for t in f.table if t.name not in f.digests]
+            for f, t in todo:
+                self._hash_one(f, t)
+            self.save()
+        return len(todo)
+
+    def save(self) -> None:
+        """Write the digests known so far (atomically), merged with what other processes stored."""
+        with self._lock:
+            stored = _load_index(self.index_file)
+            stored = {p: v for p, v in stored.items() if os.path.exists(p)}
+            for f in self._files.values():
+                stored[f.path] = {"size": f.size, "mtime_ns": f.mtime_ns, "digests": dict(f.digests)}
+            with contextlib.suppress(OSError):  # a read-only cache dir only costs hashing again next time
+                _write_json(self.index_file, {"version": _INDEX_VERSION, "files": stored})
+            self._dirty, self._saved_at = False, time.monotonic()
+
+    def _gguf_paths(self) -> list[str]:
+        paths: set[str] = set()
+        for d in self.dirs:
+            if d.is_dir():
+                paths.update(os.path.abspath(p) for p in d.rglob("*.gguf") if p.is_file())
+        return sorted(paths)
+
+    def _hash_candidates(
+        self, digest: str, nbytes: int | None, name: str | None
+    ) -> tuple[_LocalFile, TableEntry] | None:
+        candidates = [(f, t) for f in self._files.values() for t in f.table
+                      if t.name not in f.digests and (nbytes is None or t.nbytes == nbytes)]
+        candidates.sort(key=lambda c: c[1].name != name)  # the same name first: almost always the one
+        for f, t in candidates:
+            if self._hash_one(f, t) == digest:
+                return f, t
+        return None
+
+    def _hash_one(self, f: _LocalFile, t: TableEntry) -> str | None:
+        arr = self.maps.view(f.path, t.offset, t.nbytes)
+        if arr is None:
+            return None
+        digest = digest_of(arr)
+        self.maps.mark_verified(f.path, t.offset, t.nbytes, digest)
+        f.digests[t.name] = digest
+        self._by_digest.setdefault(digest, (f, t))
+        self._dirty = True
+        return digest
+
+    def _save_if_due(self) -> None:
+        if self._dirty and time.monotonic() - self._saved_at >= _INDEX_SAVE_EVERY_S:
+            self.save()
+
+
+def _load_index(path: Path) -> dict[str, dict[str, Any]]:
+    """The stored per-file digests, keeping only well-formed records; anything unreadable counts as empty."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("version") != _INDEX_VERSION or not isinstance(doc.get("files"), dict):
+        return {}
+    return {p: rec for p, rec in doc["files"].items() if isinstance(p, str) and _valid_record(rec)}
+
+
+def _valid_record(rec: Any) -> bool:
+    if not isinstance(rec, dict):
+        return False
+    size, mtime, digests = rec.get("size"), rec.get("mtime_ns"), rec.get("digests")
+    return (isinstance(size, int) and isinstance(mtime, int) and isinstance(digests, dict)
+            and all(isinstance(n, str) and isinstance(d, str) and _DIGEST.fullmatch(d) for n, d in digests.items()))
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
