@@ -6,6 +6,7 @@ r kv_lora_rank, E experts, K experts per token.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,19 +61,101 @@ def _optional(f: GGUFFile, name: str) -> QTensor | None:
     return load_weight(f, name) if name in f.tensors else None
 
 
+LAYER_PARTS = frozenset({"attn", "ffn", "moe_experts"})
+Getter = Callable[[str], QTensor | None]
+
+
+def gguf_getter(f: GGUFFile) -> Getter:
+    """name -> QTensor over the file's memory map, None when the file has no such tensor."""
+    return lambda name: _optional(f, name)
+
+
+def load_layer(get: Getter, cfg: DeepSeek2Config, i: int, parts: Container[str] = LAYER_PARTS,
+               where: str = "") -> Layer:
+    """Layer i from tensors by name (a GGUF file or a worker's cache); fields of parts not asked for are None."""
+    p = f"blk.{i}."
+
+    def need(name: str) -> QTensor:
+        t = get(p + name)
+        if t is None:
+            raise ModelFileError(f"{where}tensor '{p + name}' is missing; the file is incomplete or not this "
+                                 "architecture")
+        return t
+
+    def vector(name: str) -> np.ndarray:
+        return need(name).dequantize()
+
+    attn, ffn, exps = "attn" in parts, "ffn" in parts, "moe_experts" in parts
+    kv_b, k_b, v_b = (get(p + f"attn_{n}.weight") if attn else None for n in ("kv_b", "k_b", "v_b"))
+    if attn and kv_b is None and (k_b is None or v_b is None):
+        raise ModelFileError(f"{where}layer {i} has neither attn_kv_b nor attn_k_b + attn_v_b")
+    moe = cfg.is_moe_layer(i)
+    q_a = attn and cfg.q_lora_rank > 0
+    bias = get(p + "exp_probs_b.bias") if ffn and moe else None
+    return Layer(
+        attn_norm=vector("attn_norm.weight") if attn else None,  # type: ignore[arg-type]
+        q=need("attn_q.weight") if attn and not q_a else None,
+        q_a=need("attn_q_a.weight") if q_a else None,
+        q_a_norm=vector("attn_q_a_norm.weight") if q_a else None,
+        q_b=need("attn_q_b.weight") if q_a else None,
+        kv_a=need("attn_kv_a_mqa.weight") if attn else None,  # type: ignore[arg-type]
+        kv_a_norm=vector("attn_kv_a_norm.weight") if attn else None,  # type: ignore[arg-type]
+        kv_b=kv_b,
+        k_b=k_b,
+        v_b=v_b,
+        wo=need("attn_output.weight") if attn else None,  # type: ignore[arg-type]
+        ffn_norm=vector("ffn_norm.weight") if ffn else None,  # type: ignore[arg-type]
+        ffn=tuple(need(f"ffn_{n}.weight") for n in ("gate", "up", "down")) if ffn and not moe else None,
+        gate_inp=need("ffn_gate_inp.weight") if ffn and moe else None,
+        probs_bias=bias.dequantize() if bias is not None else None,
+        experts=tuple(need(f"ffn_{n}_exps.weight") for n in ("gate", "up", "down")) if exps and moe else None,
+        shared=(
+            tuple(need(f"ffn_{n}_shexp.weight") for n in ("gate", "up", "down"))
+            if ffn and moe and cfg.n_shared_experts > 0
+            else None
+        ),
+    )
+
+
 class DeepSeek2:
     """Weights of a deepseek2 GGUF, used in place (memory-mapped), and the forward pass over a KVCache."""
 
     def __init__(self, f: GGUFFile, mla: int = 3, amb_bytes: int = 256 << 20) -> None:
-        if mla not in MLA_MODES:
-            raise ModelFileError(f"-mla {mla} is not a mode; use 0 (naive), 1/2 (absorbed) or 3 (both)")
-        self.cfg = cfg = DeepSeek2Config.from_gguf(f)
-        self.mla = mla
-        self.amb_bytes = amb_bytes
-        self.rope = RopeTable(cfg.rope)
+        self._setup(DeepSeek2Config.from_gguf(f), mla, amb_bytes)
         self.token_embd = load_weight(f, "token_embd.weight")
         self.output_norm = load_vector(f, "output_norm.weight")
         self.output = _optional(f, "output.weight") or self.token_embd
+        self.layers = [self._load_layer(f, i) for i in range(self.cfg.n_layers)]
+
+    @classmethod
+    def from_parts(cls, cfg: DeepSeek2Config, get: Getter, ops: Iterable[tuple[int, str]], mla: int = 3,
+                   amb_bytes: int = 256 << 20) -> DeepSeek2:
+        """A network holding only the weights of `ops` (a worker's segment); other layers are None."""
+        net = cls.__new__(cls)
+        net._setup(cfg, mla, amb_bytes)
+        parts: dict[int, set[str]] = {}
+        for i, part in ops:
+            parts.setdefault(i, set()).add(part)
+        # tied embeddings: the output op reads token_embd
+        embd = -1 in parts or (cfg.n_layers in parts and get("output.weight") is None)
+        net.token_embd = get("token_embd.weight") if embd else None  # type: ignore[assignment]
+        if cfg.n_layers in parts:
+            norm = get("output_norm.weight")
+            if norm is None:
+                raise ModelFileError("tensor 'output_norm.weight' is missing")
+            net.output_norm = norm.dequantize()
+            net.output = get("output.weight") or net.token_embd
+        net.layers = [load_layer(get, cfg, i, parts[i]) if i in parts else None  # type: ignore[misc]
+                      for i in range(cfg.n_layers)]
+        return net
+
+    def _setup(self, cfg: DeepSeek2Config, mla: int, amb_bytes: int) -> None:
+        if mla not in MLA_MODES:
+            raise ModelFileError(f"-mla {mla} is not a mode; use 0 (naive), 1/2 (absorbed) or 3 (both)")
+        self.cfg = cfg
+        self.mla = mla
+        self.amb_bytes = amb_bytes
+        self.rope = RopeTable(cfg.rope)
         self.router = Router(
             n_experts_per_tok=cfg.n_experts_per_tok,
             gating_func=cfg.gating_func,
@@ -82,44 +165,12 @@ class DeepSeek2:
             routed_scaling_factor=cfg.routed_scaling_factor,
             group_score="max" if cfg.gating_func == GATING_SOFTMAX else "sum2",
         )
-        self.layers = [self._load_layer(f, i) for i in range(cfg.n_layers)]
         # Decoded Wk/Wv per layer, kept when all of them fit the budget; otherwise decoded at each use.
         kv_f32_bytes = 4 * cfg.n_layers * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank
         self._kv_f32: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if kv_f32_bytes <= KV_F32_BUDGET else None
 
     def _load_layer(self, f: GGUFFile, i: int) -> Layer:
-        p = f"blk.{i}."
-        cfg = self.cfg
-        kv_b = _optional(f, p + "attn_kv_b.weight")
-        k_b = _optional(f, p + "attn_k_b.weight")
-        v_b = _optional(f, p + "attn_v_b.weight")
-        if kv_b is None and (k_b is None or v_b is None):
-            raise ModelFileError(f"{f.path}: layer {i} has neither attn_kv_b nor attn_k_b + attn_v_b")
-        moe = cfg.is_moe_layer(i)
-        has_q_a = cfg.q_lora_rank > 0
-        return Layer(
-            attn_norm=load_vector(f, p + "attn_norm.weight"),
-            q=None if has_q_a else load_weight(f, p + "attn_q.weight"),
-            q_a=load_weight(f, p + "attn_q_a.weight") if has_q_a else None,
-            q_a_norm=load_vector(f, p + "attn_q_a_norm.weight") if has_q_a else None,
-            q_b=load_weight(f, p + "attn_q_b.weight") if has_q_a else None,
-            kv_a=load_weight(f, p + "attn_kv_a_mqa.weight"),
-            kv_a_norm=load_vector(f, p + "attn_kv_a_norm.weight"),
-            kv_b=kv_b,
-            k_b=k_b,
-            v_b=v_b,
-            wo=load_weight(f, p + "attn_output.weight"),
-            ffn_norm=load_vector(f, p + "ffn_norm.weight"),
-            ffn=None if moe else tuple(load_weight(f, p + f"ffn_{n}.weight") for n in ("gate", "up", "down")),
-            gate_inp=load_weight(f, p + "ffn_gate_inp.weight") if moe else None,
-            probs_bias=load_vector(f, p + "exp_probs_b.bias") if moe and p + "exp_probs_b.bias" in f.tensors else None,
-            experts=tuple(load_weight(f, p + f"ffn_{n}_exps.weight") for n in ("gate", "up", "down")) if moe else None,
-            shared=(
-                tuple(load_weight(f, p + f"ffn_{n}_shexp.weight") for n in ("gate", "up", "down"))
-                if moe and cfg.n_shared_experts > 0
-                else None
-            ),
-        )
+        return load_layer(gguf_getter(f), self.cfg, i, where=f"{f.path}: ")
 
     # ---- cache layout -------------------------------------------------------------------------
     def cache_widths(self) -> dict[str, int]:
@@ -157,6 +208,57 @@ class DeepSeek2:
         if L.shared is not None:
             y = y + swiglu(h, *L.shared)
         return x + y
+
+    # ---- one op at a time (a forward pass split across devices; see engine/distributed.py) ---------------
+    def run_op(self, op: tuple[int, str], state: dict[str, np.ndarray], positions: np.ndarray,
+               cache: KVCache | None) -> None:
+        """Apply one op to the pass state in place: "x" the hidden state [T, D]; between a MoE layer's ffn and
+        moe_experts ops also "h" (normed input), "idx"/"w" (routing) and "shared" (shared experts' output);
+        "ids" before embd; "n_out" (rows of logits wanted) before output, which leaves only "logits"."""
+        i, part = op
+        c = self.cfg
+        if part == "embd":
+            state["x"] = self.token_embd.rows(state.pop("ids"))
+        elif part == "output":
+            x, n_out = state.pop("x"), int(state.pop("n_out"))
+            state.clear()
+            state["logits"] = self.output.matmul_t(rms_norm(x[x.shape[0] - n_out :], self.output_norm, c.rms_norm_eps))
+        elif part == "attn":
+            L, x = self.layers[i], state["x"]
+            assert cache is not None
+            state["x"] = x + self._attention(i, L, rms_norm(x, L.attn_norm, c.rms_norm_eps), positions, cache)
+        elif part == "ffn":
+            self._ffn_op(self.layers[i], state)
+        elif part == "moe_experts":
+            L = self.layers[i]
+            assert L.experts is not None
+            y = moe_ffn(state.pop("h"), state.pop("idx"), state.pop("w"), *L.experts)
+            self.finish_moe(state, y)
+        else:
+            raise ValueError(f"unknown op {op}")
+
+    def _ffn_op(self, L: Layer, state: dict[str, np.ndarray]) -> None:
+        x = state["x"]
+        h = rms_norm(x, L.ffn_norm, self.cfg.rms_norm_eps)
+        if L.ffn is not None:
+            state["x"] = x + swiglu(h, *L.ffn)
+            return
+        assert L.gate_inp is not None
+        state["idx"], state["w"] = route(self.router, L.gate_inp.matmul_t(h), L.probs_bias)
+        state["h"] = h
+        if L.shared is not None:
+            state["shared"] = swiglu(h, *L.shared)
+
+    @staticmethod
+    def finish_moe(state: dict[str, np.ndarray], y: np.ndarray) -> None:
+        """Add the routed experts' output y (+ the shared experts') to the residual, in _layer's order; without a
+        residual in the state (an expert-only remote segment) leave y as "y" for the caller."""
+        if "shared" in state:
+            y = y + state.pop("shared")
+        if "x" in state:
+            state["x"] = state["x"] + y
+        else:
+            state["y"] = y
 
     def kv_weights(self, i: int, L: Layer) -> tuple[np.ndarray, np.ndarray]:
         """Per-head decompression matrices Wk [H, dn, r] and Wv [H, dv, r] from whichever form the file has."""

@@ -27,6 +27,15 @@ class Options:
     amb: int = 256  # -amb: MiB cap on the attention score scratch
     threads: int | None = None  # -t: compute threads (None = all cores)
     ubatch_size: int = 512  # -ub: tokens per forward pass in prefill
+    rpc: str | Sequence[str] = ()  # --rpc: worker endpoints host:port
+    override_tensor: str | Sequence[str] = ()  # -ot: REGEX=DEV rules, the first match wins
+    n_gpu_layers: int = 0  # -ngl: the last N layers go to the RPC/GPU devices
+    tensor_split: str | Sequence[float] | None = None  # -ts: proportions per RPC/GPU device
+
+    @property
+    def placed(self) -> bool:
+        """Whether any placement flag is set (else everything runs here, as always)."""
+        return bool(self.rpc or self.override_tensor or self.n_gpu_layers or self.tensor_split)
 
     def validated(self) -> Options:
         if self.cache_type_k not in CACHE_TYPES:
@@ -75,6 +84,10 @@ class Model:
         self.gguf = gguf
         self.options = options
         self.net = _build_network(gguf, options)
+        if options.placed:
+            from engine.distributed import distribute
+
+            self.net = distribute(self.net, gguf, options)
         self.tokenizer = Tokenizer.from_gguf(gguf)
         self._threads = options.threads
 

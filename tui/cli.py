@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-sys", "--system-prompt", default=None, help="system message (chat mode)")
     run.add_argument("-no-cnv", "--no-conversation", dest="chat", action="store_false",
                      help="use the prompt as raw text instead of wrapping it in the model's chat template")
+    _add_placement_flags(run)
     bench = sub.add_parser("bench", help="sweep benchmark: PP and TG speed as the context fills (llama-sweep-bench)")
     _add_model_flags(bench)
     bench.set_defaults(ctx_size=2048)
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-s", "--seed", type=int, default=0, help="seed of the random token ids")
     bench.add_argument("--generic", action="store_true",
                        help="use the generic dequantize-then-BLAS path instead of the fused kernels (a baseline)")
+    _add_placement_flags(bench)
+    rpcnode = sub.add_parser("rpcnode", help="start a worker owning this machine's CPU (for --rpc on a coordinator)")
+    from rpcnode.__main__ import add_arguments as add_rpcnode_arguments
+
+    add_rpcnode_arguments(rpcnode)
     plan = sub.add_parser("plan", help="show where every tensor would go and the bytes per device, loading nothing")
     plan.add_argument("-m", "--model", help="GGUF model file (default: the embedded deepseek2 model, generated once)")
     _add_placement_flags(plan)
@@ -81,7 +87,17 @@ def model_options(args: argparse.Namespace) -> dict[str, object]:
         "amb": args.amb,
         "threads": args.threads,
         "ubatch_size": args.ubatch_size,
+        **placement_options(args),
     }
+
+
+def placement_options(args: argparse.Namespace) -> dict[str, object]:
+    """--rpc/-ot/-ngl/-ts as load_model keywords (absent on subcommands without placement flags)."""
+    if getattr(args, "rpc", None) is None and not getattr(args, "override_tensor", None) \
+            and not getattr(args, "n_gpu_layers", 0) and getattr(args, "tensor_split", None) is None:
+        return {}
+    return {"rpc": args.rpc or (), "override_tensor": args.override_tensor, "n_gpu_layers": args.n_gpu_layers,
+            "tensor_split": args.tensor_split}
 
 
 def resolve_model_path(path: str | None) -> str:
@@ -182,6 +198,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rpcnode(args: argparse.Namespace) -> int:
+    from rpcnode.__main__ import run
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -189,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"run": cmd_run, "bench": cmd_bench, "plan": cmd_plan}[args.command](args)
+        return {"run": cmd_run, "bench": cmd_bench, "plan": cmd_plan, "rpcnode": cmd_rpcnode}[args.command](args)
     except IkctlError as e:
         print(f"ikctl: error: {e}", file=sys.stderr)
         return 1

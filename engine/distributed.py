@@ -1,0 +1,226 @@
+"""The forward pass across rpcnode workers: tensors offered by digest, one segment program and one round trip each."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engine.errors import IkctlError
+from engine.kv_cache import KVCache
+from engine.placement import CPU, Placement, PlacementRules, Segment, devices_for, layer_ops, plan
+from engine.segments import TensorRef, op_tensor_names, ordered_state, segment_records
+
+if TYPE_CHECKING:
+    from engine.deepseek2 import DeepSeek2
+    from engine.gguf_file import GGUFFile
+    from engine.model import Options
+    from rpcnode.client import Client
+
+TOKEN_ENV, TOKEN_FILE_ENV = "IKCTL_RPC_TOKEN", "IKCTL_RPC_TOKEN_FILE"
+
+
+class WorkerError(IkctlError):
+    """A worker refused a request or died; the message names it (RPC[host:port])."""
+
+
+@contextmanager
+def _rpc() -> Iterator[None]:
+    """Turn the client's errors into IkctlError (the CLI prints those as one line)."""
+    from rpcnode.client import RPCError
+
+    try:
+        yield
+    except RPCError as e:
+        raise WorkerError(str(e)) from None
+
+
+def rules_from_options(opts: Options) -> PlacementRules:
+    """The placement flags of Options, as strings or lists (as a script or the CLI passes them)."""
+    rpc = opts.rpc if isinstance(opts.rpc, str) else ",".join(opts.rpc)
+    ts = opts.tensor_split
+    ts_text = ts if isinstance(ts, str) or ts is None else ",".join(str(v) for v in ts)
+    ot = [opts.override_tensor] if isinstance(opts.override_tensor, str) else list(opts.override_tensor)
+    return PlacementRules.from_flags(ot, opts.n_gpu_layers, ts_text or None, rpc or None)
+
+
+def read_token() -> str | None:
+    """The shared worker token from $IKCTL_RPC_TOKEN_FILE (a file) or $IKCTL_RPC_TOKEN; None if neither is set."""
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if path:
+        try:
+            return open(path, encoding="utf-8").read().strip() or None
+        except OSError as e:
+            raise IkctlError(f"cannot read ${TOKEN_FILE_ENV} {path}: {e.strerror}") from None
+    return os.environ.get(TOKEN_ENV) or None
+
+
+@dataclass
+class LoadStats:
+    """What loading the remote tensors cost."""
+
+    tensors_offered: int = 0
+    tensors_uploaded: int = 0
+    bytes_uploaded: int = 0
+
+
+class RemoteKVCache(KVCache):
+    """The coordinator's KV cache: local rows for local attention layers; clear/truncate also reach the workers."""
+
+    def __init__(self, net: DistributedNet, n_ctx: int, cache_type: str, seq_id: int) -> None:
+        super().__init__(net.cfg.n_layers, net.local.cache_widths(), n_ctx, cache_type)
+        self.layers = [layer if i in net.local_attn else {} for i, layer in enumerate(self.layers)]
+        self.net, self.seq_id = net, seq_id
+
+    def clear(self) -> None:
+        super().clear()
+        self.net.kv_op("clear", self.seq_id, 0)
+
+    def truncate(self, n: int) -> None:
+        super().truncate(n)
+        self.net.kv_op("truncate", self.seq_id, n)
+
+
+class DistributedNet:
+    """A Network (see engine.model) whose segments run where the placement put their weights."""
+
+    def __init__(self, local: DeepSeek2, gguf: GGUFFile, placement: Placement, clients: dict[str, Client],
+                 opts: Options) -> None:
+        self.local, self.cfg, self.placement, self.clients = local, local.cfg, placement, clients
+        self.segments = placement.segments(layer_ops(gguf.tensors, local.cfg.n_layers))
+        self.local_attn = {i for s in self.segments if s.device == CPU for i, p in s.ops if p == "attn"}
+        self.remote = [(k, s) for k, s in enumerate(self.segments) if s.device != CPU]
+        self.load_stats = LoadStats()
+        self._seq_ids = itertools.count(1)
+        self._load(gguf, opts)
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    def _load(self, gguf: GGUFFile, opts: Options) -> None:
+        from engine.digests import model_digests
+        from rpcnode.client import OfferSpec
+
+        digests = model_digests(gguf)
+        refs: dict[str, TensorRef] = {n: (digests[n], t.qtype, t.shape) for n, t in gguf.tensors.items()}
+        n_ctx = max(opts.ctx_size, int(self.cfg.context_length))
+        for device, client in self.clients.items():
+            segs = [(k, s) for k, s in self.remote if s.device == device]
+            names = dict.fromkeys(n for _, s in segs for op in s.ops for n in op_tensor_names(gguf.tensors, op,
+                                                                                             self.cfg.n_layers))
+            specs = [OfferSpec(digests[n], gguf.tensors[n].n_bytes, gguf.tensors[n].qtype,
+                               list(reversed(gguf.tensors[n].shape)), n, _reader(gguf, n)) for n in names]
+            with _rpc():
+                before = client.counters.tensor_bytes_sent
+                result = client.offer(specs)
+                self.load_stats.tensors_offered += len(specs)
+                self.load_stats.tensors_uploaded += sum(v == "uploaded" for v in result.values())
+                self.load_stats.bytes_uploaded += client.counters.tensor_bytes_sent - before
+                for k, s in segs:
+                    records = segment_records(self.cfg, s.ops, refs, mla=opts.mla, amb_bytes=opts.amb << 20,
+                                              cache_type=opts.cache_type_k, n_ctx=n_ctx)
+                    client.define_segment(k, records)
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
+
+    # ---- the Network protocol ---------------------------------------------------------------------------------
+    def new_cache(self, n_ctx: int, cache_type: str) -> KVCache:
+        return RemoteKVCache(self, n_ctx, cache_type, next(self._seq_ids))
+
+    def kv_op(self, op: str, seq_id: int, n: int) -> None:
+        with _rpc():
+            for client in self.clients.values():
+                client.kv_op(op, seq_id, n)
+
+    def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run T new tokens: local segments in place, each remote one in one round trip; logits as DeepSeek2."""
+        ids = np.asarray(ids, dtype=np.int64)
+        T = len(ids)
+        pos0 = cache.reserve(T)
+        positions = np.arange(pos0, pos0 + T)
+        seq_id = getattr(cache, "seq_id", 0)
+        state: dict[str, np.ndarray] = {"ids": ids, "n_out": np.asarray(T if all_logits else 1, dtype=np.int64)}
+        for k, seg in enumerate(self.segments):
+            if seg.device == CPU:
+                for op in seg.ops:
+                    self.local.run_op(op, state, positions, cache)
+            else:
+                self._run_remote(k, seg, state, pos0, T, seq_id)
+        cache.advance(T)
+        return np.array(state["logits"])  # a copy: the reply's buffer is read-only
+
+    def _run_remote(self, k: int, seg: Segment, state: dict[str, np.ndarray], pos0: int, T: int,
+                    seq_id: int) -> None:
+        send = _inputs(seg, state)
+        with _rpc():
+            out = self.clients[seg.device].run_segment(k, pos0, T, [(n, state[n]) for n in send], seq_id)
+        for n in send:
+            state.pop(n, None)
+        if "y" in out:  # an expert-only segment: the residual and the shared experts stayed here
+            self.local.finish_moe(state, out.pop("y"))
+        state.update(out)
+
+
+def _inputs(seg: Segment, state: dict[str, np.ndarray]) -> list[str]:
+    """The state a remote segment needs, in wire order: expert-only segments get the routed input only."""
+    first = seg.ops[0][1]
+    if first == "embd":
+        names = ["ids"]
+    elif first == "moe_experts" and len(seg.ops) == 1:
+        names = ["h", "idx", "w"]
+    elif first == "moe_experts":
+        names = [n for n in ("x", "h", "idx", "w", "shared") if n in state]
+    else:
+        names = ["x"]
+    if any(p == "output" for _, p in seg.ops):
+        names.append("n_out")
+    return [n for n, _ in ordered_state({n: state[n] for n in names})]
+
+
+def _reader(gguf: GGUFFile, name: str) -> Any:
+    return lambda: gguf.raw(name).reshape(-1).view(np.uint8)
+
+
+def distribute(net: Any, gguf: GGUFFile, opts: Options) -> Any:
+    """The network itself when the placement keeps everything local, else a DistributedNet over the workers."""
+    from engine.deepseek2 import DeepSeek2
+    from rpcnode.client import Client
+
+    rules = rules_from_options(opts)
+    token = read_token() if rules.rpc else None
+    clients: dict[str, Client] = {}
+    try:
+        with _rpc():
+            for ep in rules.rpc:
+                clients[f"RPC[{ep}]"] = Client.connect(ep, token)
+        devices = devices_for(rules.rpc)
+        n_layers = int(net.cfg.n_layers)
+        # capacities are not planned against: a worker may already hold these tensors, and it refuses what does
+        # not fit with OUT_OF_MEMORY naming the numbers
+        placement = plan(gguf.tensors.values(), n_layers, devices, rules, check_capacity=False)
+        remote = {d for d in placement.device_of.values() if d != CPU}
+        if not remote:
+            for c in clients.values():
+                c.close()
+            return net
+        if not isinstance(net, DeepSeek2):
+            raise IkctlError(f"{gguf.path}: running layers on workers needs a deepseek2 model; this one is "
+                             f"{gguf.architecture} (drop --rpc/-ot/-ngl)")
+        used = {d: c for d, c in clients.items() if d in remote}
+        for d in set(clients) - set(used):
+            clients.pop(d).close()
+        return DistributedNet(net, gguf, placement, used, opts)
+    except BaseException:
+        for c in clients.values():
+            c.close()
+        raise
+
+
+def remote_segments(net: Any) -> Sequence[Segment]:
+    """The segments that run on workers (empty for a local network)."""
+    return [s for _, s in getattr(net, "remote", [])]

@@ -1,0 +1,237 @@
+"""Segment programs: a run of ops with its weights named by digest, encoded as plain records and run by a worker."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.config import DeepSeek2Config, RopeConfig
+from engine.errors import IkctlError
+from engine.kv_cache import CACHE_TYPES, KVCache
+from engine.placement import Op, op_part, tensor_layer
+from engine.quant import QTensor
+
+Scalar = str | int | float | bool
+Record = tuple[str, dict[str, Any]]  # (op name, args): what rpcnode.client turns into protocol OpRecords
+TensorRef = tuple[str, int, tuple[int, ...]]  # digest, GGML type, NumPy shape
+# Pass-state entries in the order they travel as payload sections: the hidden state (or what stands for it) first.
+STATE_ORDER = ("x", "h", "ids", "logits", "y", "idx", "w", "shared", "n_out")
+MAX_SEQUENCES = 8  # KV caches a worker keeps per segment; the least recently used one goes beyond this
+_TENSOR_PREFIX = "t."
+
+
+class ProgramError(IkctlError):
+    """A segment program the worker cannot run (bad records, missing tensors, unsupported architecture)."""
+
+
+# ---- the model config as flat scalars (DefineSegment args hold scalars only) -------------------------------
+
+
+def config_args(cfg: DeepSeek2Config) -> dict[str, Scalar]:
+    """The hyper-parameters as `cfg.<field>` / `cfg.rope.<field>` scalars; None values are left out."""
+    out: dict[str, Scalar] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, RopeConfig):
+            out.update({f"cfg.rope.{k}": v for k, v in dataclasses.asdict(value).items() if v is not None})
+        elif value is not None:
+            out[f"cfg.{f.name}"] = value
+    return out
+
+
+def config_from_args(args: Mapping[str, Any]) -> DeepSeek2Config:
+    """The inverse of config_args; a missing or mistyped field is a ProgramError."""
+    rope = {k[len("cfg.rope."):]: v for k, v in args.items() if k.startswith("cfg.rope.")}
+    top = {k[len("cfg."):]: v for k, v in args.items() if k.startswith("cfg.") and not k.startswith("cfg.rope.")}
+    try:
+        return DeepSeek2Config(**top, rope=RopeConfig(**rope))
+    except TypeError as e:
+        raise ProgramError(f"bad model config in the segment program: {e}") from None
+
+
+# ---- which tensors an op needs -----------------------------------------------------------------------------
+
+
+def op_tensor_names(names: Iterable[str], op: Op, n_layers: int) -> list[str]:
+    """The tensors op (layer, part) reads; the output op of a model with tied embeddings reads token_embd too."""
+    layer, part = op
+    names = list(names)
+    if part == "embd":
+        return [n for n in names if op_part(n) == "embd"]
+    if part == "output":
+        out = [n for n in names if op_part(n) == "output"]
+        return out if "output.weight" in names else [*out, "token_embd.weight"]
+    return [n for n in names if tensor_layer(n) == layer and op_part(n) == part]
+
+
+def segment_records(cfg: DeepSeek2Config, ops: Sequence[Op], tensors: Mapping[str, TensorRef], *, mla: int,
+                    amb_bytes: int, cache_type: str, n_ctx: int) -> list[Record]:
+    """A segment program: a "config" record, then one record per op naming its tensors by digest."""
+    head: dict[str, Any] = {"arch": "deepseek2", "mla": mla, "amb_bytes": amb_bytes, "cache_type": cache_type,
+                            "n_ctx": n_ctx, **config_args(cfg)}
+    records: list[Record] = [("config", head)]
+    for layer, part in ops:
+        args: dict[str, Any] = {"layer": layer}
+        for name in op_tensor_names(tensors, (layer, part), cfg.n_layers):
+            digest, qtype, shape = tensors[name]
+            args[_TENSOR_PREFIX + name] = [digest, qtype, *shape]
+        records.append((part, args))
+    return records
+
+
+@dataclass(frozen=True)
+class Program:
+    """A decoded segment program."""
+
+    cfg: DeepSeek2Config
+    ops: tuple[Op, ...]
+    tensors: dict[str, TensorRef]
+    mla: int
+    amb_bytes: int
+    cache_type: str
+    n_ctx: int
+
+
+def parse_program(records: Sequence[Record]) -> Program:
+    """Check and decode records made by segment_records; anything else is a ProgramError."""
+    if not records or records[0][0] != "config":
+        raise ProgramError("a segment program starts with a 'config' record")
+    head = records[0][1]
+    if head.get("arch") != "deepseek2":
+        raise ProgramError(f"architecture {head.get('arch')!r} is not supported by workers (deepseek2)")
+    cache_type = head.get("cache_type")
+    if cache_type not in CACHE_TYPES:
+        raise ProgramError(f"KV cache type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
+    cfg = config_from_args(head)
+    ops: list[Op] = []
+    tensors: dict[str, TensorRef] = {}
+    for part, args in records[1:]:
+        layer = args.get("layer")
+        if part not in ("embd", "attn", "ffn", "moe_experts", "output") or not isinstance(layer, int):
+            raise ProgramError(f"bad op record {part!r} (layer {layer!r})")
+        if not -1 <= layer <= cfg.n_layers:
+            raise ProgramError(f"op {part} names layer {layer}; the model has {cfg.n_layers}")
+        ops.append((layer, part))
+        for key, value in args.items():
+            if key.startswith(_TENSOR_PREFIX):
+                tensors[key[len(_TENSOR_PREFIX):]] = _tensor_ref(key, value)
+    return Program(cfg, tuple(ops), tensors, _int(head, "mla"), _int(head, "amb_bytes"), cache_type,
+                   _int(head, "n_ctx"))
+
+
+def _int(args: Mapping[str, Any], key: str) -> int:
+    value = args.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProgramError(f"'{key}' must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _tensor_ref(key: str, value: Any) -> TensorRef:
+    ok = isinstance(value, list) and len(value) >= 2 and isinstance(value[0], str)
+    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value[1:]):
+        raise ProgramError(f"{key}: expected [digest, ggml_type, *shape], got {value!r:.100}")
+    return value[0], value[1], tuple(value[2:])
+
+
+# ---- tensors from raw bytes ---------------------------------------------------------------------------------
+
+
+def qtensor_from_bytes(name: str, raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> QTensor:
+    """A QTensor over a flat uint8 array, in GGUFFile.raw's layout (float types shaped, others bytes per row)."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType(qtype)
+    block, type_bytes = gguf.GGML_QUANT_SIZES[t]
+    count = int(np.prod(shape, dtype=np.int64))
+    if not shape or shape[-1] % block or count // block * type_bytes != raw.nbytes:
+        raise ProgramError(f"tensor '{name}': {raw.nbytes} bytes do not hold {t.name}{list(shape)}")
+    if t == gguf.GGMLQuantizationType.F32:
+        data = raw.view(np.float32).reshape(shape)
+    elif t == gguf.GGMLQuantizationType.F16:
+        data = raw.view(np.float16).reshape(shape)
+    else:
+        data = raw.reshape(*shape[:-1], shape[-1] // block * type_bytes)
+    return QTensor(name, data, qtype, shape)
+
+
+# ---- the worker's side: a built segment ----------------------------------------------------------------------
+
+
+class SegmentRunner:
+    """A program's network (only its weights) and its KV caches per sequence; `run` applies the ops in order."""
+
+    def __init__(self, program: Program, lookup: Callable[[str], np.ndarray | None]) -> None:
+        from engine.deepseek2 import DeepSeek2
+
+        self.program = program
+        self.digests = {ref[0] for ref in program.tensors.values()}
+
+        def get(name: str) -> QTensor | None:
+            ref = program.tensors.get(name)
+            if ref is None:
+                return None
+            raw = lookup(ref[0])
+            if raw is None:
+                raise ProgramError(f"tensor '{name}' ({ref[0][:16]}…) is not held by this worker")
+            return qtensor_from_bytes(name, raw, ref[1], ref[2])
+
+        self.net = DeepSeek2.from_parts(program.cfg, get, program.ops, program.mla, program.amb_bytes)
+        self._attn_layers = {i for i, p in program.ops if p == "attn"}
+        self._caches: OrderedDict[int, KVCache] = OrderedDict()
+
+    def _cache(self, seq_id: int, pos_start: int) -> KVCache:
+        cache = self._caches.get(seq_id)
+        if cache is None:
+            if pos_start:
+                raise ProgramError(f"sequence {seq_id} is unknown here but the tokens start at position {pos_start}")
+            cache = self.net.new_cache(self.program.n_ctx, self.program.cache_type)
+            # streams only for this segment's attention layers; the others live elsewhere
+            cache.layers = [layer if i in self._attn_layers else {} for i, layer in enumerate(cache.layers)]
+            self._caches[seq_id] = cache
+            while len(self._caches) > MAX_SEQUENCES:
+                self._caches.popitem(last=False)
+        self._caches.move_to_end(seq_id)
+        if pos_start < cache.n_past:  # the coordinator went back (a truncate it did not tell us about)
+            cache.truncate(pos_start)
+        elif pos_start > cache.n_past:
+            raise ProgramError(f"sequence {seq_id} holds {cache.n_past} positions; tokens cannot start at {pos_start}")
+        return cache
+
+    def run(self, seq_id: int, pos_start: int, n_tokens: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the ops on the pass state (see DeepSeek2.run_op) for tokens at pos_start..; the state after."""
+        cache = self._cache(seq_id, pos_start) if self._attn_layers else None
+        if cache is not None:
+            cache.reserve(n_tokens)
+        positions = np.arange(pos_start, pos_start + n_tokens)
+        state = dict(state)
+        for op in self.program.ops:
+            self.net.run_op(op, state, positions, cache)
+        if cache is not None:
+            cache.advance(n_tokens)
+        return state
+
+    def kv(self, op: str, seq_id: int, n: int) -> int:
+        """Clear or truncate a sequence's cache; its length after."""
+        cache = self._caches.get(seq_id)
+        if cache is None:
+            return 0
+        if op == "clear":
+            cache.clear()
+        else:
+            cache.truncate(min(n, cache.n_past))
+        return cache.n_past
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for c in self._caches.values())
+
+
+def ordered_state(state: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """State entries in wire order (STATE_ORDER, then any others by name)."""
+    rank = {k: i for i, k in enumerate(STATE_ORDER)}
+    return sorted(state.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))

@@ -1,0 +1,92 @@
+"""`python -m rpcnode` / `ikctl rpcnode`: start a worker owning one device."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_PORT = 50052
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 = any free)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("-c", "--cache", metavar="DIR", default=None,
+                   help="local tensor cache (default: <user cache dir>/ikctl/rpcnode-cache)")
+    p.add_argument("--cache-limit", default="1TiB", metavar="SIZE", help="tensor cache size limit (default 1TiB)")
+    p.add_argument("--device", default="cpu", choices=["cpu"], help="the device this worker owns (cpu for now)")
+    p.add_argument("-m", "--mem", default=None, metavar="BYTES",
+                   help="bytes of tensors it may hold, e.g. 48GiB (default: the machine's RAM)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file holding the shared token (required unless --host is a loopback address)")
+    p.add_argument("--models", action="append", default=[], metavar="DIR",
+                   help="directory of local GGUF files to read tensors from instead of the network (repeatable)")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def read_token(path: str) -> str:
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise SystemExit(f"rpcnode: error: cannot read --token-file {path}: {e.strerror}") from None
+    if not token:
+        raise SystemExit(f"rpcnode: error: --token-file {path} is empty")
+    return token
+
+
+def config_from_args(args: argparse.Namespace) -> object:
+    from engine.placement import PlacementError, parse_size
+    from rpcnode.server import Config
+
+    if args.token_file is None and not is_loopback(args.host):
+        raise SystemExit(f"rpcnode: error: binding to {args.host} needs --token-file (anyone on the network could "
+                         "otherwise use this worker); bind to 127.0.0.1 for a local worker")
+    try:
+        mem = parse_size(args.mem) if args.mem else None
+        cache_limit = parse_size(args.cache_limit)
+    except PlacementError as e:
+        raise SystemExit(f"rpcnode: error: {e}") from None
+    if args.threads is not None and args.threads <= 0:
+        raise SystemExit(f"rpcnode: error: -t {args.threads} must be positive")
+    return Config(host=args.host, port=args.port, threads=args.threads,
+                  cache_dir=Path(args.cache) if args.cache else None, cache_limit=cache_limit, mem_bytes=mem,
+                  token=read_token(args.token_file) if args.token_file else None,
+                  models=[Path(d) for d in args.models])
+
+
+def run(args: argparse.Namespace) -> int:
+    from rpcnode.server import serve
+
+    cfg = config_from_args(args)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="rpcnode: %(message)s")
+    try:
+        asyncio.run(serve(cfg))  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, socket.gaierror) as e:
+        print(f"rpcnode: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rpcnode", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

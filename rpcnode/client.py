@@ -1,0 +1,241 @@
+"""A small blocking client of one rpcnode worker: auth, tensors by digest, segment programs, runs, KV, telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rpcnode import protocol as P
+
+CHUNK_BYTES = 16 << 20  # upload chunk size (the protocol's recommendation)
+CONNECT_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 60.0
+RUN_TIMEOUT_S = 600.0  # a long prefill on a slow worker may take minutes; a dead worker shows as EOF at once
+
+
+class RPCError(Exception):
+    """A worker refused a request or died; the message starts with the worker's name, RPC[host:port]."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class WorkerGone(RPCError):
+    """The connection broke: the worker died, closed, or did not answer in time."""
+
+
+@dataclass(frozen=True)
+class OfferSpec:
+    """One tensor to offer: its digest, size, GGML type, GGUF shape (ne0 first), name, and a way to read it."""
+
+    digest: str
+    nbytes: int
+    ggml_type: int
+    shape: Sequence[int]
+    name: str
+    data: Callable[[], Any]  # returns a bytes-like object of nbytes (read only on a miss)
+
+
+@dataclass
+class Counters:
+    """What this client sent and received; `runs` counts RunSegment round trips."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    tensor_bytes_sent: int = 0
+    runs: int = 0
+    requests: int = 0
+    offers_hit: int = 0
+    offers_missed: int = 0
+
+
+class Client:
+    """One connection to a worker. Not thread-safe: one request (or pipelined batch) at a time."""
+
+    def __init__(self, host: str, port: int, token: str | None = None, *, name: str = "ikctl",
+                 timeout: float = CALL_TIMEOUT_S, run_timeout: float = RUN_TIMEOUT_S) -> None:
+        self.host, self.port = host, int(port)
+        self.label = f"RPC[{host}:{port}]"
+        self.timeout, self.run_timeout = timeout, run_timeout
+        self.counters = Counters()
+        self._next_id = 1
+        self._sock = self._connect(CONNECT_TIMEOUT_S)
+        try:
+            self._handshake(token, name)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def connect(cls, endpoint: str, token: str | None = None, **kwargs: Any) -> Client:
+        """`host:port` (IPv6 hosts in brackets) -> an authenticated client."""
+        host, _, port = endpoint.rpartition(":")
+        return cls(host.strip("[]"), int(port), token, **kwargs)
+
+    # ---- plumbing ---------------------------------------------------------------------------------------------
+    def _connect(self, timeout: float) -> socket.socket:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        except OSError as e:
+            raise WorkerGone(f"{self.label}: cannot connect: {e.strerror or e}; is `ikctl rpcnode` running "
+                             "there?") from None
+        P.set_nodelay(sock)
+        return sock
+
+    def close(self) -> None:
+        sock, self._sock = getattr(self, "_sock", None), None
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, message: P.Message, payload: P.Payload = b"") -> int:
+        if self._sock is None:
+            raise WorkerGone(f"{self.label}: the connection is closed")
+        rid, self._next_id = self._next_id, self._next_id + 1
+        parts = P.encode_frame_parts(message, rid, payload)
+        try:
+            for part in parts:
+                self._sock.sendall(part)
+        except OSError as e:
+            self._broken(f"send failed ({e.strerror or e})")
+        self.counters.bytes_sent += sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in parts)
+        self.counters.requests += 1
+        return rid
+
+    def _recv(self, rid: int, expect: type, timeout: float) -> Any:
+        assert self._sock is not None
+        self._sock.settimeout(timeout)
+        try:
+            frame = P.recv_frame(self._sock)
+        except TimeoutError:
+            self._broken(f"no reply within {timeout:g} s")
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            what = "closed the connection" if isinstance(e, EOFError) else f"connection lost ({e})"
+            self._broken(what)
+        except P.ProtocolError as e:
+            self._broken(f"sent a malformed reply ({e})")
+        h = frame.header
+        self.counters.bytes_received += P.HEADER_SIZE + h.meta_len + h.payload_len
+        msg = frame.message
+        if isinstance(msg, P.ErrorReply):
+            if msg.fatal:
+                self.close()
+            code = P.ErrorCode(msg.code).name if msg.code in P.ErrorCode._value2member_map_ else str(msg.code)
+            raise RPCError(f"{self.label}: {code}: {msg.message}", msg.code)
+        if h.request_id != rid or not isinstance(msg, expect):
+            self._broken(f"answered request {h.request_id} with {type(msg).__name__}, expected {expect.__name__} "
+                         f"for request {rid}")
+        self._last_payload = frame.payload
+        return msg
+
+    def _broken(self, what: str) -> None:
+        self.close()
+        raise WorkerGone(f"{self.label}: worker {what}; check that it is still running")
+
+    def _call(self, message: P.Message, expect: type, payload: P.Payload = b"", timeout: float | None = None) -> Any:
+        rid = self._send(message, payload)
+        return self._recv(rid, expect, self.timeout if timeout is None else timeout)
+
+    def _handshake(self, token: str | None, name: str) -> None:
+        nonce = P.make_challenge() if token else b""
+        hello = self._call(P.Hello(client=name[:256], want_auth=token is not None, nonce=nonce), P.HelloReply)
+        self.server = hello.server
+        if not hello.auth_required:
+            if token:
+                self._broken("does not ask for authentication although a token was given (a different worker?)")
+            return
+        if not token:
+            self.close()
+            raise RPCError(f"{self.label}: the worker requires a token; set IKCTL_RPC_TOKEN_FILE (or "
+                           "IKCTL_RPC_TOKEN) to the worker's --token-file")
+        reply = self._call(P.Auth(mac=P.sign(token, hello.nonce, "client")), P.AuthReply)
+        if not P.verify(token, nonce, reply.mac, "server"):
+            self._broken("failed to prove it knows the token")
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def device_info(self) -> P.DeviceInfo:
+        return self._call(P.DeviceInfoRequest(), P.DeviceInfo)
+
+    def telemetry(self) -> P.Telemetry:
+        return self._call(P.TelemetryRequest(), P.Telemetry)
+
+    def offer(self, specs: Iterable[OfferSpec]) -> dict[str, str]:
+        """Offer tensors (pipelined), upload the misses in chunks; digest -> "hit" | "uploaded"."""
+        specs = list(specs)
+        ids = [self._send(P.OfferTensor(digest=s.digest, nbytes=s.nbytes, ggml_type=s.ggml_type,
+                                        shape=list(s.shape), name=s.name[:256])) for s in specs]
+        replies = [self._recv(rid, P.OfferReply, self.timeout) for rid in ids]
+        out = {}
+        for spec, reply in zip(specs, replies, strict=True):
+            if reply.status == "hit":
+                self.counters.offers_hit += 1
+                out[spec.digest] = "hit"
+            else:
+                self.counters.offers_missed += 1
+                self.upload(spec.digest, spec.data())
+                out[spec.digest] = "uploaded"
+        return out
+
+    def upload(self, digest: str, data: Any) -> None:
+        """Stream a tensor's bytes in CHUNK_BYTES chunks (pipelined); the last reply confirms the digest."""
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        ids, offset = [], 0
+        while True:
+            chunk = view[offset : offset + CHUNK_BYTES]
+            final = offset + chunk.nbytes >= n
+            ids.append(self._send(P.UploadTensor(digest=digest, offset=offset, final=final), chunk))
+            self.counters.tensor_bytes_sent += chunk.nbytes
+            offset += chunk.nbytes
+            if final:
+                break
+        replies = [self._recv(rid, P.UploadReply, self.timeout) for rid in ids]
+        if not replies[-1].verified:
+            raise RPCError(f"{self.label}: upload of {digest[:16]}… was not verified")
+
+    def define_segment(self, segment_id: int, records: Sequence[tuple[str, dict[str, Any]]]) -> int:
+        ops = [P.OpRecord(op=op, args=args) for op, args in records]
+        return self._call(P.DefineSegment(segment_id=segment_id, ops=ops), P.DefineReply).n_ops
+
+    def run_segment(self, segment_id: int, pos_start: int, n_tokens: int, arrays: Sequence[tuple[str, np.ndarray]],
+                    seq_id: int = 0) -> dict[str, np.ndarray]:
+        """One round trip: named arrays in (the hidden state first), the segment's named arrays out."""
+        specs, parts = P.pack_arrays(arrays)
+        msg = P.RunSegment(segment_id=segment_id, seq_id=seq_id, pos_start=pos_start, n_tokens=n_tokens,
+                           sections=specs)
+        self.counters.runs += 1
+        reply = self._call(msg, P.RunReply, parts, timeout=self.run_timeout)
+        out = P.unpack_arrays(reply.sections, self._last_payload)
+        return {spec.name: arr for spec, arr in zip(reply.sections, out, strict=True)}
+
+    def kv_op(self, op: str, seq_id: int = 0, n: int = 0, segment_id: int | None = None) -> int:
+        return self._call(P.KVOp(op=op, seq_id=seq_id, n=n, segment_id=segment_id), P.KVReply).n_tokens
+
+    def free(self, segment_id: int | None = None) -> P.FreeReply:
+        return self._call(P.Free(segment_id=segment_id), P.FreeReply)
+
+
+def wait_until_up(endpoint: str, timeout: float = 10.0) -> None:
+    """Poll until a TCP connection to the endpoint succeeds (a worker just started); RPCError on timeout."""
+    host, _, port = endpoint.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise WorkerGone(f"RPC[{endpoint}]: not reachable after {timeout:g} s") from None
+            time.sleep(0.05)

@@ -1,0 +1,85 @@
+"""Real rpcnode worker processes on loopback for the distributed tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+_LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
+START_TIMEOUT_S = 30.0
+
+
+@dataclass
+class WorkerProc:
+    """One `python -m rpcnode` process; `endpoint` is host:port once it listens."""
+
+    proc: subprocess.Popen[bytes]
+    endpoint: str
+    log: Path
+    cache: Path
+
+    @property
+    def device(self) -> str:
+        return f"RPC[{self.endpoint}]"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_worker(tmp: Path, *extra: str, cache: Path | None = None, port: int = 0) -> WorkerProc:
+    """Start a worker on a free loopback port and wait until it logs its address."""
+    cache = cache or tmp / "cache"
+    log = tmp / f"worker-{time.monotonic_ns()}.log"
+    cmd = [sys.executable, "-m", "rpcnode", "--port", str(port), "-c", str(cache), "-t", "2", *extra]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2],
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        m = _LISTENING.search(log.read_text(errors="replace"))
+        if m:
+            return WorkerProc(proc, f"{m[1]}:{m[2]}", log, cache)
+        if proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with {proc.returncode}: {log.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"the worker did not start in {START_TIMEOUT_S} s: {log.read_text()}")
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProc]]:
+    """A factory of workers, each with its own cache dir unless given one; all killed at teardown."""
+    started: list[WorkerProc] = []
+
+    def make(*extra: str, cache: Path | None = None) -> WorkerProc:
+        d = tmp_path / f"w{len(started)}"
+        d.mkdir()
+        w = start_worker(d, *extra, cache=cache)
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        w.kill()
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Digest records and worker caches under the test's tmp dir, never the user's."""
+    monkeypatch.setenv("IKCTL_CACHE", str(tmp_path / "ikctl-cache"))
+    monkeypatch.delenv("IKCTL_RPC_TOKEN", raising=False)
+    monkeypatch.delenv("IKCTL_RPC_TOKEN_FILE", raising=False)

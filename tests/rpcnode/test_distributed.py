@@ -1,0 +1,274 @@
+"""Inference across real worker processes on loopback: same logits as local, one round trip per remote segment."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import IkctlError, load_model
+from engine.distributed import DistributedNet, WorkerError
+from engine.synth import SynthSpec, write_model
+from rpcnode import protocol as P
+from rpcnode.client import Client, RPCError
+from tests.rpcnode.conftest import WorkerProc
+
+REF_MODEL = Path("/work/shared/refs/open-v3.gguf")
+PROMPT = [1, 5, 9, 20, 33, 7, 100, 3, 42, 11]
+DECODE = [4, 77, 12, 250, 8]
+
+
+@pytest.fixture(scope="module")
+def synth_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 layers (1 dense), Q8_0 weights: quantized bytes travel and are rebuilt on the worker."""
+    path = tmp_path_factory.mktemp("synth") / "synth-q8.gguf"
+    return write_model(path, SynthSpec(layers=4, dense_layers=1, dtype="Q8_0", seed=7))
+
+
+def run_sequence(model: object, steps: list[int] = DECODE) -> list[np.ndarray]:
+    """All-position logits of the prompt, then one decode at a time, then a truncate and a re-decode."""
+    cache = model.new_cache(64)  # type: ignore[attr-defined]
+    out = [model.eval(PROMPT, cache, all_logits=True)]  # type: ignore[attr-defined]
+    out += [model.eval([t], cache) for t in steps]  # type: ignore[attr-defined]
+    cache.truncate(len(PROMPT) + 1)
+    out.append(model.eval([steps[-1]], cache))  # type: ignore[attr-defined]
+    return out
+
+
+def assert_same(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        assert np.max(np.abs(g - w)) <= 1e-6 * np.max(np.abs(w)), np.max(np.abs(g - w))
+
+
+def runs(model: object) -> dict[str, int]:
+    net = model.net  # type: ignore[attr-defined]
+    assert isinstance(net, DistributedNet)
+    return {d: c.counters.runs for d, c in net.clients.items()}
+
+
+# ---- logits equal local logits ----------------------------------------------------------------------------------
+
+
+def test_all_layers_on_one_worker(workers: Callable[..., WorkerProc]) -> None:
+    w = workers()
+    want = run_sequence(load_model(REF_MODEL))
+    model = load_model(REF_MODEL, rpc=[w.endpoint], n_gpu_layers=99)
+    assert [s.device for _, s in model.net.remote] == [w.device]
+    assert_same(run_sequence(model), want)
+    # one segment holds every layer and the output: one round trip per forward call
+    assert len(model.net.remote) == 1
+    assert runs(model) == {w.device: 1 + len(DECODE) + 1}
+
+
+def test_experts_on_a_worker(workers: Callable[..., WorkerProc]) -> None:
+    w = workers()
+    want = run_sequence(load_model(REF_MODEL))
+    model = load_model(REF_MODEL, rpc=w.endpoint, override_tensor=[f"exps={w.device}"])
+    n_remote = len(model.net.remote)
+    assert n_remote == 2 and all(s.ops[0][1] == "moe_experts" and len(s.ops) == 1 for _, s in model.net.remote)
+    assert_same(run_sequence(model), want)
+    before = runs(model)[w.device]
+    cache = model.new_cache(64)
+    model.eval(PROMPT, cache)
+    for t in DECODE:
+        model.eval([t], cache)
+    # round trips per generated token == the number of remote segments, not a multiple
+    assert runs(model)[w.device] - before == n_remote * (1 + len(DECODE))
+
+
+def test_alternating_layers_on_two_workers(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    a, b = workers(), workers()
+    want = run_sequence(load_model(synth_model))
+    model = load_model(synth_model, rpc=[a.endpoint, b.endpoint],
+                       override_tensor=[rf"blk\.[02]\.={a.device}", rf"blk\.[13]\.={b.device}"])
+    assert [s.device for _, s in model.net.remote] == [a.device, b.device, a.device, b.device]
+    assert_same(run_sequence(model), want)
+    assert runs(model) == {a.device: 2 * (len(DECODE) + 2), b.device: 2 * (len(DECODE) + 2)}
+
+
+@pytest.mark.parametrize("mla", [0, 3])
+def test_attention_on_a_worker_with_q8_0_cache(workers: Callable[..., WorkerProc], synth_model: Path,
+                                               mla: int) -> None:
+    w = workers()
+    want = run_sequence(load_model(synth_model, cache_type_k="q8_0", mla=mla))
+    model = load_model(synth_model, rpc=w.endpoint, override_tensor=[f"attn={w.device}"], cache_type_k="q8_0",
+                       mla=mla)
+    assert all(p == "attn" for _, s in model.net.remote for _, p in s.ops)
+    assert_same(run_sequence(model), want)
+    # the attention layers' KV rows live on the worker, not here
+    assert all(not layer for layer in model.new_cache(64).layers)
+
+
+def test_experts_and_output_remote_across_two_workers(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    a, b = workers(), workers()
+    want = run_sequence(load_model(synth_model))
+    model = load_model(synth_model, rpc=f"{a.endpoint},{b.endpoint}", override_tensor=[f"exps={a.device}"],
+                       n_gpu_layers=2, tensor_split=[0, 1])
+    assert_same(run_sequence(model), want)
+
+
+def test_cli_run_and_bench_use_workers(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    w = workers()
+    base = [sys.executable, "-m", "tui.cli"]
+    common = ["-m", str(synth_model), "-s", "1"]
+    local = subprocess.run([*base, "run", *common, "-p", "hi", "-n", "6", "--temp", "0", "-no-cnv"],
+                           capture_output=True, text=True, timeout=120)
+    remote = subprocess.run([*base, "run", *common, "-p", "hi", "-n", "6", "--temp", "0", "-no-cnv", "--rpc",
+                             w.endpoint, "-ngl", "99"], capture_output=True, text=True, timeout=120)
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == local.stdout
+    bench = subprocess.run([*base, "bench", *common, "-c", "128", "-ub", "32", "-n", "4", "--rpc", w.endpoint,
+                            "-ot", f"exps={w.device}"], capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 0, bench.stderr
+    assert "|    32 |" in bench.stdout
+    gone = subprocess.run([*base, "run", *common, "-n", "2", "--rpc", "127.0.0.1:1", "-ngl", "99"],
+                          capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1 and "RPC[127.0.0.1:1]" in gone.stderr and "Traceback" not in gone.stderr
+
+
+# ---- the cache: a second load sends almost nothing; a corrupt entry is replaced ----------------------------------
+
+
+def test_second_load_sends_under_one_percent(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    w = workers()
+    first = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)
+    sent = first.net.load_stats.bytes_uploaded
+    assert sent > 0
+    first.net.close()
+    again = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)  # the worker still holds them
+    assert again.net.load_stats.bytes_uploaded < 0.01 * sent
+    w.kill()
+    restarted = workers(cache=w.cache)  # a new process: the tensors come from its disk cache
+    third = load_model(synth_model, rpc=restarted.endpoint, n_gpu_layers=99)
+    assert third.net.load_stats.bytes_uploaded < 0.01 * sent
+    with Client.connect(restarted.endpoint) as c:
+        t = c.telemetry()
+        assert t.cache_misses == 0 and t.cache_hits == third.net.load_stats.tensors_offered
+    assert_same(run_sequence(third), run_sequence(load_model(synth_model)))
+
+
+def test_corrupt_cache_entry_is_replaced(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    w = workers()
+    load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99).net.close()
+    w.kill()
+    entries = sorted(p for p in w.cache.rglob("*") if p.is_file() and len(p.name) == 64)
+    victim = max(entries, key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    restarted = workers(cache=w.cache)
+    model = load_model(synth_model, rpc=restarted.endpoint, n_gpu_layers=99)
+    assert model.net.load_stats.tensors_uploaded == 1
+    assert model.net.load_stats.bytes_uploaded == len(data)
+    assert_same(run_sequence(model), run_sequence(load_model(synth_model)))
+
+
+# ---- security --------------------------------------------------------------------------------------------------
+
+
+def test_token_auth(workers: Callable[..., WorkerProc], tmp_path: Path, synth_model: Path,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    w = workers("--token-file", str(token_file))
+    with Client.connect(w.endpoint, "s3cret-token") as c:
+        assert c.device_info().device == "cpu"
+    with pytest.raises(RPCError, match=r"RPC\[127\.0\.0\.1:\d+\].*AUTH_FAILED"):
+        Client.connect(w.endpoint, "wrong")
+    with pytest.raises(RPCError, match="requires a token"):
+        Client.connect(w.endpoint)
+    with pytest.raises(IkctlError, match="requires a token"):
+        load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)
+    monkeypatch.setenv("IKCTL_RPC_TOKEN_FILE", str(token_file))
+    model = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)
+    assert_same(run_sequence(model), run_sequence(load_model(synth_model)))
+
+
+def raw_exchange(endpoint: str, frames: list[bytes]) -> list[P.Frame]:
+    """Send raw frames, read replies until the worker closes (or 5 s pass)."""
+    host, _, port = endpoint.rpartition(":")
+    out = []
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        for f in frames:
+            s.sendall(f)
+        try:
+            while True:
+                out.append(P.recv_frame(s))
+        except (EOFError, OSError):
+            pass
+    return out
+
+
+def test_nothing_before_auth(workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("tok")
+    w = workers("--token-file", str(token_file))
+    # a telemetry request (and a huge payload declaration) before Hello: refused from the header, then closed
+    for frame in (P.encode_frame(P.TelemetryRequest(), 1),
+                  P.HEADER.pack(P.MAGIC, 1, 0, int(P.Kind.UPLOAD_TENSOR), 0, 1, 10, 1 << 40)):
+        replies = raw_exchange(w.endpoint, [frame])
+        assert len(replies) == 1 and isinstance(replies[0].message, P.ErrorReply)
+        assert replies[0].message.code == P.ErrorCode.AUTH_REQUIRED and replies[0].message.fatal
+    # after Hello, still nothing but Auth
+    replies = raw_exchange(w.endpoint, [P.encode_frame(P.Hello(), 1), P.encode_frame(P.TelemetryRequest(), 2)])
+    assert isinstance(replies[0].message, P.HelloReply) and replies[0].message.auth_required
+    assert replies[1].message.code == P.ErrorCode.AUTH_REQUIRED
+    with Client.connect(w.endpoint, "tok") as c:  # and the worker keeps serving
+        assert c.telemetry().tensors_held == 0
+
+
+# ---- failures ----------------------------------------------------------------------------------------------------
+
+
+def test_sigkill_during_generation_names_the_worker(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    w = workers()
+    model = load_model(synth_model, rpc=w.endpoint, override_tensor=[f"exps={w.device}"])
+    cache = model.new_cache(512)
+    model.eval(PROMPT, cache)
+    killer = threading.Timer(0.5, w.kill)
+    killer.start()
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=rf"RPC\[{w.endpoint}\]"):
+        for k in range(400):
+            model.eval([k % 200], cache)
+            if time.monotonic() - t0 > 30:
+                break
+    assert time.monotonic() - t0 < 10
+    killer.join()
+
+
+def test_worker_memory_limit(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    w = workers("-m", "100000")
+    with pytest.raises(WorkerError, match=r"OUT_OF_MEMORY.*needs \d+ bytes"):
+        load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)
+
+
+def test_telemetry_answers_while_a_segment_runs(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    w = workers()
+    model = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99, ubatch_size=256)
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            model.eval(list(range(256)), model.new_cache(512))
+
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        time.sleep(0.3)
+        with Client.connect(w.endpoint) as c:
+            t0 = time.monotonic()
+            tel = c.telemetry()
+            assert time.monotonic() - t0 < 2.0
+            assert tel.tensors_held > 0 and tel.bytes_in > 0
+    finally:
+        stop.set()
+        t.join()
