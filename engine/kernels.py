@@ -13,6 +13,8 @@ threads; numba's fallback "workqueue" layer is not).
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -218,6 +220,18 @@ def matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -
     return out
 
 
+_scratch = threading.local()
+
+
+def _tile_scratch(n_values: int) -> np.ndarray:
+    """A float32 buffer reused across calls (per thread): a fresh multi-MiB np.empty per tile cost a page fault
+    per 4 KiB on first touch, hundreds of thousands per prefill batch."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < n_values:
+        buf = _scratch.buf = np.empty(n_values, np.float32)
+    return buf[:n_values]
+
+
 def matmul_tiled(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:
     """x @ W.T for many tokens, x [T, C] -> [T, R]: decode 16 MiB tiles of rows, multiply each with BLAS."""
     rows = _as_rows(raw, qtype, shape)
@@ -225,7 +239,7 @@ def matmul_tiled(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndar
     x = _tokens(x, C)
     out = np.empty((x.shape[0], R), np.float32)
     step = max(1, _TILE_BYTES // (4 * C))
-    tile = np.empty((min(step, R), C), np.float32)
+    tile = _tile_scratch(min(step, R) * C).reshape(-1, C)
     for r0 in range(0, R, step):
         w = tile[: min(step, R - r0)]
         _dequantize_kernel(rows[r0 : r0 + w.shape[0]], int(qtype), w)
