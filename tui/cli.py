@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-m", "--model", help="GGUF model file (default: the embedded deepseek2 model, generated once)")
     _add_placement_flags(plan)
     plan.add_argument("-v", "--verbose", action="store_true", help="also print every tensor's device and rule")
+    hosts = sub.add_parser("hosts", help="probe SSH hosts: reachable or why not, OS, cores, RAM, GPUs, ikctl version")
+    from tui.hosts import add_arguments as add_hosts_arguments
+    from tui.hosts import run as run_hosts
+
+    add_hosts_arguments(hosts)
+    hosts.set_defaults(run_hosts=run_hosts)
     return parser
 
 
@@ -211,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"run": cmd_run, "bench": cmd_bench, "plan": cmd_plan, "rpcnode": cmd_rpcnode}[args.command](args)
+        return {"run": cmd_run, "bench": cmd_bench, "plan": cmd_plan, "rpcnode": cmd_rpcnode,
+                "hosts": lambda a: a.run_hosts(a)}[args.command](args)
     except IkctlError as e:
         print(f"ikctl: error: {e}", file=sys.stderr)
         return 1
