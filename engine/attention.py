@@ -36,7 +36,7 @@ def causal_attention(
         else:
             scores = np.matmul(qc.transpose(1, 0, 2), k.transpose(1, 2, 0)).transpose(1, 0, 2)  # [Tc, H, S]
         scores *= np.float32(scale)
-        if S - 1 > q_pos[t0 : t0 + step].min():  # some key lies in some query's future (never in decode)
+        if q_pos[t0 : t0 + step].min() < S - 1:  # some key lies in some query's future (never in decode)
             masked = key_pos[None, :] > q_pos[t0 : t0 + step, None]  # [Tc, S]
             scores[np.broadcast_to(masked[:, None, :], scores.shape)] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)

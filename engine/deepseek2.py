@@ -220,7 +220,8 @@ class DeepSeek2:
         if part == "embd":
             state["x"] = self.token_embd.rows(state.pop("ids"))
         elif part == "output":
-            x, n_out = state.pop("x"), int(state.pop("n_out"))
+            x = state.pop("x")
+            n_out = min(max(int(state.pop("n_out")), 1), x.shape[0])
             state.clear()
             state["logits"] = self.output.matmul_t(rms_norm(x[x.shape[0] - n_out :], self.output_norm, c.rms_norm_eps))
         elif part == "attn":

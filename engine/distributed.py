@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import secrets
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,9 +97,14 @@ class DistributedNet:
         self.local, self.cfg, self.placement, self.clients = local, local.cfg, placement, clients
         self.segments = placement.segments(layer_ops(gguf.tensors, local.cfg.n_layers))
         self.local_attn = {i for s in self.segments if s.device == CPU for i, p in s.ops if p == "attn"}
-        self.remote = [(k, s) for k, s in enumerate(self.segments) if s.device != CPU]
+        # Segment ids are random per load so that two models (or coordinators) sharing a worker do not replace
+        # each other's programs; KV sequence ids likewise.
+        base = secrets.randbelow(1 << 31)
+        self.remote = [(base + k, s) for k, s in enumerate(self.segments) if s.device != CPU]
+        self.segment_ids = {k: base + k for k, s in enumerate(self.segments) if s.device != CPU}
         self.load_stats = LoadStats()
-        self._seq_ids = itertools.count(1)
+        self._seq_ids = itertools.count(secrets.randbelow(1 << 31))
+        self._closer = weakref.finalize(self, _release, dict(clients), list(self.remote))
         self._load(gguf, opts)
 
     # ---- loading ----------------------------------------------------------------------------------------------
@@ -121,12 +129,13 @@ class DistributedNet:
                 self.load_stats.bytes_uploaded += client.counters.tensor_bytes_sent - before
                 for k, s in segs:
                     records = segment_records(self.cfg, s.ops, refs, mla=opts.mla, amb_bytes=opts.amb << 20,
-                                              cache_type=opts.cache_type_k, n_ctx=n_ctx)
+                                              cache_type=opts.cache_type_k, n_ctx=n_ctx,
+                                              model=gguf.path.name)
                     client.define_segment(k, records)
 
     def close(self) -> None:
-        for c in self.clients.values():
-            c.close()
+        """Drop this model's segment programs and KV caches on the workers (they keep the tensors) and disconnect."""
+        self._closer()
 
     # ---- the Network protocol ---------------------------------------------------------------------------------
     def new_cache(self, n_ctx: int, cache_type: str) -> KVCache:
@@ -150,7 +159,7 @@ class DistributedNet:
                 for op in seg.ops:
                     self.local.run_op(op, state, positions, cache)
             else:
-                self._run_remote(k, seg, state, pos0, T, seq_id)
+                self._run_remote(self.segment_ids[k], seg, state, pos0, T, seq_id)
         cache.advance(T)
         return np.array(state["logits"])  # a copy: the reply's buffer is read-only
 
@@ -164,6 +173,19 @@ class DistributedNet:
         if "y" in out:  # an expert-only segment: the residual and the shared experts stayed here
             self.local.finish_moe(state, out.pop("y"))
         state.update(out)
+
+
+def _release(clients: dict[str, Client], remote: list[tuple[int, Segment]]) -> None:
+    from rpcnode.client import RPCError
+
+    for k, seg in remote:
+        client = clients[seg.device]
+        if client.connected:
+            client.timeout = 2.0  # at exit or on garbage collection: never wait long for a worker
+            with contextlib.suppress(RPCError, OSError):
+                client.free(k)
+    for c in clients.values():
+        c.close()
 
 
 def _inputs(seg: Segment, state: dict[str, np.ndarray]) -> list[str]:

@@ -70,10 +70,10 @@ def op_tensor_names(names: Iterable[str], op: Op, n_layers: int) -> list[str]:
 
 
 def segment_records(cfg: DeepSeek2Config, ops: Sequence[Op], tensors: Mapping[str, TensorRef], *, mla: int,
-                    amb_bytes: int, cache_type: str, n_ctx: int) -> list[Record]:
+                    amb_bytes: int, cache_type: str, n_ctx: int, model: str = "") -> list[Record]:
     """A segment program: a "config" record, then one record per op naming its tensors by digest."""
-    head: dict[str, Any] = {"arch": "deepseek2", "mla": mla, "amb_bytes": amb_bytes, "cache_type": cache_type,
-                            "n_ctx": n_ctx, **config_args(cfg)}
+    head: dict[str, Any] = {"arch": "deepseek2", "model": model[:256], "mla": mla, "amb_bytes": amb_bytes,
+                            "cache_type": cache_type, "n_ctx": n_ctx, **config_args(cfg)}
     records: list[Record] = [("config", head)]
     for layer, part in ops:
         args: dict[str, Any] = {"layer": layer}

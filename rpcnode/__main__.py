@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -68,6 +69,10 @@ def config_from_args(args: argparse.Namespace) -> object:
 
 
 def run(args: argparse.Namespace) -> int:
+    # A worker alternates short compute bursts with socket waits and shares its cores with its event loop (and,
+    # on loopback, with the coordinator): OpenMP's default ~300k-iteration spin after each parallel region keeps
+    # those cores busy while the reply and the next request wait. Before libgomp loads; the user's value wins.
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     from rpcnode.server import serve
 
     cfg = config_from_args(args)

@@ -89,6 +89,10 @@ class Client:
         P.set_nodelay(sock)
         return sock
 
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
     def close(self) -> None:
         sock, self._sock = getattr(self, "_sock", None), None
         if sock is not None:

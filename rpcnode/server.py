@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import platform
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,26 @@ class _Upload:
     writer: Writer
     nbytes: int
     received: int = 0
+
+
+@dataclass
+class _LoadLog:
+    """A model load seen on one connection (offers, uploads, segment definitions), logged as one line when done."""
+
+    model: str = ""
+    started: float = field(default_factory=time.monotonic)
+    offers: int = 0
+    hits: int = 0
+    uploaded: int = 0
+    segments: int = 0
+    ops: int = 0
+
+    def line(self, held: int) -> str:
+        what = f"model load: {self.model or 'tensors'}" + (f", {self.segments} segments of {self.ops} ops"
+                                                         if self.segments else "")
+        return (f"{what}, {self.offers} tensors offered ({self.hits} held or cached, {self.offers - self.hits} "
+                f"uploaded: {self.uploaded / 2**20:.1f} MiB) in {time.monotonic() - self.started:.2f} s; "
+                f"{held / 2**20:.1f} MiB held")
 
 
 @dataclass
@@ -69,9 +90,14 @@ class Worker:
         self.hits = self.misses = 0
         self.reserved = 0  # bytes of uploads in progress
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rpcnode-compute")
+        # offers and uploads run on I/O threads (hashing and disk writes must not stall telemetry); this guards
+        # the tensor bookkeeping they share
+        self.lock = threading.RLock()
         self.compute.submit(self._init_compute_thread)
 
     def _init_compute_thread(self) -> None:
+        # import the engine (and its compiled kernels) now, not during the first model load
+        import engine.segments  # noqa: F401
         from engine import kernels
 
         kernels.set_threads(self.threads)
@@ -98,6 +124,10 @@ class Worker:
 
     # ---- tensors ------------------------------------------------------------------------------------------------
     def offer(self, m: P.OfferTensor, uploads: dict[str, _Upload]) -> P.OfferReply:
+        with self.lock:
+            return self._offer(m, uploads)
+
+    def _offer(self, m: P.OfferTensor, uploads: dict[str, _Upload]) -> P.OfferReply:
         if m.digest in self.held:
             self.hits += 1
             return P.OfferReply(digest=m.digest, status="hit")
@@ -123,7 +153,8 @@ class Worker:
 
     def _drop_upload(self, up: _Upload) -> None:
         up.writer.abort()
-        self.reserved -= up.nbytes
+        with self.lock:
+            self.reserved -= up.nbytes
 
     def upload(self, m: P.UploadTensor, payload: memoryview, uploads: dict[str, _Upload]) -> P.UploadReply:
         up = uploads.get(m.digest)
@@ -137,7 +168,8 @@ class Worker:
         if not m.final:
             return P.UploadReply(digest=m.digest, received=up.received)
         del uploads[m.digest]
-        self.reserved -= up.nbytes
+        with self.lock:
+            self.reserved -= up.nbytes
         if up.received != up.nbytes:
             up.writer.abort()
             raise _fail(E.DIGEST_MISMATCH, f"{up.received} bytes uploaded, {up.nbytes} offered")
@@ -148,12 +180,14 @@ class Worker:
         arr = self.cache.get(m.digest)
         if arr is None:
             raise _fail(E.INTERNAL, f"tensor {m.digest[:16]}… vanished from the cache after its upload")
-        self.held[m.digest] = arr
+        with self.lock:
+            self.held[m.digest] = arr
         return P.UploadReply(digest=m.digest, received=up.received, verified=True)
 
     # ---- segments -----------------------------------------------------------------------------------------------
     def define(self, m: P.DefineSegment) -> P.DefineReply:
-        from engine.segments import ProgramError, SegmentRunner, parse_program
+        from engine.errors import IkctlError
+        from engine.segments import SegmentRunner, parse_program
 
         records = [(r.op, dict(r.args)) for r in m.ops]
         try:
@@ -163,13 +197,9 @@ class Worker:
                 raise _fail(E.UNKNOWN_TENSOR, f"segment {m.segment_id} names {len(missing)} tensors not held here, "
                             f"e.g. {missing[0]}; offer them first")
             runner = SegmentRunner(program, self.held.get)
-        except (ProgramError, ValueError, KeyError) as e:  # engine errors about shapes/types are ValueErrors too
+        except (IkctlError, ValueError, KeyError) as e:  # engine errors about shapes/types are ValueErrors too
             raise _fail(E.BAD_PROGRAM, f"segment {m.segment_id}: {e}") from None
         self.segments[m.segment_id] = runner
-        layers = sorted({i for i, _ in program.ops})
-        log.info("model load: segment %d, %d ops on layers %s..%s, %d tensors (%.1f MiB held in all)",
-                 m.segment_id, len(program.ops), layers[0], layers[-1], len(program.tensors),
-                 self.bytes_held / (1 << 20))
         return P.DefineReply(segment_id=m.segment_id, n_ops=len(program.ops))
 
     def segment(self, segment_id: int | None) -> Any:
@@ -180,6 +210,7 @@ class Worker:
 
     def run(self, m: P.RunSegment, payload: memoryview) -> tuple[P.RunReply, list[Any]]:
         """Runs on the compute thread."""
+        from engine.errors import IkctlError
         from engine.segments import ProgramError, ordered_state
 
         runner = self.segment(m.segment_id)
@@ -191,8 +222,9 @@ class Worker:
         try:
             with _thread_limit(self.threads, m.n_tokens):
                 out = runner.run(m.seq_id, m.pos_start, m.n_tokens, state)
-        except ProgramError as e:
-            raise _fail(E.UNKNOWN_SEQUENCE if "sequence" in str(e) else E.BAD_PROGRAM, str(e)) from None
+        except IkctlError as e:  # an unknown sequence, a full context
+            code = E.UNKNOWN_SEQUENCE if isinstance(e, ProgramError) and "sequence" in str(e) else E.BAD_PROGRAM
+            raise _fail(code, f"segment {m.segment_id}: {e}") from None
         except (KeyError, ValueError, IndexError) as e:
             raise _fail(E.BAD_ARRAY, f"segment {m.segment_id}: inputs do not fit its ops ({e!r:.200})") from None
         dt = time.perf_counter() - t0
@@ -208,6 +240,10 @@ class Worker:
         return P.KVReply(seq_id=m.seq_id, n_tokens=n)
 
     def free(self, m: P.Free) -> P.FreeReply:
+        with self.lock:
+            return self._free(m)
+
+    def _free(self, m: P.Free) -> P.FreeReply:
         before = self.bytes_held
         if m.segment_id is not None:
             self.segment(m.segment_id)
@@ -243,28 +279,50 @@ class Connection:
         peer = writer.get_extra_info("peername") or ("?", "?")
         self.peer = f"{peer[0]}:{peer[1]}"
         self.uploads: dict[str, _Upload] = {}
+        self._rid = 0  # the request being answered, for error replies
+        self._load: _LoadLog | None = None
 
     async def serve(self) -> None:
         P.set_nodelay(self.writer)
         log.info("connection from %s", self.peer)
-        why = "closed"
         try:
             if await self._handshake():
                 while await self._one():
                     pass
         except (asyncio.IncompleteReadError, ConnectionError):
-            why = "closed by the peer"
-        except Exception as e:  # a worker fault must not take the server down
-            why = f"dropped after an internal error: {e!r}"
-            log.exception("connection %s", self.peer)
+            pass
+        except Exception:  # a worker fault must not take the server down
+            log.exception("connection from %s dropped after an internal error", self.peer)
         finally:
+            self._log_load()
             for up in self.uploads.values():
                 self.w._drop_upload(up)
             self.uploads.clear()
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
-            log.info("connection from %s %s", self.peer, why)
+
+    def _log_load(self) -> None:
+        if self._load is not None and (self._load.offers or self._load.segments):
+            log.info("%s: %s", self.peer, self._load.line(self.w.bytes_held))
+        self._load = None
+
+    def _note_load(self, m: P.Message, reply: P.Message, payload_len: int) -> None:
+        """Count what a load sends; the first other request ends the load and logs it."""
+        if not isinstance(m, P.OfferTensor | P.UploadTensor | P.DefineSegment):
+            self._log_load()
+            return
+        load = self._load = self._load or _LoadLog()
+        if isinstance(reply, P.OfferReply):
+            load.offers += 1
+            load.hits += reply.status == "hit"
+        elif isinstance(m, P.UploadTensor):
+            load.uploaded += payload_len
+        elif isinstance(reply, P.DefineReply):
+            load.segments += 1
+            load.ops += reply.n_ops
+            name = m.ops[0].args.get("model") if m.ops else None
+            load.model = name if isinstance(name, str) else load.model
 
     async def _read(self, limits: P.Limits, allowed: Any = None) -> P.Frame:
         """One frame; a non-fatal decode error is answered here and None... raised as ProtocolError with the id."""
@@ -292,7 +350,7 @@ class Connection:
 
     async def _error(self, e: P.ProtocolError) -> bool:
         """Answer an error; whether the connection stays open."""
-        await self._send(P.error_reply(e), getattr(e, "request_id", 0))
+        await self._send(P.error_reply(e), getattr(e, "request_id", self._rid))
         return not e.fatal
 
     async def _handshake(self) -> bool:
@@ -325,14 +383,18 @@ class Connection:
         try:
             frame = await self._read(P.DEFAULT_LIMITS)
             reply, payload = await self._dispatch(frame)
+            self._note_load(frame.message, reply, frame.header.payload_len)
             await self._send(reply, frame.header.request_id, payload)
             return True
         except P.ProtocolError as e:
-            if not hasattr(e, "request_id"):
-                e.request_id = self._rid  # type: ignore[attr-defined]
             return await self._error(e)
         except CacheError as e:
             return await self._error(P.ProtocolError(E.OUT_OF_MEMORY, f"tensor cache: {e}"))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise
+        except Exception as e:  # a worker fault costs this request an INTERNAL error, not the connection
+            log.exception("request from %s", self.peer)
+            return await self._error(P.ProtocolError(E.INTERNAL, f"{type(e).__name__}: {e}"))
 
     async def _dispatch(self, frame: P.Frame) -> tuple[P.Message, Any]:
         m, w = frame.message, self.w
@@ -345,11 +407,14 @@ class Connection:
             return await loop.run_in_executor(w.compute, w.define, m), b""
         if isinstance(m, P.KVOp):
             return await asyncio.get_running_loop().run_in_executor(w.compute, w.kv, m), b""
+        if isinstance(m, P.OfferTensor):
+            return await asyncio.get_running_loop().run_in_executor(None, w.offer, m, self.uploads), b""
+        if isinstance(m, P.UploadTensor):
+            return await asyncio.get_running_loop().run_in_executor(None, w.upload, m, frame.payload,
+                                                                    self.uploads), b""
         handlers = {
             P.DeviceInfoRequest: lambda: w.device_info(),
             P.TelemetryRequest: lambda: w.telemetry(),
-            P.OfferTensor: lambda: w.offer(m, self.uploads),
-            P.UploadTensor: lambda: w.upload(m, frame.payload, self.uploads),
             P.Free: lambda: w.free(m),
         }
         handler = handlers.get(type(m))

@@ -134,6 +134,17 @@ def test_cli_run_and_bench_use_workers(workers: Callable[..., WorkerProc], synth
     assert gone.returncode == 1 and "RPC[127.0.0.1:1]" in gone.stderr and "Traceback" not in gone.stderr
 
 
+def test_two_models_share_a_worker(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    w = workers()
+    want = run_sequence(load_model(synth_model))
+    every = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)
+    experts = load_model(synth_model, rpc=w.endpoint, override_tensor=[f"exps={w.device}"])
+    assert_same(run_sequence(every), want)  # its segments were not replaced by the second model's
+    assert_same(run_sequence(experts), want)
+    experts.net.close()
+    assert_same(run_sequence(every), want)
+
+
 # ---- the cache: a second load sends almost nothing; a corrupt entry is replaced ----------------------------------
 
 

@@ -1,0 +1,102 @@
+"""Segment programs: config as flat scalars, program records, op-by-op execution equal to the whole forward pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import load_model
+from engine.config import DeepSeek2Config
+from engine.deepseek2 import DeepSeek2, gguf_getter
+from engine.gguf_file import GGUFFile
+from engine.placement import layer_ops
+from engine.segments import (
+    ProgramError,
+    SegmentRunner,
+    config_args,
+    config_from_args,
+    parse_program,
+    qtensor_from_bytes,
+    segment_records,
+)
+from engine.synth import SynthSpec, write_model
+
+REF_MODEL = Path("/work/shared/refs/open-v3.gguf")
+
+
+@pytest.fixture(scope="module")
+def yarn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = SynthSpec(layers=3, dense_layers=1, yarn=True, gating="sigmoid", q_lora_rank=16, dtype="Q8_0", seed=5)
+    return write_model(tmp_path_factory.mktemp("seg") / "yarn.gguf", spec)
+
+
+def _refs(f: GGUFFile) -> dict[str, tuple[str, int, tuple[int, ...]]]:
+    return {n: (f"{i:064x}", t.qtype, t.shape) for i, (n, t) in enumerate(f.tensors.items())}
+
+
+@pytest.mark.parametrize("which", ["ref", "yarn"])
+def test_config_round_trips_as_scalars(which: str, yarn_model: Path) -> None:
+    f = GGUFFile(REF_MODEL if which == "ref" else yarn_model)
+    cfg = DeepSeek2Config.from_gguf(f)
+    args = config_args(cfg)
+    assert all(isinstance(v, str | int | float | bool) for v in args.values())
+    assert config_from_args(args) == cfg
+
+
+def test_program_records_round_trip_and_refusals() -> None:
+    f = GGUFFile(REF_MODEL)
+    cfg = DeepSeek2Config.from_gguf(f)
+    ops = layer_ops(f.tensors, cfg.n_layers)
+    records = segment_records(cfg, ops, _refs(f), mla=3, amb_bytes=1 << 20, cache_type="q8_0", n_ctx=64)
+    program = parse_program(records)
+    assert program.ops == tuple(ops) and program.cache_type == "q8_0" and set(program.tensors) == set(f.tensors)
+    with pytest.raises(ProgramError, match="starts with"):
+        parse_program(records[1:])
+    with pytest.raises(ProgramError, match="cache type"):
+        parse_program([("config", {**records[0][1], "cache_type": "q4_0"}), *records[1:]])
+    with pytest.raises(ProgramError, match="layer 99"):
+        parse_program([records[0], ("attn", {"layer": 99})])
+    with pytest.raises(ProgramError, match="digest, ggml_type"):
+        parse_program([records[0], ("attn", {"layer": 0, "t.x": ["d", "q"]})])
+    with pytest.raises(ProgramError, match="model config"):
+        parse_program([("config", {k: v for k, v in records[0][1].items() if k != "cfg.n_heads"})])
+
+
+def test_qtensor_from_bytes_matches_the_file(yarn_model: Path) -> None:
+    f = GGUFFile(yarn_model)
+    for name, t in f.tensors.items():
+        q = qtensor_from_bytes(name, f.raw(name).reshape(-1).view(np.uint8), t.qtype, t.shape)
+        assert q.shape == t.shape and np.array_equal(q.dequantize(), gguf_getter(f)(name).dequantize())
+    t = f.tensors["output.weight"]
+    with pytest.raises(ProgramError, match="do not hold"):
+        qtensor_from_bytes("x", f.raw("output.weight").reshape(-1).view(np.uint8)[:-1], t.qtype, t.shape)
+
+
+def test_a_runner_over_every_op_equals_the_forward_pass(yarn_model: Path) -> None:
+    model = load_model(yarn_model)
+    f = model.gguf
+    cfg = model.config
+    ops = layer_ops(f.tensors, cfg.n_layers)[1:]  # all but embd: the runner gets the hidden state
+    refs = {n: (n, t.qtype, t.shape) for n, t in f.tensors.items()}  # "digest" = name: looked up below
+    program = parse_program(segment_records(cfg, ops, refs, mla=3, amb_bytes=256 << 20, cache_type="f16",
+                                            n_ctx=64))
+    runner = SegmentRunner(program, lambda name: f.raw(name).reshape(-1).view(np.uint8))
+    assert isinstance(runner.net, DeepSeek2)
+    ids = [3, 1, 4, 1, 5, 9]
+    want = model.logits(ids)
+    x = model.net.token_embd.rows(np.asarray(ids))
+    got = runner.run(1, 0, len(ids), {"x": x, "n_out": np.asarray(len(ids))})["logits"]
+    assert np.array_equal(got, want)
+    # a decode continues the sequence; going back to an earlier position truncates implicitly
+    cache = model.new_cache(64)
+    model.eval(ids, cache)
+    step = model.eval([7], cache)
+    out = runner.run(1, len(ids), 1, {"x": model.net.token_embd.rows(np.asarray([7])), "n_out": np.asarray(1)})
+    assert np.array_equal(out["logits"], step)
+    with pytest.raises(ProgramError, match="cannot start at 40"):
+        runner.run(1, 40, 1, {"x": x[:1], "n_out": np.asarray(1)})
+    with pytest.raises(ProgramError, match="unknown here"):
+        runner.run(2, 3, 1, {"x": x[:1], "n_out": np.asarray(1)})
+    assert runner.kv("truncate", 1, 2) == 2 and runner.kv("clear", 1, 0) == 0
