@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,6 +13,7 @@ import numpy as np
 from engine.errors import IkctlError, ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.kv_cache import CACHE_TYPES, KVCache
+from engine.threads import compute_threads
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,6 @@ class Model:
 
             self.net = distribute(self.net, gguf, options)
         self.tokenizer = Tokenizer.from_gguf(gguf)
-        self._threads = options.threads
 
     @property
     def arch(self) -> str:
@@ -121,7 +119,7 @@ class Model:
             raise IkctlError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
         ub = self.options.ubatch_size
         outs = []
-        with self._thread_limit(min(len(ids), ub)):
+        with compute_threads(self.options.threads, min(len(ids), ub)):
             for a in range(0, len(ids), ub):
                 chunk = ids[a : a + ub]
                 last = a + ub >= len(ids)
@@ -135,27 +133,6 @@ class Model:
         """float32 [len(token_ids), n_vocab]: logits at every position of a fresh sequence."""
         cache = self.new_cache(max(self.n_ctx, len(token_ids)))
         return self.eval(token_ids, cache, all_logits=True)
-
-    @contextmanager
-    def _thread_limit(self, n_tokens: int) -> Iterator[None]:
-        """Run with `threads` kernel threads (numba keeps its count per calling thread) and BLAS threads.
-
-        Decode-sized batches give BLAS one thread: their small attention GEMMs otherwise wake OpenBLAS's pool,
-        whose spinning workers then steal the cores from the weight kernels (decode ran 2x slower at N_KV 384).
-        """
-        from engine import kernels
-
-        before = kernels.get_threads()
-        decode = n_tokens <= kernels.MATVEC_MAX_T
-        # Decode: all threads in the weight kernels, BLAS single-threaded. Prefill: BLAS gets the threads and the
-        # tile decoder runs on the calling thread, so the two pools never spin against each other.
-        kernels.set_threads((self._threads or before) if decode else 1)
-        blas = 1 if decode else self._threads
-        try:
-            with _blas_pools().limit(limits=blas, user_api="blas"):
-                yield
-        finally:
-            kernels.set_threads(before)
 
     # ---- text ---------------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True, add_bos: bool = False) -> list[int]:
@@ -178,14 +155,6 @@ class Model:
         from engine.generate import generate
 
         return generate(self, prompt, **kwargs)
-
-
-@cache
-def _blas_pools() -> Any:
-    """threadpoolctl's view of the loaded BLAS libraries, found once (the search costs ~1 ms per call)."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
 
 
 def load_model(path: str | os.PathLike[str], **options: Any) -> Model:

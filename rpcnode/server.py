@@ -9,7 +9,6 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +211,7 @@ class Worker:
         """Runs on the compute thread."""
         from engine.errors import IkctlError
         from engine.segments import ProgramError, ordered_state
+        from engine.threads import compute_threads
 
         runner = self.segment(m.segment_id)
         arrays = P.unpack_arrays(m.sections, payload)
@@ -220,7 +220,7 @@ class Worker:
             state["n_out"] = np.asarray(state["n_out"])
         t0 = time.perf_counter()
         try:
-            with _thread_limit(self.threads, m.n_tokens):
+            with compute_threads(self.threads, m.n_tokens):
                 out = runner.run(m.seq_id, m.pos_start, m.n_tokens, state)
         except IkctlError as e:  # an unknown sequence, a full context
             code = E.UNKNOWN_SEQUENCE if isinstance(e, ProgramError) and "sequence" in str(e) else E.BAD_PROGRAM
@@ -254,21 +254,6 @@ class Worker:
             self.held.clear()
             freed = before
         return P.FreeReply(bytes_freed=freed, tensors_held=len(self.held), bytes_held=self.bytes_held)
-
-
-@contextlib.contextmanager
-def _thread_limit(threads: int, n_tokens: int) -> Iterator[None]:
-    """Decode: all threads in the weight kernels, BLAS single-threaded; prefill: BLAS gets them (as Model.eval)."""
-    from engine import kernels
-    from engine.model import _blas_pools
-
-    decode = n_tokens <= kernels.MATVEC_MAX_T
-    kernels.set_threads(threads if decode else 1)
-    try:
-        with _blas_pools().limit(limits=1 if decode else threads, user_api="blas"):
-            yield
-    finally:
-        kernels.set_threads(threads)
 
 
 class Connection:
