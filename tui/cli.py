@@ -211,6 +211,11 @@ def cmd_rpcnode(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if (not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))) and sys.stdout.isatty():
+        from tui.app import main as app_main  # bare `ikctl [-m MODEL] [placement flags]` opens the terminal app
+
+        return app_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,0 +1,40 @@
+"""A sweep's rows as table cells, plot series and the same JSON file `ikctl bench --json` writes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.bench import SweepRow, rows_as_dicts
+from engine.errors import IkctlError
+
+COLUMNS = ("PP", "TG", "N_KV", "T_PP s", "S_PP t/s", "T_TG s", "S_TG t/s")
+
+
+def row_cells(row: SweepRow) -> tuple[str, ...]:
+    """One table row, formatted as `ikctl bench` prints it."""
+    return (str(row.pp), str(row.tg), str(row.n_kv), f"{row.t_pp:.3f}", f"{row.speed_pp:.2f}", f"{row.t_tg:.3f}",
+            f"{row.speed_tg:.2f}")
+
+
+def series(rows: Sequence[SweepRow]) -> tuple[list[int], list[float], list[float]]:
+    """N_KV, S_PP and S_TG as lists for the plot."""
+    return [r.n_kv for r in rows], [r.speed_pp for r in rows], [r.speed_tg for r in rows]
+
+
+def bench_document(settings: dict[str, Any], rows: Sequence[SweepRow]) -> dict[str, Any]:
+    return {**settings, "rows": rows_as_dicts(list(rows))}
+
+
+def save_json(path: str | Path, settings: dict[str, Any], rows: Sequence[SweepRow]) -> Path:
+    """Write the document as `ikctl bench --json` does; an OSError becomes a one-line IkctlError."""
+    p = Path(path).expanduser()
+    try:
+        with open(p, "w") as f:
+            json.dump(bench_document(settings, rows), f, indent=1)
+            f.write("\n")
+    except OSError as e:
+        raise IkctlError(f"cannot write {p}: {e.strerror}") from None
+    return p

@@ -1,0 +1,107 @@
+"""The placement form's text fields as one record: parse them into rules, devices and a plan."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from engine.placement import (
+    Device,
+    Placement,
+    PlacementError,
+    PlacementRules,
+    TensorLike,
+    devices_for,
+    parse_device_mem,
+    plan,
+)
+
+
+def size_text(n_bytes: int) -> str:
+    """A size as --device-mem reads it, in the largest binary unit that divides it exactly: `6MiB`."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n_bytes and n_bytes % scale == 0:
+            return f"{n_bytes // scale}{unit}"
+    return str(n_bytes)
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    """What planning needs from a GGUF header: tensor names and sizes, and the layer count."""
+
+    name: str
+    arch: str
+    n_layers: int
+    tensors: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def from_tensors(cls, name: str, arch: str, n_layers: int, tensors: Sequence[TensorLike]) -> ModelHeader:
+        return cls(name, arch, n_layers, tuple((t.name, t.n_bytes) for t in tensors))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(n for _, n in self.tensors)
+
+
+@dataclass(frozen=True)
+class PlanFlags:
+    """-ot (one rule per line), -ngl, -ts, --rpc and --device-mem (one or more DEV=SIZE, space/comma/newline
+    separated) exactly as typed."""
+
+    override_tensor: str = ""
+    n_gpu_layers: str = "0"
+    tensor_split: str = ""
+    rpc: str = ""
+    device_mem: str = ""
+
+    @classmethod
+    def from_rules(cls, rules: PlacementRules | None, capacities: Mapping[str, int] | None = None) -> PlanFlags:
+        rules = rules or PlacementRules()
+        ts = ",".join(f"{v:g}" for v in rules.tensor_split) if rules.tensor_split is not None else ""
+        mem = " ".join(f"{dev}={size_text(size)}" for dev, size in (capacities or {}).items())
+        return cls("\n".join(str(r) for r in rules.override_tensor), str(rules.n_gpu_layers), ts,
+                   ",".join(rules.rpc), mem)
+
+    def ot_lines(self) -> list[str]:
+        return [ln.strip() for ln in self.override_tensor.splitlines() if ln.strip()]
+
+    def ngl(self) -> int:
+        text = self.n_gpu_layers.strip() or "0"
+        try:
+            return int(text)
+        except ValueError:
+            raise PlacementError(f"-ngl '{text}' is not a whole number (e.g. -ngl 99)") from None
+
+    def rules(self) -> PlacementRules:
+        return PlacementRules.from_flags(self.ot_lines(), self.ngl(), self.tensor_split.strip() or None,
+                                         self.rpc.strip() or None)
+
+    def device_mem_items(self) -> list[str]:
+        return self.device_mem.replace(",", " ").split()
+
+    def capacities(self) -> dict[str, int]:
+        return dict(parse_device_mem(t) for t in self.device_mem_items())
+
+    def devices(self, rules: PlacementRules) -> list[Device]:
+        return devices_for(rules.rpc, self.capacities())
+
+    def plan(self, header: ModelHeader, check_capacity: bool = True) -> Placement:
+        """The plan, or a PlacementError naming the bad flag (or, when checking, the device that overflows)."""
+        rules = self.rules()
+        return plan(header.tensors, header.n_layers, self.devices(rules), rules, check_capacity=check_capacity)
+
+    def command_line(self, model: str | None = None) -> str:
+        """The `ikctl plan` command that gives the same plan, for copying into a terminal."""
+        args = ["ikctl", "plan"] + (["-m", model] if model else [])
+        if self.rpc.strip():
+            args += ["--rpc", self.rpc.strip()]
+        for line in self.ot_lines():
+            args += ["-ot", line]
+        if self.ngl():
+            args += ["-ngl", str(self.ngl())]
+        if self.tensor_split.strip():
+            args += ["-ts", self.tensor_split.strip()]
+        for item in self.device_mem_items():
+            args += ["--device-mem", item]
+        return shlex.join(args)

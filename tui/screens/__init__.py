@@ -1,0 +1,1 @@
+"""The TUI's screens, one per mode, each with its .tcss beside it."""

@@ -1,0 +1,171 @@
+"""Bench screen: the `ikctl bench` sweep with its settings, a table filled row by row, a plot, and JSON save."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, Label, Static
+from textual.worker import Worker, get_current_worker
+from textual_plotext import PlotextPlot
+
+from engine.bench import SweepRow
+from engine.errors import IkctlError
+from tui.bench_results import COLUMNS, row_cells, save_json, series
+from tui.messages import BenchDone, BenchRowReady, BenchStarted, WorkFailed
+from tui.model_thread import on_model_thread
+from tui.settings import parse_int
+from tui.widgets.mode_tabs import ModeTabs
+
+
+class BenchScreen(Screen[None]):
+    """Owns the settings of the last run and its rows; one sweep at a time."""
+
+    CSS_PATH = "bench.tcss"
+    AUTO_FOCUS = "#ctx"  # typing goes straight into the main field
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+r", "run_bench", "Run"), Binding("escape", "stop", "Stop"),
+                Binding("ctrl+s", "save_json", "Save JSON")]
+
+    def __init__(self, model_path: str | None, model_options: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.model_path = model_path
+        self.model_options = model_options or {}
+        self.settings: dict[str, Any] | None = None
+        self.rows: list[SweepRow] = []
+        self.n_steps = 0
+        self.running = False
+        self.run = 0  # bumped per run and on stop, so a stopped thread's late messages are dropped
+
+    def compose(self) -> ComposeResult:
+        yield ModeTabs("bench")
+        with Horizontal(id="bench-settings"):
+            for flag, value, wid in (("-c", "512", "ctx"), ("-ub", "128", "ubatch"), ("-n", "32", "n-gen")):
+                yield Label(flag)
+                yield Input(value, id=wid, compact=True)
+            yield Label("JSON")
+            yield Input("ikctl-bench.json", id="json-path", compact=True)
+        yield Static("ctrl+r runs the sweep", id="bench-status")
+        table: DataTable[str] = DataTable(id="bench-table", cursor_type="row", zebra_stripes=True)
+        table.add_columns(*COLUMNS)
+        yield table
+        yield PlotextPlot(id="bench-plot")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.draw_plot()
+
+    def action_run_bench(self) -> None:
+        if self.running:
+            self.notify("a sweep is running; Esc stops it", severity="warning")
+            return
+        try:
+            n_ctx = parse_int("-c", self.query_one("#ctx", Input).value, minimum=1)
+            ubatch = parse_int("-ub", self.query_one("#ubatch", Input).value, minimum=1)
+            n_gen = parse_int("-n", self.query_one("#n-gen", Input).value, minimum=0)
+        except IkctlError as e:
+            self.notify(str(e), severity="error")
+            return
+        self.rows, self.settings, self.running = [], None, True
+        self.run += 1
+        self.query_one("#bench-table", DataTable).clear()
+        self.query_one("#bench-status", Static).update("loading the model…")
+        self.draw_plot()
+        self.sweep(n_ctx, ubatch, n_gen, self.run)
+
+    @work(name="bench-sweep", exclusive=True, group="bench")
+    async def sweep(self, n_ctx: int, ubatch: int, n_gen: int, run: int) -> None:
+        await on_model_thread(self.run_sweep, get_current_worker(), n_ctx, ubatch, n_gen, run)
+
+    def run_sweep(self, worker: Worker[None], n_ctx: int, ubatch: int, n_gen: int, run: int) -> None:
+        """On the model thread: load the model, post the settings, then one message per step until done or
+        cancelled."""
+        from engine import load_model
+        from engine.bench import bench_settings, sweep, sweep_steps
+        from engine.synth import default_model_path
+
+        stopped = False
+        try:
+            model = load_model(self.model_path or default_model_path(), **{**self.model_options,
+                               "ctx_size": n_ctx, "ubatch_size": ubatch})
+            steps = sweep_steps(model.n_ctx, ubatch, n_gen)
+            self.post_message(BenchStarted(bench_settings(model, model.n_ctx, ubatch, n_gen), len(steps), run))
+            for row in sweep(model, model.n_ctx, ubatch, n_gen):
+                self.post_message(BenchRowReady(row, run))
+                if worker.is_cancelled:
+                    stopped = True
+                    break
+        except (IkctlError, OSError) as e:
+            self.post_message(WorkFailed(str(e)))
+            stopped = True
+        self.post_message(BenchDone(stopped, run))
+
+    @on(BenchStarted)
+    def bench_started(self, event: BenchStarted) -> None:
+        if event.run != self.run:
+            return
+        self.settings, self.n_steps = event.settings, event.n_steps
+        self.show_progress()
+
+    @on(BenchRowReady)
+    def row_ready(self, event: BenchRowReady) -> None:
+        if event.run != self.run:
+            return
+        self.rows.append(event.row)
+        table = self.query_one("#bench-table", DataTable)
+        table.add_row(*row_cells(event.row))
+        table.move_cursor(row=table.row_count - 1)
+        self.show_progress()
+        self.draw_plot()
+
+    @on(BenchDone)
+    def bench_done(self, event: BenchDone) -> None:
+        if event.run != self.run:
+            return
+        self.running = False
+        self.show_progress(" — stopped" if event.stopped else " — done; ctrl+s saves JSON")
+
+    def show_progress(self, note: str = "") -> None:
+        s = self.settings
+        if s is None:
+            self.query_one("#bench-status", Static).update("ctrl+r runs the sweep" + note)
+            return
+        mla = f", -mla {s['mla']}" if s.get("mla") is not None else ""
+        self.query_one("#bench-status", Static).update(
+            f"{s['model_name']} ({s['arch']}, {', '.join(s['quant'])}), n_ctx {s['n_ctx']}, ub {s['n_ubatch']}, "
+            f"tg {s['n_gen']}, threads {s['threads']}{mla} — step {len(self.rows)}/{self.n_steps}{note}")
+
+    def draw_plot(self) -> None:
+        widget = self.query_one("#bench-plot", PlotextPlot)
+        plt = widget.plt
+        plt.clear_data()
+        plt.title("S_PP and S_TG (t/s) vs N_KV")
+        plt.xlabel("N_KV")
+        n_kv, s_pp, s_tg = series(self.rows)
+        if n_kv:
+            plt.plot(n_kv, s_pp, label="S_PP", marker="braille")
+            # TG is often 10-100x slower than PP, so it gets its own axis to stay readable
+            plt.plot(n_kv, s_tg, label="S_TG", marker="braille", yside="right")
+        widget.refresh()
+
+    def action_stop(self) -> None:
+        """Cancel the sweep; its thread ends after the current step, and what it posts later is dropped."""
+        if self.running:
+            self.workers.cancel_group(self, "bench")
+            self.run += 1
+            self.running = False
+            self.show_progress(" — stopped")
+
+    def action_save_json(self) -> None:
+        if self.settings is None or not self.rows:
+            self.notify("nothing to save yet: run the sweep first (ctrl+r)", severity="warning")
+            return
+        try:
+            path = save_json(self.query_one("#json-path", Input).value.strip(), self.settings, self.rows)
+        except IkctlError as e:
+            self.notify(str(e), severity="error")
+            return
+        self.notify(f"saved {len(self.rows)} rows to {path}")

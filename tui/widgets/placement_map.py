@@ -1,0 +1,56 @@
+"""The compact placement map: layers down, tensor kinds across, each cell coloured by its device."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widgets import Static
+
+from engine.placement import Placement
+from tui.layer_map import KINDS, MIXED, MapRow, device_tags, placement_rows
+from tui.widgets.device_colors import MIXED_COLOR, device_colors
+
+CELL = 7
+LABEL = 7
+HEADINGS = {"attn": "attn", "router": "router", "experts": "exps", "shexp": "shexp", "dense": "dense"}
+
+
+def render_map(rows: list[MapRow], devices: list[str]) -> Text:
+    """The map as text: a heading line, then one line per row with a coloured cell per kind."""
+    colors, tags = device_colors(devices), device_tags(devices)
+    out = Text("layer".ljust(LABEL), style="bold")
+    for kind in KINDS:
+        out.append(HEADINGS[kind].center(CELL - 1) + " ", style="bold")
+    for row in rows:
+        out.append("\n")
+        out.append(row.label.ljust(LABEL), style="dim" if row.label.isdigit() else "bold")
+        for cell in row.cells:
+            _append_cell(out, cell, colors, tags)
+    return out
+
+
+def _append_cell(out: Text, device: str | None, colors: dict[str, str], tags: dict[str, str]) -> None:
+    if device is None:
+        out.append("·".center(CELL), style="dim")
+        return
+    if device == MIXED:
+        out.append("mix".center(CELL - 1), style=f"bold white on {MIXED_COLOR}")
+    else:
+        out.append(tags[device].center(CELL - 1), style=f"bold black on {colors[device]}")
+    out.append(" ")  # a gap, so that equal neighbours still read as separate cells
+
+
+class PlacementMap(Static):
+    """Shows `placement` (set by the screen); None shows a loading line."""
+
+    DEFAULT_CSS = """
+    PlacementMap { width: auto; height: auto; text-wrap: nowrap; }
+    """
+
+    placement: reactive[Placement | None] = reactive(None)
+
+    def watch_placement(self, placement: Placement | None) -> None:
+        if placement is None:
+            self.update("no plan yet (reading the model header, or the flags do not parse)")
+            return
+        self.update(render_map(placement_rows(placement), [d.name for d in placement.devices]))
