@@ -20,8 +20,9 @@ import pytest
 from engine.gguf_file import GGUFFile
 from engine.synth import SynthSpec, write_model
 from rpcnode import cache as cache_mod
-from rpcnode.cache import INDEX_FILE, CacheFull, DigestMismatch, ModelIndex, TensorCache, digest_of
+from rpcnode.cache import CacheFull, DigestMismatch, TensorCache, digest_of
 from rpcnode.gguf_table import read_tensor_table
+from rpcnode.model_index import INDEX_FILE, ModelIndex
 
 REF_MODEL = Path("/work/shared/refs/open-v3.gguf")
 
