@@ -3,44 +3,38 @@
 from __future__ import annotations
 
 import bisect
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from engine.errors import IkctlError
+from engine.placement_rules import (  # noqa: F401  (re-exported: callers import the planner's inputs from here)
+    CPU,
+    Device,
+    DeviceKind,
+    OverrideRule,
+    PlacementError,
+    PlacementRules,
+    device_name,
+    devices_for,
+    parse_device_mem,
+    parse_endpoint,
+    parse_override,
+    parse_rpc,
+    parse_size,
+    parse_tensor_split,
+)
 
-DeviceKind = Literal["cpu", "rpc", "cuda"]
 Op = tuple[int, str]  # (layer, part); part is one of OP_PARTS
 OP_PARTS = ("embd", "attn", "ffn", "moe_experts", "output")
 
-CPU = "CPU"
-_ENDPOINT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?):(?P<port>\d{1,5})")
-_RPC_NAME = re.compile(r"RPC(?P<index>\d*)\[(?P<endpoint>[^\[\]]*)\]")
-_CUDA_NAME = re.compile(r"CUDA\d+")
 _LAYER = re.compile(r"blk\.(\d+)\.")
 _EXPERTS = re.compile(r"ffn_(gate|up|down|gate_up)_exps\.")
 # llama.cpp's LLM_TENSOR_LAYER_INPUT / _OUTPUT tensors (src/llama-arch.cpp, LLM_TENSOR_INFOS)
 _INPUT_STEMS = frozenset({"token_embd", "pos_embd", "token_types"})
 _OUTPUT_STEMS = frozenset({"output", "output_norm", "cls", "cls.output"})
-_SIZE = re.compile(r"(?P<value>\d+(?:\.\d*)?)\s*(?P<unit>[A-Za-z]*)")
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "ki": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mi": 1 << 20,
-          "mib": 1 << 20, "mb": 10**6, "g": 1 << 30, "gi": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40,
-          "ti": 1 << 40, "tib": 1 << 40, "tb": 10**12}
-
-
-class PlacementError(IkctlError):
-    """Bad placement flags, or a plan that does not fit; overflow errors carry the numbers as fields."""
-
-    def __init__(self, message: str, device: str | None = None, need_bytes: int | None = None,
-                 capacity_bytes: int | None = None) -> None:
-        super().__init__(message)
-        self.device = device
-        self.need_bytes = need_bytes
-        self.capacity_bytes = capacity_bytes
 
 
 class TensorLike(Protocol):
@@ -49,197 +43,6 @@ class TensorLike(Protocol):
 
     @property
     def n_bytes(self) -> int: ...
-
-
-# ---- inputs ------------------------------------------------------------------------------------------------
-
-
-def parse_endpoint(text: str) -> str:
-    """`host:port` checked (a port in 1..65535; IPv6 hosts in brackets), returned stripped."""
-    text = text.strip()
-    m = _ENDPOINT.fullmatch(text)
-    if m is None:
-        raise PlacementError(f"'{text}' is not host:port (e.g. 192.168.1.20:50052)")
-    if not 0 < int(m["port"]) < 65536:
-        raise PlacementError(f"'{text}': port {m['port']} is not in 1..65535")
-    return text
-
-
-def parse_rpc(text: str) -> list[str]:
-    """`--rpc h1:p1,h2:p2` as endpoints, in order (the order -ts indexes)."""
-    items = [s.strip() for s in text.split(",")]
-    if not text.strip() or not all(items):
-        raise PlacementError(f"--rpc '{text}' needs host:port[,host:port...] with no empty entry")
-    try:
-        endpoints = [parse_endpoint(s) for s in items]
-    except PlacementError as e:
-        raise PlacementError(f"--rpc {e}") from None
-    dup = next((e for i, e in enumerate(endpoints) if e in endpoints[:i]), None)
-    if dup is not None:
-        raise PlacementError(f"--rpc lists {dup} twice; each worker is one device")
-    return endpoints
-
-
-def parse_tensor_split(text: str) -> list[float]:
-    """`-ts 3,1` (or `3/1`, as llama.cpp splits on `,` and `/`) as non-negative proportions."""
-    out = []
-    for item in re.split(r"[,/]+", text.strip()):
-        try:
-            value = float(item)
-        except ValueError:
-            raise PlacementError(f"-ts '{text}': '{item}' is not a number (e.g. -ts 3,1)") from None
-        if not math.isfinite(value) or value < 0:
-            raise PlacementError(f"-ts '{text}': {item} must be a finite proportion >= 0")
-        out.append(value)
-    return out
-
-
-def device_name(text: str) -> str:
-    """A device as -ot/--device-mem name it: `CPU`, `CUDA<n>` or `RPC[host:port]`.
-
-    Mainline llama.cpp now names RPC devices `RPC<n>[host:port]` (device n of a server); an ikctl
-    worker owns one device, so `RPC0[host:port]` is accepted as `RPC[host:port]`."""
-    if text == CPU or _CUDA_NAME.fullmatch(text):
-        return text
-    m = _RPC_NAME.fullmatch(text)
-    if m is None:
-        hint = f" (did you mean {text.upper()}?)" if text.upper() == CPU or _CUDA_NAME.fullmatch(text.upper()) else ""
-        raise PlacementError(f"unknown device '{text}'{hint}: a device is CPU, CUDA0, CUDA1... or RPC[host:port]")
-    if m["index"] not in ("", "0"):
-        raise PlacementError(f"'{text}': an ikctl worker owns one device; start one rpcnode per device and "
-                             f"name it RPC[{m['endpoint']}]")
-    return f"RPC[{parse_endpoint(m['endpoint'])}]"
-
-
-@dataclass(frozen=True)
-class Device:
-    """One place tensors can live. `capacity_bytes` None: unknown (not checked)."""
-
-    name: str
-    kind: DeviceKind
-    capacity_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        expected = {"cpu": "CPU", "rpc": "RPC[host:port]", "cuda": "CUDA<n>"}.get(self.kind)
-        if expected is None:
-            raise PlacementError(f"device {self.name}: kind '{self.kind}' is not cpu, rpc or cuda")
-        if device_name(self.name) != self.name or _kind_of(self.name) != self.kind:
-            raise PlacementError(f"a {self.kind} device is named {expected}, not '{self.name}'")
-        if self.capacity_bytes is not None and self.capacity_bytes < 0:
-            raise PlacementError(f"device {self.name}: capacity {self.capacity_bytes} bytes is negative")
-
-
-def _kind_of(name: str) -> DeviceKind:
-    return "cpu" if name == CPU else "rpc" if name.startswith("RPC") else "cuda"
-
-
-@dataclass(frozen=True)
-class OverrideRule:
-    """One `-ot REGEX=DEV`: tensors whose name the regex finds (std::regex_search semantics) go to DEV.
-
-    Python's `re` stands in for std::regex's ECMAScript grammar; they agree on what -ot patterns use
-    (`.`, `\\.`, `[0-9]`, `(a|b)`, `{m,n}`, anchors)."""
-
-    pattern: str
-    device: str
-    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.pattern:
-            raise PlacementError(f"-ot '={self.device}' has an empty regex; write REGEX={self.device}")
-        try:
-            regex = re.compile(self.pattern)
-        except re.error as e:
-            raise PlacementError(f"-ot '{self}': '{self.pattern}' is not a valid regex ({e})") from None
-        try:
-            device = device_name(self.device)
-        except PlacementError as e:
-            raise PlacementError(f"-ot '{self}': {e}") from None
-        object.__setattr__(self, "device", device)
-        object.__setattr__(self, "regex", regex)
-
-    @classmethod
-    def parse(cls, text: str) -> OverrideRule:
-        """One `REGEX=DEV`; split at the last `=` (device names have none), so the regex may hold `=`."""
-        pattern, eq, dev = text.rpartition("=")
-        if not eq:
-            raise PlacementError(f"-ot '{text}' needs REGEX=DEV (e.g. -ot exps=CPU)")
-        return cls(pattern, dev)
-
-    def matches(self, tensor_name: str) -> bool:
-        return self.regex.search(tensor_name) is not None
-
-    def __str__(self) -> str:
-        return f"{self.pattern}={self.device}"
-
-
-def parse_override(text: str) -> list[OverrideRule]:
-    """One -ot value. Like llama.cpp it may list several rules (`a=CPU,b=RPC[h:p]`); a comma splits only
-    after a complete `=DEV`, so regexes such as `blk\\.[0-9]{1,2}\\.` keep their commas."""
-    rules, rest = [], text
-    while True:
-        m = re.match(r"(.+?=(?:CPU|CUDA\d+|RPC\d*\[[^\[\]]*\])),(?=.+=)", rest)
-        if m is None:
-            rules.append(OverrideRule.parse(rest))
-            return rules
-        rules.append(OverrideRule.parse(m[1]))
-        rest = rest[m.end():]
-
-
-def parse_size(text: str) -> int:
-    """`512MiB`, `8G`, `1.5GiB`, `1000000`: K/M/G/T and KiB... are powers of 1024, KB/MB... of 1000."""
-    m = _SIZE.fullmatch(text.strip())
-    unit = _UNITS.get(m["unit"].lower()) if m else None
-    if m is None or unit is None:
-        raise PlacementError(f"'{text}' is not a size (e.g. 512MiB, 24GiB, 1000000)")
-    return int(float(m["value"]) * unit)
-
-
-def parse_device_mem(text: str) -> tuple[str, int]:
-    """`--device-mem DEV=SIZE`, e.g. `RPC[10.0.0.2:50052]=48GiB`: a capacity to plan against offline."""
-    dev, eq, size = text.rpartition("=")
-    if not eq or not dev:
-        raise PlacementError(f"--device-mem '{text}' needs DEV=SIZE (e.g. RPC[127.0.0.1:50052]=512MiB)")
-    try:
-        return device_name(dev), parse_size(size)
-    except PlacementError as e:
-        raise PlacementError(f"--device-mem '{text}': {e}") from None
-
-
-@dataclass(frozen=True)
-class PlacementRules:
-    """The flags, as llama.cpp means them. Sequences are stored as tuples."""
-
-    override_tensor: Sequence[OverrideRule] = ()
-    n_gpu_layers: int = 0
-    tensor_split: Sequence[float] | None = None
-    rpc: Sequence[str] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "override_tensor", tuple(self.override_tensor))
-        object.__setattr__(self, "rpc", tuple(self.rpc))
-        if self.tensor_split is not None:
-            object.__setattr__(self, "tensor_split", tuple(self.tensor_split))
-
-    @classmethod
-    def from_flags(cls, override_tensor: Iterable[str] = (), n_gpu_layers: int = 0,
-                   tensor_split: str | None = None, rpc: str | None = None) -> PlacementRules:
-        """The rules from flag strings as typed on a command line."""
-        rules = [r for text in override_tensor for r in parse_override(text)]
-        return cls(rules, n_gpu_layers, parse_tensor_split(tensor_split) if tensor_split else None,
-                   parse_rpc(rpc) if rpc else ())
-
-
-def devices_for(rpc: Sequence[str], capacities: Mapping[str, int] | None = None) -> list[Device]:
-    """CPU plus one device per --rpc endpoint, with the capacities given (e.g. by --device-mem)."""
-    devices = [Device(CPU, "cpu"), *(Device(f"RPC[{ep}]", "rpc") for ep in rpc)]
-    caps = dict(capacities or {})
-    names = [d.name for d in devices]
-    unknown = [n for n in caps if n not in names]
-    if unknown:
-        raise PlacementError(f"--device-mem names {unknown[0]}, which is not a device here ({', '.join(names)}); "
-                             "add its endpoint to --rpc")
-    return [Device(d.name, d.kind, caps.get(d.name)) for d in devices]
 
 
 # ---- tensor names ------------------------------------------------------------------------------------------
