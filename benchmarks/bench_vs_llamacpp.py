@@ -16,23 +16,12 @@ import argparse
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-
-
-def ensure_model(directory: Path, dtype: str) -> Path:
-    from engine.synth import BENCH_SPEC, write_model
-
-    path = directory / f"bench-v2lite-{dtype.lower()}.gguf"
-    if not path.exists():
-        print(f"writing {path} ...", file=sys.stderr, flush=True)
-        write_model(path, replace(BENCH_SPEC, dtype=dtype))
-    return path
 
 
 def run_ikctl(model: Path, threads: int, ctx: int, ub: int, n: int, generic: bool = False) -> dict[str, Any]:
@@ -93,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results: dict[str, Any] = {"dram_gbs": dram, "settings": settings, "models": {}}
-    models = {dt: ensure_model(args.dir, dt) for dt in args.types.split(",")}
+    from engine.synth import bench_model
+
+    models = {dt: bench_model(args.dir, dt) for dt in args.types.split(",")}
     runs: dict[str, dict[str, list]] = {dt: {"ikctl": [], "llama.cpp": []} for dt in models}
     meta: dict[str, dict[str, Any]] = {}
     for rnd in range(args.rounds):

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 PROMPT = list(range(1, 17))
-
-
-def ensure_model(directory: Path, dtype: str) -> Path:
-    from engine.synth import BENCH_SPEC, write_model
-
-    path = directory / f"bench-v2lite-{dtype.lower()}.gguf"
-    if not path.exists():
-        print(f"writing {path} ...", file=sys.stderr, flush=True)
-        write_model(path, replace(BENCH_SPEC, dtype=dtype))
-    return path
 
 
 def start_worker(cache: Path, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -162,7 +151,9 @@ def main() -> int:
         args.dir = cache_dir() / "rpc-bench"
     args.dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("IKCTL_CACHE", str(args.dir / "ikctl-cache"))
-    path = ensure_model(args.dir, args.dtype)
+    from engine.synth import bench_model
+
+    path = bench_model(args.dir, args.dtype)
     load = bench_load(path, args, args.dir)
     proc, ep = start_worker(args.dir / "tg-cache", args.threads, args.dir / "worker-tg.log")
     try:

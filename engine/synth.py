@@ -390,6 +390,15 @@ def spec_digest(spec: SynthSpec) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+def bench_model(directory: Path, dtype: str) -> Path:
+    """The benchmark model (BENCH_SPEC) in `dtype` under `directory`, written once (used by benchmarks/)."""
+    path = directory / f"bench-v2lite-{dtype.lower()}.gguf"
+    if not path.exists():
+        print(f"writing {path} ...", file=sys.stderr, flush=True)
+        write_model(path, dataclasses.replace(BENCH_SPEC, dtype=dtype))
+    return path
+
+
 def default_model_path() -> Path:
     """The embedded default model in the cache dir, made on first use (its name changes with the spec)."""
     path = cache_dir() / f"{DEFAULT_SPEC.name}-{DEFAULT_SPEC.dtype.lower()}-{spec_digest(DEFAULT_SPEC)}.gguf"
