@@ -112,6 +112,12 @@ class DeepSeek2Config:
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.first_k_dense_replace and self.n_routed_experts > 0
 
+    def cache_widths(self, mla: int) -> dict[str, int]:
+        """Row widths of one layer's KV cache: per-head K and V (-mla 0), else MLA's latent + roped key."""
+        if mla == 0:
+            return {"k": self.n_heads * self.qk_head_dim, "v": self.n_heads * self.v_head_dim}
+        return {"ckv": self.kv_lora_rank + self.qk_rope_head_dim}
+
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> DeepSeek2Config:
         a = "deepseek2"
@@ -198,6 +204,10 @@ class LlamaConfig:
     context_length: int
     rope: RopeConfig
 
+    def cache_widths(self, mla: int = 0) -> dict[str, int]:
+        w = self.n_kv_heads * self.head_dim
+        return {"k": w, "v": w}
+
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> LlamaConfig:
         a = "llama"
@@ -221,3 +231,12 @@ class LlamaConfig:
             context_length=int(g(f"{a}.context_length")),
             rope=_rope_from_gguf(f, a, n_rot),
         )
+
+
+def model_config(f: GGUFFile) -> DeepSeek2Config | LlamaConfig:
+    """The hyper-parameters of a deepseek2 or llama file, from its header alone."""
+    if f.architecture == "deepseek2":
+        return DeepSeek2Config.from_gguf(f)
+    if f.architecture == "llama":
+        return LlamaConfig.from_gguf(f)
+    raise ModelFileError(f"{f.path}: architecture '{f.architecture or '?'}' is not supported (deepseek2, llama)")

@@ -174,10 +174,7 @@ class DeepSeek2:
 
     # ---- cache layout -------------------------------------------------------------------------
     def cache_widths(self) -> dict[str, int]:
-        c = self.cfg
-        if self.mla == 0:
-            return {"k": c.n_heads * c.qk_head_dim, "v": c.n_heads * c.v_head_dim}
-        return {"ckv": c.kv_lora_rank + c.qk_rope_head_dim}  # latent c, then the roped key
+        return self.cfg.cache_widths(self.mla)
 
     def new_cache(self, n_ctx: int, cache_type: str) -> KVCache:
         return KVCache(self.cfg.n_layers, self.cache_widths(), n_ctx, cache_type)

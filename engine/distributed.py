@@ -7,7 +7,7 @@ import itertools
 import os
 import secrets
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,10 +20,11 @@ from engine.placement import CPU, Placement, PlacementRules, Segment, devices_fo
 from engine.segments import TensorRef, op_tensor_names, ordered_state, segment_records
 
 if TYPE_CHECKING:
+    from engine.cluster import Cluster
     from engine.deepseek2 import DeepSeek2
     from engine.gguf_file import GGUFFile
     from engine.model import Options
-    from rpcnode.client import Client
+    from rpcnode.client import Client, OfferSpec
 
 TOKEN_ENV, TOKEN_FILE_ENV = "IKCTL_RPC_TOKEN", "IKCTL_RPC_TOKEN_FILE"
 
@@ -43,13 +44,58 @@ def _rpc() -> Iterator[None]:
         raise WorkerError(str(e)) from None
 
 
-def rules_from_options(opts: Options) -> PlacementRules:
-    """The placement flags of Options, as strings or lists (as a script or the CLI passes them)."""
+def _texts(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _cluster(opts: Options) -> Cluster | None:
+    if not opts.cluster:
+        return None
+    from engine.cluster import read_cluster
+
+    return read_cluster(opts.cluster)
+
+
+def rules_from_options(opts: Options, cluster: Cluster | None = None) -> PlacementRules:
+    """The placement flags of Options, as strings or lists (as a script or the CLI passes them); a cluster file's
+    endpoints stand for --rpc when --rpc is not given."""
     rpc = opts.rpc if isinstance(opts.rpc, str) else ",".join(opts.rpc)
+    if not rpc and cluster is not None:
+        rpc = ",".join(cluster.endpoints())
     ts = opts.tensor_split
     ts_text = ts if isinstance(ts, str) or ts is None else ",".join(str(v) for v in ts)
-    ot = [opts.override_tensor] if isinstance(opts.override_tensor, str) else list(opts.override_tensor)
-    return PlacementRules.from_flags(ot, opts.n_gpu_layers, ts_text or None, rpc or None)
+    return PlacementRules.from_flags(_texts(opts.override_tensor), opts.n_gpu_layers, ts_text or None, rpc or None)
+
+
+def capacities_from_options(opts: Options, cluster: Cluster | None,
+                            reported: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Device capacities to plan against: what workers report, then the cluster file's, then --device-mem."""
+    from engine.placement import parse_device_mem
+
+    caps = dict(reported or {})
+    if cluster is not None:
+        caps.update(cluster.capacities())
+    caps.update(parse_device_mem(t) for t in _texts(opts.device_mem))
+    return caps
+
+
+def worker_tokens(opts: Options, cluster: Cluster | None) -> tuple[dict[str, str], str | None]:
+    """(token per endpoint, the token for any other endpoint): rpc_token=, the cluster file, then the environment."""
+    per_endpoint = dict(cluster.tokens()) if cluster is not None else {}
+    if isinstance(opts.rpc_token, Mapping):
+        return {**per_endpoint, **opts.rpc_token}, read_token()
+    return per_endpoint, opts.rpc_token or read_token()
+
+
+def kv_bytes_per_layer(cfg: Any, opts: Options) -> int:
+    """One layer's KV cache for the whole context in the -ctk type: what a worker holding the layer must reserve."""
+    from engine.kv_cache import row_bytes
+
+    return row_bytes(cfg.cache_widths(opts.mla), opts.cache_type_k) * context_size(cfg, opts)
+
+
+def context_size(cfg: Any, opts: Options) -> int:
+    return opts.ctx_size or int(cfg.context_length)
 
 
 def read_token() -> str | None:
@@ -61,6 +107,19 @@ def read_token() -> str | None:
         except OSError as e:
             raise IkctlError(f"cannot read ${TOKEN_FILE_ENV} {path}: {e.strerror}") from None
     return os.environ.get(TOKEN_ENV) or None
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """One worker's load so far (for progress bars): tensors settled, bytes found there (hit) or sent."""
+
+    device: str
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+    bytes_hit: int
+    bytes_sent: int
 
 
 @dataclass
@@ -93,7 +152,7 @@ class DistributedNet:
     """A Network (see engine.model) whose segments run where the placement put their weights."""
 
     def __init__(self, local: DeepSeek2, gguf: GGUFFile, placement: Placement, clients: dict[str, Client],
-                 opts: Options) -> None:
+                 opts: Options, progress: Callable[[LoadProgress], None] | None = None) -> None:
         self.local, self.cfg, self.placement, self.clients = local, local.cfg, placement, clients
         self.segments = placement.segments(layer_ops(gguf.tensors, local.cfg.n_layers))
         self.local_attn = {i for s in self.segments if s.device == CPU for i, p in s.ops if p == "attn"}
@@ -105,16 +164,16 @@ class DistributedNet:
         self.load_stats = LoadStats()
         self._seq_ids = itertools.count(secrets.randbelow(1 << 31))
         self._closer = weakref.finalize(self, _release, dict(clients), list(self.remote))
-        self._load(gguf, opts)
+        self._load(gguf, opts, progress)
 
     # ---- loading ----------------------------------------------------------------------------------------------
-    def _load(self, gguf: GGUFFile, opts: Options) -> None:
+    def _load(self, gguf: GGUFFile, opts: Options, progress: Callable[[LoadProgress], None] | None) -> None:
         from engine.digests import model_digests
         from rpcnode.client import OfferSpec
 
         digests = model_digests(gguf)
         refs: dict[str, TensorRef] = {n: (digests[n], t.qtype, t.shape) for n, t in gguf.tensors.items()}
-        n_ctx = max(opts.ctx_size, int(self.cfg.context_length))
+        n_ctx = context_size(self.cfg, opts)
         for device, client in self.clients.items():
             segs = [(k, s) for k, s in self.remote if s.device == device]
             names = dict.fromkeys(n for _, s in segs for op in s.ops for n in op_tensor_names(gguf.tensors, op,
@@ -123,7 +182,7 @@ class DistributedNet:
                                list(reversed(gguf.tensors[n].shape)), n, _reader(gguf, n)) for n in names]
             with _rpc():
                 before = client.counters.tensor_bytes_sent
-                result = client.offer(specs)
+                result = client.offer(specs, _progress_reporter(device, specs, progress) if progress else None)
                 self.load_stats.tensors_offered += len(specs)
                 self.load_stats.tensors_uploaded += sum(v == "uploaded" for v in result.values())
                 self.load_stats.bytes_uploaded += client.counters.tensor_bytes_sent - before
@@ -175,6 +234,21 @@ class DistributedNet:
         state.update(out)
 
 
+def _progress_reporter(device: str, specs: Sequence[OfferSpec],
+                       progress: Callable[[LoadProgress], None]) -> Callable[[OfferSpec, str], None]:
+    total = sum(s.nbytes for s in specs)
+    done = {"tensors": 0, "hit": 0, "sent": 0}
+
+    def on_tensor(spec: OfferSpec, status: str) -> None:
+        done["tensors"] += 1
+        done["hit" if status == "hit" else "sent"] += spec.nbytes
+        progress(LoadProgress(device, done["tensors"], len(specs), done["hit"] + done["sent"], total, done["hit"],
+                              done["sent"]))
+
+    progress(LoadProgress(device, 0, len(specs), 0, total, 0, 0))
+    return on_tensor
+
+
 def _release(clients: dict[str, Client], remote: list[tuple[int, Segment]]) -> None:
     from rpcnode.client import RPCError
 
@@ -208,23 +282,27 @@ def _reader(gguf: GGUFFile, name: str) -> Any:
     return lambda: gguf.raw(name).reshape(-1).view(np.uint8)
 
 
-def distribute(net: Any, gguf: GGUFFile, opts: Options) -> Any:
-    """The network itself when the placement keeps everything local, else a DistributedNet over the workers."""
+def distribute(net: Any, gguf: GGUFFile, opts: Options,
+               progress: Callable[[LoadProgress], None] | None = None) -> Any:
+    """The network itself when the placement keeps everything local, else a DistributedNet over the workers.
+    The plan is checked against each worker's memory (its -m, or the cluster file's, or --device-mem) with the
+    KV cache of the whole context counted, before any tensor is sent."""
     from engine.deepseek2 import DeepSeek2
     from rpcnode.client import Client
 
-    rules = rules_from_options(opts)
-    token = read_token() if rules.rpc else None
+    cluster = _cluster(opts)
+    rules = rules_from_options(opts, cluster)
+    tokens, default_token = worker_tokens(opts, cluster)
     clients: dict[str, Client] = {}
     try:
+        reported = {}
         with _rpc():
             for ep in rules.rpc:
-                clients[f"RPC[{ep}]"] = Client.connect(ep, token)
-        devices = devices_for(rules.rpc)
-        n_layers = int(net.cfg.n_layers)
-        # capacities are not planned against: a worker may already hold these tensors, and it refuses what does
-        # not fit with OUT_OF_MEMORY naming the numbers
-        placement = plan(gguf.tensors.values(), n_layers, devices, rules, check_capacity=False)
+                client = clients[f"RPC[{ep}]"] = Client.connect(ep, tokens.get(ep, default_token))
+                reported[f"RPC[{ep}]"] = client.device_info().mem_total_bytes
+        devices = devices_for(rules.rpc, capacities_from_options(opts, cluster, reported))
+        placement = plan(gguf.tensors.values(), int(net.cfg.n_layers), devices, rules,
+                         kv_bytes_per_layer=kv_bytes_per_layer(net.cfg, opts))
         remote = {d for d in placement.device_of.values() if d != CPU}
         if not remote:
             for c in clients.values():
@@ -236,7 +314,7 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options) -> Any:
         used = {d: c for d, c in clients.items() if d in remote}
         for d in set(clients) - set(used):
             clients.pop(d).close()
-        return DistributedNet(net, gguf, placement, used, opts)
+        return DistributedNet(net, gguf, placement, used, opts, progress)
     except BaseException:
         for c in clients.values():
             c.close()

@@ -33,6 +33,13 @@ def q8_0_dequantize(q: np.ndarray, d: np.ndarray, width: int) -> np.ndarray:
     return x.reshape(S, -1)[:, :width]
 
 
+def row_bytes(widths: dict[str, int], cache_type: str) -> int:
+    """Bytes one cached position takes in one layer (llama.cpp counts -c positions of these per layer up front)."""
+    if cache_type == "q8_0":
+        return sum((wp := -(-w // _Q8_BLOCK) * _Q8_BLOCK) + 2 * (wp // _Q8_BLOCK) for w in widths.values())
+    return sum(widths.values()) * (4 if cache_type == "f32" else 2)
+
+
 class _Stream:
     """Rows of one width for one layer."""
 

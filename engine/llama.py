@@ -92,8 +92,7 @@ class Llama:
 
     # ---- cache layout -------------------------------------------------------------------------
     def cache_widths(self) -> dict[str, int]:
-        w = self.cfg.n_kv_heads * self.cfg.head_dim
-        return {"k": w, "v": w}
+        return self.cfg.cache_widths()
 
     def new_cache(self, n_ctx: int, cache_type: str) -> KVCache:
         return KVCache(self.cfg.n_layers, self.cache_widths(), n_ctx, cache_type)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,11 +30,14 @@ class Options:
     override_tensor: str | Sequence[str] = ()  # -ot: REGEX=DEV rules, the first match wins
     n_gpu_layers: int = 0  # -ngl: the last N layers go to the RPC/GPU devices
     tensor_split: str | Sequence[float] | None = None  # -ts: proportions per RPC/GPU device
+    device_mem: str | Sequence[str] = ()  # --device-mem DEV=SIZE: plan against this capacity instead
+    cluster: str | None = None  # --cluster FILE (from `ikctl launch`): endpoints, their tokens and memory
+    rpc_token: str | Mapping[str, str] | None = None  # the workers' token, or one per endpoint (else $IKCTL_RPC_TOKEN)
 
     @property
     def placed(self) -> bool:
         """Whether any placement flag is set (else everything runs here, as always)."""
-        return bool(self.rpc or self.override_tensor or self.n_gpu_layers or self.tensor_split)
+        return bool(self.rpc or self.override_tensor or self.n_gpu_layers or self.tensor_split or self.cluster)
 
     def validated(self) -> Options:
         if self.cache_type_k not in CACHE_TYPES:
@@ -76,7 +79,8 @@ def _build_network(f: GGUFFile, opts: Options) -> Network:
 class Model:
     """A loaded model: weights stay memory-mapped in their GGUF encoding."""
 
-    def __init__(self, path: Path, gguf: GGUFFile, options: Options) -> None:
+    def __init__(self, path: Path, gguf: GGUFFile, options: Options,
+                 progress: Callable[[Any], None] | None = None) -> None:
         from engine.tokenizer import Tokenizer
 
         self.path = path
@@ -86,7 +90,7 @@ class Model:
         if options.placed:
             from engine.distributed import distribute
 
-            self.net = distribute(self.net, gguf, options)
+            self.net = distribute(self.net, gguf, options, progress)
         self.tokenizer = Tokenizer.from_gguf(gguf)
 
     @property
@@ -157,12 +161,13 @@ class Model:
         return generate(self, prompt, **kwargs)
 
 
-def load_model(path: str | os.PathLike[str], **options: Any) -> Model:
-    """Open a GGUF model. Options are named after the long CLI flags (threads=, ctx_size=, cache_type_k=, mla=...)."""
+def load_model(path: str | os.PathLike[str], progress: Callable[[Any], None] | None = None, **options: Any) -> Model:
+    """Open a GGUF model. Options are named after the long CLI flags (threads=, ctx_size=, cache_type_k=, mla=...).
+    With workers, `progress(p)` gets an engine.distributed.LoadProgress after each tensor a worker settles."""
     known = {f.name for f in fields(Options)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise IkctlError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     opts = replace(Options(), **options).validated()
     p = Path(path)
-    return Model(p, GGUFFile(p), opts)
+    return Model(p, GGUFFile(p), opts, progress)

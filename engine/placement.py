@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -110,6 +110,11 @@ class Placement:
     bytes_of: dict[str, int]
     bytes_per_device: dict[str, int]
     warnings: tuple[str, ...] = ()
+    kv_bytes_per_device: dict[str, int] = field(default_factory=dict)  # the KV cache of the -c context
+
+    def need_bytes(self, device: str) -> int:
+        """Weights plus KV cache: what the device must hold."""
+        return self.bytes_per_device.get(device, 0) + self.kv_bytes_per_device.get(device, 0)
 
     def tensors_on(self, device: str) -> list[str]:
         return [n for n, d in self.device_of.items() if d == device]
@@ -128,16 +133,23 @@ class Placement:
 
     def overflows(self) -> list[tuple[str, int, int]]:
         """(device, need_bytes, capacity_bytes) for each device whose known capacity is exceeded."""
-        return [(d.name, self.bytes_per_device[d.name], d.capacity_bytes) for d in self.devices
-                if d.capacity_bytes is not None and self.bytes_per_device[d.name] > d.capacity_bytes]
+        return [(d.name, self.need_bytes(d.name), d.capacity_bytes) for d in self.devices
+                if d.capacity_bytes is not None and self.need_bytes(d.name) > d.capacity_bytes]
 
     def check_capacity(self) -> None:
         over = self.overflows()
         if over:
-            parts = [f"{dev} would hold {format_bytes(need)} but has {format_bytes(cap)}" for dev, need, cap in over]
+            parts = [f"{dev} would hold {format_bytes(need)}{self._kv_note(dev)} but has {format_bytes(cap)}"
+                     for dev, need, cap in over]
             dev, need, cap = over[0]
             raise PlacementError("; ".join(parts) + "; move tensors elsewhere with -ot or lower -ngl",
                                  device=dev, need_bytes=need, capacity_bytes=cap)
+
+    def _kv_note(self, device: str) -> str:
+        kv = self.kv_bytes_per_device.get(device, 0)
+        if not kv:
+            return ""
+        return f" ({format_bytes(self.bytes_per_device[device])} weights + {format_bytes(kv)} KV cache for -c)"
 
     def segments(self, ops: Sequence[Op]) -> list[Segment]:
         """Group consecutive ops by the device of their weights. An op whose weights span two devices is an
@@ -244,7 +256,7 @@ def _validate(records: list[tuple[str, int]], n_layers: int, devices: Sequence[D
 
 
 def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices: Sequence[Device],
-         rules: PlacementRules, check_capacity: bool = True) -> Placement:
+         rules: PlacementRules, check_capacity: bool = True, kv_bytes_per_layer: int = 0) -> Placement:
     """Place every tensor, as llama.cpp's load_tensors would (src/llama-model.cpp):
 
     1. the first -ot rule whose regex the name matches (std::regex_search) decides;
@@ -253,6 +265,7 @@ def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices
        offload devices (RPC first, then GPUs): layer il goes to the first device whose cumulative -ts
        split point is > (il - first offloaded layer) / offloaded count;
     4. else CPU.
+    Each layer's KV cache (kv_bytes_per_layer: the whole -c context) counts on the device of its attention.
     With check_capacity, a device whose known capacity is exceeded is a PlacementError.
     """
     records = _records(tensors)
@@ -295,8 +308,14 @@ def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices
     bytes_per_device = {d.name: 0 for d in devices}
     for name, n_bytes in records:
         bytes_per_device[device_of[name]] += n_bytes
+    kv_per_device = {d.name: 0 for d in devices}
+    if kv_bytes_per_layer:
+        attn_device = {tensor_layer(n): device_of[n] for n, _ in records if op_part(n) == "attn"}
+        for layer, dev in attn_device.items():
+            if layer is not None:
+                kv_per_device[dev] += kv_bytes_per_layer
     placement = Placement(tuple(devices), n_layers, device_of, reason_of, dict(records), bytes_per_device,
-                          tuple(_warnings(rules, offload, used, bytes_per_device)))
+                          tuple(_warnings(rules, offload, used, bytes_per_device)), kv_per_device)
     if check_capacity:
         placement.check_capacity()
     return placement
@@ -353,15 +372,19 @@ def format_table(placement: Placement, devices: Sequence[Device] | None = None) 
     """The per-device table: tensors, bytes, capacity and use where known, and the layers it holds."""
     devices = devices or placement.devices
     width = max(len("device"), *(len(d.name) for d in devices))
-    head = f"{'device':<{width}}  {'tensors':>7}  {'bytes':>10}  {'capacity':>10}  {'use':>5}  layers"
+    kv = any(placement.kv_bytes_per_device.values())
+    kv_head = f"  {'KV cache':>10}" if kv else ""
+    head = f"{'device':<{width}}  {'tensors':>7}  {'bytes':>10}{kv_head}  {'capacity':>10}  {'use':>5}  layers"
     lines = [head, "-" * len(head)]
     for d in devices:
         n = len(placement.tensors_on(d.name))
-        need = placement.bytes_per_device.get(d.name, 0)
+        weights, need = placement.bytes_per_device.get(d.name, 0), placement.need_bytes(d.name)
+        kv_cell = f"  {format_bytes(placement.kv_bytes_per_device.get(d.name, 0)):>10}" if kv else ""
         cap = "-" if d.capacity_bytes is None else format_bytes(d.capacity_bytes)
         use = "-" if not d.capacity_bytes else f"{100 * need / d.capacity_bytes:.0f}%"
-        lines.append(f"{d.name:<{width}}  {n:>7}  {format_bytes(need):>10}  {cap:>10}  {use:>5}  "
+        lines.append(f"{d.name:<{width}}  {n:>7}  {format_bytes(weights):>10}{kv_cell}  {cap:>10}  {use:>5}  "
                      f"{_layers_column(placement, d.name)}")
     total = sum(placement.bytes_per_device.values())
-    lines.append(f"{'total':<{width}}  {len(placement.device_of):>7}  {format_bytes(total):>10}")
+    kv_total = f"  {format_bytes(sum(placement.kv_bytes_per_device.values())):>10}" if kv else ""
+    lines.append(f"{'total':<{width}}  {len(placement.device_of):>7}  {format_bytes(total):>10}{kv_total}")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import numpy as np
 
 from engine.config import DeepSeek2Config, RopeConfig
 from engine.errors import IkctlError
-from engine.kv_cache import CACHE_TYPES, KVCache
+from engine.kv_cache import CACHE_TYPES, KVCache, row_bytes
 from engine.placement import Op, op_part, tensor_layer
 from engine.quant import QTensor
 
@@ -229,6 +229,17 @@ class SegmentRunner:
     @property
     def kv_bytes(self) -> int:
         return sum(c.nbytes for c in self._caches.values())
+
+    @property
+    def kv_reserved_bytes(self) -> int:
+        """One sequence's KV cache over the whole context: counted from the start, as llama.cpp allocates it."""
+        p = self.program
+        return len(self._attn_layers) * row_bytes(self.net.cache_widths(), p.cache_type) * p.n_ctx
+
+    @property
+    def kv_accounted_bytes(self) -> int:
+        """What the worker's memory limit counts for this segment's caches."""
+        return max(self.kv_reserved_bytes, self.kv_bytes)
 
 
 def ordered_state(state: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:

@@ -175,8 +175,10 @@ class Client:
     def telemetry(self) -> P.Telemetry:
         return self._call(P.TelemetryRequest(), P.Telemetry)
 
-    def offer(self, specs: Iterable[OfferSpec]) -> dict[str, str]:
-        """Offer tensors (pipelined), upload the misses in chunks; digest -> "hit" | "uploaded"."""
+    def offer(self, specs: Iterable[OfferSpec],
+              on_tensor: Callable[[OfferSpec, str], None] | None = None) -> dict[str, str]:
+        """Offer tensors (pipelined), upload the misses in chunks; digest -> "hit" | "uploaded".
+        `on_tensor(spec, status)` is called after each tensor is settled (for progress bars)."""
         specs = list(specs)
         ids = [self._send(P.OfferTensor(digest=s.digest, nbytes=s.nbytes, ggml_type=s.ggml_type,
                                         shape=list(s.shape), name=s.name[:256])) for s in specs]
@@ -190,6 +192,8 @@ class Client:
                 self.counters.offers_missed += 1
                 self.upload(spec.digest, spec.data())
                 out[spec.digest] = "uploaded"
+            if on_tensor is not None:
+                on_tensor(spec, out[spec.digest])
         return out
 
     def upload(self, digest: str, data: Any) -> None:

@@ -259,6 +259,7 @@ class Telemetry(_Message, tag=int(Kind.TELEMETRY), kw_only=True):
     tensors_held: U64
     bytes_held: U64
     mem_free_bytes: U64 = 0
+    kv_bytes: U64 = 0  # KV caches, counted at the whole context per segment (as the memory limit counts them)
 
 
 class Free(_Message, tag=int(Kind.FREE), kw_only=True):

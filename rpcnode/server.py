@@ -107,8 +107,12 @@ class Worker:
         return sum(a.nbytes for a in self.held.values())
 
     @property
+    def kv_bytes(self) -> int:
+        return sum(r.kv_accounted_bytes for r in self.segments.values())
+
+    @property
     def mem_free(self) -> int:
-        return max(0, self.mem_total - self.bytes_held - self.reserved)
+        return max(0, self.mem_total - self.bytes_held - self.reserved - self.kv_bytes)
 
     def device_info(self) -> P.DeviceInfo:
         st = self.cache.stats()
@@ -120,7 +124,8 @@ class Worker:
         return P.Telemetry(rss_bytes=psutil.Process().memory_info().rss, busy_seconds=self.busy_seconds,
                            uptime_seconds=time.monotonic() - self.started, bytes_in=self.bytes_in,
                            bytes_out=self.bytes_out, cache_hits=self.hits, cache_misses=self.misses,
-                           tensors_held=len(self.held), bytes_held=self.bytes_held, mem_free_bytes=self.mem_free)
+                           tensors_held=len(self.held), bytes_held=self.bytes_held, mem_free_bytes=self.mem_free,
+                           kv_bytes=self.kv_bytes)
 
     # ---- tensors ------------------------------------------------------------------------------------------------
     def offer(self, m: P.OfferTensor, uploads: dict[str, _Upload]) -> P.OfferReply:
@@ -199,7 +204,15 @@ class Worker:
             runner = SegmentRunner(program, self.held.get)
         except (IkctlError, ValueError, KeyError) as e:  # engine errors about shapes/types are ValueErrors too
             raise _fail(E.BAD_PROGRAM, f"segment {m.segment_id}: {e}") from None
-        self.segments[m.segment_id] = runner
+        with self.lock:
+            old = self.segments.pop(m.segment_id, None)
+            if runner.kv_reserved_bytes > self.mem_free:
+                if old is not None:
+                    self.segments[m.segment_id] = old
+                raise _fail(E.OUT_OF_MEMORY, f"segment {m.segment_id}: its KV cache for {program.n_ctx} positions "
+                            f"({program.cache_type}) needs {runner.kv_reserved_bytes} bytes, {self.mem_free} of "
+                            f"{self.mem_total} free; lower -c, use -ctk q8_0, or raise -m")
+            self.segments[m.segment_id] = runner
         return P.DefineReply(segment_id=m.segment_id, n_ops=len(program.ops))
 
     def segment(self, segment_id: int | None) -> Any:

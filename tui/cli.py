@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_rpcnode_arguments(rpcnode)
     plan = sub.add_parser("plan", help="show where every tensor would go and the bytes per device, loading nothing")
     plan.add_argument("-m", "--model", help="GGUF model file (default: the embedded deepseek2 model, generated once)")
+    plan.add_argument("-c", "--ctx-size", type=int, default=4096,
+                      help="context size whose KV cache counts on each layer's device (0 = the model's)")
+    plan.add_argument("-ctk", "--cache-type-k", default="f16", choices=["f16", "f32", "q8_0"], help="KV cache type")
+    plan.add_argument("-mla", "--mla-use", dest="mla", type=int, default=3, choices=[0, 1, 2, 3],
+                      help="MLA mode (0 caches per-head K/V, the others the latent)")
     _add_placement_flags(plan)
     plan.add_argument("-v", "--verbose", action="store_true", help="also print every tensor's device and rule")
     hosts = sub.add_parser("hosts", help="probe SSH hosts: reachable or why not, OS, cores, RAM, GPUs, ikctl version")
@@ -103,7 +108,7 @@ def placement_options(args: argparse.Namespace) -> dict[str, object]:
             and not getattr(args, "n_gpu_layers", 0) and getattr(args, "tensor_split", None) is None:
         return {}
     return {"rpc": args.rpc or (), "override_tensor": args.override_tensor, "n_gpu_layers": args.n_gpu_layers,
-            "tensor_split": args.tensor_split}
+            "tensor_split": args.tensor_split, "device_mem": getattr(args, "device_mem", [])}
 
 
 def resolve_model_path(path: str | None) -> str:
@@ -181,7 +186,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from engine.config import model_config
+    from engine.distributed import kv_bytes_per_layer
     from engine.gguf_file import GGUFFile
+    from engine.model import Options
     from engine.placement import PlacementRules, devices_for, format_bytes, format_table, parse_device_mem, plan
 
     # flags first, so that a typo is reported before the embedded model is generated
@@ -189,7 +197,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     devices = devices_for(rules.rpc, dict(parse_device_mem(t) for t in args.device_mem))
     f = GGUFFile(resolve_model_path(args.model))  # the header only: tensor data stays unread in the map
     n_layers = int(f.get(f"{f.architecture}.block_count"))
-    placement = plan(f.tensors.values(), n_layers, devices, rules)
+    opts = Options(ctx_size=args.ctx_size, cache_type_k=args.cache_type_k, mla=args.mla).validated()
+    placement = plan(f.tensors.values(), n_layers, devices, rules,
+                     kv_bytes_per_layer=kv_bytes_per_layer(model_config(f), opts))
     total = sum(t.n_bytes for t in f.tensors.values())
     print(f"model: {f.path.name} ({f.architecture}, {n_layers} layers, {len(f.tensors)} tensors, "
           f"{format_bytes(total)})")

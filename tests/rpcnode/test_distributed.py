@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -14,7 +15,10 @@ import numpy as np
 import pytest
 
 from engine import IkctlError, load_model
+from engine.config import DeepSeek2Config
 from engine.distributed import DistributedNet, WorkerError
+from engine.gguf_file import GGUFFile
+from engine.placement import PlacementError, devices_for, plan
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
 from rpcnode.client import Client, RPCError
@@ -256,10 +260,76 @@ def test_sigkill_during_generation_names_the_worker(workers: Callable[..., Worke
     killer.join()
 
 
-def test_worker_memory_limit(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+def _worker_need(model_path: Path, ctx_size: int, **flags: object) -> tuple[int, int]:
+    """(weight bytes, KV bytes) the planner puts on the one worker for these flags."""
+    from engine.distributed import kv_bytes_per_layer, rules_from_options
+    from engine.model import Options
+
+    f = GGUFFile(model_path)
+    opts = Options(ctx_size=ctx_size, **flags)  # type: ignore[arg-type]
+    rules = rules_from_options(opts)
+    cfg = DeepSeek2Config.from_gguf(f)
+    p = plan(f.tensors.values(), cfg.n_layers, devices_for(rules.rpc), rules,
+             kv_bytes_per_layer=kv_bytes_per_layer(cfg, opts))
+    dev = f"RPC[{rules.rpc[0]}]"
+    return p.bytes_per_device[dev], p.kv_bytes_per_device[dev]
+
+
+def test_plan_checks_worker_memory_before_sending(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    w = workers("-m", "100000")
+    with pytest.raises(PlacementError, match=rf"{re.escape(w.device)} would hold .* but has 97\.7 KiB"):
+        load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)
+    with Client.connect(w.endpoint) as c:
+        tel = c.telemetry()
+    assert tel.cache_hits + tel.cache_misses == 0 and tel.tensors_held == 0  # nothing was offered
+
+
+def test_worker_refuses_what_does_not_fit(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    # --device-mem overrides the worker's report; the worker's own -m still refuses the tensors
     w = workers("-m", "100000")
     with pytest.raises(WorkerError, match=r"OUT_OF_MEMORY.*needs \d+ bytes"):
-        load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)
+        load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99, device_mem=[f"{w.device}=1GiB"])
+
+
+def test_kv_cache_counts_against_worker_memory(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    port = "127.0.0.1:1"  # any endpoint: only the plan is computed
+    weights, kv_256 = _worker_need(synth_model, 256, rpc=port, n_gpu_layers=99, cache_type_k="f32")
+    _, kv_4096 = _worker_need(synth_model, 4096, rpc=port, n_gpu_layers=99, cache_type_k="f32")
+    assert kv_256 > 0 and kv_4096 == 16 * kv_256
+    w = workers("-m", str(weights + kv_256))
+    flags = {"rpc": w.endpoint, "n_gpu_layers": 99, "cache_type_k": "f32"}
+    model = load_model(synth_model, ctx_size=256, **flags)
+    assert_same(run_sequence(model), run_sequence(load_model(synth_model, ctx_size=256, cache_type_k="f32")))
+    with Client.connect(w.endpoint) as c:
+        assert c.telemetry().kv_bytes == kv_256
+    model.net.close()
+    # the planner counts the KV cache of the whole context...
+    with pytest.raises(PlacementError, match=r"weights \+ .* KV cache for -c"):
+        load_model(synth_model, ctx_size=4096, **flags)
+    # ...and so does the worker, when told it has more memory than it does
+    with pytest.raises(WorkerError, match=rf"OUT_OF_MEMORY.*KV cache for 4096 positions \(f32\) needs {kv_4096} bytes"):
+        load_model(synth_model, ctx_size=4096, device_mem=[f"{w.device}=1GiB"], **flags)
+
+
+def test_worker_capacity_splits_layers(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    # without -ts, layers split by each worker's reported memory, as llama.cpp splits by free memory
+    small, big = workers("-m", "1GiB"), workers("-m", "3GiB")
+    model = load_model(synth_model, rpc=[small.endpoint, big.endpoint], n_gpu_layers=4)
+    layers = {d: model.net.placement.layers_of(d) for d in (small.device, big.device)}
+    assert layers == {small.device: [0], big.device: [1, 2, 3]}
+    assert_same(run_sequence(model), run_sequence(load_model(synth_model)))
+
+
+def test_a_token_per_worker(workers: Callable[..., WorkerProc], tmp_path: Path, synth_model: Path) -> None:
+    files = [tmp_path / "a", tmp_path / "b"]
+    for f, tok in zip(files, ("token-a", "token-b"), strict=True):
+        f.write_text(tok)
+    a, b = (workers("--token-file", str(f)) for f in files)
+    tokens = {a.endpoint: "token-a", b.endpoint: "token-b"}
+    model = load_model(synth_model, rpc=[a.endpoint, b.endpoint], n_gpu_layers=99, rpc_token=tokens)
+    assert_same(run_sequence(model), run_sequence(load_model(synth_model)))
+    with pytest.raises(IkctlError, match=rf"{re.escape(b.device)}.*AUTH_FAILED"):
+        load_model(synth_model, rpc=[a.endpoint, b.endpoint], n_gpu_layers=99, rpc_token="token-a")
 
 
 def test_telemetry_answers_while_a_segment_runs(workers: Callable[..., WorkerProc], synth_model: Path) -> None:

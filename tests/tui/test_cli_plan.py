@@ -43,9 +43,10 @@ def test_experts_on_a_worker_verbose() -> None:
     assert proc.stderr == ""
     out = proc.stdout
     assert out.splitlines()[0] == "model: open-v3.gguf (deepseek2, 3 layers, 52 tensors, 2.2 MiB)"
-    assert table_row(out, f"RPC[{RPC_A}]") == [f"RPC[{RPC_A}]", "6", "1.1", "MiB", "-", "-", "1-2"]
-    assert table_row(out, "CPU") == ["CPU", "46", "1.1", "MiB", "-", "-", "embd", "0-2", "output"]
-    assert table_row(out, "total") == ["total", "52", "2.2", "MiB"]
+    # attention stays here, and with it the KV cache: 3 layers x 4096 positions x (32 latent + 8 rope) x f16
+    assert table_row(out, f"RPC[{RPC_A}]") == [f"RPC[{RPC_A}]", "6", "1.1", "MiB", "0", "B", "-", "-", "1-2"]
+    assert table_row(out, "CPU") == ["CPU", "46", "1.1", "MiB", "960.0", "KiB", "-", "-", "embd", "0-2", "output"]
+    assert table_row(out, "total") == ["total", "52", "2.2", "MiB", "960.0", "KiB"]
     # -v: one line per tensor, in file order, each with its size, device and rule
     tensors = list(GGUFFile(V3).tensors.values())
     lines = [ln for ln in out.splitlines() if " → " in ln]
@@ -73,7 +74,17 @@ def test_capacity_from_device_mem() -> None:
     proc = ikctl("plan", "-m", str(V3), "--rpc", RPC_A, "-ot", f"exps=RPC[{RPC_A}]",
                  "--device-mem", f"RPC[{RPC_A}]=4MiB")
     assert proc.returncode == 0, proc.stderr
-    assert table_row(proc.stdout, f"RPC[{RPC_A}]")[4:7] == ["4.0", "MiB", "28%"]
+    assert table_row(proc.stdout, f"RPC[{RPC_A}]")[6:9] == ["4.0", "MiB", "28%"]
+
+
+def test_kv_cache_counts_where_attention_runs() -> None:
+    args = ["plan", "-m", str(V3), "--rpc", RPC_A, "-ngl", "99", "--device-mem", f"RPC[{RPC_A}]=4MiB"]
+    proc = ikctl(*args, "-c", "8192", "-ctk", "q8_0")
+    assert proc.returncode == 0, proc.stderr
+    # q8_0 rows of 40 values pad to 64: 64 + 2 x 2 bytes of scales per position and layer
+    assert table_row(proc.stdout, f"RPC[{RPC_A}]")[1:9] == ["51", "2.1", "MiB", "1.6", "MiB", "4.0", "MiB", "91%"]
+    assert_one_line_error(ikctl(*args, "-c", "32768"), f"RPC[{RPC_A}] would hold 9.6 MiB (2.1 MiB weights + "
+                          "7.5 MiB KV cache for -c) but has 4.0 MiB")
 
 
 def test_overflow_is_one_error_line() -> None:
