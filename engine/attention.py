@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.ops import array_module
+
 
 def _chunk_rows(n_heads: int, n_keys: int, max_bytes: int) -> int:
     """Queries per chunk so that one [H, Tc, S] float32 score block fits max_bytes (like -amb)."""
@@ -21,12 +23,14 @@ def causal_attention(
     scale: float,
     max_bytes: int = 256 << 20,
 ) -> np.ndarray:  # [T, H, V]
-    """softmax(scale * q.k + causal mask) @ v; key s sits at absolute position s."""
+    """softmax(scale * q.k + causal mask) @ v; key s sits at absolute position s. NumPy or CuPy arrays (q_pos on
+    the host either way)."""
+    xp = array_module(q)
     T, H, _ = q.shape
     S = k.shape[0]
     shared = k.ndim == 2
-    out = np.empty((T, H, v.shape[-1]), np.float32)
-    key_pos = np.arange(S)
+    out = xp.empty((T, H, v.shape[-1]), np.float32)
+    key_pos = xp.arange(S)
     step = _chunk_rows(H, S, max_bytes)
     for t0 in range(0, T, step):
         qc = q[t0 : t0 + step]  # [Tc, H, D]
@@ -34,16 +38,16 @@ def causal_attention(
         if shared:
             scores = (qc.reshape(tc * H, -1) @ k.T).reshape(tc, H, S)  # [Tc, H, S]
         else:
-            scores = np.matmul(qc.transpose(1, 0, 2), k.transpose(1, 2, 0)).transpose(1, 0, 2)  # [Tc, H, S]
+            scores = xp.matmul(qc.transpose(1, 0, 2), k.transpose(1, 2, 0)).transpose(1, 0, 2)  # [Tc, H, S]
         scores *= np.float32(scale)
         if q_pos[t0 : t0 + step].min() < S - 1:  # some key lies in some query's future (never in decode)
-            masked = key_pos[None, :] > q_pos[t0 : t0 + step, None]  # [Tc, S]
-            scores[np.broadcast_to(masked[:, None, :], scores.shape)] = -np.inf
+            masked = key_pos[None, :] > xp.asarray(q_pos[t0 : t0 + step])[:, None]  # [Tc, S]
+            scores += xp.where(masked, np.float32(-np.inf), np.float32(0))[:, None, :]  # alike on CPU and GPU
         scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
+        xp.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         if shared:
             out[t0 : t0 + tc] = (scores.reshape(tc * H, S) @ v).reshape(tc, H, -1)
         else:
-            out[t0 : t0 + tc] = np.matmul(scores.transpose(1, 0, 2), v.transpose(1, 0, 2)).transpose(1, 0, 2)
+            out[t0 : t0 + tc] = xp.matmul(scores.transpose(1, 0, 2), v.transpose(1, 0, 2)).transpose(1, 0, 2)
     return out

@@ -1,14 +1,18 @@
 """Per-layer key/value caches in f32, f16 or q8_0 (like llama.cpp's -ctk), grown on demand up to n_ctx.
 
-A cache holds one or more named row streams per layer (e.g. MLA's latent rows, or naive K and V rows).
+A cache holds one or more named row streams per layer (e.g. MLA's latent rows, or naive K and V rows), in host
+memory (NumPy) or on a GPU (CuPy: `xp`), next to the attention weights that use it.
 Legend: S cached positions, W row width.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from engine.errors import IkctlError
+from engine.ops import array_module
 
 CACHE_TYPES = ("f32", "f16", "q8_0")
 _Q8_BLOCK = 32
@@ -16,14 +20,15 @@ _Q8_BLOCK = 32
 
 def q8_0_quantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows [S, W] -> (int8 [S, Wp], f16 scales [S, Wp/32]); W is zero-padded to a multiple of 32."""
+    xp = array_module(rows)
     S, W = rows.shape
     Wp = -(-W // _Q8_BLOCK) * _Q8_BLOCK
-    x = np.zeros((S, Wp), np.float32)
+    x = xp.zeros((S, Wp), np.float32)
     x[:, :W] = rows
     blocks = x.reshape(S, -1, _Q8_BLOCK)
-    d = np.max(np.abs(blocks), axis=-1) / 127.0
-    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
-    q = np.clip(np.round(blocks * inv[..., None]), -127, 127).astype(np.int8)
+    d = xp.max(xp.abs(blocks), axis=-1) / np.float32(127.0)
+    inv = xp.where(d > 0, np.float32(1.0) / xp.where(d > 0, d, np.float32(1.0)), np.float32(0.0))
+    q = xp.clip(xp.round(blocks * inv[..., None]), -127, 127).astype(np.int8)
     return q.reshape(S, Wp), d.astype(np.float16)
 
 
@@ -43,9 +48,10 @@ def row_bytes(widths: dict[str, int], cache_type: str) -> int:
 class _Stream:
     """Rows of one width for one layer."""
 
-    def __init__(self, width: int, cache_type: str) -> None:
+    def __init__(self, width: int, cache_type: str, xp: Any = np) -> None:
         self.width = width
         self.cache_type = cache_type
+        self.xp = xp
         self.capacity = 0
         self._data: np.ndarray | None = None
         self._scale: np.ndarray | None = None
@@ -55,13 +61,13 @@ class _Stream:
             return
         if self.cache_type == "q8_0":
             wp = -(-self.width // _Q8_BLOCK) * _Q8_BLOCK
-            data = np.zeros((capacity, wp), np.int8)
-            scale = np.zeros((capacity, wp // _Q8_BLOCK), np.float16)
+            data = self.xp.zeros((capacity, wp), np.int8)
+            scale = self.xp.zeros((capacity, wp // _Q8_BLOCK), np.float16)
             if self._scale is not None:
                 scale[: self.capacity] = self._scale[: self.capacity]
             self._scale = scale
         else:
-            data = np.zeros((capacity, self.width), np.float16 if self.cache_type == "f16" else np.float32)
+            data = self.xp.zeros((capacity, self.width), np.float16 if self.cache_type == "f16" else np.float32)
         if self._data is not None:
             data[: self.capacity] = self._data[: self.capacity]
         self._data = data
@@ -94,14 +100,15 @@ class _Stream:
 class KVCache:
     """Caches for `n_layers` layers, each with the named streams of the given widths."""
 
-    def __init__(self, n_layers: int, widths: dict[str, int], n_ctx: int, cache_type: str = "f16") -> None:
+    def __init__(self, n_layers: int, widths: dict[str, int], n_ctx: int, cache_type: str = "f16",
+                 xp: Any = np) -> None:
         if cache_type not in CACHE_TYPES:
             raise IkctlError(f"cache type '{cache_type}' is not supported; use one of {', '.join(CACHE_TYPES)}")
         if n_ctx <= 0:
             raise IkctlError(f"context size {n_ctx} must be positive")
         self.n_ctx = n_ctx
         self.cache_type = cache_type
-        self.layers = [{name: _Stream(w, cache_type) for name, w in widths.items()} for _ in range(n_layers)]
+        self.layers = [{name: _Stream(w, cache_type, xp) for name, w in widths.items()} for _ in range(n_layers)]
         self.n_past = 0
 
     def reserve(self, n_new: int) -> int:

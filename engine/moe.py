@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import GATING_SIGMOID
-from engine.ops import silu, softmax
+from engine.ops import array_module, silu, softmax, to_host
 from engine.quant import QTensor
 
 # Up to this many tokens, experts run as gathered (token, expert) pairs rather than grouped by expert.
@@ -31,8 +31,10 @@ class Router:
 
 
 def route(router: Router, logits: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Router logits [T, E] -> (expert ids [T, K] int64, weights [T, K] float32)."""
-    logits = np.asarray(logits, dtype=np.float32)
+    """Router logits [T, E] -> (expert ids [T, K] int64, weights [T, K] float32), on the host: the few scores of a
+    GPU layer are copied here, since selection is branchy work on T x E numbers."""
+    logits = to_host(logits).astype(np.float32, copy=False)
+    bias = None if bias is None else to_host(bias)
     T, E = logits.shape
     if router.gating_func == GATING_SIGMOID:
         probs = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits))
@@ -71,22 +73,25 @@ def moe_ffn(
     up_exps: QTensor,  # [E, F, D]
     down_exps: QTensor,  # [E, D, F]
 ) -> np.ndarray:  # [T, D]
-    """Sum of the selected experts' SwiGLU outputs; tokens are grouped by expert so each expert is read once."""
+    """Sum of the selected experts' SwiGLU outputs; tokens are grouped by expert so each expert is read once.
+    x may be a device array (idx and weights are host arrays from `route`); only selected experts are read."""
+    xp = array_module(x)
     T, K = idx.shape
     if T <= GATHER_MAX_TOKENS:  # decode: all (token, expert) pairs in one kernel launch per matrix
         pairs = idx.ravel()
-        xs = np.repeat(x, K, axis=0)  # [T*K, D]
+        xs = xp.repeat(x, K, axis=0)  # [T*K, D]
         act = silu(gate_exps.gather_matmul_t(pairs, xs)) * up_exps.gather_matmul_t(pairs, xs)  # [T*K, F]
         y = down_exps.gather_matmul_t(pairs, act)  # [T*K, D]
-        return (y * weights.reshape(-1, 1)).reshape(T, K, -1).sum(axis=1)
-    out = np.zeros_like(x, dtype=np.float32)
+        return (y * xp.asarray(weights).reshape(-1, 1)).reshape(T, K, -1).sum(axis=1)
+    out = xp.zeros_like(x, dtype=np.float32)
+    w_dev = xp.asarray(weights.ravel())
     flat = idx.ravel()
     order = np.argsort(flat, kind="stable")
     experts, starts = np.unique(flat[order], return_index=True)
     bounds = [*starts[1:], len(order)]
     for e, a, b in zip(experts, starts, bounds, strict=True):
         sel = order[a:b]  # positions in the flattened [T*K] assignment
-        tok = sel // K
+        tok = xp.asarray(sel // K)
         y = swiglu(x[tok], gate_exps[int(e)], up_exps[int(e)], down_exps[int(e)])
-        out[tok] += y * weights.ravel()[sel, None]  # a token picks an expert at most once: no repeated index
+        out[tok] += y * w_dev[xp.asarray(sel)][:, None]  # a token picks an expert at most once: no repeated index
     return out

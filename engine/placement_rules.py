@@ -210,13 +210,16 @@ class PlacementRules:
                    parse_rpc(rpc) if rpc else ())
 
 
-def devices_for(rpc: Sequence[str], capacities: Mapping[str, int] | None = None) -> list[Device]:
-    """CPU plus one device per --rpc endpoint, with the capacities given (e.g. by --device-mem)."""
-    devices = [Device(CPU, "cpu"), *(Device(f"RPC[{ep}]", "rpc") for ep in rpc)]
+def devices_for(rpc: Sequence[str], capacities: Mapping[str, int] | None = None,
+                cuda: Sequence[Device] = ()) -> list[Device]:
+    """CPU, one device per --rpc endpoint, then the local CUDA devices (engine.cuda.devices.planner_devices: their
+    free memory as capacity), with the capacities given (e.g. by --device-mem) taking precedence."""
+    devices = [Device(CPU, "cpu"), *(Device(f"RPC[{ep}]", "rpc") for ep in rpc), *cuda]
     caps = dict(capacities or {})
     names = [d.name for d in devices]
     unknown = [n for n in caps if n not in names]
     if unknown:
+        hint = "no such GPU here" if _CUDA_NAME.fullmatch(unknown[0]) else "add its endpoint to --rpc"
         raise PlacementError(f"--device-mem names {unknown[0]}, which is not a device here ({', '.join(names)}); "
-                             "add its endpoint to --rpc")
-    return [Device(d.name, d.kind, caps.get(d.name)) for d in devices]
+                             f"{hint}")
+    return [Device(d.name, d.kind, caps.get(d.name, d.capacity_bytes)) for d in devices]

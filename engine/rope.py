@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from engine.config import RopeConfig
+from engine.ops import array_module
 
 
 def _yarn_corr_dim(n_rot: int, n_ctx_orig: int, n_rotations: float, base: float) -> float:
@@ -51,14 +52,14 @@ class RopeTable:
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate pairs (x[2i], x[2i+1]) of the last axis. x [T, ..., n_rot]; cos/sin [T, P]."""
+    """Rotate pairs (x[2i], x[2i+1]) of the last axis. x [T, ..., n_rot]; cos/sin [T, P] (NumPy or CuPy, alike)."""
     shape = x.shape
-    xp = x.reshape(shape[0], -1, shape[-1] // 2, 2)  # [T, *, P, 2]
+    pairs = x.reshape(shape[0], -1, shape[-1] // 2, 2)  # [T, *, P, 2]
     c = cos[:, None, :]
     s = sin[:, None, :]
-    x0 = xp[..., 0]
-    x1 = xp[..., 1]
-    out = np.empty_like(xp)
+    x0 = pairs[..., 0]
+    x1 = pairs[..., 1]
+    out = array_module(x).empty_like(pairs)
     out[..., 0] = x0 * c - x1 * s
     out[..., 1] = x0 * s + x1 * c
     return out.reshape(shape)

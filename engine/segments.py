@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -13,6 +14,7 @@ import numpy as np
 from engine.config import DeepSeek2Config, RopeConfig
 from engine.errors import IkctlError
 from engine.kv_cache import CACHE_TYPES, KVCache, row_bytes
+from engine.ops import to_host
 from engine.placement import Op, op_part, tensor_layer
 from engine.quant import QTensor
 
@@ -21,6 +23,8 @@ Record = tuple[str, dict[str, Any]]  # (op name, args): what rpcnode.client turn
 TensorRef = tuple[str, int, tuple[int, ...]]  # digest, GGML type, NumPy shape
 # Pass-state entries in the order they travel as payload sections: the hidden state (or what stands for it) first.
 STATE_ORDER = ("x", "h", "ids", "logits", "y", "idx", "w", "shared", "n_out")
+# The entries a GPU segment keeps on its device (token ids, routing and counts stay host arrays).
+DEVICE_STATE = frozenset({"x", "h", "y", "shared"})
 MAX_SEQUENCES = 8  # KV caches a worker keeps per segment; the least recently used one goes beyond this
 _TENSOR_PREFIX = "t."
 
@@ -163,12 +167,17 @@ def qtensor_from_bytes(name: str, raw: np.ndarray, qtype: int, shape: tuple[int,
 
 
 class SegmentRunner:
-    """A program's network (only its weights) and its KV caches per sequence; `run` applies the ops in order."""
+    """A program's network (only its weights) and its KV caches per sequence; `run` applies the ops in order.
 
-    def __init__(self, program: Program, lookup: Callable[[str], np.ndarray | None]) -> None:
+    With `cuda_device` the weights are uploaded to that GPU (engine.cuda) and the ops and caches run there; the
+    pass state comes in and goes out as host arrays either way."""
+
+    def __init__(self, program: Program, lookup: Callable[[str], np.ndarray | None],
+                 cuda_device: int | None = None) -> None:
         from engine.deepseek2 import DeepSeek2
 
         self.program = program
+        self.cuda_device = cuda_device
         self.digests = {ref[0] for ref in program.tensors.values()}
 
         def get(name: str) -> QTensor | None:
@@ -180,7 +189,16 @@ class SegmentRunner:
                 raise ProgramError(f"tensor '{name}' ({ref[0][:16]}…) is not held by this worker")
             return qtensor_from_bytes(name, raw, ref[1], ref[2])
 
-        self.net = DeepSeek2.from_parts(program.cfg, get, program.ops, program.mla, program.amb_bytes)
+        xp: Any = np
+        getter: Callable[[str], Any] = get
+        if cuda_device is not None:
+            from engine.cuda import require
+            from engine.cuda.tensors import upload_getter
+
+            xp = require(cuda_device)
+            getter = upload_getter(get, cuda_device)
+        with self._on_device():
+            self.net = DeepSeek2.from_parts(program.cfg, getter, program.ops, program.mla, program.amb_bytes, xp)
         self._attn_layers = {i for i, p in program.ops if p == "attn"}
         self._caches: OrderedDict[int, KVCache] = OrderedDict()
 
@@ -202,18 +220,27 @@ class SegmentRunner:
             raise ProgramError(f"sequence {seq_id} holds {cache.n_past} positions; tokens cannot start at {pos_start}")
         return cache
 
+    def _on_device(self) -> Any:
+        if self.cuda_device is None:
+            return contextlib.nullcontext()
+        import cupy
+
+        return cupy.cuda.Device(self.cuda_device)
+
     def run(self, seq_id: int, pos_start: int, n_tokens: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the ops on the pass state (see DeepSeek2.run_op) for tokens at pos_start..; the state after."""
-        cache = self._cache(seq_id, pos_start) if self._attn_layers else None
-        if cache is not None:
-            cache.reserve(n_tokens)
-        positions = np.arange(pos_start, pos_start + n_tokens)
-        state = dict(state)
-        for op in self.program.ops:
-            self.net.run_op(op, state, positions, cache)
-        if cache is not None:
-            cache.advance(n_tokens)
-        return state
+        with self._on_device():
+            cache = self._cache(seq_id, pos_start) if self._attn_layers else None
+            if cache is not None:
+                cache.reserve(n_tokens)
+            positions = np.arange(pos_start, pos_start + n_tokens)
+            xp = self.net.xp
+            state = {k: xp.asarray(v) if k in DEVICE_STATE else v for k, v in state.items()}
+            for op in self.program.ops:
+                self.net.run_op(op, state, positions, cache)
+            if cache is not None:
+                cache.advance(n_tokens)
+            return {k: to_host(v) for k, v in state.items()} if xp is not np else state
 
     def kv(self, op: str, seq_id: int, n: int) -> int:
         """Clear or truncate a sequence's cache; its length after."""

@@ -84,7 +84,9 @@ class PlanFlags:
         return dict(parse_device_mem(t) for t in self.device_mem_items())
 
     def devices(self, rules: PlacementRules) -> list[Device]:
-        return devices_for(rules.rpc, self.capacities())
+        from engine.cuda.local import local_gpus  # this machine's GPUs, when -ngl or -ot can use them
+
+        return devices_for(rules.rpc, self.capacities(), local_gpus(rules))
 
     def plan(self, header: ModelHeader, check_capacity: bool = True) -> Placement:
         """The plan, or a PlacementError naming the bad flag (or, when checking, the device that overflows)."""
