@@ -46,6 +46,9 @@ def _add_placement_flags(p: argparse.ArgumentParser) -> None:
                    help="proportions of the offloaded layers per RPC/GPU device, e.g. 3,1 (default: by capacity)")
     g.add_argument("--device-mem", action="append", default=[], metavar="DEV=SIZE",
                    help="plan against this capacity, e.g. RPC[10.0.0.2:50052]=48GiB (repeatable)")
+    g.add_argument("--cluster", metavar="FILE",
+                   help="workers from a cluster file of `ikctl launch`: their endpoints stand for --rpc (unless "
+                   "given), each with its own token, their memory as capacities")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--generic", action="store_true",
                        help="use the generic dequantize-then-BLAS path instead of the fused kernels (a baseline)")
     _add_placement_flags(bench)
-    rpcnode = sub.add_parser("rpcnode", help="start a worker owning this machine's CPU (for --rpc on a coordinator)")
+    rpcnode = sub.add_parser("rpcnode", help="start a worker owning this machine's CPU or one GPU (for --rpc on a "
+                             "coordinator)")
     from rpcnode.__main__ import add_arguments as add_rpcnode_arguments
 
     add_rpcnode_arguments(rpcnode)
@@ -87,7 +91,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_hosts_arguments(hosts)
     hosts.set_defaults(run_hosts=run_hosts)
+    launch = sub.add_parser("launch", help="start rpcnode workers on SSH hosts and write a cluster file")
+    _add_launch_flags(launch)
+    stop = sub.add_parser("stop", help="stop the workers of a cluster file")
+    stop.add_argument("--cluster", metavar="FILE", required=True, help="the cluster file `ikctl launch` wrote")
+    _add_ssh_flags(stop)
     return parser
+
+
+def _add_ssh_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="seconds per host for connecting (and probing) (default: 10)")
+    p.add_argument("--known-hosts", metavar="FILE", help="known_hosts file (default: ~/.ssh/known_hosts)")
+
+
+LAUNCH_EPILOG = """\
+By default a host gets one worker per GPU and one CPU worker with the remaining cores; the hosts file's
+devices, threads, port_range, cache_dir and mem override that. Each worker gets its own random token,
+handed over the SSH channel (never a command line), listens on the address the host was reached at,
+and logs to <remote-dir>/workers/ on its host.
+Exit status: 0 when at least one worker runs (the others are listed with the reason), 1 when none does."""
+
+
+def _add_launch_flags(p: argparse.ArgumentParser) -> None:
+    p.description = "Start rpcnode workers on the hosts of a hosts file, concurrently, and write a cluster file."
+    p.epilog = LAUNCH_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--hosts", metavar="FILE", required=True, help="hosts file (TOML; see examples/hosts.toml)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="cluster file to write (default: ~/.cache/ikctl/cluster.json, or under $IKCTL_CACHE)")
+    p.add_argument("--install", action="store_true",
+                   help="on hosts without ikctl: build this ikctl's wheel, copy it over and install it into a venv "
+                   "(the host's `venv`, else <remote-dir>/venv)")
+    p.add_argument("--remote-dir", default="~/.cache/ikctl", metavar="DIR",
+                   help="directory on each host for worker logs and token files (workers/) and for --install's "
+                   "wheels/ and venv/ (default: ~/.cache/ikctl)")
+    _add_ssh_flags(p)
+    p.add_argument("--identity", metavar="KEY", help="private key for hosts that name none (default: agent, ~/.ssh)")
+    p.add_argument("--accept-new-host-keys", action="store_true",
+                   help="trust and record the key of a host missing from known_hosts (a changed key is still refused)")
 
 
 def model_options(args: argparse.Namespace) -> dict[str, object]:
@@ -103,12 +145,14 @@ def model_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def placement_options(args: argparse.Namespace) -> dict[str, object]:
-    """--rpc/-ot/-ngl/-ts as load_model keywords (absent on subcommands without placement flags)."""
+    """--rpc/--cluster/-ot/-ngl/-ts as load_model keywords (absent on subcommands without placement flags)."""
     if getattr(args, "rpc", None) is None and not getattr(args, "override_tensor", None) \
-            and not getattr(args, "n_gpu_layers", 0) and getattr(args, "tensor_split", None) is None:
+            and not getattr(args, "n_gpu_layers", 0) and getattr(args, "tensor_split", None) is None \
+            and getattr(args, "cluster", None) is None:
         return {}
     return {"rpc": args.rpc or (), "override_tensor": args.override_tensor, "n_gpu_layers": args.n_gpu_layers,
-            "tensor_split": args.tensor_split, "device_mem": getattr(args, "device_mem", [])}
+            "tensor_split": args.tensor_split, "device_mem": getattr(args, "device_mem", []),
+            "cluster": getattr(args, "cluster", None)}
 
 
 def resolve_model_path(path: str | None) -> str:
@@ -193,8 +237,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from engine.placement import PlacementRules, devices_for, format_bytes, format_table, parse_device_mem, plan
 
     # flags first, so that a typo is reported before the embedded model is generated
-    rules = PlacementRules.from_flags(args.override_tensor, args.n_gpu_layers, args.tensor_split, args.rpc)
-    devices = devices_for(rules.rpc, dict(parse_device_mem(t) for t in args.device_mem))
+    rpc, capacities = args.rpc, {}
+    if args.cluster:
+        from engine.cluster import read_cluster
+
+        cluster = read_cluster(args.cluster)
+        rpc = rpc or ",".join(cluster.endpoints())
+        capacities = cluster.capacities()
+    rules = PlacementRules.from_flags(args.override_tensor, args.n_gpu_layers, args.tensor_split, rpc)
+    # the file's capacities of the workers planned on (--rpc may pick some), then --device-mem
+    capacities = {d: c for d, c in capacities.items() if d in {f"RPC[{ep}]" for ep in rules.rpc}}
+    from engine.cuda.local import local_gpus
+
+    devices = devices_for(rules.rpc, {**capacities, **dict(parse_device_mem(t) for t in args.device_mem)},
+                          local_gpus(rules))
     f = GGUFFile(resolve_model_path(args.model))  # the header only: tensor data stays unread in the map
     n_layers = int(f.get(f"{f.architecture}.block_count"))
     opts = Options(ctx_size=args.ctx_size, cache_type_k=args.cache_type_k, mla=args.mla).validated()
@@ -212,6 +268,67 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for name in placement.device_of:
             print(f"{format_bytes(placement.bytes_of[name]):>10}  {placement.explain(name)}")
     return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from engine.cluster import default_cluster_path, write_cluster
+    from tui.inventory import load_hosts, with_identity
+    from tui.launch import HEADER, LaunchOptions, format_table, launch_all, log_tails, table_rows
+    from tui.ssh import SSHOptions, SSHTransport
+
+    if not args.timeout > 0:
+        raise IkctlError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
+    out = Path(args.output).expanduser() if args.output else default_cluster_path()
+    if out.exists():  # it may list running workers: overwriting it would leave them without a way to stop them
+        raise IkctlError(f"{out} exists: stop its workers first (ikctl stop --cluster {out}) or give another -o")
+    hosts = [with_identity(h, args.identity) for h in load_hosts(args.hosts)]
+    transport = SSHTransport(SSHOptions(connect_timeout=args.timeout, known_hosts=args.known_hosts,
+                                        accept_new_host_keys=args.accept_new_host_keys))
+    options = LaunchOptions(install=args.install, remote_dir=args.remote_dir, timeout=args.timeout)
+    results = asyncio.run(launch_all(transport, hosts, options))
+    print(format_table(HEADER, table_rows(results)), flush=True)
+    for line in log_tails(results):
+        print(line, file=sys.stderr)
+    running = results.running
+    if not running:
+        print(f"\nikctl: no worker started; {out} not written", file=sys.stderr)
+        return 1
+    write_cluster(out, results.cluster())
+    n_hosts = sum(bool(h.running) for h in results.hosts)
+    print(f"\n{len(running)} worker{'s' * (len(running) != 1)} on {n_hosts} of {len(hosts)} hosts; wrote {out}\n"
+          f"use them: ikctl run --cluster {out} -ngl 99 ...   stop them: ikctl stop --cluster {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from engine.cluster import Cluster, read_cluster, write_cluster
+    from tui.launch import format_table
+    from tui.ssh import SSHOptions, SSHTransport
+    from tui.stop import HEADER, stop_workers, table_rows
+
+    if not args.timeout > 0:
+        raise IkctlError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
+    path = Path(args.cluster).expanduser()
+    cluster = read_cluster(path)
+    transport = SSHTransport(SSHOptions(connect_timeout=args.timeout, known_hosts=args.known_hosts))
+    results = asyncio.run(stop_workers(transport, cluster.workers, timeout=args.timeout + 10))
+    print(format_table(HEADER, table_rows(results)), flush=True)
+    left = tuple(r.worker for r in results if not r.done)
+    if not left:
+        path.unlink(missing_ok=True)
+        print(f"\nall {len(results)} workers stopped; removed {path}", file=sys.stderr)
+        return 0
+    # keep exactly the workers that may still run, so that running stop again retries only those
+    write_cluster(path, Cluster(left))
+    print(f"\nikctl: {len(left)} of {len(results)} workers may still run; {path} now lists only those (run "
+          "`ikctl stop` again)", file=sys.stderr)
+    return 1
 
 
 def cmd_rpcnode(args: argparse.Namespace) -> int:
@@ -233,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return {"run": cmd_run, "bench": cmd_bench, "plan": cmd_plan, "rpcnode": cmd_rpcnode,
-                "hosts": lambda a: a.run_hosts(a)}[args.command](args)
+                "hosts": lambda a: a.run_hosts(a), "launch": cmd_launch, "stop": cmd_stop}[args.command](args)
     except IkctlError as e:
         print(f"ikctl: error: {e}", file=sys.stderr)
         return 1
