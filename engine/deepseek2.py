@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -129,10 +130,11 @@ class DeepSeek2:
 
     @classmethod
     def from_parts(cls, cfg: DeepSeek2Config, get: Getter, ops: Iterable[tuple[int, str]], mla: int = 3,
-                   amb_bytes: int = 256 << 20) -> DeepSeek2:
-        """A network holding only the weights of `ops` (a worker's segment); other layers are None."""
+                   amb_bytes: int = 256 << 20, xp: Any = np) -> DeepSeek2:
+        """A network holding only the weights of `ops` (a worker's segment); other layers are None. With a GPU
+        getter (engine.cuda.tensors.upload_getter) and xp=cupy, the same math runs on the GPU."""
         net = cls.__new__(cls)
-        net._setup(cfg, mla, amb_bytes)
+        net._setup(cfg, mla, amb_bytes, xp)
         parts: dict[int, set[str]] = {}
         for i, part in ops:
             parts.setdefault(i, set()).add(part)
@@ -149,10 +151,11 @@ class DeepSeek2:
                       for i in range(cfg.n_layers)]
         return net
 
-    def _setup(self, cfg: DeepSeek2Config, mla: int, amb_bytes: int) -> None:
+    def _setup(self, cfg: DeepSeek2Config, mla: int, amb_bytes: int, xp: Any = np) -> None:
         if mla not in MLA_MODES:
             raise ModelFileError(f"-mla {mla} is not a mode; use 0 (naive), 1/2 (absorbed) or 3 (both)")
         self.cfg = cfg
+        self.xp = xp  # the array module of activations and KV caches: numpy, or cupy for a GPU network
         self.mla = mla
         self.amb_bytes = amb_bytes
         self.rope = RopeTable(cfg.rope)
@@ -177,7 +180,7 @@ class DeepSeek2:
         return self.cfg.cache_widths(self.mla)
 
     def new_cache(self, n_ctx: int, cache_type: str) -> KVCache:
-        return KVCache(self.cfg.n_layers, self.cache_widths(), n_ctx, cache_type)
+        return KVCache(self.cfg.n_layers, self.cache_widths(), n_ctx, cache_type, self.xp)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
@@ -208,10 +211,12 @@ class DeepSeek2:
 
     # ---- one op at a time (a forward pass split across devices; see engine/distributed.py) ---------------
     def run_op(self, op: tuple[int, str], state: dict[str, np.ndarray], positions: np.ndarray,
-               cache: KVCache | None) -> None:
+               cache: KVCache | None, defer_shared: bool = False) -> None:
         """Apply one op to the pass state in place: "x" the hidden state [T, D]; between a MoE layer's ffn and
         moe_experts ops also "h" (normed input), "idx"/"w" (routing) and "shared" (shared experts' output);
-        "ids" before embd; "n_out" (rows of logits wanted) before output, which leaves only "logits"."""
+        "ids" before embd; "n_out" (rows of logits wanted) before output, which leaves only "logits".
+        defer_shared: the ffn op leaves the shared experts to the caller (shared_experts), who runs them while a
+        worker runs the routed ones."""
         i, part = op
         c = self.cfg
         if part == "embd":
@@ -226,7 +231,7 @@ class DeepSeek2:
             assert cache is not None
             state["x"] = x + self._attention(i, L, rms_norm(x, L.attn_norm, c.rms_norm_eps), positions, cache)
         elif part == "ffn":
-            self._ffn_op(self.layers[i], state)
+            self._ffn_op(self.layers[i], state, shared=not defer_shared)
         elif part == "moe_experts":
             L = self.layers[i]
             assert L.experts is not None
@@ -235,7 +240,7 @@ class DeepSeek2:
         else:
             raise ValueError(f"unknown op {op}")
 
-    def _ffn_op(self, L: Layer, state: dict[str, np.ndarray]) -> None:
+    def _ffn_op(self, L: Layer, state: dict[str, np.ndarray], shared: bool = True) -> None:
         x = state["x"]
         h = rms_norm(x, L.ffn_norm, self.cfg.rms_norm_eps)
         if L.ffn is not None:
@@ -244,8 +249,13 @@ class DeepSeek2:
         assert L.gate_inp is not None
         state["idx"], state["w"] = route(self.router, L.gate_inp.matmul_t(h), L.probs_bias)
         state["h"] = h
-        if L.shared is not None:
+        if L.shared is not None and shared:
             state["shared"] = swiglu(h, *L.shared)
+
+    def shared_experts(self, i: int, h: np.ndarray) -> np.ndarray | None:
+        """Layer i's shared experts on its normed input h (None: it has none)."""
+        L = self.layers[i]
+        return swiglu(h, *L.shared) if L.shared is not None else None
 
     @staticmethod
     def finish_moe(state: dict[str, np.ndarray], y: np.ndarray) -> None:
@@ -271,14 +281,14 @@ class DeepSeek2:
         H, dn, dv, r = c.n_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
         if L.kv_b is not None:
             kv = L.kv_b.dequantize().reshape(H, dn + dv, r)
-            return np.ascontiguousarray(kv[:, :dn]), np.ascontiguousarray(kv[:, dn:])
+            return self.xp.ascontiguousarray(kv[:, :dn]), self.xp.ascontiguousarray(kv[:, dn:])
         assert L.k_b is not None and L.v_b is not None
-        wk = np.ascontiguousarray(L.k_b.dequantize().reshape(H, r, dn).transpose(0, 2, 1))
+        wk = self.xp.ascontiguousarray(L.k_b.dequantize().reshape(H, r, dn).transpose(0, 2, 1))
         wv = L.v_b.dequantize().reshape(H, dv, r)
         return wk, wv
 
     def _attention(self, i: int, L: Layer, h: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
-        c = self.cfg
+        c, xp = self.cfg, self.xp
         T = h.shape[0]
         H, dn, dr, dv, r = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
         if L.q is not None:
@@ -289,37 +299,37 @@ class DeepSeek2:
         q = q.reshape(T, H, dn + dr)
         kv = L.kv_a.matmul_t(h)  # [T, r + dr]
         latent = rms_norm(kv[:, :r], L.kv_a_norm, c.rms_norm_eps)  # [T, r]
-        cos, sin = self.rope.cos_sin(positions)
-        q_pe = apply_rope(np.ascontiguousarray(q[..., dn:]), cos, sin)  # [T, H, dr]
-        k_pe = apply_rope(np.ascontiguousarray(kv[:, r:]), cos, sin)  # [T, dr], one head shared by all
+        cos, sin = (xp.asarray(a) for a in self.rope.cos_sin(positions))  # the table stays on the host
+        q_pe = apply_rope(xp.ascontiguousarray(q[..., dn:]), cos, sin)  # [T, H, dr]
+        k_pe = apply_rope(xp.ascontiguousarray(kv[:, r:]), cos, sin)  # [T, dr], one head shared by all
         q_nope = q[..., :dn]
         wk, wv = self.kv_weights(i, L)
         pos0 = int(positions[0])
         S = pos0 + T
         if self.mla == 0:  # cache decompressed per-head K and V (llama.cpp's legacy MHA path)
             k_nope = (latent @ wk.reshape(H * dn, r).T).reshape(T, H, dn)
-            k = np.concatenate([k_nope, np.broadcast_to(k_pe[:, None, :], (T, H, dr))], axis=-1)
+            k = xp.concatenate([k_nope, xp.broadcast_to(k_pe[:, None, :], (T, H, dr))], axis=-1)
             cache.write(i, "k", pos0, k.reshape(T, -1))
             cache.write(i, "v", pos0, latent @ wv.reshape(H * dv, r).T)
             k_all = cache.read(i, "k", S).reshape(S, H, dn + dr)
             v_all = cache.read(i, "v", S).reshape(S, H, dv)
-            q_full = np.concatenate([q_nope, q_pe], -1)
+            q_full = xp.concatenate([q_nope, q_pe], -1)
             o = causal_attention(q_full, k_all, v_all, positions, c.kq_scale, self.amb_bytes)
         else:
-            cache.write(i, "ckv", pos0, np.concatenate([latent, k_pe], axis=-1))
+            cache.write(i, "ckv", pos0, xp.concatenate([latent, k_pe], axis=-1))
             ckv = cache.read(i, "ckv", S)  # [S, r + dr]
             if self.mla == 3 and T > 1:  # prefill: decompress K/V from the latent cache (fewer FLOPs)
                 lat = ckv[:, :r]
                 k_nope = (lat @ wk.reshape(H * dn, r).T).reshape(S, H, dn)
-                k_all = np.concatenate([k_nope, np.broadcast_to(ckv[:, None, r:], (S, H, dr))], axis=-1)
+                k_all = xp.concatenate([k_nope, xp.broadcast_to(ckv[:, None, r:], (S, H, dr))], axis=-1)
                 v_all = (lat @ wv.reshape(H * dv, r).T).reshape(S, H, dv)
                 o = causal_attention(
-                    np.concatenate([q_nope, q_pe], -1), k_all, v_all, positions, c.kq_scale, self.amb_bytes
+                    xp.concatenate([q_nope, q_pe], -1), k_all, v_all, positions, c.kq_scale, self.amb_bytes
                 )
             else:  # absorbed: attention is an MQA over [c | k_pe] rows; V is c itself
-                q_abs = np.matmul(q_nope.transpose(1, 0, 2), wk).transpose(1, 0, 2)  # [T, H, r]
+                q_abs = xp.matmul(q_nope.transpose(1, 0, 2), wk).transpose(1, 0, 2)  # [T, H, r]
                 o_lat = causal_attention(
-                    np.concatenate([q_abs, q_pe], -1), ckv, ckv[:, :r], positions, c.kq_scale, self.amb_bytes
+                    xp.concatenate([q_abs, q_pe], -1), ckv, ckv[:, :r], positions, c.kq_scale, self.amb_bytes
                 )  # [T, H, r]
-                o = np.matmul(o_lat.transpose(1, 0, 2), wv.transpose(0, 2, 1)).transpose(1, 0, 2)  # [T, H, dv]
+                o = xp.matmul(o_lat.transpose(1, 0, 2), wv.transpose(0, 2, 1)).transpose(1, 0, 2)  # [T, H, dv]
         return L.wo.matmul_t(o.reshape(T, H * dv))

@@ -67,14 +67,15 @@ def rules_from_options(opts: Options, cluster: Cluster | None = None) -> Placeme
     return PlacementRules.from_flags(_texts(opts.override_tensor), opts.n_gpu_layers, ts_text or None, rpc or None)
 
 
-def capacities_from_options(opts: Options, cluster: Cluster | None,
-                            reported: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Device capacities to plan against: what workers report, then the cluster file's, then --device-mem."""
+def capacities_from_options(opts: Options, cluster: Cluster | None, reported: Mapping[str, int]) -> dict[str, int]:
+    """Device capacities to plan against: what the connected workers report, then the cluster file's, then
+    --device-mem."""
     from engine.placement import parse_device_mem
 
-    caps = dict(reported or {})
+    caps = dict(reported)
     if cluster is not None:
-        caps.update(cluster.capacities())
+        # --rpc may name only some of the cluster's workers
+        caps.update((d, c) for d, c in cluster.capacities().items() if d in reported)
     caps.update(parse_device_mem(t) for t in _texts(opts.device_mem))
     return caps
 
@@ -159,8 +160,14 @@ class DistributedNet:
         # Segment ids are random per load so that two models (or coordinators) sharing a worker do not replace
         # each other's programs; KV sequence ids likewise.
         base = secrets.randbelow(1 << 31)
-        self.remote = [(base + k, s) for k, s in enumerate(self.segments) if s.device != CPU]
-        self.segment_ids = {k: base + k for k, s in enumerate(self.segments) if s.device != CPU}
+        on_worker = [k for k, s in enumerate(self.segments) if s.device != CPU and not s.device.startswith("CUDA")]
+        self.remote = [(base + k, self.segments[k]) for k in on_worker]
+        self.segment_ids = {k: base + k for k in on_worker}
+        self.gpu: dict[int, Any] = {}  # segment index -> SegmentRunner on a GPU of this machine (engine.cuda)
+        if any(s.device.startswith("CUDA") for s in self.segments):
+            from engine.cuda.local import gpu_runners
+
+            self.gpu = gpu_runners(gguf, self.cfg, self.segments, opts, context_size(self.cfg, opts))
         self.load_stats = LoadStats()
         self._seq_ids = itertools.count(secrets.randbelow(1 << 31))
         self._closer = weakref.finalize(self, _release, dict(clients), list(self.remote))
@@ -171,6 +178,8 @@ class DistributedNet:
         from engine.digests import model_digests
         from rpcnode.client import OfferSpec
 
+        if not self.clients:  # only local GPUs: nothing to offer, no digests to compute
+            return
         digests = model_digests(gguf)
         refs: dict[str, TensorRef] = {n: (digests[n], t.qtype, t.shape) for n, t in gguf.tensors.items()}
         n_ctx = context_size(self.cfg, opts)
@@ -201,6 +210,8 @@ class DistributedNet:
         return RemoteKVCache(self, n_ctx, cache_type, next(self._seq_ids))
 
     def kv_op(self, op: str, seq_id: int, n: int) -> None:
+        for runner in self.gpu.values():
+            runner.kv(op, seq_id, n)
         with _rpc():
             for client in self.clients.values():
                 client.kv_op(op, seq_id, n)
@@ -215,18 +226,36 @@ class DistributedNet:
         state: dict[str, np.ndarray] = {"ids": ids, "n_out": np.asarray(T if all_logits else 1, dtype=np.int64)}
         for k, seg in enumerate(self.segments):
             if seg.device == CPU:
+                overlap = k + 1 < len(self.segments) and self._overlaps(k + 1)
                 for op in seg.ops:
-                    self.local.run_op(op, state, positions, cache)
+                    self.local.run_op(op, state, positions, cache, defer_shared=overlap and op == seg.ops[-1])
             else:
-                self._run_remote(self.segment_ids[k], seg, state, pos0, T, seq_id)
+                self._run_remote(k, seg, state, pos0, T, seq_id)
         cache.advance(T)
         return np.array(state["logits"])  # a copy: the reply's buffer is read-only
+
+    def _overlaps(self, k: int) -> bool:
+        """Segment k is a worker's routed experts alone: the caller computes the shared experts meanwhile."""
+        seg = self.segments[k]
+        return k not in self.gpu and seg.device != CPU and len(seg.ops) == 1 and seg.ops[0][1] == "moe_experts"
 
     def _run_remote(self, k: int, seg: Segment, state: dict[str, np.ndarray], pos0: int, T: int,
                     seq_id: int) -> None:
         send = _inputs(seg, state)
-        with _rpc():
-            out = self.clients[seg.device].run_segment(k, pos0, T, [(n, state[n]) for n in send], seq_id)
+        if k in self.gpu:  # a GPU of this machine: in-process, host arrays in and out as over the wire
+            out = self.gpu[k].run(seq_id, pos0, T, {n: state[n] for n in send})
+        else:
+            client = self.clients[seg.device]
+            with _rpc():
+                request = client.start_segment(self.segment_ids[k], pos0, T, [(n, state[n]) for n in send], seq_id)
+                try:
+                    if self._overlaps(k) and "shared" not in state:
+                        # the shared experts run here while the worker runs the routed ones: both machines busy
+                        shared = self.local.shared_experts(seg.ops[0][0], state["h"])
+                        if shared is not None:
+                            state["shared"] = shared
+                finally:
+                    out = client.finish_segment(request)
         for n in send:
             state.pop(n, None)
         if "y" in out:  # an expert-only segment: the residual and the shared experts stayed here
@@ -300,7 +329,10 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
             for ep in rules.rpc:
                 client = clients[f"RPC[{ep}]"] = Client.connect(ep, tokens.get(ep, default_token))
                 reported[f"RPC[{ep}]"] = client.device_info().mem_total_bytes
-        devices = devices_for(rules.rpc, capacities_from_options(opts, cluster, reported))
+        from engine.cuda.local import local_gpus
+
+        cuda = local_gpus(rules)
+        devices = devices_for(rules.rpc, capacities_from_options(opts, cluster, reported), cuda)
         placement = plan(gguf.tensors.values(), int(net.cfg.n_layers), devices, rules,
                          kv_bytes_per_layer=kv_bytes_per_layer(net.cfg, opts))
         remote = {d for d in placement.device_of.values() if d != CPU}

@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--cache", metavar="DIR", default=None,
                    help="local tensor cache (default: <user cache dir>/ikctl/rpcnode-cache)")
     p.add_argument("--cache-limit", default="1TiB", metavar="SIZE", help="tensor cache size limit (default 1TiB)")
-    p.add_argument("--device", default="cpu", choices=["cpu"], help="the device this worker owns (cpu for now)")
+    p.add_argument("--device", default="cpu", metavar="DEV",
+                   help="the device this worker owns: cpu (default) or cuda:N, a GPU of this machine (needs CuPy: "
+                   "pip install 'ikctl[cuda13]')")
     p.add_argument("-m", "--mem", default=None, metavar="BYTES",
                    help="bytes of tensors it may hold, e.g. 48GiB (default: the machine's RAM)")
     p.add_argument("--token-file", metavar="FILE",
@@ -65,7 +67,23 @@ def config_from_args(args: argparse.Namespace) -> object:
     return Config(host=args.host, port=args.port, threads=args.threads,
                   cache_dir=Path(args.cache) if args.cache else None, cache_limit=cache_limit, mem_bytes=mem,
                   token=read_token(args.token_file) if args.token_file else None,
-                  models=[Path(d) for d in args.models])
+                  models=[Path(d) for d in args.models], cuda_device=cuda_device(args.device))
+
+
+def cuda_device(text: str) -> int | None:
+    """--device as a CUDA index (None: cpu), checked now: a missing CuPy or GPU is one line, before listening."""
+    from engine.cuda import available
+    from engine.cuda.devices import parse_device
+    from engine.errors import IkctlError
+
+    try:
+        index = parse_device(text)
+    except IkctlError as e:
+        raise SystemExit(f"rpcnode: error: {e}") from None
+    why = available(index) if index is not None else None
+    if why is not None:
+        raise SystemExit(f"rpcnode: error: --device {text}: {why}")
+    return index
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     # on loopback, with the coordinator): OpenMP's default ~300k-iteration spin after each parallel region keeps
     # those cores busy while the reply and the next request wait. Before libgomp loads; the user's value wins.
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-    from rpcnode.server import serve
+    from rpcnode.server import StartError, serve
 
     cfg = config_from_args(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="rpcnode: %(message)s")
@@ -81,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve(cfg))  # type: ignore[arg-type]
     except KeyboardInterrupt:
         return 130
+    except StartError as e:
+        print(f"rpcnode: error: {e}", file=sys.stderr)
+        return 1
     except (OSError, socket.gaierror) as e:
         print(f"rpcnode: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 1

@@ -260,6 +260,8 @@ class Telemetry(_Message, tag=int(Kind.TELEMETRY), kw_only=True):
     bytes_held: U64
     mem_free_bytes: U64 = 0
     kv_bytes: U64 = 0  # KV caches, counted at the whole context per segment (as the memory limit counts them)
+    vram_total_bytes: U64 = 0  # a GPU worker's device memory as the driver reports it (0 on a CPU worker)
+    vram_free_bytes: U64 = 0
 
 
 class Free(_Message, tag=int(Kind.FREE), kw_only=True):

@@ -46,14 +46,14 @@ def test_second_client_beyond_memory_gets_out_of_memory(workers: Callable[..., W
                                                         other_model: Path) -> None:
     size = small_model.stat().st_size
     w = workers("-m", str(int(size * 1.2)))
-    first = load_model(small_model, rpc=w.endpoint, n_gpu_layers=99)
+    first = load_model(small_model, rpc=w.endpoint, n_gpu_layers=99, ctx_size=64)
     with pytest.raises(WorkerError, match=rf"RPC\[{w.endpoint}\]: OUT_OF_MEMORY: .*needs \d+ bytes, \d+ of \d+ free"):
-        load_model(other_model, rpc=w.endpoint, n_gpu_layers=99)
+        load_model(other_model, rpc=w.endpoint, n_gpu_layers=99, ctx_size=64)
     cache = first.new_cache(32)
     first.eval([1, 2, 3], cache)  # the first client is unaffected
     with Client.connect(w.endpoint) as c:
         assert c.free().tensors_held == 0  # Free(nil) drops everything
-    load_model(other_model, rpc=w.endpoint, n_gpu_layers=99)
+    load_model(other_model, rpc=w.endpoint, n_gpu_layers=99, ctx_size=64)
 
 
 def test_worker_reads_tensors_from_its_local_models(workers: Callable[..., WorkerProc], small_model: Path) -> None:
