@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,15 @@ sys.path.insert(0, str(HERE.parent))
 PROMPT = list(range(1, 17))
 
 
-def start_worker(cache: Path, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A worker on a free loopback port; its endpoint once it logs it."""
+def start_worker(cache: Path, threads: int, log: Path, wrap: Sequence[str] = (),
+                 extra: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str]:
+    """A worker on a free port (loopback unless `extra` names a --host); its endpoint once it logs it.
+    `wrap` prefixes the command (e.g. `ip netns exec NS`), `extra` adds rpcnode flags."""
     import re
 
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "rpcnode", "--port", "0", "-c", str(cache), "-t",
-                                 str(threads)], stdout=out, stderr=subprocess.STDOUT, cwd=HERE.parent)
+        proc = subprocess.Popen([*wrap, sys.executable, "-m", "rpcnode", "--port", "0", "-c", str(cache), "-t",
+                                 str(threads), *extra], stdout=out, stderr=subprocess.STDOUT, cwd=HERE.parent)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         m = re.search(r"listening on ([0-9.]+):(\d+)", log.read_text(errors="replace"))
