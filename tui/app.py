@@ -14,17 +14,30 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
 from engine.placement import PlacementRules
-from tui.messages import SwitchTo, WorkFailed
+from tui.host_board import HostBoard
+from tui.inventory import Host
+from tui.local_workers import LocalWorkers
+from tui.messages import SwitchTo, WorkersChanged, WorkFailed
 from tui.plan_flags import PlanFlags
 from tui.screens.bench import BenchScreen
 from tui.screens.generate import GenerateScreen
+from tui.screens.hosts import HostsScreen
+from tui.screens.live import LiveScreen
 from tui.screens.placement import PlacementScreen
+from tui.shared_model import SharedModel
+from tui.telemetry import TelemetryMonitor
 
 # (title, help, screen class or None for the app, action) — one command palette entry per action
 COMMANDS = (
     ("Show placement", "The tensor map, memory bars and placement flags (F1)", None, "switch_mode('placement')"),
     ("Show generate", "Prompt and streaming transcript (F2)", None, "switch_mode('generate')"),
     ("Show bench", "Sweep benchmark table and plot (F3)", None, "switch_mode('bench')"),
+    ("Show live", "Each worker's memory, busy %, network and cache, updated every second (F4)", None,
+     "switch_mode('live')"),
+    ("Show hosts", "Hosts with probe results; launch and stop workers, read their logs (F5)", None,
+     "switch_mode('hosts')"),
+    ("Placement: apply plan", "Load the model with these flags; a load bar per worker", PlacementScreen,
+     "apply_plan"),
     ("Placement: reset flags", "Back to the flags the app started with", PlacementScreen, "reset_flags"),
     ("Placement: show command", "The `ikctl plan` command line for these flags", PlacementScreen, "show_command"),
     ("Generate: stop", "Stop the running generation", GenerateScreen, "stop"),
@@ -32,32 +45,65 @@ COMMANDS = (
     ("Bench: run", "Run the sweep with these settings", BenchScreen, "run_bench"),
     ("Bench: stop", "Stop the running sweep", BenchScreen, "stop"),
     ("Bench: save JSON", "Write settings and rows like `ikctl bench --json`", BenchScreen, "save_json"),
+    ("Live: pause or resume", "Freeze the panels to read them (polling goes on)", LiveScreen, "pause"),
+    ("Hosts: probe again", "Probe every host: reachable, CPU, RAM, GPUs", HostsScreen, "probe"),
+    ("Hosts: launch workers", "Start workers on the selected host", HostsScreen, "launch"),
+    ("Hosts: stop workers", "Stop the selected host's workers", HostsScreen, "stop_host"),
 )
 
 
 class IkctlApp(App[None]):
-    """Three modes (placement, generate, bench), each a screen that keeps its state while hidden."""
+    """Five modes, each a screen that keeps its state while hidden. The app owns what they share: the loaded model,
+    the telemetry monitor and the local workers it started."""
 
     CSS_PATH = "app.tcss"
     TITLE = "ikctl"
+    # the mode tabs already say F1-F5, so the footer keeps its width for the screen's own keys (80 columns)
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("f1", "switch_mode('placement')", "Placement"),
-        Binding("f2", "switch_mode('generate')", "Generate"),
-        Binding("f3", "switch_mode('bench')", "Bench"),
+        Binding("f1", "switch_mode('placement')", "Placement", show=False),
+        Binding("f2", "switch_mode('generate')", "Generate", show=False),
+        Binding("f3", "switch_mode('bench')", "Bench", show=False),
+        Binding("f4", "switch_mode('live')", "Live", show=False),
+        Binding("f5", "switch_mode('hosts')", "Hosts", show=False),
     ]
 
     def __init__(self, model_path: str | None = None, flags: PlanFlags | None = None,
-                 model_options: Mapping[str, Any] | None = None, start_mode: str = "placement") -> None:
+                 model_options: Mapping[str, Any] | None = None, start_mode: str = "placement",
+                 tokens: Mapping[str, str] | None = None, local: LocalWorkers | None = None,
+                 board: HostBoard | None = None, monitor: TelemetryMonitor | None = None) -> None:
         super().__init__()
+        flags = flags or PlanFlags()
         self.model_path = model_path
         self.start_mode = start_mode
-        options = dict(model_options or {})
-        self.add_mode("placement", lambda: PlacementScreen(model_path, flags or PlanFlags()))
-        self.add_mode("generate", lambda: GenerateScreen(model_path, options))
-        self.add_mode("bench", lambda: BenchScreen(model_path, options))
+        self.local = local
+        self.tokens = dict(tokens or {})
+        self.shared = SharedModel(model_path, model_options, flags, self.tokens)
+        self.monitor = monitor or TelemetryMonitor()
+        self.watched = list(dict.fromkeys(flags.rules().rpc if flags.rpc.strip() else ()))
+        self.placement = PlacementScreen(model_path, flags, self.shared, self.monitor)
+        self.add_mode("placement", lambda: self.placement)
+        self.add_mode("generate", lambda: GenerateScreen(self.shared))
+        self.add_mode("bench", lambda: BenchScreen(self.shared))
+        self.add_mode("live", lambda: LiveScreen(self.monitor))
+        self.board = board or HostBoard((), local)
+        self.add_mode("hosts", lambda: HostsScreen(self.board, self.monitor))
 
     def on_mount(self) -> None:
+        from engine.distributed import read_token
+
+        try:
+            default_token = read_token()
+        except Exception as e:  # an unreadable $IKCTL_RPC_TOKEN_FILE: the workers show as down, with why
+            default_token = None
+            self.notify(str(e), title="error", severity="error", timeout=10)
+        self.default_token = default_token
+        self.monitor.watch(self.watched, self.tokens, default_token)
         self.switch_mode(self.start_mode)
+
+    def on_unmount(self) -> None:
+        self.monitor.close()
+        if self.local is not None:
+            self.local.close()
 
     @on(SwitchTo)
     def switch_to(self, event: SwitchTo) -> None:
@@ -66,6 +112,16 @@ class IkctlApp(App[None]):
     @on(WorkFailed)
     def work_failed(self, event: WorkFailed) -> None:
         self.notify(event.message, title="error", severity="error", timeout=10)
+
+    @on(WorkersChanged)
+    def workers_changed(self, event: WorkersChanged) -> None:
+        """Workers were launched or stopped on Hosts: watch the new ones, offer them to the plan, forget the gone."""
+        self.tokens.update(event.tokens)
+        self.shared.add_tokens(event.tokens)
+        self.monitor.watch(event.added, self.tokens, self.default_token)
+        self.monitor.unwatch(event.removed)
+        self.placement.add_workers(event.added, event.capacities)
+        self.placement.remove_workers(event.removed)
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
@@ -78,23 +134,33 @@ class IkctlApp(App[None]):
 
 def make_app(model_path: str | None = None, rules: PlacementRules | None = None,
              capacities: Mapping[str, int] | None = None, model_options: Mapping[str, Any] | None = None,
-             start_mode: str = "placement") -> IkctlApp:
+             start_mode: str = "placement", tokens: Mapping[str, str] | None = None,
+             local: LocalWorkers | None = None, board: HostBoard | None = None,
+             monitor: TelemetryMonitor | None = None) -> IkctlApp:
     """The app for a model (None: the embedded default), starting from these placement rules and capacities.
 
-    model_options are load_model keywords for Generate and Bench (e.g. threads); those screens run the model
-    locally until applying a plan to workers lands."""
+    model_options are load_model keywords (threads, ctx_size); tokens are per worker endpoint; `local` are workers
+    the app owns (stopped when it exits); `board` holds the hosts and launched workers for the Hosts screen;
+    `monitor` polls the workers' telemetry (a test may give one that does not)."""
     # libgomp's default spin-wait made decode 3 t/s instead of ~180 on a busy 2-core machine (the UI thread and
     # other processes compete with the spinning kernel threads); a short spin kept decode and prefill near their
     # idle-machine speed, while fully passive waiting slowed prefill 5-20x. Effective only before any parallel
     # kernel has run in this process; an explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-    return IkctlApp(model_path, PlanFlags.from_rules(rules, capacities), model_options, start_mode)
+    return IkctlApp(model_path, PlanFlags.from_rules(rules, capacities), model_options, start_mode, tokens, local,
+                    board, monitor)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tui.app", description="The ikctl terminal app.")
+    p = argparse.ArgumentParser(prog="ikctl", description="The ikctl terminal app. With nothing given: the embedded "
+                                "model and two local workers on loopback, its layers split across them.")
     p.add_argument("-m", "--model", help="GGUF model file (default: the embedded deepseek2 model)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cluster", metavar="FILE", help="the workers of a cluster file `ikctl launch` wrote")
+    where.add_argument("--hosts", metavar="FILE", help="hosts file: probe the hosts, launch workers on Hosts (F5)")
+    p.add_argument("--local", type=int, default=None, metavar="N",
+                   help="start N workers on this machine, owned by the app (default: 2 when nothing else is given)")
     p.add_argument("--rpc", metavar="SERVERS", help="comma-separated host:port of rpcnode workers")
     p.add_argument("-ot", "--override-tensor", dest="override_tensor", action="append", default=[],
                    metavar="REGEX=DEV", help="tensor override rule (repeatable)")
@@ -102,22 +168,78 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-ts", "--tensor-split", metavar="SPLIT")
     p.add_argument("--device-mem", action="append", default=[], metavar="DEV=SIZE")
     p.add_argument("-t", "--threads", type=int, default=None, help="compute threads for generate and bench")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size of the loaded model (default 4096)")
     return p
+
+
+def _nothing_given(args: argparse.Namespace) -> bool:
+    return not (args.model or args.cluster or args.hosts or args.rpc or args.override_tensor or args.n_gpu_layers
+                or args.tensor_split or args.device_mem)
+
+
+def app_from_args(args: argparse.Namespace) -> IkctlApp:
+    """The app for parsed arguments; starts the local workers it is to own. IkctlError on bad input."""
+    from pathlib import Path
+
+    from engine.placement import parse_device_mem
+    from engine.synth import cache_dir
+
+    rpc, capacities, tokens = args.rpc, {}, {}
+    hosts: tuple[Host, ...] = ()
+    cluster_file: Path | None = None
+    if args.cluster:
+        from engine.cluster import read_cluster
+
+        cluster_file = Path(args.cluster).expanduser()
+        cluster = read_cluster(cluster_file)
+        rpc = rpc or ",".join(cluster.endpoints())
+        capacities, tokens = cluster.capacities(), cluster.tokens()
+    if args.hosts:
+        from tui.inventory import load_hosts
+
+        hosts = load_hosts(args.hosts)
+        # workers launched here are listed in a file of the app's own, so that `ikctl stop --cluster` (or the next
+        # `ikctl --hosts`) finds them; `ikctl launch`'s default cluster file is left alone
+        cluster_file = cache_dir() / "tui-cluster.json"
+    ngl, ts = args.n_gpu_layers, args.tensor_split
+    # flags first, so that a typo is reported before any worker starts
+    PlacementRules.from_flags(args.override_tensor, ngl, ts, rpc)
+    capacities.update(parse_device_mem(t) for t in args.device_mem)
+    n_local = args.local if args.local is not None else (2 if _nothing_given(args) else 0)
+    local = None
+    if n_local > 0:
+        local = LocalWorkers()
+        print(f"ikctl: starting {n_local} local worker{'s' * (n_local != 1)} on loopback…", file=sys.stderr)
+        started = local.start(n_local)
+        rpc = ",".join([*([rpc] if rpc else []), *(w.endpoint for w in started)])
+        if _nothing_given(args):  # the demo: every layer on the workers, split evenly, so Live shows them busy
+            ngl, ts = 99, ",".join("1" for _ in started)
+    rules = PlacementRules.from_flags(args.override_tensor, ngl, ts, rpc)
+    in_plan = {f"RPC[{ep}]" for ep in rules.rpc}
+    capacities = {d: c for d, c in capacities.items() if d in in_plan or not d.startswith("RPC")}
+    options: dict[str, Any] = {}
+    if args.threads:
+        options["threads"] = args.threads
+    if args.ctx_size is not None:
+        options["ctx_size"] = args.ctx_size
+    board = HostBoard(hosts, local, cluster_file=cluster_file)
+    return make_app(args.model, rules, capacities, options, tokens=tokens, local=local, board=board)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from engine.errors import IkctlError
-    from engine.placement import parse_device_mem
 
     args = _parser().parse_args(argv)
     try:
-        rules = PlacementRules.from_flags(args.override_tensor, args.n_gpu_layers, args.tensor_split, args.rpc)
-        capacities = dict(parse_device_mem(t) for t in args.device_mem)
+        app = app_from_args(args)
     except IkctlError as e:
         print(f"ikctl: error: {e}", file=sys.stderr)
         return 1
-    options = {"threads": args.threads} if args.threads else {}
-    make_app(args.model, rules, capacities, options).run()
+    try:
+        app.run()
+    finally:
+        if app.local is not None:
+            app.local.close()
     return 0
 
 

@@ -10,6 +10,7 @@ from textual.message import Message
 from engine.bench import SweepRow
 from engine.generate import GenerationStats
 from tui.plan_flags import ModelHeader, PlanFlags
+from tui.shared_model import LoadSummary
 
 
 @dataclass
@@ -81,3 +82,68 @@ class BenchDone(Message):
 
     stopped: bool
     run: int  # which run posted it: a stopped run's late messages are dropped
+
+
+@dataclass
+class LoadProgressed(Message):
+    """One worker's load advanced (engine.distributed.LoadProgress); a newer one for the same device replaces it in
+    the queue, since tensors can settle faster than the screen redraws."""
+
+    progress: Any
+    run: int
+
+    def can_replace(self, message: Message) -> bool:
+        return (isinstance(message, LoadProgressed) and message.run == self.run
+                and message.progress.device == self.progress.device)
+
+
+@dataclass
+class PlanApplied(Message):
+    """The model thread loaded the model with these flags (summary set), or failed (error set)."""
+
+    flags: PlanFlags
+    summary: LoadSummary | None
+    error: str | None
+    run: int
+
+
+@dataclass
+class WorkersChanged(Message):
+    """Workers were launched (added, with their tokens and capacities) or stopped (removed) on the Hosts screen."""
+
+    added: list[str]  # host:port
+    removed: list[str]
+    tokens: dict[str, str]
+    capacities: dict[str, int]  # RPC[host:port] -> bytes
+
+
+@dataclass
+class HostsProbed(Message):
+    """The probe worker's results (tui.probe.ProbeResults)."""
+
+    results: Any
+
+
+@dataclass
+class HostLaunched(Message):
+    """One host's launch finished: its new workers (tui.host_board.WorkerEntry), or the one-line error."""
+
+    host: str
+    entries: list[Any]
+    error: str | None = None
+
+
+@dataclass
+class HostStopped(Message):
+    """One host's workers were stopped: (WorkerEntry, status or error) each."""
+
+    host: str
+    results: list[tuple[Any, str]]
+
+
+@dataclass
+class LogTail(Message):
+    """The last lines of one worker's log."""
+
+    endpoint: str
+    lines: list[str]

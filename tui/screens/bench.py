@@ -19,6 +19,7 @@ from tui.bench_results import COLUMNS, row_cells, save_json, series
 from tui.messages import BenchDone, BenchRowReady, BenchStarted, WorkFailed
 from tui.model_thread import on_model_thread
 from tui.settings import parse_int
+from tui.shared_model import SharedModel, with_run_options
 from tui.widgets.mode_tabs import ModeTabs
 
 
@@ -30,10 +31,9 @@ class BenchScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+r", "run_bench", "Run"), Binding("escape", "stop", "Stop"),
                 Binding("ctrl+s", "save_json", "Save JSON")]
 
-    def __init__(self, model_path: str | None, model_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, shared: SharedModel) -> None:
         super().__init__()
-        self.model_path = model_path
-        self.model_options = model_options or {}
+        self.shared = shared
         self.settings: dict[str, Any] | None = None
         self.rows: list[SweepRow] = []
         self.n_steps = 0
@@ -81,16 +81,13 @@ class BenchScreen(Screen[None]):
         await on_model_thread(self.run_sweep, get_current_worker(), n_ctx, ubatch, n_gen, run)
 
     def run_sweep(self, worker: Worker[None], n_ctx: int, ubatch: int, n_gen: int, run: int) -> None:
-        """On the model thread: load the model, post the settings, then one message per step until done or
-        cancelled."""
-        from engine import load_model
+        """On the model thread: the shared model (loaded on first use) with this context and micro-batch, post the
+        settings, then one message per step until done or cancelled."""
         from engine.bench import bench_settings, sweep, sweep_steps
-        from engine.synth import default_model_path
 
         stopped = False
         try:
-            model = load_model(self.model_path or default_model_path(), **{**self.model_options,
-                               "ctx_size": n_ctx, "ubatch_size": ubatch})
+            model = with_run_options(self.shared.get(), n_ctx, ubatch)
             steps = sweep_steps(model.n_ctx, ubatch, n_gen)
             self.post_message(BenchStarted(bench_settings(model, model.n_ctx, ubatch, n_gen), len(steps), run))
             for row in sweep(model, model.n_ctx, ubatch, n_gen):

@@ -19,6 +19,7 @@ from tui.formatting import printable
 from tui.messages import GenerationDone, TokenGenerated, WorkFailed
 from tui.model_thread import on_model_thread
 from tui.settings import parse_float, parse_int
+from tui.shared_model import SharedModel
 from tui.widgets.mode_tabs import ModeTabs
 
 REFRESH_S = 1 / 20  # tokens can arrive faster than the terminal redraws; render the transcript at most 20x/s
@@ -32,17 +33,15 @@ def chat_prompt(model: Any, history: list[dict[str, str]]) -> str:
 
 
 class GenerateScreen(Screen[None]):
-    """Owns the conversation and the loaded model; one generation at a time."""
+    """Owns the conversation; the model is the app's shared one. One generation at a time."""
 
     CSS_PATH = "generate.tcss"
     AUTO_FOCUS = "#prompt"  # typing goes straight into the main field
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "stop", "Stop"), Binding("ctrl+l", "clear", "Clear")]
 
-    def __init__(self, model_path: str | None, model_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, shared: SharedModel) -> None:
         super().__init__()
-        self.model_path = model_path
-        self.model_options = model_options or {}
-        self.model: Any = None
+        self.shared = shared
         self.history: list[dict[str, str]] = []
         self.reply = ""  # the reply being streamed
         self.dirty = False
@@ -96,14 +95,11 @@ class GenerateScreen(Screen[None]):
         await on_model_thread(self.stream, get_current_worker(), history, sampling, run)
 
     def stream(self, worker: Worker[None], history: list[dict[str, str]], sampling: dict[str, Any], run: int) -> None:
-        """On the model thread: load the model once, then post tokens as messages until done or cancelled."""
+        """On the model thread: the shared model (loaded on first use), then post tokens as messages until done or
+        cancelled."""
         try:
-            if self.model is None:
-                from engine import load_model
-                from engine.synth import default_model_path
-
-                self.model = load_model(self.model_path or default_model_path(), **self.model_options)
-            gen = self.model.generate(chat_prompt(self.model, history), **sampling)
+            model = self.shared.get()
+            gen = model.generate(chat_prompt(model, history), **sampling)
             text, stopped = "", False
             for token in gen:
                 if worker.is_cancelled:

@@ -1,23 +1,29 @@
-"""Placement screen: the plan of the model's tensors on the devices, re-planned on every flag edit."""
+"""Placement screen: the plan of the model's tensors on the devices, re-planned on every flag edit, and applied
+(the model loaded with these flags, a load bar per worker) with ctrl+l."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Button, Footer, Static
 
 from engine.errors import IkctlError
 from engine.placement import Placement, PlacementError
 from tui.formatting import format_bytes
-from tui.messages import FlagsEdited, HeaderLoaded, WorkFailed
+from tui.host_board import with_workers, without_workers
+from tui.messages import FlagsEdited, HeaderLoaded, LoadProgressed, PlanApplied, WorkFailed
+from tui.model_thread import on_model_thread
 from tui.plan_flags import ModelHeader, PlanFlags
-from tui.widgets.device_bars import DeviceBars
+from tui.shared_model import SharedModel, load_options
+from tui.telemetry import TelemetryMonitor, reported_capacities
+from tui.widgets.device_bars import DeviceBars, load_legend
 from tui.widgets.mode_tabs import ModeTabs
 from tui.widgets.placement_form import PlacementForm
 from tui.widgets.placement_map import PlacementMap
@@ -39,15 +45,26 @@ class PlacementScreen(Screen[None]):
     CSS_PATH = "placement.tcss"
     AUTO_FOCUS = "#ot"  # typing goes straight into the main field
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+l", "apply_plan", "Apply plan"),
         Binding("ctrl+r", "reset_flags", "Reset flags"),
-        Binding("ctrl+y", "show_command", "Command"),
+        # not ctrl+y: the -ot TextArea, focused most of the time, takes that for redo
+        Binding("ctrl+t", "show_command", "Command"),
     ]
 
-    def __init__(self, model_path: str | None, flags: PlanFlags) -> None:
+    def __init__(self, model_path: str | None, flags: PlanFlags, shared: SharedModel | None = None,
+                 monitor: TelemetryMonitor | None = None) -> None:
         super().__init__()
         self.model_path = model_path
         self.initial_flags = flags
         self.flags = flags
+        self.shared = shared or SharedModel(model_path, flags=flags)
+        self.monitor = monitor
+        self.reported: dict[str, int] = {}  # RPC[host:port] -> the memory the worker reported (via telemetry)
+        self.applying = False
+        self.load_run = 0  # bumped per apply, so a late progress message of an earlier one is dropped
+        self.loads: dict[str, Any] = {}  # device -> the newest LoadProgress of the current apply
+        self.load_flags: PlanFlags | None = None  # the flags of the current (or last) apply
+        self.load_note = ""
         self.header: ModelHeader | None = None
         self.placement: Placement | None = None  # what the map shows
         self.good: Placement | None = None  # the last plan that passed every check
@@ -64,10 +81,30 @@ class PlacementScreen(Screen[None]):
             with VerticalScroll(id="form-pane"):
                 yield PlacementForm(self.flags, id="form")
                 yield Static("", id="plan-status")
+                yield Button("Apply plan (ctrl+l)", id="apply", compact=True)
+                yield Static("", id="load-status")
         yield Footer()
 
     def on_mount(self) -> None:
         self.load_header()
+        if self.monitor is not None:
+            self.set_interval(1.0, self.check_reported)
+
+    def check_reported(self) -> None:
+        """Plan against the workers' reported memory, as loading will, once they answer (--device-mem wins)."""
+        assert self.monitor is not None
+        reported = reported_capacities(self.monitor.latest())
+        if reported != self.reported:
+            self.reported = reported
+            self.replan()
+
+    def planning_flags(self) -> PlanFlags:
+        """The flags with the reported capacities of the workers in --rpc that --device-mem does not name."""
+        try:
+            devices = {f"RPC[{ep}]" for ep in self.flags.rules().rpc}
+        except PlacementError:
+            return self.flags  # the plan reports the bad flag
+        return with_workers(self.flags, [], {d: n for d, n in self.reported.items() if d in devices})
 
     @work(thread=True, name="read-header", exclusive=True, group="placement")
     def load_header(self) -> None:
@@ -94,7 +131,7 @@ class PlacementScreen(Screen[None]):
         if self.header is None:
             return
         try:
-            self.good = self.flags.plan(self.header)
+            self.good = self.planning_flags().plan(self.header)
             self.placement, self.error = self.good, None
         except PlacementError as e:
             self.error = str(e)
@@ -102,16 +139,21 @@ class PlacementScreen(Screen[None]):
             self.placement = self.good or self.unchecked_plan()
         self.query_one("#map", PlacementMap).placement = self.placement
         self.query_one("#bars", DeviceBars).placement = self.placement
+        self.show_loads()
         self.show_status()
 
     def unchecked_plan(self) -> Placement | None:
         assert self.header is not None
         try:
-            return self.flags.plan(self.header, check_capacity=False)
+            return self.planning_flags().plan(self.header, check_capacity=False)
         except PlacementError:
             return None
 
     def show_status(self) -> None:
+        self.show_plan_status()
+        self.show_load_status()
+
+    def show_plan_status(self) -> None:
         status = self.query_one("#plan-status", Static)
         status.set_class(self.error is not None, "-error")
         if self.error is not None:
@@ -121,6 +163,22 @@ class PlacementScreen(Screen[None]):
         else:
             status.update("✓ plan fits" if self.placement is not None else "")
 
+    def add_workers(self, endpoints: list[str], capacities: dict[str, int]) -> None:
+        """Workers were launched: add them to --rpc (and their memory to --device-mem) in the form."""
+        if endpoints:
+            self.show_flags(with_workers(self.flags, endpoints, capacities))
+
+    def remove_workers(self, endpoints: list[str]) -> None:
+        """Workers were stopped: take them out of --rpc and --device-mem in the form."""
+        if endpoints:
+            self.show_flags(without_workers(self.flags, endpoints))
+
+    def show_flags(self, flags: PlanFlags) -> None:
+        if self.is_mounted:
+            self.query_one("#form", PlacementForm).show(flags)  # posts FlagsEdited, which re-plans
+        else:
+            self.flags = flags  # not shown yet: the form starts from these
+
     def action_reset_flags(self) -> None:
         self.query_one("#form", PlacementForm).show(self.initial_flags)
 
@@ -129,3 +187,82 @@ class PlacementScreen(Screen[None]):
             self.notify(self.flags.command_line(self.model_path), title="same plan from the shell", timeout=15)
         except IkctlError as e:
             self.notify(str(e), severity="error")
+
+    # ---- applying the plan -----------------------------------------------------------------------------------
+    @on(Button.Pressed, "#apply")
+    def apply_pressed(self) -> None:
+        self.action_apply_plan()
+
+    def action_apply_plan(self) -> None:
+        """Load the model with the current flags on the model thread; the bars show each worker's load."""
+        if self.applying:
+            self.notify("a plan is being applied; wait for it to finish", severity="warning")
+            return
+        if self.error is not None:
+            self.notify(f"fix the plan first: {self.error}", severity="error")
+            return
+        try:
+            load_options(self.flags, {})
+        except IkctlError as e:
+            self.notify(str(e), severity="error")
+            return
+        self.applying, self.loads, self.load_flags = True, {}, self.flags
+        self.load_run += 1
+        self.load_note = "loading… (waits for a running generation or sweep)"
+        self.show_loads()
+        self.show_load_status()
+        self.apply_worker(self.flags, self.load_run)
+
+    @work(name="apply-plan", exclusive=True, group="apply")
+    async def apply_worker(self, flags: PlanFlags, run: int) -> None:
+        def progress(p: Any) -> None:  # on the model thread; post_message is thread-safe
+            self.post_message(LoadProgressed(p, run))
+
+        try:
+            summary = await on_model_thread(self.shared.apply, flags, progress)
+        except (IkctlError, OSError) as e:
+            self.post_message(PlanApplied(flags, None, str(e), run))
+            return
+        self.post_message(PlanApplied(flags, summary, None, run))
+
+    @on(LoadProgressed)
+    def load_progressed(self, event: LoadProgressed) -> None:
+        if event.run != self.load_run:
+            return
+        first = not self.loads
+        self.loads[event.progress.device] = event.progress
+        self.show_loads()
+        if first:
+            self.show_load_status()  # with the legend of the bars' colours
+
+    def show_loads(self) -> None:
+        """The load bars belong to the flags they loaded: hidden while the form shows other flags."""
+        self.query_one("#bars", DeviceBars).loads = self.loads if self.flags == self.load_flags else {}
+
+    @on(PlanApplied)
+    def plan_applied(self, event: PlanApplied) -> None:
+        if event.run != self.load_run:
+            return
+        self.applying = False
+        if event.error is not None:
+            self.load_note = f"✗ not loaded: {event.error}"
+            self.post_message(WorkFailed(event.error))
+        elif event.summary is not None:
+            self.load_note = f"✓ {event.summary.line()}"
+            self.notify(event.summary.line(), title="plan applied")
+        self.show_load_status()
+
+    def show_load_status(self) -> None:
+        status = self.query_one("#load-status", Static)
+        note = self.load_note
+        loaded = self.shared.loaded_flags
+        if not self.applying and loaded is not None and loaded != self.flags:
+            note = (note + "\n" if note else "") + "the flags changed since: ctrl+l applies them"
+        elif not note:
+            note = "ctrl+l loads the model with this plan" if loaded is None else ""
+        status.set_class(note.startswith("✗"), "-error")
+        text = Text(note)
+        if self.loads and self.flags == self.load_flags:
+            text.append("\n")
+            text.append_text(load_legend())
+        status.update(text)

@@ -6,7 +6,8 @@ from textual.widgets import Tab, Tabs
 
 from tui.messages import SwitchTo
 
-MODES = (("placement", "Placement F1"), ("generate", "Generate F2"), ("bench", "Bench F3"))
+MODES = (("placement", "Placement F1"), ("generate", "Generate F2"), ("bench", "Bench F3"), ("live", "Live F4"),
+         ("hosts", "Hosts F5"))
 
 
 class ModeTabs(Tabs):
@@ -15,7 +16,7 @@ class ModeTabs(Tabs):
     def __init__(self, mode: str) -> None:
         super().__init__(*(Tab(title, id=f"tab-{name}") for name, title in MODES), active=f"tab-{mode}")
         self.mode = mode
-        self.can_focus = False  # keyboard users switch with F1-F3; focus stays in the form
+        self.can_focus = False  # keyboard users switch with F1-F5; focus stays in the form
 
     def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
         event.stop()
