@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -53,6 +54,9 @@ class Options:
         return self
 
 
+RUN_OPTIONS = ("ctx_size", "ubatch_size", "threads")  # options a loaded model can change (Model.with_options)
+
+
 class Network(Protocol):
     """What an architecture module provides (engine/deepseek2.py, engine/llama.py)."""
 
@@ -92,6 +96,21 @@ class Model:
 
             self.net = distribute(self.net, gguf, options, progress)
         self.tokenizer = Tokenizer.from_gguf(gguf)
+
+    def with_options(self, **changes: Any) -> Model:
+        """The same loaded weights (and workers) with other run options: ctx_size, ubatch_size, threads.
+
+        The workers' KV caches were sized for the context of the load, so a larger one needs a new load."""
+        unknown = sorted(set(changes) - set(RUN_OPTIONS))
+        if unknown:
+            raise IkctlError(f"{', '.join(unknown)} cannot change without loading the model again; "
+                             f"with_options takes {', '.join(RUN_OPTIONS)}")
+        view = copy.copy(self)
+        view.options = replace(self.options, **changes).validated()
+        if self.options.placed and view.n_ctx > self.n_ctx:
+            raise IkctlError(f"-c {view.n_ctx} is more than the context the workers were loaded with "
+                             f"({self.n_ctx}); load the model again with ctx_size={view.n_ctx}")
+        return view
 
     @property
     def arch(self) -> str:

@@ -5,13 +5,11 @@ use: applying a plan waits for a running generation or sweep to finish its step.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import IkctlError
 from tui.plan_flags import PlanFlags
 
 
@@ -52,18 +50,6 @@ def is_distributed(model: Any) -> bool:
     from engine.distributed import DistributedNet
 
     return isinstance(model.net, DistributedNet)
-
-
-def with_run_options(model: Any, ctx_size: int, ubatch_size: int) -> Any:
-    """The same loaded weights (and workers) with another context and micro-batch, for a bench sweep.
-
-    The workers' KV caches were sized for the context of the load, so a larger one needs a new load."""
-    if is_distributed(model) and ctx_size > model.n_ctx:
-        raise IkctlError(f"-c {ctx_size} is more than the context the model was loaded with ({model.n_ctx}); "
-                         f"start ikctl with -c {ctx_size} to bench it")
-    view = copy.copy(model)
-    view.options = replace(model.options, ctx_size=ctx_size, ubatch_size=ubatch_size)
-    return view
 
 
 class SharedModel:

@@ -353,3 +353,16 @@ def test_telemetry_answers_while_a_segment_runs(workers: Callable[..., WorkerPro
     finally:
         stop.set()
         t.join()
+
+
+def test_with_options_keeps_the_workers(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    w = workers()
+    model = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99, ctx_size=64)
+    small = model.with_options(ubatch_size=3, ctx_size=32)
+    assert small.net is model.net and small.options.ubatch_size == 3 and small.n_ctx == 32
+    assert_same(run_sequence(small), run_sequence(load_model(synth_model, ctx_size=32, ubatch_size=3)))
+    with pytest.raises(IkctlError, match=r"-c 128 is more than the context the workers were loaded with \(64\)"):
+        model.with_options(ctx_size=128)
+    with pytest.raises(IkctlError, match="n_gpu_layers cannot change without loading the model again"):
+        model.with_options(n_gpu_layers=1)
+

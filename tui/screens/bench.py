@@ -19,7 +19,7 @@ from tui.bench_results import COLUMNS, row_cells, save_json, series
 from tui.messages import BenchDone, BenchRowReady, BenchStarted, WorkFailed
 from tui.model_thread import on_model_thread
 from tui.settings import parse_int
-from tui.shared_model import SharedModel, with_run_options
+from tui.shared_model import SharedModel
 from tui.widgets.mode_tabs import ModeTabs
 
 
@@ -87,7 +87,7 @@ class BenchScreen(Screen[None]):
 
         stopped = False
         try:
-            model = with_run_options(self.shared.get(), n_ctx, ubatch)
+            model = self.shared.get().with_options(ctx_size=n_ctx, ubatch_size=ubatch)
             steps = sweep_steps(model.n_ctx, ubatch, n_gen)
             self.post_message(BenchStarted(bench_settings(model, model.n_ctx, ubatch, n_gen), len(steps), run))
             for row in sweep(model, model.n_ctx, ubatch, n_gen):
