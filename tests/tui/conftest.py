@@ -172,3 +172,13 @@ def known_hosts(tmp_path: Path, sshd_cluster: SshdCluster) -> Path:
     path = tmp_path / "known_hosts"
     path.write_text(sshd_cluster.known_hosts_text())
     return path
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh IKCTL_CACHE (the embedded model, worker caches, TUI cluster file) and no token in the environment."""
+    monkeypatch.setenv("IKCTL_CACHE", str(tmp_path / "ikctl-cache"))
+    monkeypatch.delenv("IKCTL_RPC_TOKEN", raising=False)
+    monkeypatch.delenv("IKCTL_RPC_TOKEN_FILE", raising=False)
+    return tmp_path / "ikctl-cache"
+

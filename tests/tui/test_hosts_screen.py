@@ -26,12 +26,7 @@ from tui.ssh import LocalTransport
 SIZE = (120, 40)
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("IKCTL_CACHE", str(tmp_path / "ikctl-cache"))
-    monkeypatch.delenv("IKCTL_RPC_TOKEN", raising=False)
-    monkeypatch.delenv("IKCTL_RPC_TOKEN_FILE", raising=False)
-    return tmp_path / "ikctl-cache"
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture

@@ -17,13 +17,7 @@ from tui.host_board import LOCAL_NAME
 from tui.local_workers import LocalWorkers
 from tui.screens.live import LiveScreen
 
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("IKCTL_CACHE", str(tmp_path / "ikctl-cache"))
-    monkeypatch.delenv("IKCTL_RPC_TOKEN", raising=False)
-    monkeypatch.delenv("IKCTL_RPC_TOKEN_FILE", raising=False)
-    return tmp_path / "ikctl-cache"
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture
