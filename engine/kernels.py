@@ -142,6 +142,12 @@ def _gather_matvec_kernel(
             out[n, r] = acc
 
 
+@njit(cache=True)
+def _dequantize_serial(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
+    for r in range(raw.shape[0]):
+        _decode_row(qtype, raw[r], out[r])
+
+
 @njit(parallel=True, cache=True)
 def _dequantize_kernel(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
     R, row_bytes = raw.shape
@@ -156,6 +162,9 @@ def _dequantize_kernel(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------
+
+
+SERIAL_MAX_ROWS = 16  # dequantize_rows decodes up to this many rows on the calling thread
 
 
 def supports(qtype: int) -> bool:
@@ -201,8 +210,12 @@ def dequantize_rows(raw: np.ndarray, qtype: int, shape: tuple[int, int]) -> np.n
     """Encoded rows -> float32 [R, C] (embedding lookups, small tensors); pass raw[index] for a row subset."""
     rows = _as_rows(raw, qtype, shape)
     out = np.empty((rows.shape[0], int(shape[1])), np.float32)
-    if rows.shape[0]:
+    if rows.shape[0] > SERIAL_MAX_ROWS:
         _dequantize_kernel(rows, int(qtype), out)
+    elif rows.shape[0]:
+        # a decode step's embedding rows: waking OpenMP's threads costs more than decoding, and they would then
+        # spin on a core a worker on this machine is computing on while this process waits for it
+        _dequantize_serial(rows, int(qtype), out)
     return out
 
 

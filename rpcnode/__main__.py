@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -86,10 +87,12 @@ def cuda_device(text: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # OpenMP's threads keep their default spin between the ~100 parallel regions of a decode step: measured on a
-    # 2-core VM, a worker holding every layer ran 0.71x local with GOMP_SPINCOUNT=1000 (its threads slept and were
-    # woken for every region), 0.78x with the default and 0.82x with "infinite". A worker sharing its cores with
-    # the coordinator on one machine may want a lower value: the user's GOMP_SPINCOUNT is kept as given.
+    # OpenMP's threads spin after each parallel region (libgomp's default ~300k iterations, milliseconds). When the
+    # coordinator shares this machine's cores, its spinning threads and ours take turns stealing each other's
+    # cores: with experts here and attention there on 2 cores, TG fell to 0.19x local (0.56x with 1000). A worker
+    # on cores of its own should spin (every layer here: 0.98x local with the default, 0.93x with 1000), so
+    # `GOMP_SPINCOUNT=300000 ikctl rpcnode ...` there. Before libgomp loads; the user's value wins.
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     from rpcnode.server import StartError, serve
 
     cfg = config_from_args(args)
