@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from engine.atomic_file import write_atomic
 from engine.errors import IkctlError
 
 FORMAT_VERSION = 1
@@ -142,16 +142,7 @@ def write_cluster(path: str | os.PathLike[str], cluster: Cluster) -> None:
     p = Path(path).expanduser()
     try:
         p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)  # mkstemp creates it 0600
+        write_atomic(p, format_cluster(cluster))  # its temp file is created 0600, then renamed
     except OSError as e:
-        raise ClusterFileError(f"cannot write cluster file {path}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(format_cluster(cluster))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise ClusterFileError(f"cannot write cluster file {path}: {e.strerror}") from None
 

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import re
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import blake3
 import numpy as np
 
+from engine.atomic_file import write_atomic
 from engine.gguf_file import GGUFFile
 from engine.synth import cache_dir
 
@@ -96,15 +96,7 @@ def _load_record(path: Path, key: dict[str, Any], names: set[str]) -> dict[str, 
 
 
 def _save_record(path: Path, doc: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename); a store that cannot be written only costs hashing next time."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    """Write atomically; a store that cannot be written only costs hashing next time."""
     with contextlib.suppress(OSError):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(doc, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(doc))

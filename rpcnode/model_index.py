@@ -7,12 +7,12 @@ import json
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.atomic_file import write_atomic
 from rpcnode.cache import _DIGEST, _FileMaps, check_digest, digest_of
 from rpcnode.gguf_table import TableEntry, read_tensor_table
 
@@ -190,13 +190,4 @@ def _valid_record(rec: Any) -> bool:
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    write_atomic(path, json.dumps(doc))
