@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,8 @@ from engine.deepseek2 import DeepSeek2
 from engine.gguf_file import GGUFFile
 from engine.moe import route
 from engine.ops import rms_norm
+from tests.refs import REFS
 
-REFS = Path(__file__).resolve().parents[3] / "shared" / "refs"
 MODELS = ["open-v2", "open-v3"]
 
 

@@ -15,8 +15,9 @@ import pytest
 from engine import digests
 from engine.gguf_file import GGUFFile
 from engine.synth import SynthSpec, write_model
+from tests.refs import V3
 
-REF_MODEL = Path("/work/shared/refs/open-v3.gguf")
+REF_MODEL = V3
 
 
 @pytest.fixture

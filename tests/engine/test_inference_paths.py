@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from engine import IkctlError, load_model
 from engine.deepseek2 import DeepSeek2
 from engine.gguf_file import GGUFFile
+from tests.refs import V3
 
-REFS = Path(__file__).resolve().parents[3] / "shared" / "refs"
-V3 = REFS / "open-v3.gguf"
 IDS = [286, 5, 77, 190, 12, 260, 44, 101, 9, 230, 150, 33]
 
 

@@ -29,10 +29,10 @@ from engine.placement import (
     parse_size,
     plan,
 )
+from tests.refs import V3
 
 DATA = json.loads((Path(__file__).parent / "data" / "placement_cases.json").read_text())
 CASES = DATA["cases"]
-V3 = Path(__file__).resolve().parents[3] / "shared" / "refs" / "open-v3.gguf"
 
 
 def model_records(spec: dict[str, Any]) -> list[tuple[str, int]]:

@@ -22,8 +22,9 @@ from engine.segments import (
     segment_records,
 )
 from engine.synth import SynthSpec, write_model
+from tests.refs import V3
 
-REF_MODEL = Path("/work/shared/refs/open-v3.gguf")
+REF_MODEL = V3
 
 
 @pytest.fixture(scope="module")

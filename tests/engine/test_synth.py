@@ -16,8 +16,8 @@ from engine import synth
 from engine.config import GATING_SIGMOID, GATING_SOFTMAX, DeepSeek2Config
 from engine.deepseek2 import DeepSeek2
 from engine.gguf_file import GGUFFile
+from tests.refs import REFS
 
-REFS = Path(__file__).resolve().parents[3] / "shared" / "refs"
 COMMON = [
     "--hidden", "128", "--layers", "3", "--dense-layers", "1", "--heads", "4", "--kv-lora-rank", "32",
     "--qk-nope", "24", "--qk-rope", "8", "--v-head", "16", "--experts", "8", "--top-k", "2",

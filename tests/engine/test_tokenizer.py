@@ -17,8 +17,8 @@ from engine.chat_template import apply_chat_template
 from engine.errors import IkctlError, ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.tokenizer import Tokenizer
+from tests.refs import REFS
 
-REFS = Path(__file__).resolve().parents[3] / "shared" / "refs"
 TOKEN_REFS = json.loads((Path(__file__).parent / "data" / "smollm2_token_refs.json").read_text("utf-8"))
 CASES = TOKEN_REFS["cases"]
 SYNTH = TOKEN_REFS["synth"]

@@ -23,8 +23,9 @@ from rpcnode import cache as cache_mod
 from rpcnode.cache import CacheFull, DigestMismatch, TensorCache, digest_of
 from rpcnode.gguf_table import read_tensor_table
 from rpcnode.model_index import INDEX_FILE, ModelIndex
+from tests.refs import V3
 
-REF_MODEL = Path("/work/shared/refs/open-v3.gguf")
+REF_MODEL = V3
 
 
 def blob(n: int, seed: int = 0) -> bytes:

@@ -22,9 +22,10 @@ from engine.placement import PlacementError, devices_for, plan
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
 from rpcnode.client import Client, RPCError
+from tests.refs import V3
 from tests.rpcnode.conftest import WorkerProc
 
-REF_MODEL = Path("/work/shared/refs/open-v3.gguf")
+REF_MODEL = V3
 PROMPT = [1, 5, 9, 20, 33, 7, 100, 3, 42, 11]
 DECODE = [4, 77, 12, 250, 8]
 

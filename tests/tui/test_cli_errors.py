@@ -13,8 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gguf_rewrite import rewrite_gguf
 
-REFS = Path(__file__).resolve().parents[3] / "shared" / "refs"
-V3 = REFS / "open-v3.gguf"
+from tests.refs import V3
 
 
 def run_ikctl(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from engine.gguf_file import GGUFFile
+from tests.refs import V3
 
-V3 = Path(__file__).resolve().parents[3] / "shared" / "refs" / "open-v3.gguf"
 RPC_A, RPC_B = "127.0.0.1:50052", "127.0.0.1:50053"
 
 

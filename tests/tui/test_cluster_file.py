@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from engine.cluster import Cluster, ClusterFileError, ClusterWorker, read_cluster, write_cluster
+from tests.refs import V3
 
 REPO = Path(__file__).resolve().parents[2]
-V3 = REPO.parent / "shared" / "refs" / "open-v3.gguf"
 
 A = ClusterWorker(host="box-a", device="cpu", endpoint="198.51.100.2:50052", token="tok-a", mem_bytes=3 << 20,
                   threads=4, pid=1234, log="/root/.cache/ikctl/workers/198.51.100.2-50052.log",
