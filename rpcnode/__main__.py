@@ -52,7 +52,7 @@ def read_token(path: str) -> str:
 
 def config_from_args(args: argparse.Namespace) -> object:
     from engine.placement import PlacementError, parse_size
-    from rpcnode.server import Config
+    from rpcnode.worker import Config
 
     if args.token_file is None and not is_loopback(args.host):
         raise SystemExit(f"rpcnode: error: binding to {args.host} needs --token-file (anyone on the network could "
@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     # on cores of its own should spin (every layer here: 0.98x local with the default, 0.93x with 1000), so
     # `GOMP_SPINCOUNT=300000 ikctl rpcnode ...` there. Before libgomp loads; the user's value wins.
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-    from rpcnode.server import StartError, serve
+    from rpcnode.server import serve
+    from rpcnode.worker import StartError
 
     cfg = config_from_args(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="rpcnode: %(message)s")

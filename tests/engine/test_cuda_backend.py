@@ -336,7 +336,7 @@ def test_stand_in_is_strict(stand_in: Any) -> None:
 
 
 def test_gpu_worker_reports_its_device(stand_in: Any, tmp_path: Path) -> None:
-    from rpcnode.server import Config, Worker
+    from rpcnode.worker import Config, Worker
 
     w = Worker(Config(cache_dir=tmp_path, cuda_device=0))
     try:
