@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
 import os
 import re
@@ -16,20 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import blake3
 import numpy as np
 
+from rpcnode.cache_files import NO_SPACE, FileMaps, empty_array, fsync_dir, map_file, pwrite_all, reserve
+from rpcnode.digest import DIGEST_PATTERN, byte_view, check_digest, digest_of
+
 if TYPE_CHECKING:
+    from rpcnode.cache_writer import Writer
     from rpcnode.model_index import ModelIndex
 
 
-# A digest is BLAKE3-256 of the exact tensor bytes, as 64 lowercase hex characters (engine.digests agrees).
-DIGEST_CHARS = 64
-_DIGEST = re.compile(r"[0-9a-f]{64}")
 _TMP = re.compile(r"\.([0-9a-f]{64})\.(\d+)\.[0-9a-f]+\.tmp")
-# Above this size blake3 hashes with all cores; below it the threads cost more than they save.
-_PARALLEL_BYTES = 16 << 20
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _T = TypeVar("_T")
 
 
@@ -43,28 +39,6 @@ class DigestMismatch(CacheError):
 
 class CacheFull(CacheError):
     """No room: the entry exceeds the limit, entries in use fill it, or the disk is full. Nothing was stored."""
-
-
-def check_digest(digest: str) -> str:
-    """The digest if well-formed; a ValueError otherwise (digests come off the wire and name files)."""
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise ValueError(f"not a digest (64 lowercase hex characters): {digest!r:.80}")
-    return digest
-
-
-def byte_view(data: Any) -> memoryview:
-    """A flat unsigned-byte view of a C-contiguous buffer (bytes, memoryview, NumPy array) without copying."""
-    mv = data if isinstance(data, memoryview) else memoryview(data)
-    if not mv.c_contiguous:
-        raise ValueError("the data is not contiguous in memory")
-    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
-
-
-def digest_of(data: Any) -> str:
-    """BLAKE3 of the bytes as hex, using all cores for big buffers (blake3 releases the GIL)."""
-    mv = byte_view(data)
-    threads = blake3.blake3.AUTO if mv.nbytes >= _PARALLEL_BYTES else 1
-    return blake3.blake3(mv, max_threads=threads).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -88,51 +62,6 @@ class _Entry:
     last_used: float
 
 
-def _empty_array() -> np.ndarray:
-    arr = np.empty(0, dtype=np.uint8)
-    arr.flags.writeable = False
-    return arr
-
-
-def _map_file(path: Path) -> tuple[os.stat_result, mmap.mmap | None]:
-    """The file's stat and a read-only map of it (None for an empty file, which cannot be mapped)."""
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        return st, (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else None)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; some filesystems refuse to open directories, which is harmless here.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
-    # os.pwrite may write less than asked (a nearly full disk does exactly that before raising ENOSPC).
-    done = 0
-    while done < mv.nbytes:
-        n = os.pwrite(fd, mv[done:], offset + done)
-        if n <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        done += n
-
-
-def _reserve(fd: int, nbytes: int) -> None:
-    """Allocate the file's blocks up front so a full disk shows at begin(), not halfway through a stream."""
-    if nbytes == 0:
-        return
-    try:
-        os.posix_fallocate(fd, 0, nbytes)
-    except OSError as e:
-        if e.errno in _NO_SPACE:
-            raise
-        os.ftruncate(fd, nbytes)  # the filesystem cannot preallocate; ENOSPC may then come from a write
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -141,61 +70,6 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True  # exists but belongs to someone else
     return True
-
-
-class _FileMaps:
-    """Read-only maps of local model files, and which byte ranges of them were verified against a digest."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._maps: dict[str, tuple[tuple[int, int, int, int], mmap.mmap | None]] = {}
-        self._verified: set[tuple[str, int, int, str]] = set()
-
-    def view(self, path: str | os.PathLike[str], offset: int, nbytes: int) -> np.ndarray | None:
-        """A read-only view of the range, or None if the file cannot be read or is too short."""
-        key = os.path.abspath(path)
-        mm = self._map(key)
-        if offset < 0 or nbytes < 0 or (mm is None and nbytes) or (mm is not None and offset + nbytes > len(mm)):
-            return None
-        if nbytes == 0:
-            return _empty_array()
-        return np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset)
-
-    def verified_view(self, path: str | os.PathLike[str], offset: int, nbytes: int, digest: str) -> np.ndarray | None:
-        """The range if its bytes hash to `digest` (hashed once per mapping), else None."""
-        arr = self.view(path, offset, nbytes)
-        if arr is None:
-            return None
-        mark = (os.path.abspath(path), offset, nbytes, digest)
-        if mark not in self._verified:
-            if digest_of(arr) != digest:
-                return None
-            self._verified.add(mark)
-        return arr
-
-    def mark_verified(self, path: str | os.PathLike[str], offset: int, nbytes: int, digest: str) -> None:
-        """Record that the range, hashed from this object's current map, gave `digest`."""
-        self._verified.add((os.path.abspath(path), offset, nbytes, digest))
-
-    def _map(self, key: str) -> mmap.mmap | None:
-        try:
-            st = os.stat(key)
-        except OSError:
-            return None
-        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        with self._lock:
-            known = self._maps.get(key)
-            if known is not None and known[0] == ident:
-                return known[1]
-            # The file changed: what was verified against the old map says nothing about the new one.
-            self._verified = {m for m in self._verified if m[0] != key}
-            try:
-                st2, mm = _map_file(Path(key))
-            except (OSError, ValueError):
-                self._maps.pop(key, None)
-                return None
-            self._maps[key] = ((st2.st_dev, st2.st_ino, st2.st_size, st2.st_mtime_ns), mm)
-            return mm
 
 
 class TensorCache:
@@ -222,7 +96,7 @@ class TensorCache:
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._reserved = 0
         self._counts = dict.fromkeys(("hits", "misses", "evictions", "corrupt", "rejected", "local_hits"), 0)
-        self._local = models.maps if models is not None else _FileMaps()
+        self._local = models.maps if models is not None else FileMaps()
         self._rescan(clean_temps=True)
 
     # ---- lookups ---------------------------------------------------------------------------------------
@@ -307,13 +181,15 @@ class TensorCache:
             return
         self._make_room(mv.nbytes)
         try:
-            tmp = self._write_temp(digest, mv.nbytes, lambda fd: _pwrite_all(fd, mv, 0))
+            tmp = self._write_temp(digest, mv.nbytes, lambda fd: pwrite_all(fd, mv, 0))
             self._publish(tmp, digest, mv.nbytes)
         finally:
             self._release(mv.nbytes)
 
     def begin(self, digest: str, nbytes: int) -> Writer:
         """A writer for an entry streamed in chunks; its space is reserved (on the disk too) until commit/abort."""
+        from rpcnode.cache_writer import Writer  # it imports this module's errors
+
         path = self.path(digest)
         self._check_size(nbytes)
         self._make_room(nbytes)
@@ -326,7 +202,7 @@ class TensorCache:
             raise
         writer = Writer(self, digest, nbytes, tmp, fd)
         try:
-            self._retry_no_space(nbytes, lambda: _reserve(fd, nbytes))
+            self._retry_no_space(nbytes, lambda: reserve(fd, nbytes))
         except BaseException:
             writer.abort()
             raise
@@ -342,14 +218,14 @@ class TensorCache:
 
     def _open_verified(self, digest: str, path: Path) -> np.ndarray | None:
         try:
-            st, mm = _map_file(path)
+            st, mm = map_file(path)
         except FileNotFoundError:
             self._forget(digest)
             return None
         except (OSError, ValueError):
             return self._corrupt(digest, path, None)
         ident = (st.st_dev, st.st_ino, st.st_size)
-        arr = _empty_array() if mm is None else np.frombuffer(mm, dtype=np.uint8)
+        arr = empty_array() if mm is None else np.frombuffer(mm, dtype=np.uint8)
         # Hash the map itself, not a separate read: these are exactly the bytes the caller will use.
         if self._verified.get(digest) != ident and digest_of(arr) != digest:
             return self._corrupt(digest, path, ident)
@@ -425,7 +301,7 @@ class TensorCache:
             try:
                 return attempt()
             except OSError as e:
-                if e.errno not in _NO_SPACE:
+                if e.errno not in NO_SPACE:
                     raise
                 if not tries_left or not self._evict_bytes(nbytes):
                     raise CacheFull(f"no space left on the disk of {self.root} for an entry of {nbytes} bytes") from e
@@ -438,7 +314,7 @@ class TensorCache:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         now = time.time()
         ident = None
         with contextlib.suppress(OSError):
@@ -524,7 +400,7 @@ class TensorCache:
             if len(sub.name) != 2 or not sub.is_dir():
                 continue
             for f in os.scandir(sub):
-                if _DIGEST.fullmatch(f.name) and f.name[:2] == sub.name:
+                if DIGEST_PATTERN.fullmatch(f.name) and f.name[:2] == sub.name:
                     with contextlib.suppress(OSError):
                         st = f.stat(follow_symlinks=False)
                         entries[f.name] = _Entry(st.st_size, st.st_mtime)
@@ -539,95 +415,3 @@ class TensorCache:
         if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
             path.unlink(missing_ok=True)
 
-
-class Writer:
-    """One entry being streamed in: `write(offset, chunk)` in any order, then `commit()` or `abort()`.
-
-    Nothing is visible under the digest until `commit` has verified the whole file. A writer dropped or
-    left by an exception inside `with` is aborted; a process killed mid-write leaves only a temp file,
-    which the next TensorCache opened on the root deletes.
-    """
-
-    def __init__(self, cache: TensorCache, digest: str, nbytes: int, tmp: Path, fd: int) -> None:
-        self.digest = digest
-        self.nbytes = nbytes
-        self._cache = cache
-        self._tmp = tmp
-        self._fd = fd
-        # Chunks arriving in order are hashed as they come, so commit need not read the file back.
-        threads = blake3.blake3.AUTO if nbytes >= _PARALLEL_BYTES else 1
-        self._hasher: blake3.blake3 | None = blake3.blake3(max_threads=threads)
-        self._hashed = 0
-        self._cleanup = weakref.finalize(self, _abandon, fd, tmp, cache, nbytes)
-
-    @property
-    def active(self) -> bool:
-        """Neither committed nor aborted yet."""
-        return self._cleanup.alive
-
-    def write(self, offset: int, chunk: Any) -> None:
-        """Write `chunk` at `offset`; ValueError if it falls outside the entry, CacheFull if the disk is full."""
-        self._require_open()
-        mv = byte_view(chunk)
-        if offset < 0 or offset + mv.nbytes > self.nbytes:
-            raise ValueError(f"a chunk of {mv.nbytes} bytes at {offset} falls outside the {self.nbytes}-byte entry")
-        try:
-            _pwrite_all(self._fd, mv, offset)
-        except OSError as e:
-            self.abort()
-            if e.errno in _NO_SPACE:
-                raise CacheFull(f"no space left on the disk of {self._cache.root} while writing an entry") from e
-            raise
-        if self._hasher is not None and offset == self._hashed:
-            self._hasher.update(mv)
-            self._hashed += mv.nbytes
-        else:
-            self._hasher = None
-
-    def commit(self) -> None:
-        """Verify the whole entry against its digest and make it visible; DigestMismatch (and abort) if wrong."""
-        self._require_open()
-        try:
-            os.fsync(self._fd)
-            actual = self._digest()
-        except BaseException:
-            self.abort()
-            raise
-        if actual != self.digest:
-            self.abort()
-            self._cache._count("rejected")
-            raise DigestMismatch(f"the {self.nbytes} bytes streamed for {self.digest[:16]}… hash to something else")
-        self._cleanup.detach()
-        os.close(self._fd)
-        try:
-            self._cache._publish(self._tmp, self.digest, self.nbytes)
-        finally:
-            self._cache._release(self.nbytes)
-
-    def abort(self) -> None:
-        """Drop the partial entry; harmless if already committed or aborted."""
-        self._cleanup()
-
-    def _digest(self) -> str:
-        if self._hasher is not None and self._hashed == self.nbytes:
-            return self._hasher.hexdigest()
-        if self.nbytes == 0:
-            return digest_of(b"")
-        with mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) as mm:
-            return digest_of(mm)
-
-    def _require_open(self) -> None:
-        if not self.active:
-            raise CacheError(f"the writer for {self.digest[:16]}… was already committed or aborted")
-
-    def __enter__(self) -> Writer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
-
-
-def _abandon(fd: int, tmp: Path, cache: TensorCache, nbytes: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-    cache._discard_temp(tmp, nbytes)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic_file import write_atomic
-from rpcnode.cache import _DIGEST, _FileMaps, check_digest, digest_of
+from rpcnode.cache_files import FileMaps
+from rpcnode.digest import DIGEST_PATTERN, check_digest, digest_of
 from rpcnode.gguf_table import TableEntry, read_tensor_table
 
 INDEX_FILE = "local-models.json"
@@ -52,7 +53,7 @@ class ModelIndex:
     def __init__(self, dirs: Iterable[str | os.PathLike[str]], index_file: str | os.PathLike[str]) -> None:
         self.dirs = [Path(d) for d in dirs]
         self.index_file = Path(index_file)
-        self.maps = _FileMaps()
+        self.maps = FileMaps()
         self.problems: list[str] = []  # files left out, with the reason, for the worker's log
         self._lock = threading.RLock()
         self._files: dict[str, _LocalFile] = {}
@@ -185,7 +186,8 @@ def _valid_record(rec: Any) -> bool:
         return False
     size, mtime, digests = rec.get("size"), rec.get("mtime_ns"), rec.get("digests")
     return (isinstance(size, int) and isinstance(mtime, int) and isinstance(digests, dict)
-            and all(isinstance(n, str) and isinstance(d, str) and _DIGEST.fullmatch(d) for n, d in digests.items()))
+            and all(isinstance(n, str) and isinstance(d, str) and DIGEST_PATTERN.fullmatch(d)
+                    for n, d in digests.items()))
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:

@@ -19,7 +19,8 @@ import numpy as np
 import psutil
 
 from rpcnode import protocol as P
-from rpcnode.cache import CacheError, DigestMismatch, TensorCache, Writer
+from rpcnode.cache import CacheError, DigestMismatch, TensorCache
+from rpcnode.cache_writer import Writer
 from rpcnode.model_index import ModelIndex
 
 log = logging.getLogger("rpcnode")

@@ -149,7 +149,8 @@ def test_unwritable_store_still_gives_digests(tmp_path: Path, model: Path) -> No
 
 
 def test_agrees_with_the_worker_cache(model: Path) -> None:
-    from rpcnode.cache import TensorCache, check_digest, digest_of
+    from rpcnode.cache import TensorCache
+    from rpcnode.digest import check_digest, digest_of
 
     g = GGUFFile(model)
     got = digests.model_digests(g, store_dir=model.parent / "store")

@@ -20,7 +20,8 @@ import pytest
 from engine.gguf_file import GGUFFile
 from engine.synth import SynthSpec, write_model
 from rpcnode import cache as cache_mod
-from rpcnode.cache import CacheFull, DigestMismatch, TensorCache, digest_of
+from rpcnode.cache import CacheFull, DigestMismatch, TensorCache
+from rpcnode.digest import digest_of
 from rpcnode.gguf_table import read_tensor_table
 from rpcnode.model_index import INDEX_FILE, ModelIndex
 from tests.refs import V3
@@ -284,13 +285,22 @@ def test_truncated_entry_detected(cache: TensorCache, keep: int) -> None:
     assert not cache.path(d).exists() and fresh.stats().corrupt == 1
 
 
+def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count every BLAKE3 hash the cache, its file maps, its writers and the model index compute from now on."""
+    from rpcnode import cache_files, cache_writer, model_index
+
+    calls: list[int] = []
+    real = digest_of
+    for module in (cache_mod, cache_files, cache_writer, model_index):
+        monkeypatch.setattr(module, "digest_of", lambda b: calls.append(1) or real(b))
+    return calls
+
+
 def test_verified_once_per_process(cache: TensorCache, monkeypatch: pytest.MonkeyPatch) -> None:
     data = blob(10_000)
     d = digest_of(data)
     cache.put(d, data)
-    calls = []
-    real = cache_mod.digest_of
-    monkeypatch.setattr(cache_mod, "digest_of", lambda b: calls.append(1) or real(b))
+    calls = count_hashing(monkeypatch)
     fresh = TensorCache(cache.root, 1 << 20)
     assert fresh.get(d) is not None and len(calls) == 1
     assert fresh.get(d) is not None and len(calls) == 1  # mapped: no second hash
@@ -301,9 +311,7 @@ def test_verified_once_per_process(cache: TensorCache, monkeypatch: pytest.Monke
 
 
 def test_own_writes_are_not_hashed_again(cache: TensorCache, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = cache_mod.digest_of
-    monkeypatch.setattr(cache_mod, "digest_of", lambda b: calls.append(1) or real(b))
+    calls = count_hashing(monkeypatch)
     data = blob(10_000)
     cache.put(digest_of(data), data)
     assert len(calls) == 1  # verified before writing
@@ -536,9 +544,7 @@ def test_model_index_remembered_per_file(tmp_path: Path, local_models: Path, mon
     assert ModelIndex([local_models], index_file).build() > 0
     doc = json.loads(index_file.read_text())
     assert set(doc["files"]) == {str(local_models / "open-v3.gguf"), str(local_models / "sub" / "q8.gguf")}
-    calls = []
-    real = cache_mod.digest_of
-    monkeypatch.setattr(cache_mod, "digest_of", lambda b: calls.append(1) or real(b))
+    calls = count_hashing(monkeypatch)
     again = ModelIndex([local_models], index_file)
     assert again.build() == 0
     name, (_, nbytes, d) = next(iter(expected_tensors(local_models / "open-v3.gguf").items()))
