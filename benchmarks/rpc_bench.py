@@ -75,12 +75,19 @@ def wire_per_token(model: Any, n: int) -> dict[str, float]:
     clients = list(model.net.clients.values())
     cache = model.new_cache(len(PROMPT) + n + 1)
     model.eval(PROMPT, cache)
-    before = [(c.counters.runs, c.counters.bytes_sent + c.counters.bytes_received) for c in clients]
+    def totals() -> tuple[int, int, float]:
+        cs = [c.counters for c in clients]
+        return (sum(c.runs for c in cs), sum(c.bytes_sent + c.bytes_received for c in cs),
+                sum(c.run_seconds - c.worker_seconds for c in cs))
+
+    runs0, wire0, beyond0 = totals()
     for k in range(n):
         model.eval([(7 * k + 5) % 200], cache)
-    runs = sum(c.counters.runs - b[0] for c, b in zip(clients, before, strict=True))
-    wire = sum(c.counters.bytes_sent + c.counters.bytes_received - b[1] for c, b in zip(clients, before, strict=True))
-    return {"round_trips_per_token": runs / n, "wire_bytes_per_token": wire / n,
+    runs1, wire1, beyond1 = totals()
+    runs = runs1 - runs0
+    # a round trip's time beyond the worker's compute: the network both ways and both sides' overheads
+    return {"round_trips_per_token": runs / n, "wire_bytes_per_token": (wire1 - wire0) / n,
+            "ms_per_round_trip_beyond_compute": 1e3 * (beyond1 - beyond0) / max(runs, 1),
             "remote_segments": len(model.net.remote)}
 
 

@@ -327,7 +327,8 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
         reported = {}
         with _rpc():
             for ep in rules.rpc:
-                client = clients[f"RPC[{ep}]"] = Client.connect(ep, tokens.get(ep, default_token))
+                client = clients[f"RPC[{ep}]"] = Client.connect(ep, tokens.get(ep, default_token),
+                                                                    poll_ms=opts.rpc_poll)
                 reported[f"RPC[{ep}]"] = client.device_info().mem_total_bytes
         from engine.cuda.local import local_gpus
 

@@ -34,6 +34,7 @@ class Options:
     device_mem: str | Sequence[str] = ()  # --device-mem DEV=SIZE: plan against this capacity instead
     cluster: str | None = None  # --cluster FILE (from `ikctl launch`): endpoints, their tokens and memory
     rpc_token: str | Mapping[str, str] | None = None  # the workers' token, or one per endpoint (else $IKCTL_RPC_TOKEN)
+    rpc_poll: float = 10.0  # --rpc-poll MS: spin this long for a remote worker's reply before sleeping (0: never)
 
     @property
     def placed(self) -> bool:
@@ -51,6 +52,8 @@ class Options:
             raise IkctlError(f"-amb {self.amb} must be a positive number of MiB")
         if self.threads is not None and self.threads <= 0:
             raise IkctlError(f"-t {self.threads} must be positive")
+        if not 0 <= self.rpc_poll <= 1000:
+            raise IkctlError(f"--rpc-poll {self.rpc_poll:g} must be 0..1000 milliseconds")
         return self
 
 

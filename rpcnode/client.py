@@ -45,12 +45,15 @@ class OfferSpec:
 
 @dataclass
 class Counters:
-    """What this client sent and received; `runs` counts RunSegment round trips."""
+    """What this client sent and received; `runs` counts RunSegment round trips, `run_seconds` their time from
+    sending to the reply read, of which the worker computed `worker_seconds` (the rest: network and overheads)."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
     tensor_bytes_sent: int = 0
     runs: int = 0
+    run_seconds: float = 0.0
+    worker_seconds: float = 0.0
     requests: int = 0
     offers_hit: int = 0
     offers_missed: int = 0
@@ -60,13 +63,16 @@ class Client:
     """One connection to a worker. Not thread-safe: one request (or pipelined batch) at a time."""
 
     def __init__(self, host: str, port: int, token: str | None = None, *, name: str = "ikctl",
-                 timeout: float = CALL_TIMEOUT_S, run_timeout: float = RUN_TIMEOUT_S) -> None:
+                 timeout: float = CALL_TIMEOUT_S, run_timeout: float = RUN_TIMEOUT_S, poll_ms: float = 0.0) -> None:
         self.host, self.port = host, int(port)
         self.label = f"RPC[{host}:{port}]"
         self.timeout, self.run_timeout = timeout, run_timeout
         self.counters = Counters()
         self._next_id = 1
+        self._run_started = 0.0
         self._sock = self._connect(CONNECT_TIMEOUT_S)
+        # spin for segment replies only across a network: a worker on this machine needs the cores we would burn
+        self.poll_s = 0.0 if P.peer_is_loopback(self._sock) else poll_ms / 1000
         try:
             self._handshake(token, name)
         except BaseException:
@@ -233,10 +239,15 @@ class Client:
         msg = P.RunSegment(segment_id=segment_id, seq_id=seq_id, pos_start=pos_start, n_tokens=n_tokens,
                            sections=specs)
         self.counters.runs += 1
+        self._run_started = time.perf_counter()
         return self._send(msg, parts)
 
     def finish_segment(self, request_id: int) -> dict[str, np.ndarray]:
+        if self._sock is not None:
+            P.poll_readable(self._sock, self.poll_s)
         reply = self._recv(request_id, P.RunReply, self.run_timeout)
+        self.counters.run_seconds += time.perf_counter() - self._run_started
+        self.counters.worker_seconds += reply.compute_seconds
         out = P.unpack_arrays(reply.sections, self._last_payload)
         return {spec.name: arr for spec, arr in zip(reply.sections, out, strict=True)}
 

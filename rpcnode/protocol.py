@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import math
 import secrets
+import select
 import socket
 import struct
+import time
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -205,7 +208,7 @@ async def write_frame(writer: asyncio.StreamWriter, message: Message, request_id
     await writer.drain()
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytearray:
+def recv_exactly(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)  # n was checked against the limits before this is called
     view, got = memoryview(buf), 0
     while got < n:
@@ -218,19 +221,56 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytearray:
 
 def recv_frame(sock: socket.socket, limits: Limits = DEFAULT_LIMITS, allowed: Container[int] | None = None) -> Frame:
     """Blocking twin of read_frame, for sync clients; EOF raises IncompleteReadError (an EOFError) as well."""
-    header = parse_header(_recv_exactly(sock, HEADER_SIZE), limits, allowed)
-    meta = _recv_exactly(sock, header.meta_len)
-    payload = _recv_exactly(sock, header.payload_len)
+    header = parse_header(recv_exactly(sock, HEADER_SIZE), limits, allowed)
+    meta = recv_exactly(sock, header.meta_len)
+    payload = recv_exactly(sock, header.payload_len)
     return decode_body(header, meta, payload, limits)
 
 
-def send_frame(sock: socket.socket, message: Message, request_id: int, payload: Payload = b"") -> None:
-    """Blocking twin of write_frame."""
+def send_frame(sock: socket.socket, message: Message, request_id: int, payload: Payload = b"") -> int:
+    """Blocking twin of write_frame; the bytes sent."""
     parts = encode_frame_parts(message, request_id, payload)
-    if sum(_nbytes(p) for p in parts) <= 1 << 16:  # small frames go out as one segment (TCP_NODELAY is on)
+    n = sum(_nbytes(p) for p in parts)
+    if n <= 1 << 16:  # a small frame in one write: one TCP segment instead of four, half the latency
         parts = [b"".join(parts)]
     for part in parts:
         sock.sendall(part)
+    return n
+
+
+def poll_readable(sock: socket.socket, seconds: float) -> None:
+    """Spin up to `seconds` until the socket has data (then a blocking read finds it at once).
+
+    An idle core wakes slowly: on the VMs and power-saving CPUs workers run on, the interrupt that ends a blocking
+    wait costs 0.1-0.3 ms, which a decode step pays on both sides of each of its round trips. llama.cpp's
+    threads poll for work for the same reason (its --poll)."""
+    if seconds <= 0:
+        return
+    deadline = time.perf_counter() + seconds
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    while not poller.poll(0) and time.perf_counter() < deadline:
+        pass
+
+
+def is_loopback(host: str) -> bool:
+    """An address (or `localhost`) of this machine's loopback: 127.0.0.0/8, ::1, ::ffff:127.x.x.x."""
+    if host == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as a dual-stack listener sees IPv4 peers
+    return (mapped or addr).is_loopback
+
+
+def peer_is_loopback(sock: socket.socket) -> bool:
+    """The peer is this machine: it shares our cores, so spinning while it works would steal its time."""
+    try:
+        return is_loopback(sock.getpeername()[0])
+    except OSError:
+        return False
 
 
 def set_nodelay(conn: socket.socket | asyncio.StreamWriter) -> None:

@@ -1,10 +1,19 @@
-"""The rpcnode server: asyncio connections (handshake, then requests in order) to one Worker."""
+"""The rpcnode server: a thread per connection (handshake, then requests in order) over one Worker.
+
+Blocking threads, not an event loop: a decode step is a chain of small round trips, and each hand-off between an
+event loop and a compute thread costs a wake-up (0.2-0.5 ms each on a VM, measured), more than the request's own
+Python. The connection that asks for a segment runs it on its own thread; the worker's compute lock keeps
+segments one at a time. Between a segment and the next request from a peer on another machine, the thread
+spins briefly on the socket (see protocol.poll_readable and --poll).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +24,6 @@ from rpcnode.worker import Config, StartError, Upload, Worker, fail
 
 log = logging.getLogger("rpcnode")
 E = P.ErrorCode
-
 
 @dataclass
 class _LoadLog:
@@ -38,24 +46,27 @@ class _LoadLog:
 
 
 class Connection:
-    """One peer: handshake, then requests answered in order."""
+    """One peer: handshake, then requests answered in order, on the calling thread."""
 
-    def __init__(self, worker: Worker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.w, self.reader, self.writer = worker, reader, writer
-        peer = writer.get_extra_info("peername") or ("?", "?")
+    def __init__(self, worker: Worker, sock: socket.socket) -> None:
+        self.w, self.sock = worker, sock
+        peer = sock.getpeername()
         self.peer = f"{peer[0]}:{peer[1]}"
+        # spin for the next request only across a network: a peer on this machine needs its cores
+        self.poll_s = 0.0 if P.peer_is_loopback(sock) else worker.cfg.poll_ms / 1000
         self.uploads: dict[str, Upload] = {}
         self._rid = 0  # the request being answered, for error replies
         self._load: _LoadLog | None = None
 
-    async def serve(self) -> None:
-        P.set_nodelay(self.writer)
-        log.info("connection from %s", self.peer)
+    def serve(self) -> None:
+        P.set_nodelay(self.sock)
+        log.info("connection from %s%s", self.peer,
+                 f" (between segments it polls up to {self.poll_s * 1e3:g} ms)" if self.poll_s else "")
         try:
-            if await self._handshake():
-                while await self._one():
+            if self._handshake():
+                while self._one():
                     pass
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (EOFError, OSError):  # the peer closed (IncompleteReadError is an EOFError) or the server stops
             pass
         except Exception:  # a worker fault must not take the server down
             log.exception("connection from %s dropped after an internal error", self.peer)
@@ -64,9 +75,7 @@ class Connection:
             for up in self.uploads.values():
                 self.w._drop_upload(up)
             self.uploads.clear()
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+            self.sock.close()
 
     def _log_load(self) -> None:
         if self._load is not None and (self._load.offers or self._load.segments):
@@ -90,17 +99,17 @@ class Connection:
             name = m.ops[0].args.get("model") if m.ops else None
             load.model = name if isinstance(name, str) else load.model
 
-    async def _read(self, limits: P.Limits, allowed: Any = None) -> P.Frame:
-        """One frame; a non-fatal decode error is answered here and None... raised as ProtocolError with the id."""
-        head = await self.reader.readexactly(P.HEADER_SIZE)
+    def _read(self, limits: P.Limits, allowed: Any = None) -> P.Frame:
+        """One frame; a decode error is raised as ProtocolError carrying the request id (0 before the header)."""
+        head = P.recv_exactly(self.sock, P.HEADER_SIZE)
         self.w.bytes_in += P.HEADER_SIZE
         try:
             header = P.parse_header(head, limits, allowed)
         except P.ProtocolError as e:
             e.request_id = 0  # type: ignore[attr-defined]
             raise
-        meta = await self.reader.readexactly(header.meta_len)
-        payload = await self.reader.readexactly(header.payload_len)
+        meta = P.recv_exactly(self.sock, header.meta_len)
+        payload = P.recv_exactly(self.sock, header.payload_len)
         self.w.bytes_in += header.meta_len + header.payload_len
         try:
             return P.decode_body(header, meta, payload, limits)
@@ -108,78 +117,75 @@ class Connection:
             e.request_id = header.request_id  # type: ignore[attr-defined]
             raise
 
-    async def _send(self, message: P.Message, request_id: int, payload: P.Payload = b"") -> None:
-        parts = P.encode_frame_parts(message, request_id, payload)
-        self.w.bytes_out += sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
-        self.writer.writelines(parts)
-        await self.writer.drain()
+    def _send(self, message: P.Message, request_id: int, payload: P.Payload = b"") -> None:
+        self.w.bytes_out += P.send_frame(self.sock, message, request_id, payload)
 
-    async def _error(self, e: P.ProtocolError) -> bool:
+    def _error(self, e: P.ProtocolError) -> bool:
         """Answer an error; whether the connection stays open."""
-        await self._send(P.error_reply(e), getattr(e, "request_id", self._rid))
+        self._send(P.error_reply(e), getattr(e, "request_id", self._rid))
         return not e.fatal
 
-    async def _handshake(self) -> bool:
+    def _handshake(self) -> bool:
         token = self.w.cfg.token
         try:
-            frame = await self._read(P.PREAUTH_LIMITS, {P.Kind.HELLO})
+            frame = self._read(P.PREAUTH_LIMITS, {P.Kind.HELLO})
             hello = frame.message
             nonce = P.make_challenge() if token else b""
-            await self._send(P.HelloReply(auth_required=token is not None, server="rpcnode", nonce=nonce),
-                             frame.header.request_id)
+            self._send(P.HelloReply(auth_required=token is not None, server="rpcnode", nonce=nonce),
+                       frame.header.request_id)
             if token is None:
                 return True
-            frame = await self._read(P.PREAUTH_LIMITS, {P.Kind.AUTH})
+            frame = self._read(P.PREAUTH_LIMITS, {P.Kind.AUTH})
             if not isinstance(frame.message, P.Auth) or not P.verify(token, nonce, frame.message.mac, "client"):
                 log.warning("connection from %s: authentication failed", self.peer)
                 err = P.ProtocolError(E.AUTH_FAILED, "wrong token", fatal=True)
                 err.request_id = frame.header.request_id  # type: ignore[attr-defined]
-                return await self._error(err)
+                return self._error(err)
             mac = P.sign(token, hello.nonce, "server") if hello.nonce else b""
-            await self._send(P.AuthReply(mac=mac), frame.header.request_id)
+            self._send(P.AuthReply(mac=mac), frame.header.request_id)
             return True
         except P.ProtocolError as e:
             if e.code in (E.BAD_METADATA, E.KIND_MISMATCH, E.UNKNOWN_KIND):
                 e.fatal = True  # one try before authentication
-            await self._error(e)
+            self._error(e)
             return False
 
-    async def _one(self) -> bool:
+    def _one(self) -> bool:
         """Read and answer one request; whether to go on."""
         try:
-            frame = await self._read(P.DEFAULT_LIMITS)
-            reply, payload = await self._dispatch(frame)
+            frame = self._read(P.DEFAULT_LIMITS)
+            reply, payload = self._dispatch(frame)
             self._note_load(frame.message, reply, frame.header.payload_len)
-            await self._send(reply, frame.header.request_id, payload)
+            self._send(reply, frame.header.request_id, payload)
+            if isinstance(reply, P.RunReply):  # mid-generation: the next segment is likely a few ms away
+                P.poll_readable(self.sock, self.poll_s)
             return True
         except P.ProtocolError as e:
-            return await self._error(e)
+            return self._error(e)
         except CacheError as e:
-            return await self._error(P.ProtocolError(E.OUT_OF_MEMORY, f"tensor cache: {e}"))
-        except (asyncio.IncompleteReadError, ConnectionError):
+            return self._error(P.ProtocolError(E.OUT_OF_MEMORY, f"tensor cache: {e}"))
+        except (EOFError, ConnectionError):  # the peer is gone; other OSErrors (a full disk) are answered below
             raise
         except Exception as e:  # a worker fault costs this request an INTERNAL error, not the connection
             log.exception("request from %s", self.peer)
-            return await self._error(P.ProtocolError(E.INTERNAL, f"{type(e).__name__}: {e}"))
+            return self._error(P.ProtocolError(E.INTERNAL, f"{type(e).__name__}: {e}"))
 
-    async def _dispatch(self, frame: P.Frame) -> tuple[P.Message, Any]:
+    def _dispatch(self, frame: P.Frame) -> tuple[P.Message, Any]:
         m, w = frame.message, self.w
         self._rid = frame.header.request_id
-        loop = asyncio.get_running_loop()
         if isinstance(m, P.RunSegment):
-            # Every computation runs on the one compute thread: a second thread running numba's parallel kernels
-            # would give OpenMP a second team, and more threads than cores makes it sleep between regions
-            # (~200 context switches per decoded token, 0.7x local on 2 cores instead of ~1x).
-            return await loop.run_in_executor(w.compute, w.run, m, frame.payload)
+            with w.computing():
+                return w.run(m, frame.payload)
         if isinstance(m, P.DefineSegment):
-            return await loop.run_in_executor(w.compute, w.define, m), b""
+            with w.computing():
+                return w.define(m), b""
         if isinstance(m, P.KVOp):
-            return await loop.run_in_executor(w.compute, w.kv, m), b""
+            with w.computing():
+                return w.kv(m), b""
         if isinstance(m, P.OfferTensor):
-            return await asyncio.get_running_loop().run_in_executor(None, w.offer, m, self.uploads), b""
+            return w.offer(m, self.uploads), b""
         if isinstance(m, P.UploadTensor):
-            return await asyncio.get_running_loop().run_in_executor(None, w.upload, m, frame.payload,
-                                                                    self.uploads), b""
+            return w.upload(m, frame.payload, self.uploads), b""
         handlers = {
             P.DeviceInfoRequest: lambda: w.device_info(),
             P.TelemetryRequest: lambda: w.telemetry(),
@@ -192,21 +198,44 @@ class Connection:
 
 
 async def serve(cfg: Config, ready: asyncio.Future[tuple[str, int]] | None = None) -> None:
-    """Listen until cancelled; logs the bound address (port 0 picks a free one)."""
+    """Listen until cancelled, a thread per connection; logs the bound address (port 0 picks a free one)."""
     try:
         worker = Worker(cfg)
     except OSError as e:  # the cache dir (or a --models dir) is unusable: not a listening problem
         where = f"{e.filename}: " if e.filename else ""
         raise StartError(f"cannot use {where}{e.strerror or e}") from None
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await Connection(worker, reader, writer).serve()
-
-    server = await asyncio.start_server(on_connect, cfg.host, cfg.port, limit=1 << 20)
-    host, port = server.sockets[0].getsockname()[:2]
+    infos = await asyncio.get_running_loop().getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    listener = socket.create_server(addr[:2], family=family, backlog=64)
+    host, port = listener.getsockname()[:2]
     log.info("listening on %s:%d (device %s, %d threads, memory %d bytes, cache %s, auth %s)", host, port,
              worker.device, worker.threads, worker.mem_total, worker.cache.root, "on" if cfg.token else "off")
     if ready is not None:
         ready.set_result((host, port))
-    async with server:
-        await server.serve_forever()
+    live: set[socket.socket] = set()
+
+    def run(sock: socket.socket) -> None:
+        try:
+            Connection(worker, sock).serve()
+        finally:
+            live.discard(sock)
+
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as e:  # out of file descriptors, say: keep serving the connections there are
+                log.warning("accepting a connection failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(True)
+            live.add(sock)
+            threading.Thread(target=run, args=(sock,), name=f"rpcnode-conn-{sock.fileno()}", daemon=True).start()
+    finally:
+        listener.close()
+        for sock in list(live):  # wake the connection threads out of their blocking reads
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

@@ -1,6 +1,7 @@
 """The rpcnode worker's state: the device it owns, held tensors, segment programs and KV caches, its counters.
 
-Requests reach it through rpcnode.server's connections; computation runs on its one compute thread.
+Requests reach it through rpcnode.server's connections, each on its own thread; computation (defining, running
+and clearing segments) holds the compute lock, so it runs one request at a time.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import os
 import platform
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ class Config:
     token: str | None = None
     models: list[Path] = field(default_factory=list)
     cuda_device: int | None = None  # None: the CPU; else this GPU holds the segments' weights and KV caches
+    poll_ms: float = 10.0  # spin this long for a remote peer's next segment (0: always block)
 
 
 def _gpu(index: int) -> Any:
@@ -69,7 +72,7 @@ class StartError(Exception):
 
 
 class Worker:
-    """State shared by all connections: held tensors, segments, counters; compute runs on one executor thread."""
+    """State shared by all connections: held tensors, segments, counters; compute holds the compute lock."""
 
     def __init__(self, cfg: Config) -> None:
         from engine.synth import cache_dir
@@ -89,18 +92,36 @@ class Worker:
         self.bytes_in = self.bytes_out = 0
         self.hits = self.misses = 0
         self.reserved = 0  # bytes of uploads in progress
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rpcnode-compute")
-        # offers and uploads run on I/O threads (hashing and disk writes must not stall telemetry); this guards
-        # the tensor bookkeeping they share
+        # connections run on threads of their own; this guards the tensor bookkeeping they share
         self.lock = threading.RLock()
-        self.compute.submit(self._init_compute_thread)
+        self.compute_lock = threading.Lock()
+        self._set_threads = threading.local()
+        self.compute_lock.acquire()  # held by the warm-up: the first request waits for it
+        threading.Thread(target=self._warm_up, name="rpcnode-warm-up", daemon=True).start()
 
-    def _init_compute_thread(self) -> None:
+    @contextmanager
+    def computing(self) -> Iterator[None]:
+        """Hold the compute lock, with the kernels' thread count set for the calling thread (numba keeps one per
+        thread). One segment at a time: two would split the cores, and each connection's thread has its own
+        OpenMP team, which must not run at once."""
+        with self.compute_lock:
+            if not getattr(self._set_threads, "done", False):
+                from engine import kernels
+
+                kernels.set_threads(self.threads)
+                self._set_threads.done = True
+            yield
+
+    def _warm_up(self) -> None:
+        try:
+            self._import_engine()
+        finally:
+            self.compute_lock.release()
+
+    def _import_engine(self) -> None:
         # import the engine (and its compiled kernels) now, not during the first model load
         import engine.segments  # noqa: F401
-        from engine import kernels
 
-        kernels.set_threads(self.threads)
         if self.gpu is not None:  # compile the CUDA kernels now (NVRTC takes seconds; CuPy caches them on disk)
             from engine.cuda import kernels as cuda_kernels
 
@@ -248,7 +269,7 @@ class Worker:
         return runner
 
     def run(self, m: P.RunSegment, payload: memoryview) -> tuple[P.RunReply, list[Any]]:
-        """Runs on the compute thread."""
+        """Run a segment; the caller holds `computing()`."""
         from engine.errors import IkctlError
         from engine.segments import ProgramError, ordered_state
         from engine.threads import compute_threads

@@ -346,12 +346,14 @@ def test_gpu_worker_reports_its_device(stand_in: Any, tmp_path: Path) -> None:
         assert (t.vram_total_bytes, t.vram_free_bytes) == (8 * GiB, 6 * GiB)
         assert w.device == "cuda:0 (Stand-in GPU)"
     finally:
-        w.compute.shutdown(wait=True)
+        with w.computing():  # the warm-up (compiling with the stand-in) is over
+            pass
     cpu = Worker(Config(cache_dir=tmp_path / "cpu"))
     try:
         assert cpu.device_info().device == "cpu" and cpu.telemetry().vram_total_bytes == 0
     finally:
-        cpu.compute.shutdown(wait=True)
+        with cpu.computing():
+            pass
 
 
 def test_spec_is_a_moe_model() -> None:

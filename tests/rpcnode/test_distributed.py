@@ -150,6 +150,44 @@ def test_two_models_share_a_worker(workers: Callable[..., WorkerProc], synth_mod
     assert_same(run_sequence(every), want)
 
 
+def test_two_models_generate_at_once_on_one_worker(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    """Two coordinators' connections run segments on their own worker threads at the same time: the compute lock
+    keeps them one at a time, and each gets its own logits."""
+    w = workers()
+    want = run_sequence(load_model(synth_model))
+    models = [load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99),
+              load_model(synth_model, rpc=w.endpoint, override_tensor=[f"exps={w.device}"])]
+    got: dict[int, list[list[np.ndarray]]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def generate(k: int) -> None:
+        try:
+            for _ in range(3):
+                got[k].append(run_sequence(models[k]))
+        except BaseException as e:  # noqa: BLE001  (reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=generate, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in (0, 1):
+        for seq in got[k]:
+            assert_same(seq, want)
+    assert all(runs(m)[w.device] > 0 for m in models)
+
+
+def test_loopback_peers_never_poll(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    """A worker on this machine shares its cores with the coordinator: neither side spins for the other."""
+    w = workers("--poll", "50")
+    model = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99, rpc_poll=50)
+    assert [c.poll_s for c in model.net.clients.values()] == [0.0]
+    model.eval(PROMPT, model.new_cache(32))
+    assert "connection from 127.0.0.1" in w.log_text() and "polls" not in w.log_text()
+
+
 # ---- the cache: a second load sends almost nothing; a corrupt entry is replaced ----------------------------------
 
 

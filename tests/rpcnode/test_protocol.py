@@ -435,3 +435,45 @@ def test_fuzz_random_metadata(kind: p.Kind, value: object, payload: bytes, tagge
     if kind not in p.PAYLOAD_KINDS:
         payload = b""
     _check_fuzz(_raw(kind, msgspec.msgpack.encode(value), payload))
+
+
+# ---- polling and loopback ---------------------------------------------------------------------------------------
+
+
+def test_poll_readable_returns_when_data_arrives() -> None:
+    import threading
+    import time
+
+    a, b = socket.socketpair()
+    with a, b:
+        t0 = time.monotonic()
+        p.poll_readable(a, 0.05)  # nothing comes: it gives up at the deadline, not before
+        assert time.monotonic() - t0 >= 0.05
+        sender = threading.Timer(0.1, lambda: b.sendall(b"x"))
+        sender.start()
+        t0 = time.monotonic()
+        p.poll_readable(a, 30.0)  # data mid-spin ends it long before the deadline
+        assert time.monotonic() - t0 < 20 and a.recv(1) == b"x"
+        sender.join()
+        t0 = time.monotonic()
+        p.poll_readable(a, 0.0)  # 0: no spinning at all
+        p.poll_readable(a, -1.0)
+        assert time.monotonic() - t0 < 1
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True), ("::ffff:127.0.0.1", True),
+    ("localhost", True), ("198.51.100.7", False), ("::ffff:198.51.100.7", False), ("fe80::1%eth0", False),
+    ("0.0.0.0", False), ("example.invalid", False),
+])
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert p.is_loopback(host) is loopback
+
+
+def test_peer_is_loopback_on_a_real_connection() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        with socket.create_connection(ls.getsockname()) as c:
+            assert p.peer_is_loopback(c)
+    lone = socket.socket()  # not connected: no peer, no loopback
+    with lone:
+        assert not p.peer_is_loopback(lone)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import load_model
+from engine import IkctlError, load_model
 from engine.distributed import WorkerError
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
@@ -40,6 +40,18 @@ def test_non_loopback_needs_a_token(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "rpcnode", "--port", "0", "--token-file", str(empty)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "empty" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "1001", "nan"])
+def test_poll_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "rpcnode", "--port", "0", "-c", str(tmp_path), "--poll", value],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and f"rpcnode: error: --poll {value} must be 0..1000 milliseconds" in proc.stderr
+
+
+def test_rpc_poll_out_of_range_is_refused(small_model: Path) -> None:
+    with pytest.raises(IkctlError, match=r"--rpc-poll -2 must be 0\.\.1000 milliseconds"):
+        load_model(small_model, rpc="127.0.0.1:9", rpc_poll=-2)
 
 
 def test_second_client_beyond_memory_gets_out_of_memory(workers: Callable[..., WorkerProc], small_model: Path,

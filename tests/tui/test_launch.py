@@ -230,6 +230,10 @@ def test_launch_run_and_stop_across_namespaces(sshd_cluster: SshdCluster, known_
     remote = load_model(model, ctx_size=64, cluster=str(path), override_tensor=rules)
     assert [s.device for s in remote.net.segments if s.device != CPU] == [w.device_name for w in workers]
     assert_same_logits(remote.logits(PROMPT), want)
+    # across a network both sides spin briefly for the next message of a generation (never on loopback: the
+    # cores are shared there; tests/rpcnode)
+    assert [c.poll_s for c in remote.net.clients.values()] == [0.01] * n
+    assert all("between segments it polls up to 10 ms" in Path(w.log).read_text() for w in workers)
     remote.net.close()
     # and from the command line: every layer on the workers, greedy, the same text as a local run
     common = ["run", "-m", str(model), "-c", "64", "-p", "hi", "-n", "6", "--temp", "0", "-no-cnv"]
