@@ -32,7 +32,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1 = random)")
 
 
-def _add_placement_flags(p: argparse.ArgumentParser) -> None:
+def _add_placement_flags(p: argparse.ArgumentParser, polling: bool = True) -> None:
     g = p.add_argument_group("placement (llama.cpp's flags, same meaning)")
     g.add_argument("--rpc", metavar="SERVERS",
                    help="comma-separated host:port of rpcnode workers (in -ts order, before local GPUs)")
@@ -49,6 +49,8 @@ def _add_placement_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cluster", metavar="FILE",
                    help="workers from a cluster file of `ikctl launch`: their endpoints stand for --rpc (unless "
                    "given), each with its own token, their memory as capacities")
+    if not polling:  # `plan` runs nothing
+        return
     g.add_argument("--rpc-poll", dest="rpc_poll", type=float, default=10.0, metavar="MS",
                    help="spin up to MS milliseconds for a worker's reply instead of sleeping (a sleeping core wakes "
                    "0.1-0.3 ms late, every round trip); never for workers on this machine (default 10; 0: never)")
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-ctk", "--cache-type-k", default="f16", choices=["f16", "f32", "q8_0"], help="KV cache type")
     plan.add_argument("-mla", "--mla-use", dest="mla", type=int, default=3, choices=[0, 1, 2, 3],
                       help="MLA mode (0 caches per-head K/V, the others the latent)")
-    _add_placement_flags(plan)
+    _add_placement_flags(plan, polling=False)
     plan.add_argument("-v", "--verbose", action="store_true", help="also print every tensor's device and rule")
     hosts = sub.add_parser("hosts", help="probe SSH hosts: reachable or why not, OS, cores, RAM, GPUs, ikctl version")
     from tui.hosts import add_arguments as add_hosts_arguments

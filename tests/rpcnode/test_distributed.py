@@ -164,7 +164,7 @@ def test_two_models_generate_at_once_on_one_worker(workers: Callable[..., Worker
         try:
             for _ in range(3):
                 got[k].append(run_sequence(models[k]))
-        except BaseException as e:  # noqa: BLE001  (reported by the main thread)
+        except BaseException as e:  # reported by the main thread
             errors.append(e)
 
     threads = [threading.Thread(target=generate, args=(k,)) for k in (0, 1)]

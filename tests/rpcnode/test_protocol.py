@@ -471,9 +471,8 @@ def test_is_loopback(host: str, loopback: bool) -> None:
 
 
 def test_peer_is_loopback_on_a_real_connection() -> None:
-    with socket.create_server(("127.0.0.1", 0)) as ls:
-        with socket.create_connection(ls.getsockname()) as c:
-            assert p.peer_is_loopback(c)
+    with socket.create_server(("127.0.0.1", 0)) as ls, socket.create_connection(ls.getsockname()) as c:
+        assert p.peer_is_loopback(c)
     lone = socket.socket()  # not connected: no peer, no loopback
     with lone:
         assert not p.peer_is_loopback(lone)

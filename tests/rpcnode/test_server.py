@@ -52,6 +52,10 @@ def test_poll_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
 def test_rpc_poll_out_of_range_is_refused(small_model: Path) -> None:
     with pytest.raises(IkctlError, match=r"--rpc-poll -2 must be 0\.\.1000 milliseconds"):
         load_model(small_model, rpc="127.0.0.1:9", rpc_poll=-2)
+    proc = subprocess.run([sys.executable, "-m", "tui.cli", "run", "-m", str(small_model), "-n", "2", "--rpc",
+                           "127.0.0.1:9", "-ngl", "99", "--rpc-poll", "2000"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip() == "ikctl: error: --rpc-poll 2000 must be 0..1000 milliseconds"
 
 
 def test_second_client_beyond_memory_gets_out_of_memory(workers: Callable[..., WorkerProc], small_model: Path,
