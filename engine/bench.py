@@ -138,7 +138,7 @@ def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int, kernels: b
         "cache_type_k": model.options.cache_type_k,
         "mla": model.options.mla if model.arch == "deepseek2" else None,
         "kernels": "fused" if kernels else "generic",
-        "placement": {"CPU": model.gguf.file_bytes},  # everything local until remote devices arrive
+        "placement": placement_bytes(model),
         "host": host_info(),
         "ikctl_version": pkg,
     }
@@ -146,3 +146,48 @@ def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int, kernels: b
 
 def rows_as_dicts(rows: list[SweepRow]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
+
+
+def placement_bytes(model: Model) -> dict[str, int]:
+    """Weight bytes per device (CPU, RPC[host:port], CUDA0...)."""
+    placement = getattr(model.net, "placement", None)
+    if placement is None:
+        return {"CPU": model.gguf.file_bytes}
+    out: dict[str, int] = {}
+    for name, t in model.gguf.tensors.items():
+        device = placement.device_of.get(name, "CPU")
+        out[device] = out.get(device, 0) + t.n_bytes
+    return out
+
+
+@dataclass(frozen=True)
+class WorkerTraffic:
+    """One worker's part of a benchmark: its round trips, what they cost beyond its compute, the bytes."""
+
+    device: str
+    round_trips: int
+    run_seconds: float  # sending a segment to reading its reply, summed
+    worker_seconds: float  # the worker's own compute within those
+    bytes_sent: int
+    bytes_received: int
+
+    def line(self) -> str:
+        beyond = (self.run_seconds - self.worker_seconds) / max(self.round_trips, 1)
+        return (f"{self.device}: {self.round_trips} round trips, {beyond * 1e3:.3f} ms each beyond the worker's "
+                f"compute (network, both sides' overheads), worker computing {self.worker_seconds:.2f} s, "
+                f"{self.bytes_sent / 1e6:.2f} MB sent, {self.bytes_received / 1e6:.2f} MB received")
+
+
+def worker_traffic(model: Model, since: list[WorkerTraffic] | None = None) -> list[WorkerTraffic]:
+    """Each worker's counters so far (empty for a local model), or since an earlier call's."""
+    clients = getattr(model.net, "clients", {})
+    now = [WorkerTraffic(d, c.counters.runs, c.counters.run_seconds, c.counters.worker_seconds,
+                         c.counters.bytes_sent, c.counters.bytes_received) for d, c in clients.items()]
+    if since is None:
+        return now
+    before = {t.device: t for t in since}
+    zero = WorkerTraffic("", 0, 0.0, 0.0, 0, 0)
+    return [WorkerTraffic(t.device, t.round_trips - b.round_trips, t.run_seconds - b.run_seconds,
+                          t.worker_seconds - b.worker_seconds, t.bytes_sent - b.bytes_sent,
+                          t.bytes_received - b.bytes_received)
+            for t in now for b in [before.get(t.device, zero)]]

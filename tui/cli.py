@@ -201,9 +201,10 @@ def _progress(done: int, total: int) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import asdict
 
     from engine import load_model
-    from engine.bench import HEADER, RULE, bench_settings, rows_as_dicts, sweep, sweep_steps
+    from engine.bench import HEADER, RULE, bench_settings, rows_as_dicts, sweep, sweep_steps, worker_traffic
 
     if args.generic:
         from engine.quant import use_kernels
@@ -221,13 +222,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(HEADER)
     print(RULE, flush=True)
     rows = []
+    before = worker_traffic(model)
     for row in sweep(model, n_ctx, args.ubatch_size, n_gen, seed=args.seed, on_step=_progress):
         rows.append(row)
         print(row.table_line(), flush=True)
+    traffic = worker_traffic(model, before)
+    if traffic:
+        print()
+        for t in traffic:
+            print(t.line())
     if args.json:
         try:
             with open(args.json, "w") as f:
-                json.dump({**settings, "rows": rows_as_dicts(rows)}, f, indent=1)
+                json.dump({**settings, "rows": rows_as_dicts(rows), "workers": [asdict(t) for t in traffic]}, f,
+                          indent=1)
                 f.write("\n")
         except OSError as e:
             raise IkctlError(f"cannot write --json {args.json}: {e.strerror}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -130,10 +131,25 @@ def test_cli_run_and_bench_use_workers(workers: Callable[..., WorkerProc], synth
                              w.endpoint, "-ngl", "99"], capture_output=True, text=True, timeout=120)
     assert remote.returncode == 0, remote.stderr
     assert remote.stdout == local.stdout
+    out = synth_model.parent / "bench.json"
     bench = subprocess.run([*base, "bench", *common, "-c", "128", "-ub", "32", "-n", "4", "--rpc", w.endpoint,
-                            "-ot", f"exps={w.device}"], capture_output=True, text=True, timeout=120)
+                            "-ot", f"exps={w.device}", "--json", str(out)], capture_output=True, text=True,
+                           timeout=120)
     assert bench.returncode == 0, bench.stderr
     assert "|    32 |" in bench.stdout
+    # what the workers cost: 3 MoE layers' experts there, one round trip each per forward pass (a warm-up pass,
+    # then per step 4 decodes and a prompt batch)
+    report = json.loads(out.read_text())
+    passes = 1 + len(report["rows"]) * (4 + 1)
+    (traffic,) = report["workers"]
+    assert traffic["device"] == w.device and traffic["round_trips"] == 3 * passes
+    assert 0 < traffic["worker_seconds"] < traffic["run_seconds"] and traffic["bytes_sent"] > 0
+    assert re.search(rf"^RPC\[{w.endpoint}\]: {traffic['round_trips']} round trips, [0-9.]+ ms each beyond the "
+                     r"worker's compute", bench.stdout, re.M)
+    gguf = GGUFFile(synth_model)
+    experts = sum(t.n_bytes for n, t in gguf.tensors.items() if "exps" in n)
+    weights = sum(t.n_bytes for t in gguf.tensors.values())
+    assert report["placement"] == {"CPU": weights - experts, w.device: experts}
     gone = subprocess.run([*base, "run", *common, "-n", "2", "--rpc", "127.0.0.1:1", "-ngl", "99"],
                           capture_output=True, text=True, timeout=60)
     assert gone.returncode == 1 and "RPC[127.0.0.1:1]" in gone.stderr and "Traceback" not in gone.stderr
