@@ -63,9 +63,15 @@ class Connection:
         log.info("connection from %s%s", self.peer,
                  f" (between segments it polls up to {self.poll_s * 1e3:g} ms)" if self.poll_s else "")
         try:
+            # a connection that never authenticates must not hold a thread for ever
+            self.sock.settimeout(self.w.cfg.handshake_timeout_s)
             if self._handshake():
+                self.sock.settimeout(None)
                 while self._one():
                     pass
+        except TimeoutError:
+            log.warning("connection from %s: no handshake within %g s, closed", self.peer,
+                        self.w.cfg.handshake_timeout_s)
         except (EOFError, OSError):  # the peer closed (IncompleteReadError is an EOFError) or the server stops
             pass
         except Exception:  # a worker fault must not take the server down

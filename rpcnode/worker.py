@@ -53,6 +53,7 @@ class Config:
     models: list[Path] = field(default_factory=list)
     cuda_device: int | None = None  # None: the CPU; else this GPU holds the segments' weights and KV caches
     poll_ms: float = 10.0  # spin this long for a remote peer's next segment (0: always block)
+    handshake_timeout_s: float = 30.0  # a peer that has not said hello (and proved the token) by then is dropped
 
 
 def _gpu(index: int) -> Any:

@@ -17,7 +17,7 @@ from engine import IkctlError, load_model
 from engine.distributed import WorkerError
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
-from rpcnode.client import Client
+from rpcnode.client import Client, RPCError
 from tests.rpcnode.conftest import WorkerProc, start_worker
 
 
@@ -137,3 +137,38 @@ def test_fuzzed_frames_never_break_the_worker(fuzz_worker: WorkerProc, frames: l
         t = c.telemetry()
         assert t.bytes_held == 0
     assert psutil.Process(fuzz_worker.proc.pid).memory_info().rss < 1 << 30
+
+
+def test_silent_connection_is_dropped_and_stopping_closes_the_rest(tmp_path: Path) -> None:
+    """In-process server: a peer that never says hello is closed after the handshake timeout, an authenticated
+    one keeps its connection, and cancelling serve() closes every connection."""
+    import asyncio
+    import contextlib
+    import threading
+
+    from rpcnode.server import serve
+    from rpcnode.worker import Config
+
+    loop = asyncio.new_event_loop()
+    ready: asyncio.Future[tuple[str, int]] = loop.create_future()
+    task = loop.create_task(serve(Config(port=0, cache_dir=tmp_path, handshake_timeout_s=0.5), ready))
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    host, port = asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(ready), 30), loop).result(35)
+    silent = socket.create_connection((host, port))
+    client = Client(host, port)
+    with silent, client:
+        silent.settimeout(20)
+        assert silent.recv(1) == b""  # closed by the server, long before our timeout
+        assert client.device_info().mem_total_bytes > 0  # past the handshake: no timeout applies
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(20)
+        assert not thread.is_alive()
+        with pytest.raises(RPCError, match=r"closed the connection|connection lost"):
+            client.device_info()
