@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from engine.cluster import Cluster
     from engine.deepseek2 import DeepSeek2
     from engine.gguf_file import GGUFFile
+    from engine.llama import Llama
     from engine.model import Options
     from rpcnode.client import Client, OfferSpec
 
@@ -152,7 +153,7 @@ class RemoteKVCache(KVCache):
 class DistributedNet:
     """A Network (see engine.model) whose segments run where the placement put their weights."""
 
-    def __init__(self, local: DeepSeek2, gguf: GGUFFile, placement: Placement, clients: dict[str, Client],
+    def __init__(self, local: DeepSeek2 | Llama, gguf: GGUFFile, placement: Placement, clients: dict[str, Client],
                  opts: Options, progress: Callable[[LoadProgress], None] | None = None) -> None:
         self.local, self.cfg, self.placement, self.clients = local, local.cfg, placement, clients
         self.segments = placement.segments(layer_ops(gguf.tensors, local.cfg.n_layers))
@@ -317,6 +318,7 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
     The plan is checked against each worker's memory (its -m, or the cluster file's, or --device-mem) with the
     KV cache of the whole context counted, before any tensor is sent."""
     from engine.deepseek2 import DeepSeek2
+    from engine.llama import Llama
     from rpcnode.client import Client
 
     cluster = _cluster(opts)
@@ -341,8 +343,8 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
             for c in clients.values():
                 c.close()
             return net
-        if not isinstance(net, DeepSeek2):
-            raise IkctlError(f"{gguf.path}: running layers on workers needs a deepseek2 model; this one is "
+        if not isinstance(net, DeepSeek2 | Llama):
+            raise IkctlError(f"{gguf.path}: running layers on workers needs a deepseek2 or llama model; this one is "
                              f"{gguf.architecture} (drop --rpc/-ot/-ngl)")
         used = {d: c for d, c in clients.items() if d in remote}
         for d in set(clients) - set(used):

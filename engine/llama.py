@@ -7,13 +7,14 @@ G = H / Hkv query heads per kv head, hd head dim, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.attention import causal_attention
 from engine.config import LlamaConfig
-from engine.deepseek2 import load_vector, load_weight
+from engine.deepseek2 import Getter, gguf_getter, load_vector, load_weight
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.kv_cache import KVCache
@@ -35,13 +36,38 @@ _UNSUPPORTED = {
 
 @dataclass
 class Layer:
-    attn_norm: np.ndarray  # [D]
-    wq: QTensor  # [H * hd, D]
-    wk: QTensor  # [Hkv * hd, D]
-    wv: QTensor  # [Hkv * hd, D]
-    wo: QTensor  # [D, H * hd]
-    ffn_norm: np.ndarray  # [D]
-    ffn: tuple[QTensor, QTensor, QTensor]  # gate [F, D], up [F, D], down [D, F]
+    """One layer's weights; a worker's segment holds only its ops' part (the other fields are None)."""
+
+    attn_norm: np.ndarray | None  # [D]
+    wq: QTensor | None  # [H * hd, D]
+    wk: QTensor | None  # [Hkv * hd, D]
+    wv: QTensor | None  # [Hkv * hd, D]
+    wo: QTensor | None  # [D, H * hd]
+    ffn_norm: np.ndarray | None  # [D]
+    ffn: tuple[QTensor, QTensor, QTensor] | None  # gate [F, D], up [F, D], down [D, F]
+
+
+def load_layer(get: Getter, i: int, parts: Container[str] = ("attn", "ffn"), where: str = "") -> Layer:
+    """Layer i from tensors by name (a GGUF file or a worker's cache), only the parts asked for."""
+    p = f"blk.{i}."
+
+    def need(name: str) -> QTensor:
+        t = get(p + name)
+        if t is None:
+            raise ModelFileError(f"{where}tensor '{p + name}' is missing; the file is incomplete or not this "
+                                 "architecture")
+        return t
+
+    attn, ffn = "attn" in parts, "ffn" in parts
+    return Layer(
+        attn_norm=need("attn_norm.weight").dequantize() if attn else None,
+        wq=need("attn_q.weight") if attn else None,
+        wk=need("attn_k.weight") if attn else None,
+        wv=need("attn_v.weight") if attn else None,
+        wo=need("attn_output.weight") if attn else None,
+        ffn_norm=need("ffn_norm.weight").dequantize() if ffn else None,
+        ffn=tuple(need(f"ffn_{n}.weight") for n in ("gate", "up", "down")) if ffn else None,  # type: ignore[arg-type]
+    )
 
 
 def check_supported(f: GGUFFile) -> None:
@@ -63,32 +89,45 @@ def rope_head(x: np.ndarray, n_rot: int, cos: np.ndarray, sin: np.ndarray) -> np
 class Llama:
     """Weights of a llama GGUF, used in place (memory-mapped), and the forward pass over a KVCache."""
 
+    xp = np  # activations and KV caches are host arrays (no GPU llama path yet)
+
     def __init__(self, f: GGUFFile, amb_bytes: int = 256 << 20) -> None:
         check_supported(f)
-        self.cfg = cfg = LlamaConfig.from_gguf(f)
-        if cfg.rope.n_rot > cfg.head_dim or cfg.rope.n_rot % 2:
-            raise ModelFileError(f"{f.path}: rope dims {cfg.rope.n_rot} must be even and <= {cfg.head_dim}")
-        self.amb_bytes = amb_bytes
-        self.rope = RopeTable(cfg.rope)
+        self._setup(LlamaConfig.from_gguf(f), amb_bytes, where=f"{f.path}: ")
         self.token_embd = load_weight(f, "token_embd.weight")
         self.output_norm = load_vector(f, "output_norm.weight")
         # tied embeddings (SmolLM2, Llama 3.2 1B/3B): the file has no separate output head
         self.output = load_weight(f, "output.weight") if "output.weight" in f.tensors else self.token_embd
-        self.layers = [self._load_layer(f, i) for i in range(cfg.n_layers)]
+        get = gguf_getter(f)
+        self.layers = [load_layer(get, i, where=f"{f.path}: ") for i in range(self.cfg.n_layers)]
 
-    @staticmethod
-    def _load_layer(f: GGUFFile, i: int) -> Layer:
-        p = f"blk.{i}."
-        gate, up, down = (load_weight(f, p + f"ffn_{n}.weight") for n in ("gate", "up", "down"))
-        return Layer(
-            attn_norm=load_vector(f, p + "attn_norm.weight"),
-            wq=load_weight(f, p + "attn_q.weight"),
-            wk=load_weight(f, p + "attn_k.weight"),
-            wv=load_weight(f, p + "attn_v.weight"),
-            wo=load_weight(f, p + "attn_output.weight"),
-            ffn_norm=load_vector(f, p + "ffn_norm.weight"),
-            ffn=(gate, up, down),
-        )
+    @classmethod
+    def from_parts(cls, cfg: LlamaConfig, get: Getter, ops: Iterable[tuple[int, str]],
+                   amb_bytes: int = 256 << 20) -> Llama:
+        """A network holding only the weights of `ops` (a worker's segment); other layers are None."""
+        net = cls.__new__(cls)
+        net._setup(cfg, amb_bytes)
+        parts: dict[int, set[str]] = {}
+        for i, part in ops:
+            parts.setdefault(i, set()).add(part)
+        tied = get("output.weight") is None
+        net.token_embd = get("token_embd.weight") if -1 in parts or (cfg.n_layers in parts and tied) else None
+        if cfg.n_layers in parts:
+            norm = get("output_norm.weight")
+            if norm is None:
+                raise ModelFileError("tensor 'output_norm.weight' is missing")
+            net.output_norm = norm.dequantize()
+            net.output = get("output.weight") or net.token_embd
+        net.layers = [load_layer(get, i, parts[i]) if i in parts else None  # type: ignore[misc]
+                      for i in range(cfg.n_layers)]
+        return net
+
+    def _setup(self, cfg: LlamaConfig, amb_bytes: int, where: str = "") -> None:
+        if cfg.rope.n_rot > cfg.head_dim or cfg.rope.n_rot % 2:
+            raise ModelFileError(f"{where}rope dims {cfg.rope.n_rot} must be even and <= {cfg.head_dim}")
+        self.cfg = cfg
+        self.amb_bytes = amb_bytes
+        self.rope = RopeTable(cfg.rope)
 
     # ---- cache layout -------------------------------------------------------------------------
     def cache_widths(self) -> dict[str, int]:
@@ -113,6 +152,32 @@ class Llama:
         cache.advance(T)
         rows = x if all_logits else x[-1:]
         return self.output.matmul_t(rms_norm(rows, self.output_norm, eps))
+
+    # ---- one op at a time (a forward pass split across devices; see engine/distributed.py) ---------------
+    def run_op(self, op: tuple[int, str], state: dict[str, np.ndarray], positions: np.ndarray,
+               cache: KVCache | None, defer_shared: bool = False) -> None:
+        """Apply one op to the pass state in place, as DeepSeek2.run_op: "x" the hidden state [T, D]; "ids" before
+        embd; "n_out" (rows of logits wanted) before output, which leaves only "logits". No shared experts here,
+        so defer_shared changes nothing."""
+        i, part = op
+        eps = self.cfg.rms_norm_eps
+        if part == "embd":
+            state["x"] = self.token_embd.rows(state.pop("ids"))
+        elif part == "output":
+            x = state.pop("x")
+            n_out = min(max(int(state.pop("n_out")), 1), x.shape[0])
+            state.clear()
+            state["logits"] = self.output.matmul_t(rms_norm(x[x.shape[0] - n_out :], self.output_norm, eps))
+        elif part == "attn":
+            L, x = self.layers[i], state["x"]
+            assert cache is not None
+            cos, sin = self.rope.cos_sin(positions)
+            state["x"] = x + self._attention(i, L, rms_norm(x, L.attn_norm, eps), positions, cos, sin, cache)
+        elif part == "ffn":
+            L, x = self.layers[i], state["x"]
+            state["x"] = x + swiglu(rms_norm(x, L.ffn_norm, eps), *L.ffn)
+        else:
+            raise ValueError(f"unknown op {op} for a llama model")
 
     def _attention(
         self,

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import DeepSeek2Config, RopeConfig
+from engine.config import DeepSeek2Config, LlamaConfig, RopeConfig
 from engine.errors import IkctlError
 from engine.kv_cache import CACHE_TYPES, KVCache, row_bytes
 from engine.ops import to_host
@@ -35,8 +35,18 @@ class ProgramError(IkctlError):
 
 # ---- the model config as flat scalars (DefineSegment args hold scalars only) -------------------------------
 
+ModelConfig = DeepSeek2Config | LlamaConfig
+ARCHITECTURES: dict[str, type[DeepSeek2Config] | type[LlamaConfig]] = {"deepseek2": DeepSeek2Config,
+                                                                        "llama": LlamaConfig}
+# the ops each architecture's run_op knows
+ARCH_OPS = {"deepseek2": ("embd", "attn", "ffn", "moe_experts", "output"), "llama": ("embd", "attn", "ffn", "output")}
 
-def config_args(cfg: DeepSeek2Config) -> dict[str, Scalar]:
+
+def arch_of(cfg: ModelConfig) -> str:
+    return "llama" if isinstance(cfg, LlamaConfig) else "deepseek2"
+
+
+def config_args(cfg: ModelConfig) -> dict[str, Scalar]:
     """The hyper-parameters as `cfg.<field>` / `cfg.rope.<field>` scalars; None values are left out."""
     out: dict[str, Scalar] = {}
     for f in dataclasses.fields(cfg):
@@ -48,12 +58,12 @@ def config_args(cfg: DeepSeek2Config) -> dict[str, Scalar]:
     return out
 
 
-def config_from_args(args: Mapping[str, Any]) -> DeepSeek2Config:
+def config_from_args(args: Mapping[str, Any], arch: str = "deepseek2") -> ModelConfig:
     """The inverse of config_args; a missing or mistyped field is a ProgramError."""
     rope = {k[len("cfg.rope."):]: v for k, v in args.items() if k.startswith("cfg.rope.")}
     top = {k[len("cfg."):]: v for k, v in args.items() if k.startswith("cfg.") and not k.startswith("cfg.rope.")}
     try:
-        return DeepSeek2Config(**top, rope=RopeConfig(**rope))
+        return ARCHITECTURES[arch](**top, rope=RopeConfig(**rope))
     except TypeError as e:
         raise ProgramError(f"bad model config in the segment program: {e}") from None
 
@@ -73,10 +83,10 @@ def op_tensor_names(names: Iterable[str], op: Op, n_layers: int) -> list[str]:
     return [n for n in names if tensor_layer(n) == layer and op_part(n) == part]
 
 
-def segment_records(cfg: DeepSeek2Config, ops: Sequence[Op], tensors: Mapping[str, TensorRef], *, mla: int,
+def segment_records(cfg: ModelConfig, ops: Sequence[Op], tensors: Mapping[str, TensorRef], *, mla: int,
                     amb_bytes: int, cache_type: str, n_ctx: int, model: str = "") -> list[Record]:
     """A segment program: a "config" record, then one record per op naming its tensors by digest."""
-    head: dict[str, Any] = {"arch": "deepseek2", "model": model[:256], "mla": mla, "amb_bytes": amb_bytes,
+    head: dict[str, Any] = {"arch": arch_of(cfg), "model": model[:256], "mla": mla, "amb_bytes": amb_bytes,
                             "cache_type": cache_type, "n_ctx": n_ctx, **config_args(cfg)}
     records: list[Record] = [("config", head)]
     for layer, part in ops:
@@ -92,7 +102,7 @@ def segment_records(cfg: DeepSeek2Config, ops: Sequence[Op], tensors: Mapping[st
 class Program:
     """A decoded segment program."""
 
-    cfg: DeepSeek2Config
+    cfg: ModelConfig
     ops: tuple[Op, ...]
     tensors: dict[str, TensorRef]
     mla: int
@@ -106,17 +116,18 @@ def parse_program(records: Sequence[Record]) -> Program:
     if not records or records[0][0] != "config":
         raise ProgramError("a segment program starts with a 'config' record")
     head = records[0][1]
-    if head.get("arch") != "deepseek2":
-        raise ProgramError(f"architecture {head.get('arch')!r} is not supported by workers (deepseek2)")
+    arch = head.get("arch")
+    if arch not in ARCHITECTURES:
+        raise ProgramError(f"architecture {arch!r} is not supported by workers ({', '.join(ARCHITECTURES)})")
     cache_type = head.get("cache_type")
     if cache_type not in CACHE_TYPES:
         raise ProgramError(f"KV cache type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
-    cfg = config_from_args(head)
+    cfg = config_from_args(head, arch)
     ops: list[Op] = []
     tensors: dict[str, TensorRef] = {}
     for part, args in records[1:]:
         layer = args.get("layer")
-        if part not in ("embd", "attn", "ffn", "moe_experts", "output") or not isinstance(layer, int):
+        if part not in ARCH_OPS[arch] or not isinstance(layer, int):
             raise ProgramError(f"bad op record {part!r} (layer {layer!r})")
         if not -1 <= layer <= cfg.n_layers:
             raise ProgramError(f"op {part} names layer {layer}; the model has {cfg.n_layers}")
@@ -175,6 +186,7 @@ class SegmentRunner:
     def __init__(self, program: Program, lookup: Callable[[str], np.ndarray | None],
                  cuda_device: int | None = None) -> None:
         from engine.deepseek2 import DeepSeek2
+        from engine.llama import Llama
 
         self.program = program
         self.cuda_device = cuda_device
@@ -189,16 +201,24 @@ class SegmentRunner:
                 raise ProgramError(f"tensor '{name}' ({ref[0][:16]}…) is not held by this worker")
             return qtensor_from_bytes(name, raw, ref[1], ref[2])
 
-        xp: Any = np
-        getter: Callable[[str], Any] = get
-        if cuda_device is not None:
-            from engine.cuda import require
-            from engine.cuda.tensors import upload_getter
+        self.net: Any
+        if isinstance(program.cfg, LlamaConfig):
+            if cuda_device is not None:
+                raise ProgramError("llama layers cannot run on a GPU yet (CUDA runs deepseek2 models); keep "
+                                   "them on the CPU or on CPU workers")
+            self.net = Llama.from_parts(program.cfg, get, program.ops, program.amb_bytes)
+        else:
+            xp: Any = np
+            getter: Callable[[str], Any] = get
+            if cuda_device is not None:
+                from engine.cuda import require
+                from engine.cuda.tensors import upload_getter
 
-            xp = require(cuda_device)
-            getter = upload_getter(get, cuda_device)
-        with self._on_device():
-            self.net = DeepSeek2.from_parts(program.cfg, getter, program.ops, program.mla, program.amb_bytes, xp)
+                xp = require(cuda_device)
+                getter = upload_getter(get, cuda_device)
+            with self._on_device():
+                self.net = DeepSeek2.from_parts(program.cfg, getter, program.ops, program.mla, program.amb_bytes,
+                                                xp)
         self._attn_layers = {i for i, p in program.ops if p == "attn"}
         self._caches: OrderedDict[int, KVCache] = OrderedDict()
 

@@ -101,3 +101,43 @@ def test_a_runner_over_every_op_equals_the_forward_pass(yarn_model: Path) -> Non
     with pytest.raises(ProgramError, match="unknown here"):
         runner.run(2, 3, 1, {"x": x[:1], "n_out": np.asarray(1)})
     assert runner.kv("truncate", 1, 2) == 2 and runner.kv("clear", 1, 0) == 0
+
+
+def test_llama_programs_round_trip_and_run_op_by_op(smollm2_path: Path) -> None:
+    """A llama model's segment program carries its config and arch; runners over its ops (a first half and a
+    second half, each with its own KV cache) give the forward pass's logits; a GPU runner is refused."""
+    from engine.config import LlamaConfig
+
+    f = GGUFFile(smollm2_path)
+    cfg = LlamaConfig.from_gguf(f)
+    assert config_from_args(config_args(cfg), "llama") == cfg
+    ops = layer_ops(f.tensors, cfg.n_layers)
+    assert {p for _, p in ops} == {"embd", "attn", "ffn", "output"}
+    refs = _refs(f)
+    digest_to_name = {ref[0]: n for n, ref in refs.items()}
+    half = len(ops) // 2
+    programs = [parse_program(segment_records(cfg, part, refs, mla=3, amb_bytes=1 << 20, cache_type="f16",
+                                              n_ctx=64)) for part in (ops[:half], ops[half:])]
+    assert all(isinstance(p.cfg, LlamaConfig) for p in programs)
+    with pytest.raises(ProgramError, match="moe_experts"):
+        parse_program([segment_records(cfg, ops[:1], refs, mla=3, amb_bytes=1, cache_type="f16", n_ctx=8)[0],
+                       ("moe_experts", {"layer": 0})])
+
+    def lookup(digest: str) -> np.ndarray:
+        return f.raw(digest_to_name[digest]).reshape(-1).view(np.uint8)
+
+    runners = [SegmentRunner(p, lookup) for p in programs]
+    with pytest.raises(ProgramError, match="cannot run on a GPU"):
+        SegmentRunner(programs[0], lookup, cuda_device=0)
+    model = load_model(smollm2_path, ctx_size=64)
+    ids = [1, 504, 3250, 28, 253]
+    cache = model.new_cache(64)
+    want = [model.eval(ids, cache, all_logits=True), model.eval([30], cache)]
+    got = []
+    for pos, step in ((0, ids), (len(ids), [30])):
+        state: dict[str, np.ndarray] = {"ids": np.asarray(step), "n_out": np.asarray(len(step) if pos == 0 else 1)}
+        for r in runners:
+            state = r.run(seq_id=3, pos_start=pos, n_tokens=len(step), state=state)
+        got.append(state["logits"])
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and np.array_equal(g, w)

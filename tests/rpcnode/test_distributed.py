@@ -204,6 +204,30 @@ def test_loopback_peers_never_poll(workers: Callable[..., WorkerProc], synth_mod
     assert "connection from 127.0.0.1" in w.log_text() and "polls" not in w.log_text()
 
 
+def test_llama_model_across_workers(workers: Callable[..., WorkerProc], smollm2_path: Path) -> None:
+    """A real llama model (SmolLM2, Q4_1, tied embeddings): every layer on one worker, layers split across two,
+    only the FFNs remote: the same logits as local, through prefill, decodes and a truncate; and `ikctl run`
+    with its layers on the workers writes the same text."""
+    a, b = workers(), workers()
+    want = run_sequence(load_model(smollm2_path, ctx_size=64))
+    every = load_model(smollm2_path, ctx_size=64, rpc=a.endpoint, n_gpu_layers=99)
+    split = load_model(smollm2_path, ctx_size=64, rpc=f"{a.endpoint},{b.endpoint}", n_gpu_layers=99,
+                       tensor_split="1,1")
+    ffn = load_model(smollm2_path, ctx_size=64, rpc=b.endpoint, override_tensor=[f"ffn_={b.device}"])
+    for model in (every, split, ffn):
+        assert_same(run_sequence(model), want)
+    assert runs(every) == {a.device: 1 + len(DECODE) + 1}  # a round trip per forward pass
+    assert len(ffn.net.remote) == ffn.net.cfg.n_layers  # each FFN a segment of its own: a round trip per layer
+    assert [s.device for s in split.net.segments] == ["CPU", a.device, b.device]
+    base = [sys.executable, "-m", "tui.cli", "run", "-m", str(smollm2_path), "-c", "256", "-p",
+            "What is the capital of France?", "-n", "12", "--temp", "0"]
+    local = subprocess.run(base, capture_output=True, text=True, timeout=180)
+    remote = subprocess.run([*base, "--rpc", f"{a.endpoint},{b.endpoint}", "-ngl", "99"], capture_output=True,
+                            text=True, timeout=180)
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == local.stdout and "Paris" in remote.stdout
+
+
 # ---- the cache: a second load sends almost nothing; a corrupt entry is replaced ----------------------------------
 
 
