@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from engine.bench import SweepRow, rows_as_dicts
+from engine.bench import SweepRow, WorkerTraffic, rows_as_dicts
 from engine.errors import IkctlError
 
 COLUMNS = ("PP", "TG", "N_KV", "T_PP s", "S_PP t/s", "T_TG s", "S_TG t/s")
@@ -24,16 +25,18 @@ def series(rows: Sequence[SweepRow]) -> tuple[list[int], list[float], list[float
     return [r.n_kv for r in rows], [r.speed_pp for r in rows], [r.speed_tg for r in rows]
 
 
-def bench_document(settings: dict[str, Any], rows: Sequence[SweepRow]) -> dict[str, Any]:
-    return {**settings, "rows": rows_as_dicts(list(rows))}
+def bench_document(settings: dict[str, Any], rows: Sequence[SweepRow],
+                   workers: Sequence[WorkerTraffic] = ()) -> dict[str, Any]:
+    return {**settings, "rows": rows_as_dicts(list(rows)), "workers": [asdict(t) for t in workers]}
 
 
-def save_json(path: str | Path, settings: dict[str, Any], rows: Sequence[SweepRow]) -> Path:
-    """Write the document as `ikctl bench --json` does; an OSError becomes a one-line IkctlError."""
+def save_json(path: str | Path, settings: dict[str, Any], rows: Sequence[SweepRow],
+              workers: Sequence[WorkerTraffic] = ()) -> Path:
+    """Write the document `ikctl bench --json` writes; an OSError becomes a one-line IkctlError."""
     p = Path(path).expanduser()
     try:
         with open(p, "w") as f:
-            json.dump(bench_document(settings, rows), f, indent=1)
+            json.dump(bench_document(settings, rows, workers), f, indent=1)
             f.write("\n")
     except OSError as e:
         raise IkctlError(f"cannot write {p}: {e.strerror}") from None

@@ -200,11 +200,9 @@ def _progress(done: int, total: int) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json
-    from dataclasses import asdict
-
     from engine import load_model
-    from engine.bench import HEADER, RULE, bench_settings, rows_as_dicts, sweep, sweep_steps, worker_traffic
+    from engine.bench import HEADER, RULE, bench_settings, sweep, sweep_steps, worker_traffic
+    from tui.bench_results import save_json
 
     if args.generic:
         from engine.quant import use_kernels
@@ -232,13 +230,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for t in traffic:
             print(t.line())
     if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump({**settings, "rows": rows_as_dicts(rows), "workers": [asdict(t) for t in traffic]}, f,
-                          indent=1)
-                f.write("\n")
-        except OSError as e:
-            raise IkctlError(f"cannot write --json {args.json}: {e.strerror}") from None
+        save_json(args.json, settings, rows, traffic)
     return 0
 
 

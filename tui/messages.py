@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from textual.message import Message
 
-from engine.bench import SweepRow
+from engine.bench import SweepRow, WorkerTraffic
 from engine.generate import GenerationStats
 from tui.plan_flags import ModelHeader, PlanFlags
 from tui.shared_model import LoadSummary
@@ -82,6 +82,7 @@ class BenchDone(Message):
 
     stopped: bool
     run: int  # which run posted it: a stopped run's late messages are dropped
+    workers: list[WorkerTraffic] = field(default_factory=list)  # each worker's round trips and bytes in the sweep
 
 
 @dataclass

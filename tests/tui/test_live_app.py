@@ -129,6 +129,11 @@ async def test_generate_and_bench_use_the_applied_model_and_live_shows_the_traff
         await settle(app, pilot)
         assert bench.query_one("#bench-table", DataTable).row_count == 4 and errors(app) == []
         assert app.shared.model is model
+        # each worker's part of the sweep, as `ikctl bench` prints it
+        assert sorted(t.device for t in bench.traffic) == sorted(model.net.clients)
+        assert all(t.round_trips > 0 and t.bytes_sent > 0 for t in bench.traffic)
+        status = str(bench.query_one("#bench-status", Static).render())
+        assert all(f"{t.device}: {t.round_trips} round trips" in status for t in bench.traffic)
 
         await pilot.press("f4")
         live = app.screen

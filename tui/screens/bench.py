@@ -13,7 +13,7 @@ from textual.widgets import DataTable, Footer, Input, Label, Static
 from textual.worker import Worker, get_current_worker
 from textual_plotext import PlotextPlot
 
-from engine.bench import SweepRow
+from engine.bench import SweepRow, WorkerTraffic
 from engine.errors import IkctlError
 from tui.bench_results import COLUMNS, row_cells, save_json, series
 from tui.messages import BenchDone, BenchRowReady, BenchStarted, WorkFailed
@@ -36,6 +36,7 @@ class BenchScreen(Screen[None]):
         self.shared = shared
         self.settings: dict[str, Any] | None = None
         self.rows: list[SweepRow] = []
+        self.traffic: list[WorkerTraffic] = []  # the workers' part of the last sweep
         self.n_steps = 0
         self.running = False
         self.run = 0  # bumped per run and on stop, so a stopped thread's late messages are dropped
@@ -69,7 +70,7 @@ class BenchScreen(Screen[None]):
         except IkctlError as e:
             self.notify(str(e), severity="error")
             return
-        self.rows, self.settings, self.running = [], None, True
+        self.rows, self.traffic, self.settings, self.running = [], [], None, True
         self.run += 1
         self.query_one("#bench-table", DataTable).clear()
         self.query_one("#bench-status", Static).update("loading the model…")
@@ -83,22 +84,25 @@ class BenchScreen(Screen[None]):
     def run_sweep(self, worker: Worker[None], n_ctx: int, ubatch: int, n_gen: int, run: int) -> None:
         """On the model thread: the shared model (loaded on first use) with this context and micro-batch, post the
         settings, then one message per step until done or cancelled."""
-        from engine.bench import bench_settings, sweep, sweep_steps
+        from engine.bench import bench_settings, sweep, sweep_steps, worker_traffic
 
         stopped = False
+        traffic: list[WorkerTraffic] = []
         try:
             model = self.shared.get().with_options(ctx_size=n_ctx, ubatch_size=ubatch)
             steps = sweep_steps(model.n_ctx, ubatch, n_gen)
             self.post_message(BenchStarted(bench_settings(model, model.n_ctx, ubatch, n_gen), len(steps), run))
+            before = worker_traffic(model)
             for row in sweep(model, model.n_ctx, ubatch, n_gen):
                 self.post_message(BenchRowReady(row, run))
                 if worker.is_cancelled:
                     stopped = True
                     break
+            traffic = worker_traffic(model, before)
         except (IkctlError, OSError) as e:
             self.post_message(WorkFailed(str(e)))
             stopped = True
-        self.post_message(BenchDone(stopped, run))
+        self.post_message(BenchDone(stopped, run, traffic))
 
     @on(BenchStarted)
     def bench_started(self, event: BenchStarted) -> None:
@@ -123,6 +127,7 @@ class BenchScreen(Screen[None]):
         if event.run != self.run:
             return
         self.running = False
+        self.traffic = event.workers
         self.show_progress(" — stopped" if event.stopped else " — done; ctrl+s saves JSON")
 
     def show_progress(self, note: str = "") -> None:
@@ -133,7 +138,8 @@ class BenchScreen(Screen[None]):
         mla = f", -mla {s['mla']}" if s.get("mla") is not None else ""
         self.query_one("#bench-status", Static).update(
             f"{s['model_name']} ({s['arch']}, {', '.join(s['quant'])}), n_ctx {s['n_ctx']}, ub {s['n_ubatch']}, "
-            f"tg {s['n_gen']}, threads {s['threads']}{mla} — step {len(self.rows)}/{self.n_steps}{note}")
+            f"tg {s['n_gen']}, threads {s['threads']}{mla} — step {len(self.rows)}/{self.n_steps}{note}"
+            + "".join("\n" + t.line() for t in self.traffic))
 
     def draw_plot(self) -> None:
         widget = self.query_one("#bench-plot", PlotextPlot)
@@ -161,7 +167,8 @@ class BenchScreen(Screen[None]):
             self.notify("nothing to save yet: run the sweep first (ctrl+r)", severity="warning")
             return
         try:
-            path = save_json(self.query_one("#json-path", Input).value.strip(), self.settings, self.rows)
+            path = save_json(self.query_one("#json-path", Input).value.strip(), self.settings, self.rows,
+                             self.traffic)
         except IkctlError as e:
             self.notify(str(e), severity="error")
             return
