@@ -40,7 +40,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class Rates:
-    """Between two samples: the compute thread's busy fraction and network bytes/s (None: not measurable)."""
+    """Between two samples: the share of time the worker computed segments, network bytes/s (None: not measurable)."""
 
     busy: float | None = None
     in_per_s: float | None = None
