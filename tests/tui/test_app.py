@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -142,10 +143,14 @@ async def test_generate_stop_keeps_the_text_so_far(cache_dir: Path) -> None:
         screen = app.screen
         assert isinstance(screen, GenerateScreen)
         screen.query_one("#n-predict", Input).value = "100000"  # until the context is full: far longer than this test
+        # a fixed seed: a random one can sample the end-of-text token first, and there is no text to keep
+        screen.query_one("#seed", Input).value = "1"
         screen.query_one("#prompt", Input).value = "Tell me a long story"
         await pilot.press("enter")
-        while not screen.reply:  # wait for the first tokens to arrive as messages
+        deadline = time.monotonic() + 120
+        while not screen.reply and screen.running and time.monotonic() < deadline:  # the first tokens arrive
             await pilot.pause(0.05)
+        assert screen.reply and screen.running, "no text arrived before the generation ended"
         await pilot.press("escape")
         assert not screen.running
         assert [m["role"] for m in screen.history] == ["user", "assistant"] and screen.history[1]["content"]
