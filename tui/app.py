@@ -84,7 +84,7 @@ class IkctlApp(App[None]):
         self.add_mode("placement", lambda: self.placement)
         self.add_mode("generate", lambda: GenerateScreen(self.shared))
         self.add_mode("bench", lambda: BenchScreen(self.shared))
-        self.add_mode("live", lambda: LiveScreen(self.monitor))
+        self.add_mode("live", lambda: LiveScreen(self.monitor, shared=self.shared))
         self.board = board or HostBoard((), local)
         self.add_mode("hosts", lambda: HostsScreen(self.board, self.monitor))
 

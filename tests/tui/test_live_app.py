@@ -146,6 +146,11 @@ async def test_generate_and_bench_use_the_applied_model_and_live_shows_the_traff
         for ep, panel in live.panels.items():
             shown = str(panel.render())
             assert f"RPC[{ep}]" in shown and "held" in shown and "hits" in shown and "busy" in shown
+            # this process's round trips to it: the first reading averages those so far (the bench's) beyond the
+            # worker's compute, the next ones find the link idle
+            link = panel.link
+            assert link is not None and link.history and link.history[0] > 0
+            assert (f"{link.beyond_ms:.2f} ms/rt" if link.beyond_ms is not None else "idle") in shown
         await pilot.press("p")
         assert live.paused and "paused" in text_of(app, "#live-status")
 

@@ -11,6 +11,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from tui.layer_map import device_tags
+from tui.link_stats import LinkMonitor
+from tui.shared_model import SharedModel
 from tui.telemetry import INTERVAL_S, TelemetryMonitor
 from tui.widgets.device_colors import device_colors
 from tui.widgets.mode_tabs import ModeTabs
@@ -26,10 +28,13 @@ class LiveScreen(Screen[None]):
     CSS_PATH = "live.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [Binding("p", "pause", "Pause")]
 
-    def __init__(self, monitor: TelemetryMonitor, refresh_s: float = INTERVAL_S) -> None:
+    def __init__(self, monitor: TelemetryMonitor, refresh_s: float = INTERVAL_S,
+                 shared: SharedModel | None = None) -> None:
         super().__init__()
         self.monitor = monitor
         self.refresh_s = refresh_s
+        self.shared = shared  # the app's model: its round trips to each worker (the panels' link line)
+        self.links = LinkMonitor()
         self.paused = False
         self.panels: dict[str, WorkerPanel] = {}
 
@@ -51,6 +56,7 @@ class LiveScreen(Screen[None]):
         if self.paused or not self.is_mounted:
             return
         latest = self.monitor.latest()
+        links = self.links.update(self.shared.model if self.shared is not None else None)
         for ep in [ep for ep in self.panels if ep not in latest]:
             self.panels.pop(ep).remove()
         names = [f"RPC[{ep}]" for ep in latest]
@@ -63,6 +69,7 @@ class LiveScreen(Screen[None]):
                 container.mount(panel)
             else:
                 panel.status = status
+            panel.link = links.get(status.device)
         n_up = sum(s.up for s in latest.values())
         status_line = (f"{len(latest)} workers, {n_up} up · every {self.refresh_s:g} s · p pauses" if latest
                        else NO_WORKERS)

@@ -7,6 +7,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from tui.formatting import NA_STYLE, format_bytes, format_fraction, memory_bar, used_fraction
+from tui.link_stats import LinkRates, format_link
 from tui.live_format import format_duration, format_percent, format_rate, sparkline, tracked
 from tui.telemetry import HISTORY, Rates, WorkerStatus
 
@@ -15,8 +16,10 @@ VALUE = 14  # "1023.9 MiB/s "
 BAR_MIN, BAR_MAX = 8, 24
 
 
-def render_worker(status: WorkerStatus, width: int, tag: str = "", color: str = "#4e79a7") -> Text:
-    """The panel's lines at `width` columns; a down worker keeps its last numbers, dimmed, under the reason."""
+def render_worker(status: WorkerStatus, width: int, tag: str = "", color: str = "#4e79a7",
+                  link: LinkRates | None = None) -> Text:
+    """The panel's lines at `width` columns; a down worker keeps its last numbers, dimmed, under the reason.
+    `link` is this process's view of the worker's round trips (None: no model here uses it)."""
     s, f = status.sample, status.facts
     out = Text()
     if tag:
@@ -44,6 +47,13 @@ def render_worker(status: WorkerStatus, width: int, tag: str = "", color: str = 
         body.append(value.rjust(VALUE - 1) + " ")
         body.append_text(tracked(Text(sparkline(history, spark_width, top=top), style=style)))
         body.append("\n")
+    value, detail = format_link(link)
+    body.append("link".ljust(LABEL), style="bold")
+    body.append(value.rjust(VALUE - 1) + " ")
+    if link is not None and link.history:
+        body.append_text(tracked(Text(sparkline(link.history, spark_width), style="yellow")))
+        body.append(" ")
+    body.append(detail + "\n", style=NA_STYLE if value == "–" else "dim")
     body.append("cache".ljust(LABEL), style="bold")
     if s is None:
         body.append("–", style=NA_STYLE)
@@ -92,11 +102,12 @@ class WorkerPanel(Widget):
     """Shows `status` (set by the screen), re-rendered at the panel's width (a long reason for being down wraps)."""
 
     DEFAULT_CSS = """
-    WorkerPanel { height: auto; min-height: 9; border: round $primary; padding: 0 1; }
+    WorkerPanel { height: auto; min-height: 10; border: round $primary; padding: 0 1; }
     WorkerPanel.-down { border: round $error; }
     """
 
     status: reactive[WorkerStatus | None] = reactive(None, layout=True)
+    link: reactive[LinkRates | None] = reactive(None)
 
     def __init__(self, status: WorkerStatus, tag: str = "", color: str = "#4e79a7", **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -110,4 +121,4 @@ class WorkerPanel(Widget):
     def render(self) -> Text:
         if self.status is None:
             return Text("")
-        return render_worker(self.status, self.content_size.width, self.tag, self.color)
+        return render_worker(self.status, self.content_size.width, self.tag, self.color, self.link)
