@@ -162,7 +162,10 @@ def placement_bytes(model: Model) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class WorkerTraffic:
-    """One worker's part of a benchmark: its round trips, what they cost beyond its compute, the bytes."""
+    """One worker's part of a benchmark: its round trips, what they cost beyond its compute, the bytes.
+
+    A round trip is timed from sending the segment to reading its reply; when the coordinator is still computing
+    the layer's shared experts as the reply arrives, that wait counts too (it is not the network's)."""
 
     device: str
     round_trips: int
