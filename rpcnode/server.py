@@ -25,6 +25,7 @@ from rpcnode.worker import Config, StartError, Upload, Worker, fail
 log = logging.getLogger("rpcnode")
 E = P.ErrorCode
 
+
 @dataclass
 class _LoadLog:
     """A model load seen on one connection (offers, uploads, segment definitions), logged as one line when done."""
@@ -57,31 +58,43 @@ class Connection:
         self.uploads: dict[str, Upload] = {}
         self._rid = 0  # the request being answered, for error replies
         self._load: _LoadLog | None = None
+        self._handshake_lock, self._handshake_over = threading.Lock(), False
 
     def serve(self) -> None:
         P.set_nodelay(self.sock)
         log.info("connection from %s%s", self.peer,
                  f" (between segments it polls up to {self.poll_s * 1e3:g} ms)" if self.poll_s else "")
+        # a connection that never authenticates must not hold a thread for ever (a total deadline, not one per
+        # read, which a peer sending a byte at a time would stretch)
+        deadline = threading.Timer(self.w.cfg.handshake_timeout_s, self._handshake_too_slow)
+        deadline.start()
         try:
-            # a connection that never authenticates must not hold a thread for ever
-            self.sock.settimeout(self.w.cfg.handshake_timeout_s)
-            if self._handshake():
-                self.sock.settimeout(None)
-                while self._one():
-                    pass
-        except TimeoutError:
-            log.warning("connection from %s: no handshake within %g s, closed", self.peer,
-                        self.w.cfg.handshake_timeout_s)
+            authenticated = self._handshake()
+            with self._handshake_lock:
+                self._handshake_over = True
+            deadline.cancel()
+            while authenticated and self._one():
+                pass
         except (EOFError, OSError):  # the peer closed (IncompleteReadError is an EOFError) or the server stops
             pass
         except Exception:  # a worker fault must not take the server down
             log.exception("connection from %s dropped after an internal error", self.peer)
         finally:
+            deadline.cancel()
             self._log_load()
             for up in self.uploads.values():
                 self.w._drop_upload(up)
             self.uploads.clear()
             self.sock.close()
+
+    def _handshake_too_slow(self) -> None:
+        with self._handshake_lock:
+            if self._handshake_over:  # it finished just as the timer fired
+                return
+            log.warning("connection from %s: no handshake within %g s, closed", self.peer,
+                        self.w.cfg.handshake_timeout_s)
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns: EOF
 
     def _log_load(self) -> None:
         if self._load is not None and (self._load.offers or self._load.segments):
