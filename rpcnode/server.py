@@ -121,7 +121,7 @@ class Connection:
     def _read(self, limits: P.Limits, allowed: Any = None) -> P.Frame:
         """One frame; a decode error is raised as ProtocolError carrying the request id (0 before the header)."""
         head = P.recv_exactly(self.sock, P.HEADER_SIZE)
-        self.w.bytes_in += P.HEADER_SIZE
+        self.w.count_traffic(bytes_in=P.HEADER_SIZE)
         try:
             header = P.parse_header(head, limits, allowed)
         except P.ProtocolError as e:
@@ -129,7 +129,7 @@ class Connection:
             raise
         meta = P.recv_exactly(self.sock, header.meta_len)
         payload = P.recv_exactly(self.sock, header.payload_len)
-        self.w.bytes_in += header.meta_len + header.payload_len
+        self.w.count_traffic(bytes_in=header.meta_len + header.payload_len)
         try:
             return P.decode_body(header, meta, payload, limits)
         except P.ProtocolError as e:
@@ -137,7 +137,7 @@ class Connection:
             raise
 
     def _send(self, message: P.Message, request_id: int, payload: P.Payload = b"") -> None:
-        self.w.bytes_out += P.send_frame(self.sock, message, request_id, payload)
+        self.w.count_traffic(bytes_out=P.send_frame(self.sock, message, request_id, payload))
 
     def _error(self, e: P.ProtocolError) -> bool:
         """Answer an error; whether the connection stays open."""

@@ -95,10 +95,16 @@ class Worker:
         self.reserved = 0  # bytes of uploads in progress
         # connections run on threads of their own; this guards the tensor bookkeeping they share
         self.lock = threading.RLock()
+        self._traffic_lock = threading.Lock()  # `+=` from several threads would lose counts
         self.compute_lock = threading.Lock()
         self._set_threads = threading.local()
         self.compute_lock.acquire()  # held by the warm-up: the first request waits for it
         threading.Thread(target=self._warm_up, name="rpcnode-warm-up", daemon=True).start()
+
+    def count_traffic(self, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        with self._traffic_lock:
+            self.bytes_in += bytes_in
+            self.bytes_out += bytes_out
 
     @contextmanager
     def computing(self) -> Iterator[None]:
