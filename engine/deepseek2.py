@@ -71,6 +71,27 @@ def gguf_getter(f: GGUFFile) -> Getter:
     return lambda name: _optional(f, name)
 
 
+def parts_by_layer(ops: Iterable[tuple[int, str]]) -> dict[int, set[str]]:
+    """Ops as {layer: its parts}; -1 is the embedding, n_layers the output."""
+    parts: dict[int, set[str]] = {}
+    for i, part in ops:
+        parts.setdefault(i, set()).add(part)
+    return parts
+
+
+def ends_from_parts(get: Getter, n_layers: int, parts: Container[int]) -> tuple[Any, Any, Any]:
+    """(token_embd, output_norm as floats, output) for a segment's ops, None where it has no such op; with tied
+    embeddings (no output.weight) the output op reads token_embd."""
+    tied = get("output.weight") is None
+    token_embd = get("token_embd.weight") if -1 in parts or (n_layers in parts and tied) else None
+    if n_layers not in parts:
+        return token_embd, None, None
+    norm = get("output_norm.weight")
+    if norm is None:
+        raise ModelFileError("tensor 'output_norm.weight' is missing")
+    return token_embd, norm.dequantize(), get("output.weight") or token_embd
+
+
 def load_layer(get: Getter, cfg: DeepSeek2Config, i: int, parts: Container[str] = LAYER_PARTS,
                where: str = "") -> Layer:
     """Layer i from tensors by name (a GGUF file or a worker's cache); fields of parts not asked for are None."""
@@ -135,18 +156,8 @@ class DeepSeek2:
         getter (engine.cuda.tensors.upload_getter) and xp=cupy, the same math runs on the GPU."""
         net = cls.__new__(cls)
         net._setup(cfg, mla, amb_bytes, xp)
-        parts: dict[int, set[str]] = {}
-        for i, part in ops:
-            parts.setdefault(i, set()).add(part)
-        # tied embeddings: the output op reads token_embd
-        embd = -1 in parts or (cfg.n_layers in parts and get("output.weight") is None)
-        net.token_embd = get("token_embd.weight") if embd else None  # type: ignore[assignment]
-        if cfg.n_layers in parts:
-            norm = get("output_norm.weight")
-            if norm is None:
-                raise ModelFileError("tensor 'output_norm.weight' is missing")
-            net.output_norm = norm.dequantize()
-            net.output = get("output.weight") or net.token_embd
+        parts = parts_by_layer(ops)
+        net.token_embd, net.output_norm, net.output = ends_from_parts(get, cfg.n_layers, parts)
         net.layers = [load_layer(get, cfg, i, parts[i]) if i in parts else None  # type: ignore[misc]
                       for i in range(cfg.n_layers)]
         return net

@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.attention import causal_attention
 from engine.config import LlamaConfig
-from engine.deepseek2 import Getter, gguf_getter, load_vector, load_weight
+from engine.deepseek2 import Getter, ends_from_parts, gguf_getter, load_vector, load_weight, parts_by_layer
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.kv_cache import KVCache
@@ -107,17 +107,8 @@ class Llama:
         """A network holding only the weights of `ops` (a worker's segment); other layers are None."""
         net = cls.__new__(cls)
         net._setup(cfg, amb_bytes)
-        parts: dict[int, set[str]] = {}
-        for i, part in ops:
-            parts.setdefault(i, set()).add(part)
-        tied = get("output.weight") is None
-        net.token_embd = get("token_embd.weight") if -1 in parts or (cfg.n_layers in parts and tied) else None
-        if cfg.n_layers in parts:
-            norm = get("output_norm.weight")
-            if norm is None:
-                raise ModelFileError("tensor 'output_norm.weight' is missing")
-            net.output_norm = norm.dequantize()
-            net.output = get("output.weight") or net.token_embd
+        parts = parts_by_layer(ops)
+        net.token_embd, net.output_norm, net.output = ends_from_parts(get, cfg.n_layers, parts)
         net.layers = [load_layer(get, i, parts[i]) if i in parts else None  # type: ignore[misc]
                       for i in range(cfg.n_layers)]
         return net
