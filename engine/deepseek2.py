@@ -71,6 +71,14 @@ def gguf_getter(f: GGUFFile) -> Getter:
     return lambda name: _optional(f, name)
 
 
+def required(get: Getter, name: str, where: str = "") -> QTensor:
+    """The tensor `name`; its absence is a one-line ModelFileError (`where` names the file)."""
+    t = get(name)
+    if t is None:
+        raise ModelFileError(f"{where}tensor '{name}' is missing; the file is incomplete or not this architecture")
+    return t
+
+
 def parts_by_layer(ops: Iterable[tuple[int, str]]) -> dict[int, set[str]]:
     """Ops as {layer: its parts}; -1 is the embedding, n_layers the output."""
     parts: dict[int, set[str]] = {}
@@ -86,10 +94,7 @@ def ends_from_parts(get: Getter, n_layers: int, parts: Container[int]) -> tuple[
     token_embd = get("token_embd.weight") if -1 in parts or (n_layers in parts and tied) else None
     if n_layers not in parts:
         return token_embd, None, None
-    norm = get("output_norm.weight")
-    if norm is None:
-        raise ModelFileError("tensor 'output_norm.weight' is missing")
-    return token_embd, norm.dequantize(), get("output.weight") or token_embd
+    return token_embd, required(get, "output_norm.weight").dequantize(), get("output.weight") or token_embd
 
 
 def load_layer(get: Getter, cfg: DeepSeek2Config, i: int, parts: Container[str] = LAYER_PARTS,
@@ -98,11 +103,7 @@ def load_layer(get: Getter, cfg: DeepSeek2Config, i: int, parts: Container[str] 
     p = f"blk.{i}."
 
     def need(name: str) -> QTensor:
-        t = get(p + name)
-        if t is None:
-            raise ModelFileError(f"{where}tensor '{p + name}' is missing; the file is incomplete or not this "
-                                 "architecture")
-        return t
+        return required(get, p + name, where)
 
     def vector(name: str) -> np.ndarray:
         return need(name).dequantize()

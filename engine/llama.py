@@ -14,7 +14,15 @@ import numpy as np
 
 from engine.attention import causal_attention
 from engine.config import LlamaConfig
-from engine.deepseek2 import Getter, ends_from_parts, gguf_getter, load_vector, load_weight, parts_by_layer
+from engine.deepseek2 import (
+    Getter,
+    ends_from_parts,
+    gguf_getter,
+    load_vector,
+    load_weight,
+    parts_by_layer,
+    required,
+)
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.kv_cache import KVCache
@@ -52,11 +60,7 @@ def load_layer(get: Getter, i: int, parts: Container[str] = ("attn", "ffn"), whe
     p = f"blk.{i}."
 
     def need(name: str) -> QTensor:
-        t = get(p + name)
-        if t is None:
-            raise ModelFileError(f"{where}tensor '{p + name}' is missing; the file is incomplete or not this "
-                                 "architecture")
-        return t
+        return required(get, p + name, where)
 
     attn, ffn = "attn" in parts, "ffn" in parts
     return Layer(
