@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import re
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,15 +15,24 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from rpcnode.cache_files import NO_SPACE, FileMaps, empty_array, fsync_dir, map_file, pwrite_all, reserve
-from rpcnode.digest import DIGEST_PATTERN, byte_view, check_digest, digest_of
+from rpcnode.cache_files import (
+    NO_SPACE,
+    FileMaps,
+    empty_array,
+    fsync_dir,
+    map_file,
+    pwrite_all,
+    reserve,
+    scan_entries,
+    temp_path,
+)
+from rpcnode.digest import byte_view, check_digest, digest_of
 
 if TYPE_CHECKING:
     from rpcnode.cache_writer import Writer
     from rpcnode.model_index import ModelIndex
 
 
-_TMP = re.compile(r"\.([0-9a-f]{64})\.(\d+)\.[0-9a-f]+\.tmp")
 _T = TypeVar("_T")
 
 
@@ -60,16 +67,6 @@ class CacheStats:
 class _Entry:
     size: int
     last_used: float
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists but belongs to someone else
-    return True
 
 
 class TensorCache:
@@ -195,7 +192,7 @@ class TensorCache:
         self._make_room(nbytes)
         try:
             path.parent.mkdir(exist_ok=True)
-            tmp = self._temp_path(digest)
+            tmp = temp_path(self.root, digest)
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except BaseException:
             self._release(nbytes)
@@ -273,15 +270,11 @@ class TensorCache:
         if nbytes > self.limit_bytes:
             raise CacheFull(f"an entry of {nbytes} bytes exceeds the cache limit of {self.limit_bytes} bytes")
 
-    def _temp_path(self, digest: str) -> Path:
-        # The pid lets a later process tell a crashed writer's leftovers from a live writer's file.
-        return self.root / digest[:2] / f".{digest}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-
     def _write_temp(self, digest: str, nbytes: int, fill: Callable[[int], None]) -> Path:
         """A complete, fsynced temp file beside the entry; on a full disk, evict and try once more."""
 
         def attempt() -> Path:
-            tmp = self._temp_path(digest)
+            tmp = temp_path(self.root, digest)
             tmp.parent.mkdir(exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -395,23 +388,7 @@ class TensorCache:
 
     def _rescan(self, clean_temps: bool = False) -> None:
         """Rebuild the entry list from the directory; optionally delete temp files of writers that died."""
-        entries: dict[str, _Entry] = {}
-        for sub in self.root.iterdir():
-            if len(sub.name) != 2 or not sub.is_dir():
-                continue
-            for f in os.scandir(sub):
-                if DIGEST_PATTERN.fullmatch(f.name) and f.name[:2] == sub.name:
-                    with contextlib.suppress(OSError):
-                        st = f.stat(follow_symlinks=False)
-                        entries[f.name] = _Entry(st.st_size, st.st_mtime)
-                elif clean_temps:
-                    self._clean_temp(Path(f.path))
+        entries = {d: _Entry(size, mtime) for d, (size, mtime) in scan_entries(self.root, clean_temps).items()}
         with self._lock:
             self._entries = entries
-
-    @staticmethod
-    def _clean_temp(path: Path) -> None:
-        m = _TMP.fullmatch(path.name)
-        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
-            path.unlink(missing_ok=True)
 

@@ -1,5 +1,5 @@
 """File I/O under the tensor cache: read-only maps (and verified ranges of local model files), whole writes,
-preallocation, durable renames."""
+preallocation, durable renames, and the cache directory's layout (entries, temp files of writes in progress)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import contextlib
 import errno
 import mmap
 import os
+import re
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from rpcnode.digest import digest_of
+from rpcnode.digest import DIGEST_PATTERN, digest_of
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -117,3 +119,47 @@ class FileMaps:
                 return None
             self._maps[key] = ((st2.st_dev, st2.st_ino, st2.st_size, st2.st_mtime_ns), mm)
             return mm
+
+
+# ---- the cache directory: `<root>/<aa>/<digest>` entries and `.<digest>.<pid>.<random>.tmp` writes in progress
+
+_TMP = re.compile(r"\.([0-9a-f]{64})\.(\d+)\.[0-9a-f]+\.tmp")
+
+
+def temp_path(root: Path, digest: str) -> Path:
+    """A fresh temp file name beside the entry; the pid lets a later process tell a crashed writer's leftovers
+    from a live writer's file."""
+    return root / digest[:2] / f".{digest}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def scan_entries(root: Path, clean_temps: bool = False) -> dict[str, tuple[int, float]]:
+    """digest -> (size, mtime) of every entry under root; with clean_temps, delete the temp files of writers
+    that died."""
+    entries: dict[str, tuple[int, float]] = {}
+    for sub in root.iterdir():
+        if len(sub.name) != 2 or not sub.is_dir():
+            continue
+        for f in os.scandir(sub):
+            if DIGEST_PATTERN.fullmatch(f.name) and f.name[:2] == sub.name:
+                with contextlib.suppress(OSError):
+                    st = f.stat(follow_symlinks=False)
+                    entries[f.name] = (st.st_size, st.st_mtime)
+            elif clean_temps:
+                _clean_dead_temp(Path(f.path))
+    return entries
+
+
+def _clean_dead_temp(path: Path) -> None:
+    m = _TMP.fullmatch(path.name)
+    if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists but belongs to someone else
+    return True
