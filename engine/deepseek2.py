@@ -79,6 +79,14 @@ def required(get: Getter, name: str, where: str = "") -> QTensor:
     return t
 
 
+def output_op(state: dict[str, Any], output: QTensor, output_norm: Any, eps: float) -> None:
+    """The output op on a pass state: logits of the last "n_out" rows of "x", and nothing else left."""
+    x = state.pop("x")
+    n_out = min(max(int(state.pop("n_out")), 1), x.shape[0])
+    state.clear()
+    state["logits"] = output.matmul_t(rms_norm(x[x.shape[0] - n_out :], output_norm, eps))
+
+
 def parts_by_layer(ops: Iterable[tuple[int, str]]) -> dict[int, set[str]]:
     """Ops as {layer: its parts}; -1 is the embedding, n_layers the output."""
     parts: dict[int, set[str]] = {}
@@ -234,10 +242,7 @@ class DeepSeek2:
         if part == "embd":
             state["x"] = self.token_embd.rows(state.pop("ids"))
         elif part == "output":
-            x = state.pop("x")
-            n_out = min(max(int(state.pop("n_out")), 1), x.shape[0])
-            state.clear()
-            state["logits"] = self.output.matmul_t(rms_norm(x[x.shape[0] - n_out :], self.output_norm, c.rms_norm_eps))
+            output_op(state, self.output, self.output_norm, c.rms_norm_eps)
         elif part == "attn":
             L, x = self.layers[i], state["x"]
             assert cache is not None

@@ -20,6 +20,7 @@ from engine.deepseek2 import (
     gguf_getter,
     load_vector,
     load_weight,
+    output_op,
     parts_by_layer,
     required,
 )
@@ -159,10 +160,7 @@ class Llama:
         if part == "embd":
             state["x"] = self.token_embd.rows(state.pop("ids"))
         elif part == "output":
-            x = state.pop("x")
-            n_out = min(max(int(state.pop("n_out")), 1), x.shape[0])
-            state.clear()
-            state["logits"] = self.output.matmul_t(rms_norm(x[x.shape[0] - n_out :], self.output_norm, eps))
+            output_op(state, self.output, self.output_norm, eps)
         elif part == "attn":
             L, x = self.layers[i], state["x"]
             assert cache is not None
