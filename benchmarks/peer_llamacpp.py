@@ -1,15 +1,19 @@
 """llama.cpp peer benchmark: ik_llama.cpp's llama-sweep-bench over llama-cpp-python's low-level API."""
 
-# python benchmarks/peer_llamacpp.py -m MODEL.gguf -t 2 -c 512 -ub 128 -n 32 [-fa] [--jsonl]
+# python benchmarks/peer_llamacpp.py -m MODEL.gguf -t 2 -c 512 -ub 128 -n 32 [-fa] [--no-extra-bufts] [--jsonl]
 #
 # At each KV depth N_KV = 0, ub, 2ub, ... (while a PP batch still fits in -c) it times -n single-token decodes
 # (TG), removes them from the KV cache, then times one batch of -ub random tokens (PP), which stays in the cache
 # and deepens it for the next row: the order and the arithmetic of llama-sweep-bench.
 #
-# llama-cpp-python is an optional peer dependency (never a CI one): pip install llama-cpp-python==0.3.36.
+# llama-cpp-python is an optional peer dependency (never a CI one). Build it without GGML_NATIVE, so that it has
+# no AMX buffer type (see below) but keeps AVX-512:
+#   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
+#   CMAKE_BUILD_PARALLEL_LEVEL=2 pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
 #
-# Weights are loaded without llama.cpp's CPU "extra buffer types" (use_extra_bufts = false) unless
-# --extra-bufts is given. The PyPI sdist builds with GGML_NATIVE, which on an AMX Xeon compiles in the AMX
+# Weights are loaded with llama.cpp's CPU "extra buffer types" (use_extra_bufts = true): CPU_REPACK interleaves
+# Q4_0/Q4_K/IQ4_NL rows for its AVX2/AVX-512 GEMM kernels, about 2x llama.cpp's Q4_K speed here.
+# --no-extra-bufts loads them plain, which a GGML_NATIVE build on an AMX Xeon needs: there it compiles in the AMX
 # buffer type, and llama.cpp then puts every weight whose matmul AMX accepts there. That breaks two ways here:
 #   - deepseek2 (MLA): attn_k_b/attn_v_b land in AMX (the loader's probe uses a contiguous activation), but
 #     the graph multiplies them by a permuted one (q_nope), which AMX's supports_op refuses and the CPU backend
@@ -18,7 +22,7 @@
 #   - any model with AMX kernels (Q4_0/Q4_1/Q8_0/K-quants): SIGILL (tileloadd) at the first multi-token batch,
 #     because GCC 12's _tile_loadconfig declares an 8-byte memory operand, so the compiler drops the tile
 #     shapes before ldtilecfg and the tiles stay unconfigured.
-# CPU_REPACK, the other extra buffer type, has no x86 kernels for Q8_0 or Q4_1, so these models lose nothing.
+# CPU_REPACK has no x86 kernels for Q8_0 or Q4_1, so for those the flag makes no difference.
 
 from __future__ import annotations
 
@@ -194,7 +198,7 @@ def sweep(
     n_gen: int,
     *,
     flash_attn: bool = False,
-    extra_bufts: bool = False,
+    extra_bufts: bool = True,
     seed: int = 0,
     verbose: bool = False,
 ) -> list[dict[str, Any]]:
@@ -215,6 +219,20 @@ def sweep(
             return _sweep_rows(runner, ctx, ubatch, n_gen)
         finally:
             runner.close()
+
+
+def quantize(source: str, dest: str, ftype: str, threads: int = 0, verbose: bool = False) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (its default params); ftype is a LLAMA_FTYPE_MOSTLY_ suffix
+    such as Q4_K_M or Q8_0. Raises PeerUnavailableError when llama-cpp-python is not installed."""
+    llama = load_llama_cpp()
+    params = llama.llama_model_quantize_default_params()
+    params.ftype = getattr(llama, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = threads
+    with _log_filter(llama, verbose):
+        llama.llama_backend_init()
+        rc = llama.llama_model_quantize(source.encode(), dest.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({source} -> {ftype}) failed with {rc}")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -239,7 +257,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("-ub", "--ubatch", type=int, default=128, help="PP batch and sweep step")
     ap.add_argument("-n", "--n-gen", type=int, default=32, help="TG tokens per row")
     ap.add_argument("-fa", "--flash-attn", action="store_true")
-    ap.add_argument("--extra-bufts", action="store_true", help="let llama.cpp use AMX/CPU_REPACK weight buffers")
+    ap.add_argument("--extra-bufts", action=argparse.BooleanOptionalAction, default=True,
+                    help="let llama.cpp use its CPU_REPACK (and, in a native build, AMX) weight buffers (default: on)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     ap.add_argument("--jsonl", action="store_true", help="sweep-bench JSONL lines instead of the table")
     ap.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")

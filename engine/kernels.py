@@ -20,7 +20,10 @@ import numpy as np
 from numba import njit, prange
 
 from engine.block_decoders import BLOCK, F32, _decode_row
+from engine.int8_decoders import INT8_TYPES, idecode_row
+from engine.q8_activations import padded, quantize_rows
 from engine.simd import _prefetch
+from engine.simd_int8 import _dot_u8s8
 
 # Up to this many tokens the matvec kernel wins: it reads the weights once and each extra token costs one
 # L1-resident dot, while the tiled path pays a full decode plus BLAS calls that are slow for small T
@@ -143,6 +146,79 @@ def _gather_matvec_kernel(
 
 
 @njit(cache=True)
+def _int8_scratch(blocks: int, chunk: int, qk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A task's buffers for one decoded chunk of a row: codes and lane scales, padded to whole 64-value steps."""
+    span = padded(min(blocks, chunk) * qk)
+    return np.zeros(span, np.uint8), np.zeros(span // 16, np.float32), np.zeros(span // 16, np.float32)
+
+
+@njit(cache=True)
+def _int8_chunk(qtype: int, src: np.ndarray, n: int, q: np.ndarray, a: np.ndarray, b: np.ndarray) -> int:
+    """Decode n values of whole blocks into (q, a, b); returns the 64-value steps to dot (tail groups zeroed)."""
+    idecode_row(qtype, src, q, a, b)
+    steps = (n + 63) // 64
+    a[n // 16 : 4 * steps] = 0.0
+    b[n // 16 : 4 * steps] = 0.0
+    return steps
+
+
+@njit(parallel=True, cache=True)
+def _int8_matvec_kernel(raw: np.ndarray, qtype: int, qk: int, block_bytes: int, xq: np.ndarray, xd: np.ndarray,
+                        xs: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = x[t] . row r with int8 activations: each chunk of a row is decoded once to codes and dotted
+    with all T quantized tokens (engine.simd_int8)."""
+    R, row_bytes = raw.shape
+    T = xq.shape[0]
+    blocks = row_bytes // block_bytes
+    chunk = max(1, _CHUNK_VALUES // qk)
+    tasks = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for k in prange(tasks):
+        q, a, b = _int8_scratch(blocks, chunk, qk)
+        acc = np.empty(T, np.float32)
+        for r in range(k * _ROWS_PER_TASK, min(R, (k + 1) * _ROWS_PER_TASK)):
+            row = raw[r]
+            if r + _PREFETCH_ROWS < R:
+                nxt = raw[r + _PREFETCH_ROWS]
+                for o in range(0, row_bytes, 64):
+                    _prefetch(nxt, o)
+            acc[:] = 0.0
+            for b0 in range(0, blocks, chunk):
+                b1 = min(blocks, b0 + chunk)
+                steps = _int8_chunk(qtype, row[b0 * block_bytes : b1 * block_bytes], (b1 - b0) * qk, q, a, b)
+                for t in range(T):
+                    acc[t] += _dot_u8s8(q, a, b, xq[t], xd[t], xs[t], b0 * qk // 16, steps)
+            for t in range(T):
+                out[t, r] = acc[t]
+
+
+@njit(parallel=True, cache=True)
+def _int8_gather_kernel(raw: np.ndarray, qtype: int, qk: int, block_bytes: int, experts: np.ndarray,
+                        xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """_gather_matvec_kernel with int8 activations: out[n, r] = x[n] . row r of matrix experts[n]."""
+    R, row_bytes = raw.shape[1], raw.shape[2]
+    N = xq.shape[0]
+    blocks = row_bytes // block_bytes
+    chunk = max(1, _CHUNK_VALUES // qk)
+    per = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for k in prange(N * per):
+        n = k // per
+        e = experts[n]
+        q, a, b = _int8_scratch(blocks, chunk, qk)
+        for r in range((k % per) * _ROWS_PER_TASK, min(R, (k % per + 1) * _ROWS_PER_TASK)):
+            row = raw[e, r]
+            if r + _PREFETCH_ROWS < R:
+                nxt = raw[e, r + _PREFETCH_ROWS]
+                for o in range(0, row_bytes, 64):
+                    _prefetch(nxt, o)
+            acc = np.float32(0.0)
+            for b0 in range(0, blocks, chunk):
+                b1 = min(blocks, b0 + chunk)
+                steps = _int8_chunk(qtype, row[b0 * block_bytes : b1 * block_bytes], (b1 - b0) * qk, q, a, b)
+                acc += _dot_u8s8(q, a, b, xq[n], xd[n], xs[n], b0 * qk // 16, steps)
+            out[n, r] = acc
+
+
+@njit(cache=True)
 def _dequantize_serial(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
     for r in range(raw.shape[0]):
         _decode_row(qtype, raw[r], out[r])
@@ -223,13 +299,37 @@ def _tokens(x: np.ndarray, columns: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, columns)
 
 
+_int8 = True
+
+
+def use_int8(enabled: bool) -> None:
+    """Multiply quantized weights with int8-quantized activations (default, llama.cpp's numerics) or with the
+    float32 activations themselves (exact: only the summation order differs from float64 math)."""
+    global _int8
+    _int8 = bool(enabled)
+
+
+def int8_enabled() -> bool:
+    return _int8
+
+
+def takes_int8(qtype: int) -> bool:
+    """Whether products with this weight type run on int8 activations now."""
+    return _int8 and int(qtype) in INT8_TYPES
+
+
 def matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:
     """x @ W.T for few tokens, x [T, C] -> [T, R]: one pass over the weight bytes for all T tokens."""
     rows = _as_rows(raw, qtype, shape)
     x = _tokens(x, int(shape[1]))
     out = np.empty((x.shape[0], rows.shape[0]), np.float32)
-    if out.size:
-        _matvec_kernel(rows, int(qtype), BLOCK[int(qtype)][0], x, out)
+    if not out.size:
+        return out
+    qk, block_bytes = BLOCK[int(qtype)]
+    if takes_int8(qtype):
+        _int8_matvec_kernel(rows, int(qtype), qk, block_bytes, *quantize_rows(x), out)
+    else:
+        _matvec_kernel(rows, int(qtype), qk, x, out)
     return out
 
 
@@ -285,6 +385,11 @@ def gather_matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int, int], expe
     if ids.shape[0] != x.shape[0] or (ids.size and (ids.min() < 0 or ids.max() >= E)):
         raise ValueError(f"expert ids {ids.tolist()} do not fit {E} experts and {x.shape[0]} inputs")
     out = np.empty((x.shape[0], R), np.float32)
-    if out.size:
-        _gather_matvec_kernel(a, int(qtype), BLOCK[int(qtype)][0], ids, x, out)
+    if not out.size:
+        return out
+    qk, block_bytes = BLOCK[int(qtype)]
+    if takes_int8(qtype):
+        _int8_gather_kernel(a, int(qtype), qk, block_bytes, ids, *quantize_rows(x), out)
+    else:
+        _gather_matvec_kernel(a, int(qtype), qk, ids, x, out)
     return out

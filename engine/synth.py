@@ -170,7 +170,18 @@ BENCH_SPEC = SynthSpec(
     gating="softmax", yarn=True, yarn_factor=40.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=0.707,
     kv_b_form="split", dtype="Q8_0", seed=20261, name="ikctl-bench-v2lite", chat_template=CHAT_TEMPLATE_V3,
 )
-PRESETS = {"refs": SynthSpec(), "default": DEFAULT_SPEC, "bench": BENCH_SPEC}
+# DeepSeek-V3's per-layer shapes (attention, expert and dense FFN sizes, sigmoid routing with 8 groups / top 4,
+# 8 routed experts + 1 shared, weights scale 2.5), cut to 4 layers (1 dense + 3 MoE) and 16 routed experts: ~3.9B
+# parameters, ~2.5B active per token.
+# kv_lora 512 / rope 64 is the only split-MLA (attn_k_b/attn_v_b) shape ik_llama.cpp loads.
+V3_BENCH_SPEC = SynthSpec(
+    hidden=7168, layers=4, dense_layers=1, heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope=128, qk_rope=64,
+    v_head=128, experts=16, top_k=8, shared_experts=1, expert_ffn=2048, dense_ffn=18432, vocab=32000,
+    gating="sigmoid", expert_groups=8, expert_groups_used=4, expert_weights_norm=True, expert_weights_scale=2.5,
+    yarn=True, yarn_factor=40.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0,
+    kv_b_form="split", dtype="F16", seed=20262, name="ikctl-bench-v3", chat_template=CHAT_TEMPLATE_V3,
+)
+PRESETS = {"refs": SynthSpec(), "default": DEFAULT_SPEC, "bench": BENCH_SPEC, "v3bench": V3_BENCH_SPEC}
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
@@ -277,13 +288,22 @@ def spec_digest(spec: SynthSpec) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def bench_model(directory: Path, dtype: str) -> Path:
-    """The benchmark model (BENCH_SPEC) in `dtype` under `directory`, written once (used by benchmarks/)."""
-    path = directory / f"bench-v2lite-{dtype.lower()}.gguf"
+def _write_once(path: Path, spec: SynthSpec) -> Path:
     if not path.exists():
         print(f"writing {path} ...", file=sys.stderr, flush=True)
-        write_model(path, dataclasses.replace(BENCH_SPEC, dtype=dtype))
+        write_model(path, spec)
     return path
+
+
+def bench_model(directory: Path, dtype: str) -> Path:
+    """The benchmark model (BENCH_SPEC) in `dtype` under `directory`, written once (used by benchmarks/)."""
+    return _write_once(directory / f"bench-v2lite-{dtype.lower()}.gguf", dataclasses.replace(BENCH_SPEC, dtype=dtype))
+
+
+def v3_bench_model(directory: Path, dtype: str = "F16") -> Path:
+    """The DeepSeek-V3-shaped benchmark model (V3_BENCH_SPEC) in `dtype` under `directory`, written once."""
+    spec = dataclasses.replace(V3_BENCH_SPEC, dtype=dtype)
+    return _write_once(directory / f"bench-v3-{dtype.lower()}.gguf", spec)
 
 
 def default_model_path() -> Path:
@@ -305,7 +325,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="output .gguf path")
     p.add_argument("--preset", choices=sorted(PRESETS), default="refs",
                    help="starting spec: refs (the reference models' shape), default (ikctl's embedded "
-                        "model), bench (~0.7B, V2-Lite-like); flags override it")
+                        "model), bench (~0.7B, V2-Lite-like), v3bench (~3.9B, DeepSeek-V3's layer shapes); "
+                        "flags override it")
     for f in dataclasses.fields(SynthSpec):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(PRESETS["refs"], f.name)

@@ -1,0 +1,215 @@
+"""Row decoders to integer codes (numba): one row's bytes -> uint8 codes q and per-lane float scales a, b.
+
+Legend: B blocks per row, QK values per block, a group = 16 values. Value v = a[v // 16] * q[v] + b[v // 16] equals
+engine.block_decoders' float32 value up to the rounding of that product (exactly where a and b are products of
+the block's scales). The layouts and the bit positions are those of engine.block_decoders, line for line.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from engine.block_decoders import (
+    IQ4_NL,
+    IQ4_XS,
+    Q2_K,
+    Q3_K,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    _qh32,
+    _scale_min_k4,
+)
+from engine.simd import _f16_at
+from engine.simd_int8 import _scales16_i8, _unpack16_u8, _unpack16_u8_iq4, _unpack16_u8_qh, _unpack32_u8
+
+# The types with integer codes under affine block scales (everything but the float types).
+INT8_TYPES = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS})
+
+
+@njit(cache=True, inline="always")
+def _groups(a: np.ndarray, b: np.ndarray, v0: int, n: int, av: np.float32, bv: np.float32) -> None:
+    """Scales of the n values from value v0 (n, v0 multiples of 16)."""
+    for g in range(v0 // 16, (v0 + n) // 16):
+        a[g] = av
+        b[g] = bv
+
+
+@njit(cache=True)
+def _idec_q8_0(src, q, a, b) -> None:
+    for blk in range(len(src) // 34):
+        o = 34 * blk
+        d = _f16_at(src, o)
+        _unpack32_u8(q, 32 * blk, src, o + 2, 0, 255, o, 0, 0, 0, 128)
+        _groups(a, b, 32 * blk, 32, d, np.float32(-128.0) * d)
+
+
+@njit(cache=True)
+def _idec_q4_0(src, q, a, b) -> None:
+    for blk in range(len(src) // 18):
+        o = 18 * blk
+        d = _f16_at(src, o)
+        _unpack16_u8(q, 32 * blk, src, o + 2, 0, 15, o, 0, 0, 0, 0)
+        _unpack16_u8(q, 32 * blk + 16, src, o + 2, 4, 15, o, 0, 0, 0, 0)
+        _groups(a, b, 32 * blk, 32, d, np.float32(-8.0) * d)
+
+
+@njit(cache=True)
+def _idec_q4_1(src, q, a, b) -> None:
+    for blk in range(len(src) // 20):
+        o = 20 * blk
+        _unpack16_u8(q, 32 * blk, src, o + 4, 0, 15, o, 0, 0, 0, 0)
+        _unpack16_u8(q, 32 * blk + 16, src, o + 4, 4, 15, o, 0, 0, 0, 0)
+        _groups(a, b, 32 * blk, 32, _f16_at(src, o), _f16_at(src, o + 2))
+
+
+@njit(cache=True)
+def _idec_q5_0(src, q, a, b) -> None:
+    for blk in range(len(src) // 22):
+        o = 22 * blk
+        d = _f16_at(src, o)
+        qh = _qh32(src, o + 2)
+        _unpack16_u8_qh(q, 32 * blk, src, o + 6, 0, qh, 0)
+        _unpack16_u8_qh(q, 32 * blk + 16, src, o + 6, 4, qh, 16)
+        _groups(a, b, 32 * blk, 32, d, np.float32(-16.0) * d)
+
+
+@njit(cache=True)
+def _idec_q5_1(src, q, a, b) -> None:
+    for blk in range(len(src) // 24):
+        o = 24 * blk
+        qh = _qh32(src, o + 4)
+        _unpack16_u8_qh(q, 32 * blk, src, o + 8, 0, qh, 0)
+        _unpack16_u8_qh(q, 32 * blk + 16, src, o + 8, 4, qh, 16)
+        _groups(a, b, 32 * blk, 32, _f16_at(src, o), _f16_at(src, o + 2))
+
+
+@njit(cache=True)
+def _idec_iq4_nl(src, q, a, b) -> None:
+    for blk in range(len(src) // 18):
+        o = 18 * blk
+        d = _f16_at(src, o)
+        _unpack16_u8_iq4(q, 32 * blk, src, o + 2, 0)
+        _unpack16_u8_iq4(q, 32 * blk + 16, src, o + 2, 4)
+        _groups(a, b, 32 * blk, 32, d, np.float32(-128.0) * d)
+
+
+@njit(cache=True)
+def _idec_q2_k(src, q, a, b) -> None:
+    for blk in range(len(src) // 84):
+        o = 84 * blk
+        d = _f16_at(src, o + 80)
+        dmin = _f16_at(src, o + 82)
+        for h in range(2):
+            for s in range(4):
+                base = 256 * blk + 128 * h + 32 * s
+                _unpack32_u8(q, base, src, o + 16 + 32 * h, 2 * s, 3, o, 0, 0, 0, 0)
+                for half in range(2):
+                    sc = np.int32(src[o + 8 * h + 2 * s + half])
+                    _groups(a, b, base + 16 * half, 16, d * np.float32(sc & 15), -(dmin * np.float32(sc >> 4)))
+
+
+@njit(cache=True)
+def _idec_q3_k(src, q, a, b) -> None:
+    for blk in range(len(src) // 110):
+        o = 110 * blk
+        d = _f16_at(src, o + 108)
+        for h in range(2):
+            for s in range(4):
+                base = 256 * blk + 128 * h + 32 * s
+                _unpack32_u8(q, base, src, o + 32 + 32 * h, 2 * s, 3, o, 4 * h + s, 1, 2, 0)
+                for half in range(2):
+                    j = 8 * h + 2 * s + half
+                    lo = (np.int32(src[o + 96 + (j & 7)]) >> (4 * (j >> 3))) & 15
+                    hi = (np.int32(src[o + 104 + (j & 3)]) >> (2 * (j >> 2))) & 3
+                    av = d * np.float32((lo | (hi << 4)) - 32)
+                    _groups(a, b, base + 16 * half, 16, av, np.float32(-4.0) * av)
+
+
+@njit(cache=True)
+def _idec_q4_k(src, q, a, b) -> None:
+    for blk in range(len(src) // 144):
+        o = 144 * blk
+        d = _f16_at(src, o)
+        dmin = _f16_at(src, o + 2)
+        for g in range(4):
+            for k in range(2):
+                sc, m = _scale_min_k4(src, o + 4, 2 * g + k)
+                base = 256 * blk + 64 * g + 32 * k
+                _unpack32_u8(q, base, src, o + 16 + 32 * g, 4 * k, 15, o, 0, 0, 0, 0)
+                _groups(a, b, base, 32, d * np.float32(sc), -(dmin * np.float32(m)))
+
+
+@njit(cache=True)
+def _idec_q5_k(src, q, a, b) -> None:
+    for blk in range(len(src) // 176):
+        o = 176 * blk
+        d = _f16_at(src, o)
+        dmin = _f16_at(src, o + 2)
+        for g in range(4):
+            for k in range(2):
+                sc, m = _scale_min_k4(src, o + 4, 2 * g + k)
+                base = 256 * blk + 64 * g + 32 * k
+                _unpack32_u8(q, base, src, o + 48 + 32 * g, 4 * k, 15, o + 16, 2 * g + k, 1, 4, 0)
+                _groups(a, b, base, 32, d * np.float32(sc), -(dmin * np.float32(m)))
+
+
+@njit(cache=True)
+def _idec_q6_k(src, q, a, b) -> None:
+    for blk in range(len(src) // 210):
+        o = 210 * blk
+        d = _f16_at(src, o + 208)
+        for h in range(2):
+            for s in range(4):
+                lo, hi = o + 64 * h + 32 * (s & 1), o + 128 + 32 * h
+                _unpack32_u8(q, 256 * blk + 128 * h + 32 * s, src, lo, 4 * (s >> 1), 15, hi, 2 * s, 3, 4, 0)
+        _scales16_i8(a, b, 16 * blk, src, o + 192, d, np.float32(-32.0))
+
+
+@njit(cache=True)
+def _idec_iq4_xs(src, q, a, b) -> None:
+    for blk in range(len(src) // 136):
+        o = 136 * blk
+        d = _f16_at(src, o)
+        sh = np.int32(src[o + 2]) | (np.int32(src[o + 3]) << 8)
+        for ib in range(8):
+            ls = ((np.int32(src[o + 4 + ib // 2]) >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)
+            av = d * np.float32(ls - 32)
+            _unpack16_u8_iq4(q, 256 * blk + 32 * ib, src, o + 8 + 16 * ib, 0)
+            _unpack16_u8_iq4(q, 256 * blk + 32 * ib + 16, src, o + 8 + 16 * ib, 4)
+            _groups(a, b, 256 * blk + 32 * ib, 32, av, np.float32(-128.0) * av)
+
+
+@njit(cache=True)
+def idecode_row(qtype: int, src: np.ndarray, q: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Codes and lane scales of one row (or a run of whole blocks of it) of any type in INT8_TYPES."""
+    if qtype == Q8_0:
+        _idec_q8_0(src, q, a, b)
+    elif qtype == Q4_K:
+        _idec_q4_k(src, q, a, b)
+    elif qtype == Q6_K:
+        _idec_q6_k(src, q, a, b)
+    elif qtype == Q5_K:
+        _idec_q5_k(src, q, a, b)
+    elif qtype == Q4_0:
+        _idec_q4_0(src, q, a, b)
+    elif qtype == Q4_1:
+        _idec_q4_1(src, q, a, b)
+    elif qtype == Q5_0:
+        _idec_q5_0(src, q, a, b)
+    elif qtype == Q5_1:
+        _idec_q5_1(src, q, a, b)
+    elif qtype == IQ4_NL:
+        _idec_iq4_nl(src, q, a, b)
+    elif qtype == IQ4_XS:
+        _idec_iq4_xs(src, q, a, b)
+    elif qtype == Q2_K:
+        _idec_q2_k(src, q, a, b)
+    elif qtype == Q3_K:
+        _idec_q3_k(src, q, a, b)

@@ -1,0 +1,59 @@
+"""Activations quantized to int8 for the integer dot products: one scale per 32 values, as llama.cpp's Q8_0.
+
+Legend: T tokens, C columns (input features), Cp columns padded to a multiple of 64, a group = 16 values.
+Per row: codes xq (int8, |xq| <= 127), and per group xd (its block's scale) and xs = xd * (sum of its codes),
+the form engine.simd_int8._dot_u8s8 reads. Padding carries zero codes and zero scales.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+BLOCK = 32  # values per activation scale
+
+
+class Q8Rows(NamedTuple):
+    xq: np.ndarray  # int8 [T, Cp]
+    xd: np.ndarray  # float32 [T, Cp / 16]
+    xs: np.ndarray  # float32 [T, Cp / 16]
+
+
+@njit(cache=True)
+def _quantize(x: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> None:
+    T, C = x.shape
+    for t in range(T):
+        for b0 in range(0, C, BLOCK):
+            amax = np.float32(0.0)
+            for i in range(b0, b0 + BLOCK):
+                amax = max(amax, abs(x[t, i]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            for g in range(b0 // 16, (b0 + BLOCK) // 16):
+                s = 0
+                for i in range(16 * g, 16 * g + 16):
+                    v = np.int32(np.rint(x[t, i] * inv))
+                    xq[t, i] = v
+                    s += v
+                xd[t, g] = d
+                xs[t, g] = d * np.float32(s)
+
+
+@njit(cache=True)
+def padded(columns: int) -> int:
+    """Columns rounded up to the 64 values of one integer dot step."""
+    return -(-columns // 64) * 64
+
+
+def quantize_rows(x: np.ndarray) -> Q8Rows:
+    """x [T, C] float32 (C a multiple of 32) -> its int8 codes and lane scales."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    T, C = x.shape
+    if C % BLOCK:
+        raise ValueError(f"{C} columns is not a multiple of the {BLOCK}-value activation block")
+    cp = padded(C)
+    rows = Q8Rows(np.zeros((T, cp), np.int8), np.zeros((T, cp // 16), np.float32), np.zeros((T, cp // 16), np.float32))
+    _quantize(x, *rows)
+    return rows

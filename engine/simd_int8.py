@@ -1,0 +1,248 @@
+"""Vector building blocks of the integer dot products: weights unpacked to uint8, dotted with int8 activations.
+
+Legend: a group is 16 consecutive values, a lane 4 of them. The unsigned weight codes q (u8) of a lane meet the
+signed activation codes (s8) of the same lane in one multiply-add of four products (VNNI `vpdpbusd`), and the
+group's float scales turn those integers into a float: value = a_g * q + b_g for weights, x = xd_g * xq for
+activations, so
+
+    w . x = sum over groups of  a * xd * (q . xq)  +  b * xs      (xs = xd * sum of the group's xq)
+
+Every weight type with integer codes under per-block affine scales fits this form (Q8_0 shifts its codes by 128
+into b). The instruction set is chosen where the kernels are compiled (AVX-512 VNNI, else portable IR that LLVM
+lowers to what the target has), like engine.simd's permute.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numba
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from engine.simd import _arg_i32, _arg_i64, _field, _load_bytes, _splat
+
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_V16I8, _V16I32 = ir.VectorType(_I8, 16), ir.VectorType(_I32, 16)
+_V64I8, _V16F = ir.VectorType(_I8, 64), ir.VectorType(_F32, 16)
+
+
+def _target_features() -> set[str]:
+    """The compile target's x86 features ("+avx512vnni", ...) as numba compiles for it; empty elsewhere."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return set()
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        if numba.config.CPU_NAME not in (None, "host"):
+            return set()  # a named CPU (NUMBA_CPU_NAME=haswell): portable IR, which LLVM lowers for that CPU
+        features = llvm_binding.get_host_cpu_features().flatten()
+    return set(features.split(","))
+
+
+def instruction_set() -> str:
+    """What the integer dot compiles to here: "avx512vnni" or "portable"."""
+    return "avx512vnni" if {"+avx512vnni", "+avx512bw"} <= _target_features() else "portable"
+
+
+_ISA = instruction_set()
+
+
+def _load_lanes(context, builder, sig, args, k_array, k_offset, lanes: int) -> ir.Value:
+    """<lanes x i16>: the bytes at array[k_array] + offset, zero-extended (16-bit lanes shift natively on x86)."""
+    data = context.make_array(sig.args[k_array])(context, builder, args[k_array]).data
+    ptr = builder.gep(data, [_arg_i64(context, builder, sig, args, k_offset)], source_etype=_I8)
+    vty = ir.VectorType(_I8, lanes)
+    return builder.zext(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1, typ=vty),
+                        ir.VectorType(_I16, lanes))
+
+
+def _splat16(builder: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
+    vty = ir.VectorType(_I16, lanes)
+    undef = ir.Constant(vty, ir.Undefined)
+    one = builder.insert_element(undef, builder.trunc(value, _I16), ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, lanes), None))
+
+
+def _store_u8(context, builder, sig, args, q: ir.Value, lanes: int) -> None:
+    """dst[do : do + lanes] = q (uint8), with args 0, 1 = dst, do."""
+    data = context.make_array(sig.args[0])(context, builder, args[0]).data
+    ptr = builder.gep(data, [_arg_i64(context, builder, sig, args, 1)], source_etype=_I8)
+    vty = ir.VectorType(_I8, lanes)
+    builder.store(builder.trunc(q, vty), builder.bitcast(ptr, vty.as_pointer()), align=1)
+
+
+def _make_unpack_u8(lanes: int):
+    @intrinsic
+    def unpack(typingctx, dst, do, src, lo, lshift, lmask, hi, hshift, hmask, hpos, flip):
+        sig = types.none(dst, do, src, lo, lshift, lmask, hi, hshift, hmask, hpos, flip)
+
+        def codegen(context, builder, signature, args):
+            a = {k: _arg_i32(context, builder, signature, args, k) for k in (4, 5, 7, 8, 9, 10)}
+
+            def field(k_offset, k_shift, k_mask):
+                v = _load_lanes(context, builder, signature, args, 2, k_offset, lanes)
+                v = builder.lshr(v, _splat16(builder, a[k_shift], lanes))
+                return builder.and_(v, _splat16(builder, a[k_mask], lanes))
+
+            q = builder.or_(field(3, 4, 5), builder.shl(field(6, 7, 8), _splat16(builder, a[9], lanes)))
+            _store_u8(context, builder, signature, args, builder.xor(q, _splat16(builder, a[10], lanes)), lanes)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    unpack.__doc__ = f"""dst[do + i] = q_i ^ flip for i < {lanes}, q_i = ((src[lo + i] >> lshift) & lmask) |
+    (((src[hi + i] >> hshift) & hmask) << hpos): engine.simd._unpack16's codes left as integers (flip 128 turns
+    int8 codes unsigned)."""
+    return unpack
+
+
+_unpack16_u8 = _make_unpack_u8(16)
+_unpack32_u8 = _make_unpack_u8(32)
+
+
+@intrinsic
+def _unpack16_u8_qh(typingctx, dst, do, src, lo, lshift, qh, qhshift):
+    """Q5_0/Q5_1 codes: dst[do + i] = ((src[lo + i] >> lshift) & 15) | (bit qhshift + i of qh) << 4."""
+    sig = types.none(dst, do, src, lo, lshift, qh, qhshift)
+
+    def codegen(context, builder, signature, args):
+        i32 = {k: _arg_i32(context, builder, signature, args, k) for k in (4, 5, 6)}
+        low = builder.zext(_load_bytes(context, builder, signature, args, 2, 3), _V16I32)
+        iota = ir.Constant(_V16I32, list(range(16)))
+        bits = builder.lshr(_splat(builder, i32[5], _V16I32), builder.add(iota, _splat(builder, i32[6], _V16I32)))
+        bits = builder.and_(bits, ir.Constant(_V16I32, [1] * 16))
+        q = builder.or_(
+            _field(builder, low, i32[4], ir.Constant(_I32, 15)), builder.shl(bits, ir.Constant(_V16I32, [4] * 16))
+        )
+        _store_u8(context, builder, signature, args, q, 16)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _scales16_i8(typingctx, a, b, g0, src, so, d, bmul):
+    """Q6_K's group scales: a[g0 + j] = d * int8(src[so + j]), b[g0 + j] = bmul * a[g0 + j] for j < 16."""
+    sig = types.none(a, b, g0, src, so, d, bmul)
+
+    def codegen(context, builder, signature, args):
+        raw = _load_bytes(context, builder, signature, args, 3, 4)
+        d = _splat(builder, context.cast(builder, args[5], signature.args[5], types.float32), _V16F)
+        av = builder.fmul(d, builder.sitofp(raw, _V16F))
+        bm = _splat(builder, context.cast(builder, args[6], signature.args[6], types.float32), _V16F)
+        g0 = _arg_i64(context, builder, signature, args, 2)
+        for k, v in ((0, av), (1, builder.fmul(bm, av))):
+            ptr = builder.gep(_data(context, builder, signature, args, k), [g0])
+            builder.store(v, builder.bitcast(ptr, _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# IQ4_NL/IQ4_XS grid values + 128: the non-linear codes as unsigned bytes (value = d * (code - 128)).
+_IQ4_CODES = [1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241]
+
+
+@intrinsic
+def _unpack16_u8_iq4(typingctx, dst, do, src, lo, lshift):
+    """IQ4_NL/IQ4_XS codes: dst[do + i] = _IQ4_CODES[(src[lo + i] >> lshift) & 15] (a 4-level select tree on the
+    index bits, exact on any target; LLVM turns the constant table into a shuffle where it can)."""
+    sig = types.none(dst, do, src, lo, lshift)
+
+    def codegen(context, builder, signature, args):
+        low = builder.zext(_load_bytes(context, builder, signature, args, 2, 3), _V16I32)
+        idx = _field(builder, low, _arg_i32(context, builder, signature, args, 4), ir.Constant(_I32, 15))
+        level = [ir.Constant(_V16I32, [v] * 16) for v in _IQ4_CODES]
+        zero = ir.Constant(_V16I32, [0] * 16)
+        for bit in range(4):
+            on = builder.icmp_unsigned("!=", builder.and_(idx, ir.Constant(_V16I32, [1 << bit] * 16)), zero)
+            level = [builder.select(on, level[2 * k + 1], level[2 * k]) for k in range(len(level) // 2)]
+        _store_u8(context, builder, signature, args, level[0], 16)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _lane_sums(builder: ir.IRBuilder, w: ir.Value, x: ir.Value) -> ir.Value:
+    """<16 x i32>: lane l = sum_{j<4} u8(w[4l + j]) * s8(x[4l + j])."""
+    zero = ir.Constant(_V16I32, [0] * 16)
+    if _ISA == "avx512vnni":
+        fnty = ir.FunctionType(_V16I32, [_V16I32, _V16I32, _V16I32])
+        fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", fnty=fnty)
+        return builder.call(fn, [zero, builder.bitcast(w, _V16I32), builder.bitcast(x, _V16I32)])
+    # portable: 16-bit products (255 * -128 fits), then two rounds of adjacent pair sums in 32 bits
+    v64i16 = ir.VectorType(_I16, 64)
+    prod = builder.mul(builder.zext(w, v64i16), builder.sext(x, v64i16))
+    v = builder.sext(prod, ir.VectorType(_I32, 64))
+    for n in (32, 16):
+        even = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(0, 2 * n, 2))))
+        odd = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(1, 2 * n, 2))))
+        v = builder.add(even, odd)
+    return v
+
+
+def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+    fn = builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_V16F, [_V16F] * 3))
+    return builder.call(fn, [a, b, c])
+
+
+def _fma4(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+    v4f = ir.VectorType(_F32, 4)
+    fn = builder.module.declare_intrinsic("llvm.fma.v4f32", fnty=ir.FunctionType(v4f, [v4f] * 3))
+    return builder.call(fn, [a, b, c])
+
+
+def _hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """Sum of float lanes as a fixed tree (the same order on every target)."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _data(context, builder, sig, args, k: int) -> ir.Value:
+    return context.make_array(sig.args[k])(context, builder, args[k]).data
+
+
+@intrinsic
+def _dot_u8s8(typingctx, q, a, b, xq, xd, xs, xgroup, n64):
+    """float32 sum over n64 steps of 64 values (4 groups of 16) of  a*xd*(q.xq) + b*xs, group by group.
+
+    q (u8), a, b (f32 per group) are a decoded weight chunk indexed from 0; xq (s8), xd, xs (f32 per group) are
+    a quantized token vector indexed from group `xgroup`. Groups past the data must carry a = b = 0."""
+    sig = types.float32(q, a, b, xq, xd, xs, xgroup, n64)
+
+    def codegen(context, builder, signature, args):
+        qd, ad, bd, xqd, xdd, xsd = (_data(context, builder, signature, args, k) for k in range(6))
+        xg = _arg_i64(context, builder, signature, args, 6)
+        n = _arg_i64(context, builder, signature, args, 7)
+        v4f = ir.VectorType(_F32, 4)
+        acc_a = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16))
+        acc_b = cgutils.alloca_once_value(builder, ir.Constant(v4f, [0.0] * 4))
+        spread = ir.Constant(ir.VectorType(_I32, 16), [lane // 4 for lane in range(16)])  # lane -> its group
+
+        def vload(ptr, index, vty, align):
+            p = builder.gep(ptr, [index])
+            return builder.load(builder.bitcast(p, vty.as_pointer()), align=align, typ=vty)
+
+        with cgutils.for_range(builder, n, intp=_I64) as loop:
+            gw = builder.mul(loop.index, ir.Constant(_I64, 4))
+            gx = builder.add(gw, xg)
+            sixteen = ir.Constant(_I64, 16)
+            w = vload(qd, builder.mul(gw, sixteen), _V64I8, 1)
+            x = vload(xqd, builder.mul(gx, sixteen), _V64I8, 1)
+            f = builder.sitofp(_lane_sums(builder, w, x), _V16F)
+            scale = builder.fmul(vload(ad, gw, v4f, 4), vload(xdd, gx, v4f, 4))
+            scale = builder.shuffle_vector(scale, scale, spread)
+            builder.store(_fma(builder, f, scale, builder.load(acc_a)), acc_a)
+            bias = _fma4(builder, vload(bd, gw, v4f, 4), vload(xsd, gx, v4f, 4), builder.load(acc_b))
+            builder.store(bias, acc_b)
+        return builder.fadd(_hsum(builder, builder.load(acc_a)), _hsum(builder, builder.load(acc_b)))
+
+    return sig, codegen
