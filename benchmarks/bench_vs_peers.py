@@ -12,7 +12,7 @@ The F16 files are quantized to Q4_K_M / Q8_0 by llama.cpp's own quantizer (llama
 Engines, each sweep-benched in its own process with the same -t/-c/-ub/-n (rows at N_KV = 0, ub, 2ub, ...):
   ikctl         python -m tui.cli bench --json
   llama.cpp     benchmarks/peer_llamacpp.py (llama-cpp-python), CPU_REPACK weight buffers on
-  ik_llama.cpp  llama-sweep-bench -rtr 1 -mla 3 -fmoe 1 from --ik-bin DIR or $IK_LLAMA_BIN
+  ik_llama.cpp  llama-sweep-bench -rtr -mla 3 (its defaults: -fa, fused MoE) from --ik-bin DIR or $IK_LLAMA_BIN
 Each round runs every model on every engine (the engine order rotates per round); speeds are the best of the
 rounds per N_KV. A peer that is not installed is reported as unavailable, a model it refuses as "does not load".
 
@@ -45,7 +45,8 @@ DEFAULT_MODELS = "v2lite-Q4_K_M,v2lite-Q8_0,v3-Q4_K_M,v3-Q8_0,smollm2-Q4_1"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Lines of a failed peer's log that say why it refused the model.
 LOAD_ERRORS = ("unable to load model", "could not load", "failed to load model", "error loading model",
-               "failed to create the llama_context", "could not create a context")
+               "failed to create the llama_context", "could not create a context",
+               "Detected incompatible DeepSeek model")  # ik_llama.cpp: split MLA other than kv_lora 512 / rope 64
 
 
 class EngineError(RuntimeError):
@@ -134,10 +135,11 @@ def _jsonl_rows(text: str) -> list[dict[str, Any]]:
 
 
 def _why(stderr: str) -> str:
-    """The line of a failed run's log that says most: a load error if any, else the last non-empty line."""
+    """The line of a failed run's log that says most: a load error, else an error, else the last line."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    loads = [ln for ln in lines if any(k in ln for k in LOAD_ERRORS)]
     errors = [ln for ln in lines if any(k in ln.lower() for k in ("error", "assert", "exception"))]
-    return (errors[:1] or lines[-1:] or ["no output"])[0][:300]
+    return (loads[:1] or errors[:1] or lines[-1:] or ["no output"])[0][:300]
 
 
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -187,14 +189,14 @@ def ik_sweep_bench(ik_bin: str | None) -> Path:
 
 def run_ik(model: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     cmd = [str(ik_sweep_bench(args.ik_bin)), "-m", str(model), "-t", str(args.threads), "-c", str(args.ctx),
-           "-ub", str(args.ubatch), "-n", str(args.n_gen), "-rtr", "1", "-mla", "3", "-fmoe", "1",
+           "-ub", str(args.ubatch), "-n", str(args.n_gen), "-rtr", "-mla", "3",
            "--output-format", "jsonl"]
     proc = _run(cmd, args.timeout)
     _check(proc)
     rows = _jsonl_rows(proc.stdout + "\n" + proc.stderr)
     if not rows:
         raise EngineError("failed", f"no sweep rows: {_why(proc.stderr + proc.stdout)}")
-    return rows, {"flags": "-rtr 1 -mla 3 -fmoe 1"}
+    return rows, {"flags": "-rtr -mla 3 (-fa and fused MoE on by default)"}
 
 
 RUNNERS = {"ikctl": run_ikctl, "llama.cpp": run_llamacpp, "ik_llama.cpp": run_ik}

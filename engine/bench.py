@@ -138,6 +138,7 @@ def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int, kernels: b
         "cache_type_k": model.options.cache_type_k,
         "mla": model.options.mla if model.arch == "deepseek2" else None,
         "kernels": "fused" if kernels else "generic",
+        "activations": "float32" if model.options.float_activations or not kernels else "int8",
         "placement": placement_bytes(model),
         "host": host_info(),
         "ikctl_version": pkg,

@@ -16,6 +16,7 @@ from engine.attention import causal_attention
 from engine.config import GATING_SOFTMAX, DeepSeek2Config
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
+from engine.kernels import MATVEC_MAX_T, takes_int8
 from engine.kv_cache import KVCache
 from engine.moe import Router, moe_ffn, route, swiglu
 from engine.ops import rms_norm
@@ -304,6 +305,19 @@ class DeepSeek2:
         wv = L.v_b.dequantize().reshape(H, dv, r)
         return wk, wv
 
+    def _per_head(self, w: QTensor | None, x: np.ndarray) -> np.ndarray | None:
+        """x [T, H, C] times each head's matrix of a split attn_k_b [H, r, dn] / attn_v_b [H, dv, r], read in its
+        encoding with int8 activations (one gathered launch for all heads) -> [T, H, R]. None where the decoded
+        float32 copy serves: the legacy attn_kv_b form, a GPU network, a prefill (one BLAS product per head) and
+        float32 activations (whose results stay those of the float32 copy, bit for bit)."""
+        T, H, C = x.shape
+        if w is None or self.xp is not np or T > MATVEC_MAX_T or not takes_int8(w.qtype):
+            return None
+        R = w.shape[-2] if len(w.shape) == 3 else w.shape[0] // H  # [H, R, C] or stacked as [H * R, C]
+        heads = QTensor(w.name, w.data.reshape(H, R, -1), w.qtype, (H, R, C))
+        ids = np.tile(np.arange(H, dtype=np.int64), T)
+        return heads.gather_matmul_t(ids, x.reshape(T * H, C)).reshape(T, H, R)
+
     def _attention(self, i: int, L: Layer, h: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
         c, xp = self.cfg, self.xp
         T = h.shape[0]
@@ -320,10 +334,10 @@ class DeepSeek2:
         q_pe = apply_rope(xp.ascontiguousarray(q[..., dn:]), cos, sin)  # [T, H, dr]
         k_pe = apply_rope(xp.ascontiguousarray(kv[:, r:]), cos, sin)  # [T, dr], one head shared by all
         q_nope = q[..., :dn]
-        wk, wv = self.kv_weights(i, L)
         pos0 = int(positions[0])
         S = pos0 + T
         if self.mla == 0:  # cache decompressed per-head K and V (llama.cpp's legacy MHA path)
+            wk, wv = self.kv_weights(i, L)
             k_nope = (latent @ wk.reshape(H * dn, r).T).reshape(T, H, dn)
             k = xp.concatenate([k_nope, xp.broadcast_to(k_pe[:, None, :], (T, H, dr))], axis=-1)
             cache.write(i, "k", pos0, k.reshape(T, -1))
@@ -336,6 +350,7 @@ class DeepSeek2:
             cache.write(i, "ckv", pos0, xp.concatenate([latent, k_pe], axis=-1))
             ckv = cache.read(i, "ckv", S)  # [S, r + dr]
             if self.mla == 3 and T > 1:  # prefill: decompress K/V from the latent cache (fewer FLOPs)
+                wk, wv = self.kv_weights(i, L)
                 lat = ckv[:, :r]
                 k_nope = (lat @ wk.reshape(H * dn, r).T).reshape(S, H, dn)
                 k_all = xp.concatenate([k_nope, xp.broadcast_to(ckv[:, None, r:], (S, H, dr))], axis=-1)
@@ -344,9 +359,15 @@ class DeepSeek2:
                     xp.concatenate([q_nope, q_pe], -1), k_all, v_all, positions, c.kq_scale, self.amb_bytes
                 )
             else:  # absorbed: attention is an MQA over [c | k_pe] rows; V is c itself
-                q_abs = xp.matmul(q_nope.transpose(1, 0, 2), wk).transpose(1, 0, 2)  # [T, H, r]
+                q_abs = self._per_head(L.k_b, q_nope)  # [T, H, r]
+                if q_abs is None:
+                    wk, _ = self.kv_weights(i, L)
+                    q_abs = xp.matmul(q_nope.transpose(1, 0, 2), wk).transpose(1, 0, 2)
                 o_lat = causal_attention(
                     xp.concatenate([q_abs, q_pe], -1), ckv, ckv[:, :r], positions, c.kq_scale, self.amb_bytes
                 )  # [T, H, r]
-                o = xp.matmul(o_lat.transpose(1, 0, 2), wv.transpose(0, 2, 1)).transpose(1, 0, 2)  # [T, H, dv]
+                o = self._per_head(L.v_b, o_lat)  # [T, H, dv]
+                if o is None:
+                    _, wv = self.kv_weights(i, L)
+                    o = xp.matmul(o_lat.transpose(1, 0, 2), wv.transpose(0, 2, 1)).transpose(1, 0, 2)
         return L.wo.matmul_t(o.reshape(T, H * dv))

@@ -199,7 +199,7 @@ class DistributedNet:
                 for k, s in segs:
                     records = segment_records(self.cfg, s.ops, refs, mla=opts.mla, amb_bytes=opts.amb << 20,
                                               cache_type=opts.cache_type_k, n_ctx=n_ctx,
-                                              model=gguf.path.name)
+                                              model=gguf.path.name, int8=not opts.float_activations)
                     client.define_segment(k, records)
 
     def close(self) -> None:

@@ -14,6 +14,8 @@ threads; numba's fallback "workqueue" layer is not).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -163,8 +165,8 @@ def _int8_chunk(qtype: int, src: np.ndarray, n: int, q: np.ndarray, a: np.ndarra
 
 
 @njit(parallel=True, cache=True)
-def _int8_matvec_kernel(raw: np.ndarray, qtype: int, qk: int, block_bytes: int, xq: np.ndarray, xd: np.ndarray,
-                        xs: np.ndarray, out: np.ndarray) -> None:
+def _int8_matvec_kernel(raw: np.ndarray, qtype: int, qk: int, block_bytes: int, xq: np.ndarray, xl: np.ndarray,
+                        xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """out[t, r] = x[t] . row r with int8 activations: each chunk of a row is decoded once to codes and dotted
     with all T quantized tokens (engine.simd_int8)."""
     R, row_bytes = raw.shape
@@ -186,14 +188,14 @@ def _int8_matvec_kernel(raw: np.ndarray, qtype: int, qk: int, block_bytes: int, 
                 b1 = min(blocks, b0 + chunk)
                 steps = _int8_chunk(qtype, row[b0 * block_bytes : b1 * block_bytes], (b1 - b0) * qk, q, a, b)
                 for t in range(T):
-                    acc[t] += _dot_u8s8(q, a, b, xq[t], xd[t], xs[t], b0 * qk // 16, steps)
+                    acc[t] += _dot_u8s8(q, a, b, xq[t], xl[t], xd[t], xs[t], b0 * qk // 16, steps)
             for t in range(T):
                 out[t, r] = acc[t]
 
 
 @njit(parallel=True, cache=True)
 def _int8_gather_kernel(raw: np.ndarray, qtype: int, qk: int, block_bytes: int, experts: np.ndarray,
-                        xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+                        xq: np.ndarray, xl: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """_gather_matvec_kernel with int8 activations: out[n, r] = x[n] . row r of matrix experts[n]."""
     R, row_bytes = raw.shape[1], raw.shape[2]
     N = xq.shape[0]
@@ -214,7 +216,7 @@ def _int8_gather_kernel(raw: np.ndarray, qtype: int, qk: int, block_bytes: int, 
             for b0 in range(0, blocks, chunk):
                 b1 = min(blocks, b0 + chunk)
                 steps = _int8_chunk(qtype, row[b0 * block_bytes : b1 * block_bytes], (b1 - b0) * qk, q, a, b)
-                acc += _dot_u8s8(q, a, b, xq[n], xd[n], xs[n], b0 * qk // 16, steps)
+                acc += _dot_u8s8(q, a, b, xq[n], xl[n], xd[n], xs[n], b0 * qk // 16, steps)
             out[n, r] = acc
 
 
@@ -299,23 +301,34 @@ def _tokens(x: np.ndarray, columns: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, columns)
 
 
-_int8 = True
+_numerics = threading.local()
+
+
+@contextmanager
+def activations(int8: bool) -> Iterator[None]:
+    """Within this block, on this thread: multiply quantized weights with int8-quantized activations (True, the
+    default: llama.cpp's numerics and its speed) or with the float32 activations themselves (False: exact up to
+    the summation order). Local passes and workers set it per forward pass, so both sides compute alike."""
+    before = getattr(_numerics, "int8", True)
+    _numerics.int8 = bool(int8)
+    try:
+        yield
+    finally:
+        _numerics.int8 = before
 
 
 def use_int8(enabled: bool) -> None:
-    """Multiply quantized weights with int8-quantized activations (default, llama.cpp's numerics) or with the
-    float32 activations themselves (exact: only the summation order differs from float64 math)."""
-    global _int8
-    _int8 = bool(enabled)
+    """Set this thread's choice outside any `activations` block (benchmarks, tests)."""
+    _numerics.int8 = bool(enabled)
 
 
 def int8_enabled() -> bool:
-    return _int8
+    return getattr(_numerics, "int8", True)
 
 
 def takes_int8(qtype: int) -> bool:
     """Whether products with this weight type run on int8 activations now."""
-    return _int8 and int(qtype) in INT8_TYPES
+    return int8_enabled() and int(qtype) in INT8_TYPES
 
 
 def matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 
 from engine.errors import IkctlError, ModelFileError
 from engine.gguf_file import GGUFFile
+from engine.kernels import activations
 from engine.kv_cache import CACHE_TYPES, KVCache
 from engine.threads import compute_threads
 
@@ -35,6 +36,7 @@ class Options:
     cluster: str | None = None  # --cluster FILE (from `ikctl launch`): endpoints, their tokens and memory
     rpc_token: str | Mapping[str, str] | None = None  # the workers' token, or one per endpoint (else $IKCTL_RPC_TOKEN)
     rpc_poll: float = 10.0  # --rpc-poll MS: spin this long for a remote worker's reply before sleeping (0: never)
+    float_activations: bool = False  # --float-activations: no int8 activation quantization (exact, slower)
 
     @property
     def placed(self) -> bool:
@@ -145,7 +147,8 @@ class Model:
             raise IkctlError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
         ub = self.options.ubatch_size
         outs = []
-        with compute_threads(self.options.threads, min(len(ids), ub)):
+        int8 = not self.options.float_activations
+        with compute_threads(self.options.threads, min(len(ids), ub)), activations(int8):
             for a in range(0, len(ids), ub):
                 chunk = ids[a : a + ub]
                 last = a + ub >= len(ids)

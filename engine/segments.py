@@ -13,6 +13,7 @@ import numpy as np
 
 from engine.config import DeepSeek2Config, LlamaConfig, RopeConfig
 from engine.errors import IkctlError
+from engine.kernels import activations
 from engine.kv_cache import CACHE_TYPES, KVCache, row_bytes
 from engine.ops import to_host
 from engine.placement import Op, op_part, tensor_layer
@@ -84,10 +85,11 @@ def op_tensor_names(names: Iterable[str], op: Op, n_layers: int) -> list[str]:
 
 
 def segment_records(cfg: ModelConfig, ops: Sequence[Op], tensors: Mapping[str, TensorRef], *, mla: int,
-                    amb_bytes: int, cache_type: str, n_ctx: int, model: str = "") -> list[Record]:
-    """A segment program: a "config" record, then one record per op naming its tensors by digest."""
+                    amb_bytes: int, cache_type: str, n_ctx: int, model: str = "", int8: bool = True) -> list[Record]:
+    """A segment program: a "config" record, then one record per op naming its tensors by digest. int8: the
+    worker multiplies with int8-quantized activations, as the coordinator does (engine.kernels.activations)."""
     head: dict[str, Any] = {"arch": arch_of(cfg), "model": model[:256], "mla": mla, "amb_bytes": amb_bytes,
-                            "cache_type": cache_type, "n_ctx": n_ctx, **config_args(cfg)}
+                            "cache_type": cache_type, "n_ctx": n_ctx, "int8": int8, **config_args(cfg)}
     records: list[Record] = [("config", head)]
     for layer, part in ops:
         args: dict[str, Any] = {"layer": layer}
@@ -109,6 +111,7 @@ class Program:
     amb_bytes: int
     cache_type: str
     n_ctx: int
+    int8: bool = True
 
 
 def parse_program(records: Sequence[Record]) -> Program:
@@ -122,6 +125,9 @@ def parse_program(records: Sequence[Record]) -> Program:
     cache_type = head.get("cache_type")
     if cache_type not in CACHE_TYPES:
         raise ProgramError(f"KV cache type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
+    int8 = head.get("int8", True)
+    if not isinstance(int8, bool):
+        raise ProgramError(f"'int8' must be true or false, got {int8!r:.40}")
     cfg = config_from_args(head, arch)
     ops: list[Op] = []
     tensors: dict[str, TensorRef] = {}
@@ -136,7 +142,7 @@ def parse_program(records: Sequence[Record]) -> Program:
             if key.startswith(_TENSOR_PREFIX):
                 tensors[key[len(_TENSOR_PREFIX):]] = _tensor_ref(key, value)
     return Program(cfg, tuple(ops), tensors, _int(head, "mla"), _int(head, "amb_bytes"), cache_type,
-                   _int(head, "n_ctx"))
+                   _int(head, "n_ctx"), int8)
 
 
 def _int(args: Mapping[str, Any], key: str) -> int:
@@ -249,7 +255,7 @@ class SegmentRunner:
 
     def run(self, seq_id: int, pos_start: int, n_tokens: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the ops on the pass state (see DeepSeek2.run_op) for tokens at pos_start..; the state after."""
-        with self._on_device():
+        with self._on_device(), activations(self.program.int8):
             cache = self._cache(seq_id, pos_start) if self._attn_layers else None
             if cache is not None:
                 cache.reserve(n_tokens)

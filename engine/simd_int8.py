@@ -7,6 +7,8 @@ activations, so
 
     w . x = sum over groups of  a * xd * (q . xq)  +  b * xs      (xs = xd * sum of the group's xq)
 
+with 16-bit activation codes xq taken as two int8 planes (two multiply-adds per weight byte).
+
 Every weight type with integer codes under per-block affine scales fits this form (Q8_0 shifts its codes by 128
 into b). The instruction set is chosen where the kernels are compiled (AVX-512 VNNI, else portable IR that LLVM
 lowers to what the target has), like engine.simd's permute.
@@ -211,17 +213,18 @@ def _data(context, builder, sig, args, k: int) -> ir.Value:
 
 
 @intrinsic
-def _dot_u8s8(typingctx, q, a, b, xq, xd, xs, xgroup, n64):
-    """float32 sum over n64 steps of 64 values (4 groups of 16) of  a*xd*(q.xq) + b*xs, group by group.
+def _dot_u8s8(typingctx, q, a, b, xq, xl, xd, xs, xgroup, n64):
+    """float32 sum over n64 steps of 64 values (4 groups of 16) of  a*xd*(q.x) + b*xs, group by group, where the
+    activation codes x = 256 * xq + xl come in two int8 planes (engine.q8_activations).
 
-    q (u8), a, b (f32 per group) are a decoded weight chunk indexed from 0; xq (s8), xd, xs (f32 per group) are
-    a quantized token vector indexed from group `xgroup`. Groups past the data must carry a = b = 0."""
-    sig = types.float32(q, a, b, xq, xd, xs, xgroup, n64)
+    q (u8), a, b (f32 per group) are a decoded weight chunk indexed from 0; xq, xl (s8), xd, xs (f32 per group)
+    are a quantized token vector indexed from group `xgroup`. Groups past the data must carry a = b = 0."""
+    sig = types.float32(q, a, b, xq, xl, xd, xs, xgroup, n64)
 
     def codegen(context, builder, signature, args):
-        qd, ad, bd, xqd, xdd, xsd = (_data(context, builder, signature, args, k) for k in range(6))
-        xg = _arg_i64(context, builder, signature, args, 6)
-        n = _arg_i64(context, builder, signature, args, 7)
+        qd, ad, bd, xqd, xld, xdd, xsd = (_data(context, builder, signature, args, k) for k in range(7))
+        xg = _arg_i64(context, builder, signature, args, 7)
+        n = _arg_i64(context, builder, signature, args, 8)
         v4f = ir.VectorType(_F32, 4)
         acc_a = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16))
         acc_b = cgutils.alloca_once_value(builder, ir.Constant(v4f, [0.0] * 4))
@@ -236,8 +239,10 @@ def _dot_u8s8(typingctx, q, a, b, xq, xd, xs, xgroup, n64):
             gx = builder.add(gw, xg)
             sixteen = ir.Constant(_I64, 16)
             w = vload(qd, builder.mul(gw, sixteen), _V64I8, 1)
-            x = vload(xqd, builder.mul(gx, sixteen), _V64I8, 1)
-            f = builder.sitofp(_lane_sums(builder, w, x), _V16F)
+            hi = _lane_sums(builder, w, vload(xqd, builder.mul(gx, sixteen), _V64I8, 1))
+            lo = _lane_sums(builder, w, vload(xld, builder.mul(gx, sixteen), _V64I8, 1))
+            # |hi| <= 4 * 255 * 127, so hi << 8 and the sum stay far inside int32
+            f = builder.sitofp(builder.add(builder.shl(hi, ir.Constant(_V16I32, [8] * 16)), lo), _V16F)
             scale = builder.fmul(vload(ad, gw, v4f, 4), vload(xdd, gx, v4f, 4))
             scale = builder.shuffle_vector(scale, scale, spread)
             builder.store(_fma(builder, f, scale, builder.load(acc_a)), acc_a)

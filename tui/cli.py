@@ -20,6 +20,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="MiB cap on the attention score scratch (long contexts run in chunks)")
     g.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
     g.add_argument("-ub", "--ubatch-size", type=int, default=512, help="tokens per forward pass in prefill")
+    g.add_argument("--float-activations", action="store_true",
+                   help="multiply the weights with float32 activations instead of int8-quantized ones (as "
+                   "llama.cpp does): exact up to float32 rounding, slower; workers follow the coordinator")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -145,6 +148,7 @@ def model_options(args: argparse.Namespace) -> dict[str, object]:
         "amb": args.amb,
         "threads": args.threads,
         "ubatch_size": args.ubatch_size,
+        "float_activations": args.float_activations,
         **placement_options(args),
     }
 

@@ -38,7 +38,8 @@ def gpu_runners(gguf: GGUFFile, cfg: Any, segments: Sequence[Segment], opts: Opt
             continue
         names = [n for op in seg.ops for n in op_tensor_names(gguf.tensors, op, cfg.n_layers)]
         tensors: dict[str, TensorRef] = {n: (n, gguf.tensors[n].qtype, tuple(gguf.tensors[n].shape)) for n in names}
-        program = Program(cfg, tuple(seg.ops), tensors, opts.mla, opts.amb << 20, opts.cache_type_k, n_ctx)
+        program = Program(cfg, tuple(seg.ops), tensors, opts.mla, opts.amb << 20, opts.cache_type_k, n_ctx,
+                          int8=not opts.float_activations)
         out[k] = SegmentRunner(program, lambda name: gguf.raw(name).reshape(-1).view(np.uint8),
                                cuda_device=int(seg.device[len("CUDA"):]))
     return out

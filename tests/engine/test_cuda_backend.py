@@ -242,7 +242,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _runner(path: Path, ops: list[tuple[int, str]], mla: int, cache_type: str, gpu: bool) -> SegmentRunner:
     f = GGUFFile(path)
     cfg = DeepSeek2Config.from_gguf(f)
-    opts = Options(mla=mla, cache_type_k=cache_type)
+    opts = Options(mla=mla, cache_type_k=cache_type, float_activations=True)  # the GPU kernels multiply in f32
     runners = gpu_runners(f, cfg, [Segment("CUDA0" if gpu else "CPU", tuple(ops))], opts, n_ctx=64)
     if gpu:
         return runners[0]
@@ -290,8 +290,8 @@ def test_split_segments_hand_host_arrays_across(model_path: Path, stand_in: Any)
 @pytest.mark.parametrize("flags", [{"n_gpu_layers": 99}, {"n_gpu_layers": 99, "override_tensor": ["exps=CPU"]},
                                    {"override_tensor": ["blk\\.1\\.=CUDA0"]}])
 def test_in_process_gpu_segments_equal_cpu(model_path: Path, stand_in: Any, flags: dict[str, Any]) -> None:
-    cpu = load_model(model_path, ctx_size=64)
-    gpu = load_model(model_path, ctx_size=64, **flags)
+    cpu = load_model(model_path, ctx_size=64, float_activations=True)  # as the GPU kernels: f32 activations
+    gpu = load_model(model_path, ctx_size=64, float_activations=True, **flags)
     assert gpu.net.gpu and not gpu.net.clients  # segments on CUDA0 run here, nothing goes over the network
     prompt = [5, 9, 2, 7, 7, 1]
     assert np.array_equal(cpu.logits(prompt), gpu.logits(prompt))

@@ -167,7 +167,7 @@ def q8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_whole_model_on_emulated_gpu(gpu: Any, q8_model: Path) -> None:
     """-ngl 99: every layer and the head as CudaTensors on "CUDA0"; prefill (tiles + gemm) and decode (matvec,
     gathered experts, absorbed MLA on the device cache) against the CPU."""
-    cpu = load_model(q8_model, ctx_size=32)
+    cpu = load_model(q8_model, ctx_size=32, float_activations=True)  # the GPU kernels multiply in f32
     dev = load_model(q8_model, ctx_size=32, n_gpu_layers=99)
     runner = dev.net.gpu[1]
     assert isinstance(runner.net.layers[1].experts[0], CudaTensor) and runner.net.xp is gpu

@@ -1,4 +1,4 @@
-"""engine.kernels against gguf's NumPy decoders: bit-exact decode, and products within float32 rounding.
+"""engine.kernels' float32 path against gguf's NumPy decoders: bit-exact decode, products within float32 rounding.
 
 Legend: R rows, C columns, T tokens, QK values per block.
 
@@ -8,6 +8,8 @@ and the large C spans two matvec chunks (the kernel decodes 4096 values at a tim
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import gguf
 import numpy as np
@@ -38,6 +40,13 @@ ALL_TYPES = [*F16_FIELDS, D.F16, D.BF16]
 # |y - y_ref| / max|y_ref| for the float32 kernels against a float64 product of the same decoded weights:
 # float32 rounding of the partial sums is ~1e-7 at these sizes, a wrong value or block is >= 1e-3.
 RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def float_activations() -> Iterator[None]:
+    """These are the float32-activation kernels' tests (tests/engine/test_int8_kernels.py has the int8 ones)."""
+    with K.activations(int8=False):
+        yield
 
 
 def random_rows(qtype: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:

@@ -96,7 +96,7 @@ PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start
 
 @pytest.fixture(scope="module")
 def model(smollm2_path: Path) -> Model:
-    return load_model(smollm2_path, cache_type_k="f32")
+    return load_model(smollm2_path, cache_type_k="f32", float_activations=True)  # exact: the float64 reference
 
 
 def _rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -139,7 +139,7 @@ def test_batched_prefill_equals_token_by_token(model: Model, smollm2_path: Path)
     assert cache.n_past == len(ids)
     assert _rel_err(steps, batch) <= 1e-5
     # micro-batches of 3 (positions continue across forward calls) give the same logits
-    chunked = load_model(smollm2_path, cache_type_k="f32", ubatch_size=3).logits(ids)
+    chunked = load_model(smollm2_path, cache_type_k="f32", ubatch_size=3, float_activations=True).logits(ids)
     assert _rel_err(chunked, batch) <= 1e-5
 
 
@@ -147,7 +147,7 @@ def test_batched_prefill_equals_token_by_token(model: Model, smollm2_path: Path)
 @pytest.mark.parametrize(("cache_type", "tol"), [("f16", 1e-3), ("q8_0", 3e-2)])
 def test_quantized_caches_stay_close(model: Model, smollm2_path: Path, cache_type: str, tol: float) -> None:
     # measured: f16 4.9e-4, q8_0 1.4e-2 of the largest |logit|
-    ours = load_model(smollm2_path, cache_type_k=cache_type).logits(CHAT_IDS)
+    ours = load_model(smollm2_path, cache_type_k=cache_type, float_activations=True).logits(CHAT_IDS)
     assert _rel_err(ours, model.logits(CHAT_IDS)) <= tol
 
 

@@ -43,7 +43,7 @@ def test_quantized_model_equals_its_dequantized_f32_model(tmp_path: Path, dtype:
     types = {t.tensor_type.name for t in gguf.GGUFReader(q_path).tensors}
     assert dtype in types
     assert {t.tensor_type.name for t in gguf.GGUFReader(f_path).tensors} == {"F32"}
-    ours = load_model(q_path, cache_type_k="f32").logits(IDS)
+    ours = load_model(q_path, cache_type_k="f32", float_activations=True).logits(IDS)
     ref = load_model(f_path, cache_type_k="f32").logits(IDS)
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 2e-5
 
@@ -58,7 +58,7 @@ def test_fast_kernels_equal_the_generic_path(tmp_path: Path, dtype: str) -> None
     for fast in (False, True):
         quant.use_kernels(fast)
         try:
-            model = load_model(path, cache_type_k="f32")
+            model = load_model(path, cache_type_k="f32", float_activations=True)
             batch = model.logits(IDS * 3)  # 48 tokens: prefill takes the tiled path
             cache = model.new_cache()
             model.eval(IDS[:-4], cache)

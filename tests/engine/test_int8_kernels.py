@@ -1,0 +1,155 @@
+"""The int8-activation kernels (engine.simd_int8, int8_decoders, q8_activations) against NumPy references.
+
+Legend: R rows, C columns, T tokens, E experts.
+
+The reference quantizes activations with its own NumPy code (one scale per 32 values, round half to even) and
+multiplies gguf's float64 dequantized weights with those dequantized activations: the kernels must agree to
+float32 rounding. A wrong code, scale, group or lane would be off by >= 1e-3. The portable (non-VNNI) build is
+checked by running this module again with numba compiling for an AVX2-only CPU, results bit for bit equal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import block_decoders as D
+from engine import kernels as K
+from engine.int8_decoders import INT8_TYPES
+from engine.q8_activations import quantize_rows
+from engine.simd_int8 import instruction_set
+from tests.engine.test_kernels import F16_FIELDS, columns, name, random_rows, reference
+
+INT8 = sorted(F16_FIELDS)
+RTOL = 2e-6
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def q8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [T, C] -> (the float64 values its codes stand for, high plane, low plane): per 32 values d = max|x| / 127,
+    hi = rint(x / d), lo = rint(256 (x - d hi) / d) within +-127, value = d / 256 * (256 hi + lo)."""
+    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127.0)
+    inv = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, 1), np.float32(0.0)).astype(np.float32)
+    hi = np.rint(blocks * inv)
+    lo = np.clip(np.rint((blocks - hi * d) * inv * np.float32(256.0)), -127, 127)
+    assert np.abs(hi).max() <= 127
+    value = (256 * hi.astype(np.float64) + lo) * (d / np.float32(256.0)).astype(np.float64)
+    return value.reshape(x.shape), hi.reshape(x.shape), lo.reshape(x.shape)
+
+
+def tokens(T: int, C: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    x[:, :32] = 0.0  # an all-zero activation block: scale 0, no division by it
+    x[:, 32:64] *= 1e3  # blocks of very different magnitudes
+    return x
+
+
+def rel(y: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+
+def test_every_quantized_type_has_an_int8_decoder() -> None:
+    assert set(INT8) == set(INT8_TYPES)
+    assert instruction_set() in ("avx512vnni", "portable")
+
+
+def test_activation_codes_and_scales() -> None:
+    x = tokens(3, 96)
+    q = quantize_rows(x)
+    assert q.xq.shape == q.xl.shape == (3, 128) and q.xd.shape == q.xs.shape == (3, 8)  # padded to 64-value steps
+    assert not q.xq[:, 96:].any() and not q.xl[:, 96:].any() and not q.xd[:, 6:].any() and not q.xs[:, 6:].any()
+    value, hi, lo = q8_reference(x)
+    np.testing.assert_array_equal(q.xq[:, :96], hi)
+    np.testing.assert_array_equal(q.xl[:, :96], lo)
+    codes = 256 * q.xq[:, :96].astype(np.float64) + q.xl[:, :96]
+    np.testing.assert_array_equal(np.repeat(q.xd[:, :6].astype(np.float64), 16, axis=1) * codes, value)
+    np.testing.assert_allclose(q.xs[:, :6], q.xd[:, :6] * codes.reshape(3, 6, 16).sum(-1), rtol=1e-6)
+    assert np.abs(value - x).max() <= np.abs(x).max() * 2.0**-15  # 16-bit codes
+    with pytest.raises(ValueError, match="multiple of the 32-value"):
+        quantize_rows(np.ones((1, 40), np.float32))
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["C1chunk", "C2chunks"])
+@pytest.mark.parametrize("qtype", INT8, ids=name)
+def test_matvec_equals_the_int8_reference(qtype: int, large: bool) -> None:
+    R, C = 37, columns(qtype, large)
+    raw = random_rows(qtype, R, C)
+    w = reference(raw, qtype, R, C).astype(np.float64)
+    for T in (1, 3, K.MATVEC_MAX_T):
+        x = tokens(T, C)
+        with K.activations(int8=True):
+            y = K.matmul_t(raw, qtype, (R, C), x)
+        assert rel(y, q8_reference(x)[0] @ w.T) < RTOL, T
+        with K.activations(int8=False):  # the exact path is still there, and differs by the activation rounding
+            exact = K.matmul_t(raw, qtype, (R, C), x)
+        assert 1e-9 < rel(y, exact) < 1e-4
+
+
+@pytest.mark.parametrize("qtype", INT8, ids=name)
+def test_gathered_experts_equal_the_int8_reference(qtype: int) -> None:
+    E, R, C = 4, 19, columns(qtype, False)
+    stacked = np.stack([random_rows(qtype, R, C, seed=e) for e in range(E)])
+    ids = np.array([3, 0, 3, 1, 2])
+    x = tokens(len(ids), C)
+    with K.activations(int8=True):
+        y = K.gather_matvec(stacked, qtype, (E, R, C), ids, x)
+    xr = q8_reference(x)[0]
+    ref = np.stack([xr[n] @ reference(stacked[e], qtype, R, C).astype(np.float64).T for n, e in enumerate(ids)])
+    assert rel(y, ref) < RTOL
+
+
+def test_activations_choice_is_per_thread_and_restored() -> None:
+    import threading
+
+    seen = {}
+    with K.activations(int8=False):
+        assert not K.int8_enabled()
+        t = threading.Thread(target=lambda: seen.setdefault("other", K.int8_enabled()))
+        t.start()
+        t.join()
+        with K.activations(int8=True):
+            assert K.takes_int8(D.Q4_K) and not K.takes_int8(D.F16)
+        assert not K.takes_int8(D.Q4_K)
+    assert K.int8_enabled() and seen["other"] is True
+
+
+def _products() -> dict[str, list]:
+    """Every type's int8 matvec and gathered product on fixed inputs, as lists (for the cross-build check)."""
+    out = {}
+    for qtype in INT8:
+        C = columns(qtype, True)
+        raw = random_rows(qtype, 5, C)
+        with K.activations(int8=True):
+            out[name(qtype)] = K.matmul_t(raw, qtype, (5, C), tokens(2, C)).tolist()
+            out[name(qtype) + "/gather"] = K.gather_matvec(raw[None], qtype, (1, 5, C), np.zeros(2, np.int64),
+                                                           tokens(2, C)).tolist()
+    return out
+
+
+@pytest.mark.slow
+def test_portable_build_for_an_avx2_cpu_gives_the_same_bits(tmp_path: Path) -> None:
+    """numba compiling for Haswell (AVX2, no AVX-512, no VNNI) takes the portable integer dot; this module's tests
+    pass there and its products equal this build's bit for bit (integer sums are exact, the float steps run in
+    the same order)."""
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    code = ("import json, sys; sys.path[:0] = [sys.argv[1]]; from engine.simd_int8 import instruction_set; "
+            "from tests.engine.test_int8_kernels import _products; "
+            "print(json.dumps({'isa': instruction_set(), 'products': _products()}))")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    there = json.loads(proc.stdout.splitlines()[-1])
+    assert there["isa"] == "portable"
+    assert there["products"] == _products()
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                            "not portable_build"], env=env,
+                           capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert tests.returncode == 0, tests.stdout[-3000:]
