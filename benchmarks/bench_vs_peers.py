@@ -109,6 +109,7 @@ def quantized(source: Path, ftype: str, threads: int) -> Path:
     os.close(fd)
     try:
         quantize(str(source), tmp, ftype, threads)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 otherwise
         os.replace(tmp, dest)
     except PeerUnavailableError as exc:
         raise EngineError("unavailable", f"no llama.cpp quantizer ({exc})") from None

@@ -24,10 +24,9 @@ from engine.block_decoders import (
     Q6_K,
     Q8_0,
     _qh32,
-    _scale_min_k4,
 )
 from engine.simd import _f16_at
-from engine.simd_int8 import _scales16_i8, _unpack16_u8, _unpack16_u8_iq4, _unpack16_u8_qh, _unpack32_u8
+from engine.simd_int8 import _scales16_i8, _scales_k4, _unpack16_u8, _unpack16_u8_iq4, _unpack16_u8_qh, _unpack32_u8
 
 # The types with integer codes under affine block scales (everything but the float types).
 INT8_TYPES = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS})
@@ -41,7 +40,7 @@ def _groups(a: np.ndarray, b: np.ndarray, v0: int, n: int, av: np.float32, bv: n
         b[g] = bv
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_q8_0(src, q, a, b) -> None:
     for blk in range(len(src) // 34):
         o = 34 * blk
@@ -50,7 +49,7 @@ def _idec_q8_0(src, q, a, b) -> None:
         _groups(a, b, 32 * blk, 32, d, np.float32(-128.0) * d)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_q4_0(src, q, a, b) -> None:
     for blk in range(len(src) // 18):
         o = 18 * blk
@@ -60,7 +59,7 @@ def _idec_q4_0(src, q, a, b) -> None:
         _groups(a, b, 32 * blk, 32, d, np.float32(-8.0) * d)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_q4_1(src, q, a, b) -> None:
     for blk in range(len(src) // 20):
         o = 20 * blk
@@ -69,7 +68,7 @@ def _idec_q4_1(src, q, a, b) -> None:
         _groups(a, b, 32 * blk, 32, _f16_at(src, o), _f16_at(src, o + 2))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_q5_0(src, q, a, b) -> None:
     for blk in range(len(src) // 22):
         o = 22 * blk
@@ -80,7 +79,7 @@ def _idec_q5_0(src, q, a, b) -> None:
         _groups(a, b, 32 * blk, 32, d, np.float32(-16.0) * d)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_q5_1(src, q, a, b) -> None:
     for blk in range(len(src) // 24):
         o = 24 * blk
@@ -90,7 +89,7 @@ def _idec_q5_1(src, q, a, b) -> None:
         _groups(a, b, 32 * blk, 32, _f16_at(src, o), _f16_at(src, o + 2))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_iq4_nl(src, q, a, b) -> None:
     for blk in range(len(src) // 18):
         o = 18 * blk
@@ -100,7 +99,7 @@ def _idec_iq4_nl(src, q, a, b) -> None:
         _groups(a, b, 32 * blk, 32, d, np.float32(-128.0) * d)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_q2_k(src, q, a, b) -> None:
     for blk in range(len(src) // 84):
         o = 84 * blk
@@ -115,7 +114,7 @@ def _idec_q2_k(src, q, a, b) -> None:
                     _groups(a, b, base + 16 * half, 16, d * np.float32(sc & 15), -(dmin * np.float32(sc >> 4)))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_q3_k(src, q, a, b) -> None:
     for blk in range(len(src) // 110):
         o = 110 * blk
@@ -132,35 +131,32 @@ def _idec_q3_k(src, q, a, b) -> None:
                     _groups(a, b, base + 16 * half, 16, av, np.float32(-4.0) * av)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_q4_k(src, q, a, b) -> None:
     for blk in range(len(src) // 144):
         o = 144 * blk
         d = _f16_at(src, o)
         dmin = _f16_at(src, o + 2)
+        _scales_k4(a, b, 16 * blk, src, o + 4, d, dmin)
         for g in range(4):
             for k in range(2):
-                sc, m = _scale_min_k4(src, o + 4, 2 * g + k)
-                base = 256 * blk + 64 * g + 32 * k
-                _unpack32_u8(q, base, src, o + 16 + 32 * g, 4 * k, 15, o, 0, 0, 0, 0)
-                _groups(a, b, base, 32, d * np.float32(sc), -(dmin * np.float32(m)))
+                _unpack32_u8(q, 256 * blk + 64 * g + 32 * k, src, o + 16 + 32 * g, 4 * k, 15, o, 0, 0, 0, 0)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_q5_k(src, q, a, b) -> None:
     for blk in range(len(src) // 176):
         o = 176 * blk
         d = _f16_at(src, o)
         dmin = _f16_at(src, o + 2)
+        _scales_k4(a, b, 16 * blk, src, o + 4, d, dmin)
         for g in range(4):
             for k in range(2):
-                sc, m = _scale_min_k4(src, o + 4, 2 * g + k)
                 base = 256 * blk + 64 * g + 32 * k
                 _unpack32_u8(q, base, src, o + 48 + 32 * g, 4 * k, 15, o + 16, 2 * g + k, 1, 4, 0)
-                _groups(a, b, base, 32, d * np.float32(sc), -(dmin * np.float32(m)))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_q6_k(src, q, a, b) -> None:
     for blk in range(len(src) // 210):
         o = 210 * blk
@@ -172,7 +168,7 @@ def _idec_q6_k(src, q, a, b) -> None:
         _scales16_i8(a, b, 16 * blk, src, o + 192, d, np.float32(-32.0))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _idec_iq4_xs(src, q, a, b) -> None:
     for blk in range(len(src) // 136):
         o = 136 * blk
@@ -186,7 +182,7 @@ def _idec_iq4_xs(src, q, a, b) -> None:
             _groups(a, b, 256 * blk + 32 * ib, 32, av, np.float32(-128.0) * av)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def idecode_row(qtype: int, src: np.ndarray, q: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     """Codes and lane scales of one row (or a run of whole blocks of it) of any type in INT8_TYPES."""
     if qtype == Q8_0:

@@ -154,22 +154,40 @@ def _int8_scratch(blocks: int, chunk: int, qk: int) -> tuple[np.ndarray, np.ndar
     return np.zeros(span, np.uint8), np.zeros(span // 16, np.float32), np.zeros(span // 16, np.float32)
 
 
-@njit(cache=True)
-def _int8_chunk(qtype: int, src: np.ndarray, n: int, q: np.ndarray, a: np.ndarray, b: np.ndarray) -> int:
-    """Decode n values of whole blocks into (q, a, b); returns the 64-value steps to dot (tail groups zeroed)."""
-    idecode_row(qtype, src, q, a, b)
-    steps = (n + 63) // 64
-    a[n // 16 : 4 * steps] = 0.0
-    b[n // 16 : 4 * steps] = 0.0
-    return steps
+@njit(cache=True, inline="always")
+def _int8_row(qtype: int, raw: np.ndarray, r: int, e: int, blocks: int, block_bytes: int, chunk: int, qk: int,
+              q: np.ndarray, a: np.ndarray, b: np.ndarray, xq: np.ndarray, xl: np.ndarray, xd: np.ndarray,
+              xs: np.ndarray, t0: int, t1: int, acc: np.ndarray) -> None:
+    """acc[t - t0] = row . x[t] for tokens t0..t1-1, the row r of matrix e of raw [E, R, row bytes]: each chunk of
+    the row decoded once to codes (q, a, b) and dotted with every token (engine.simd_int8). One view per chunk
+    and none per token: a view costs two atomic reference-count updates, as much as decoding 256 values."""
+    groups = xd.shape[1]
+    for t in range(t1 - t0):
+        acc[t] = 0.0
+    for b0 in range(0, blocks, chunk):
+        b1 = min(blocks, b0 + chunk)
+        n = (b1 - b0) * qk
+        idecode_row(qtype, raw[e, r, b0 * block_bytes : b1 * block_bytes], q, a, b)
+        steps = (n + 63) // 64
+        for g in range(n // 16, 4 * steps):  # the last chunk's tail: no weight there
+            a[g] = 0.0
+            b[g] = 0.0
+        for t in range(t0, t1):
+            acc[t - t0] += _dot_u8s8(q, a, b, xq, xl, xd, xs, t * groups + b0 * qk // 16, steps)
+
+
+@njit(cache=True, inline="always")
+def _prefetch_row(flat: np.ndarray, start: int, row_bytes: int) -> None:
+    for o in range(start, start + row_bytes, 64):
+        _prefetch(flat, o)
 
 
 @njit(parallel=True, cache=True)
-def _int8_matvec_kernel(raw: np.ndarray, qtype: int, qk: int, block_bytes: int, xq: np.ndarray, xl: np.ndarray,
-                        xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = x[t] . row r with int8 activations: each chunk of a row is decoded once to codes and dotted
-    with all T quantized tokens (engine.simd_int8)."""
-    R, row_bytes = raw.shape
+def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int, xq: np.ndarray,
+                        xl: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = x[t] . row r of raw [1, R, row bytes] (flat: the same bytes, 1-D) with 16-bit integer
+    activations (engine.q8_activations): each weight byte is read once for all T tokens."""
+    R, row_bytes = raw.shape[1], raw.shape[2]
     T = xq.shape[0]
     blocks = row_bytes // block_bytes
     chunk = max(1, _CHUNK_VALUES // qk)
@@ -178,27 +196,21 @@ def _int8_matvec_kernel(raw: np.ndarray, qtype: int, qk: int, block_bytes: int, 
         q, a, b = _int8_scratch(blocks, chunk, qk)
         acc = np.empty(T, np.float32)
         for r in range(k * _ROWS_PER_TASK, min(R, (k + 1) * _ROWS_PER_TASK)):
-            row = raw[r]
-            if r + _PREFETCH_ROWS < R:
-                nxt = raw[r + _PREFETCH_ROWS]
-                for o in range(0, row_bytes, 64):
-                    _prefetch(nxt, o)
-            acc[:] = 0.0
-            for b0 in range(0, blocks, chunk):
-                b1 = min(blocks, b0 + chunk)
-                steps = _int8_chunk(qtype, row[b0 * block_bytes : b1 * block_bytes], (b1 - b0) * qk, q, a, b)
-                for t in range(T):
-                    acc[t] += _dot_u8s8(q, a, b, xq[t], xl[t], xd[t], xs[t], b0 * qk // 16, steps)
+            if r + _PREFETCH_ROWS < R:  # overlap DRAM reads of later rows with this row's work
+                _prefetch_row(flat, (r + _PREFETCH_ROWS) * row_bytes, row_bytes)
+            _int8_row(qtype, raw, r, 0, blocks, block_bytes, chunk, qk, q, a, b, xq, xl, xd, xs, 0, T, acc)
             for t in range(T):
                 out[t, r] = acc[t]
 
 
 @njit(parallel=True, cache=True)
-def _int8_gather_kernel(raw: np.ndarray, qtype: int, qk: int, block_bytes: int, experts: np.ndarray,
-                        xq: np.ndarray, xl: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """_gather_matvec_kernel with int8 activations: out[n, r] = x[n] . row r of matrix experts[n]."""
+def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int,
+                        experts: np.ndarray, inputs: np.ndarray, xq: np.ndarray, xl: np.ndarray, xd: np.ndarray,
+                        xs: np.ndarray, out: np.ndarray) -> None:
+    """out[n, r] = x[inputs[n]] . row r of matrix experts[n] of raw [E, R, row bytes] (flat: the same bytes, 1-D):
+    all selected experts of an MoE layer in one launch; pairs may share a quantized input row."""
     R, row_bytes = raw.shape[1], raw.shape[2]
-    N = xq.shape[0]
+    N = experts.size
     blocks = row_bytes // block_bytes
     chunk = max(1, _CHUNK_VALUES // qk)
     per = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
@@ -206,18 +218,14 @@ def _int8_gather_kernel(raw: np.ndarray, qtype: int, qk: int, block_bytes: int, 
         n = k // per
         e = experts[n]
         q, a, b = _int8_scratch(blocks, chunk, qk)
-        for r in range((k % per) * _ROWS_PER_TASK, min(R, (k % per + 1) * _ROWS_PER_TASK)):
-            row = raw[e, r]
-            if r + _PREFETCH_ROWS < R:
-                nxt = raw[e, r + _PREFETCH_ROWS]
-                for o in range(0, row_bytes, 64):
-                    _prefetch(nxt, o)
-            acc = np.float32(0.0)
-            for b0 in range(0, blocks, chunk):
-                b1 = min(blocks, b0 + chunk)
-                steps = _int8_chunk(qtype, row[b0 * block_bytes : b1 * block_bytes], (b1 - b0) * qk, q, a, b)
-                acc += _dot_u8s8(q, a, b, xq[n], xl[n], xd[n], xs[n], b0 * qk // 16, steps)
-            out[n, r] = acc
+        acc = np.empty(1, np.float32)
+        r1 = min(R, (k % per + 1) * _ROWS_PER_TASK)
+        for r in range((k % per) * _ROWS_PER_TASK, r1):
+            if r + _PREFETCH_ROWS < r1:
+                _prefetch_row(flat, (e * R + r + _PREFETCH_ROWS) * row_bytes, row_bytes)
+            _int8_row(qtype, raw, r, e, blocks, block_bytes, chunk, qk, q, a, b, xq, xl, xd, xs, inputs[n],
+                      inputs[n] + 1, acc)
+            out[n, r] = acc[0]
 
 
 @njit(cache=True)
@@ -340,7 +348,7 @@ def matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -
         return out
     qk, block_bytes = BLOCK[int(qtype)]
     if takes_int8(qtype):
-        _int8_matvec_kernel(rows, int(qtype), qk, block_bytes, *quantize_rows(x), out)
+        _int8_matvec_kernel(rows[None], rows.reshape(-1), int(qtype), qk, block_bytes, *quantize_rows(x), out)
     else:
         _matvec_kernel(rows, int(qtype), qk, x, out)
     return out
@@ -402,7 +410,8 @@ def gather_matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int, int], expe
         return out
     qk, block_bytes = BLOCK[int(qtype)]
     if takes_int8(qtype):
-        _int8_gather_kernel(a, int(qtype), qk, block_bytes, ids, *quantize_rows(x), out)
+        _int8_gather_kernel(a, a.reshape(-1), int(qtype), qk, block_bytes, ids, np.arange(len(ids)),
+                            *quantize_rows(x), out)
     else:
         _gather_matvec_kernel(a, int(qtype), qk, ids, x, out)
     return out

@@ -144,6 +144,48 @@ def _scales16_i8(typingctx, a, b, g0, src, so, d, bmul):
     return sig, codegen
 
 
+@intrinsic
+def _scales_k4(typingctx, a, b, g0, src, so, d, dmin):
+    """Q4_K/Q5_K's group scales from the 12 packed bytes at src[so]: sub-block j (groups g0 + 2j, 2j + 1) gets
+    a = d * sc_j and b = -(dmin * m_j), sc/m the 6-bit pairs of block_decoders._scale_min_k4, all 8 at once."""
+    sig = types.none(a, b, g0, src, so, d, dmin)
+
+    def codegen(context, builder, signature, args):
+        v8i, v8f = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
+        raw = builder.zext(_load_bytes(context, builder, signature, args, 3, 4), _V16I32)  # 16 bytes, 12 used
+
+        def pick(idx):
+            return builder.shuffle_vector(raw, raw, ir.Constant(v8i, idx))
+
+        def const(v):
+            return ir.Constant(v8i, [v] * 8)
+
+        first = builder.icmp_unsigned("<", ir.Constant(v8i, list(range(8))), const(4))  # j < 4
+        p, q = pick([0, 1, 2, 3, 8, 9, 10, 11]), pick([0, 1, 2, 3, 0, 1, 2, 3])
+        m_src, n = pick([4, 5, 6, 7, 8, 9, 10, 11]), pick([4, 5, 6, 7, 4, 5, 6, 7])
+        high = builder.shl(builder.lshr(q, const(6)), const(4))
+        sc = builder.select(first, builder.and_(p, const(63)), builder.or_(builder.and_(p, const(15)), high))
+        mhigh = builder.shl(builder.lshr(n, const(6)), const(4))
+        m = builder.select(first, builder.and_(m_src, const(63)), builder.or_(builder.lshr(m_src, const(4)), mhigh))
+
+        def splat8(k):
+            v = context.cast(builder, args[k], signature.args[k], types.float32)
+            undef = ir.Constant(v8f, ir.Undefined)
+            one = builder.insert_element(undef, v, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(one, undef, ir.Constant(v8i, None))
+
+        av = builder.fmul(splat8(5), builder.sitofp(sc, v8f))
+        bv = builder.fsub(ir.Constant(v8f, [-0.0] * 8), builder.fmul(splat8(6), builder.sitofp(m, v8f)))
+        twice = ir.Constant(ir.VectorType(_I32, 16), [k // 2 for k in range(16)])
+        g0 = _arg_i64(context, builder, signature, args, 2)
+        for k, v in ((0, av), (1, bv)):
+            ptr = builder.gep(_data(context, builder, signature, args, k), [g0])
+            builder.store(builder.shuffle_vector(v, v, twice), builder.bitcast(ptr, _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # IQ4_NL/IQ4_XS grid values + 128: the non-linear codes as unsigned bytes (value = d * (code - 128)).
 _IQ4_CODES = [1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241]
 
