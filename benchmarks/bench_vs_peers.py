@@ -143,9 +143,9 @@ def _why(stderr: str) -> str:
     return (loads[:1] or errors[:1] or lines[-1:] or ["no output"])[0][:300]
 
 
-def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], timeout: float, cwd: Path = HERE.parent) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         raise EngineError("failed", f"timed out after {timeout:.0f} s") from None
 
@@ -192,7 +192,8 @@ def run_ik(model: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
     cmd = [str(ik_sweep_bench(args.ik_bin)), "-m", str(model), "-t", str(args.threads), "-c", str(args.ctx),
            "-ub", str(args.ubatch), "-n", str(args.n_gen), "-rtr", "-mla", "3",
            "--output-format", "jsonl"]
-    proc = _run(cmd, args.timeout)
+    with tempfile.TemporaryDirectory() as tmp:  # its log, llama.log, goes to the working directory
+        proc = _run(cmd, args.timeout, cwd=Path(tmp))
     _check(proc)
     rows = _jsonl_rows(proc.stdout + "\n" + proc.stderr)
     if not rows:
