@@ -148,38 +148,61 @@ def _gather_matvec_kernel(
 
 
 @njit(cache=True)
-def _int8_scratch(blocks: int, chunk: int, qk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A task's buffers for one decoded chunk of a row: codes and lane scales, padded to whole 64-value steps."""
-    span = padded(min(blocks, chunk) * qk)
-    return np.zeros(span, np.uint8), np.zeros(span // 16, np.float32), np.zeros(span // 16, np.float32)
+def _int8_scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A task's buffers for one decoded chunk (_CHUNK_VALUES values): codes and group scales."""
+    n = padded(_CHUNK_VALUES)
+    return np.zeros(n, np.uint8), np.zeros(n // 16, np.float32), np.zeros(n // 16, np.float32)
 
 
 @njit(cache=True, inline="always")
-def _int8_row(qtype: int, raw: np.ndarray, r: int, e: int, blocks: int, block_bytes: int, chunk: int, qk: int,
-              q: np.ndarray, a: np.ndarray, b: np.ndarray, xq: np.ndarray, xl: np.ndarray, xd: np.ndarray,
-              xs: np.ndarray, t0: int, t1: int, acc: np.ndarray) -> None:
-    """acc[t - t0] = row . x[t] for tokens t0..t1-1, the row r of matrix e of raw [E, R, row bytes]: each chunk of
-    the row decoded once to codes (q, a, b) and dotted with every token (engine.simd_int8). One view per chunk
-    and none per token: a view costs two atomic reference-count updates, as much as decoding 256 values."""
-    groups = xd.shape[1]
-    for t in range(t1 - t0):
-        acc[t] = 0.0
-    for b0 in range(0, blocks, chunk):
-        b1 = min(blocks, b0 + chunk)
-        n = (b1 - b0) * qk
-        idecode_row(qtype, raw[e, r, b0 * block_bytes : b1 * block_bytes], q, a, b)
-        steps = (n + 63) // 64
-        for g in range(n // 16, 4 * steps):  # the last chunk's tail: no weight there
-            a[g] = 0.0
-            b[g] = 0.0
-        for t in range(t0, t1):
-            acc[t - t0] += _dot_u8s8(q, a, b, xq, xl, xd, xs, t * groups + b0 * qk // 16, steps)
-
-
-@njit(cache=True, inline="always")
-def _prefetch_row(flat: np.ndarray, start: int, row_bytes: int) -> None:
-    for o in range(start, start + row_bytes, 64):
+def _prefetch_bytes(flat: np.ndarray, start: int, n: int) -> None:
+    for o in range(start, start + n, 64):
         _prefetch(flat, o)
+
+
+@njit(cache=True, inline="always")
+def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r1: int, block_bytes: int, qk: int,
+               q: np.ndarray, a: np.ndarray, b: np.ndarray, xq: np.ndarray, xl: np.ndarray, xd: np.ndarray,
+               xs: np.ndarray, t0: int, t1: int, out: np.ndarray, o0: int) -> None:
+    """out[o0 + t - t0, r] = row r of matrix e . x[t] for rows r0..r1-1 of raw [E, R, row bytes] (flat: the same
+    bytes, 1-D) and tokens t0..t1-1, with integer activations (engine.simd_int8).
+
+    Short rows (a whole number of 64-value steps that fit a chunk) are decoded several at a time, consecutive
+    rows being consecutive bytes; longer ones a chunk at a time. Every decoded chunk meets every token. Offsets,
+    not views, wherever they can be: a view costs two atomic reference-count updates, as much as decoding 256
+    values (and a call with arrays costs the same per array: everything here is inlined)."""
+    R, row_bytes = raw.shape[1], raw.shape[2]
+    blocks = row_bytes // block_bytes
+    C = blocks * qk
+    groups = xd.shape[1]
+    if C % 64 == 0 and C <= _CHUNK_VALUES:
+        span = _CHUNK_VALUES // C
+        for rs in range(r0, r1, span):
+            re = min(r1, rs + span)
+            start = (e * R + rs) * row_bytes
+            if re < r1:  # overlap DRAM reads of the next rows with this span's work
+                _prefetch_bytes(flat, start + (re - rs) * row_bytes, min(r1 - re, span) * row_bytes)
+            idecode_row(qtype, flat[start : start + (re - rs) * row_bytes], q, a, b)
+            for j in range(re - rs):
+                for t in range(t0, t1):
+                    out[o0 + t - t0, rs + j] = _dot_u8s8(q, a, b, j * C // 16, xq, xl, xd, xs, t * groups, C // 64)
+        return
+    chunk = max(1, _CHUNK_VALUES // qk)
+    for r in range(r0, r1):
+        if r + _PREFETCH_ROWS < r1:
+            _prefetch_bytes(flat, (e * R + r + _PREFETCH_ROWS) * row_bytes, row_bytes)
+        for t in range(t0, t1):
+            out[o0 + t - t0, r] = 0.0
+        for c0 in range(0, blocks, chunk):
+            c1 = min(blocks, c0 + chunk)
+            n = (c1 - c0) * qk
+            idecode_row(qtype, raw[e, r, c0 * block_bytes : c1 * block_bytes], q, a, b)
+            steps = (n + 63) // 64
+            for g in range(n // 16, 4 * steps):  # the last chunk's tail: no weight there
+                a[g] = 0.0
+                b[g] = 0.0
+            for t in range(t0, t1):
+                out[o0 + t - t0, r] += _dot_u8s8(q, a, b, 0, xq, xl, xd, xs, t * groups + c0 * qk // 16, steps)
 
 
 @njit(parallel=True, cache=True)
@@ -187,20 +210,12 @@ def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
                         xl: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """out[t, r] = x[t] . row r of raw [1, R, row bytes] (flat: the same bytes, 1-D) with 16-bit integer
     activations (engine.q8_activations): each weight byte is read once for all T tokens."""
-    R, row_bytes = raw.shape[1], raw.shape[2]
-    T = xq.shape[0]
-    blocks = row_bytes // block_bytes
-    chunk = max(1, _CHUNK_VALUES // qk)
+    R = raw.shape[1]
     tasks = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for k in prange(tasks):
-        q, a, b = _int8_scratch(blocks, chunk, qk)
-        acc = np.empty(T, np.float32)
-        for r in range(k * _ROWS_PER_TASK, min(R, (k + 1) * _ROWS_PER_TASK)):
-            if r + _PREFETCH_ROWS < R:  # overlap DRAM reads of later rows with this row's work
-                _prefetch_row(flat, (r + _PREFETCH_ROWS) * row_bytes, row_bytes)
-            _int8_row(qtype, raw, r, 0, blocks, block_bytes, chunk, qk, q, a, b, xq, xl, xd, xs, 0, T, acc)
-            for t in range(T):
-                out[t, r] = acc[t]
+        q, a, b = _int8_scratch()
+        _int8_rows(qtype, raw, flat, 0, k * _ROWS_PER_TASK, min(R, (k + 1) * _ROWS_PER_TASK), block_bytes, qk,
+                   q, a, b, xq, xl, xd, xs, 0, xq.shape[0], out, 0)
 
 
 @njit(parallel=True, cache=True)
@@ -209,23 +224,14 @@ def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
                         xs: np.ndarray, out: np.ndarray) -> None:
     """out[n, r] = x[inputs[n]] . row r of matrix experts[n] of raw [E, R, row bytes] (flat: the same bytes, 1-D):
     all selected experts of an MoE layer in one launch; pairs may share a quantized input row."""
-    R, row_bytes = raw.shape[1], raw.shape[2]
-    N = experts.size
-    blocks = row_bytes // block_bytes
-    chunk = max(1, _CHUNK_VALUES // qk)
+    R = raw.shape[1]
     per = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
-    for k in prange(N * per):
+    for k in prange(experts.size * per):
         n = k // per
-        e = experts[n]
-        q, a, b = _int8_scratch(blocks, chunk, qk)
-        acc = np.empty(1, np.float32)
-        r1 = min(R, (k % per + 1) * _ROWS_PER_TASK)
-        for r in range((k % per) * _ROWS_PER_TASK, r1):
-            if r + _PREFETCH_ROWS < r1:
-                _prefetch_row(flat, (e * R + r + _PREFETCH_ROWS) * row_bytes, row_bytes)
-            _int8_row(qtype, raw, r, e, blocks, block_bytes, chunk, qk, q, a, b, xq, xl, xd, xs, inputs[n],
-                      inputs[n] + 1, acc)
-            out[n, r] = acc[0]
+        q, a, b = _int8_scratch()
+        r0 = (k % per) * _ROWS_PER_TASK
+        _int8_rows(qtype, raw, flat, experts[n], r0, min(R, r0 + _ROWS_PER_TASK), block_bytes, qk, q, a, b, xq,
+                   xl, xd, xs, inputs[n], inputs[n] + 1, out, n)
 
 
 @njit(cache=True)

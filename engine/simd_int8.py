@@ -255,18 +255,20 @@ def _data(context, builder, sig, args, k: int) -> ir.Value:
 
 
 @intrinsic
-def _dot_u8s8(typingctx, q, a, b, xq, xl, xd, xs, xgroup, n64):
+def _dot_u8s8(typingctx, q, a, b, wgroup, xq, xl, xd, xs, xgroup, n64):
     """float32 sum over n64 steps of 64 values (4 groups of 16) of  a*xd*(q.x) + b*xs, group by group, where the
     activation codes x = 256 * xq + xl come in two int8 planes (engine.q8_activations).
 
-    q (u8), a, b (f32 per group) are a decoded weight chunk indexed from 0; xq, xl (s8), xd, xs (f32 per group)
-    are a quantized token vector indexed from group `xgroup`. Groups past the data must carry a = b = 0."""
-    sig = types.float32(q, a, b, xq, xl, xd, xs, xgroup, n64)
+    q (u8), a, b (f32 per group) are decoded weights read from group `wgroup`; xq, xl (s8), xd, xs (f32 per group)
+    are quantized token vectors read from group `xgroup` (flat indices). Groups past the data carry a = b = 0."""
+    sig = types.float32(q, a, b, wgroup, xq, xl, xd, xs, xgroup, n64)
 
     def codegen(context, builder, signature, args):
-        qd, ad, bd, xqd, xld, xdd, xsd = (_data(context, builder, signature, args, k) for k in range(7))
-        xg = _arg_i64(context, builder, signature, args, 7)
-        n = _arg_i64(context, builder, signature, args, 8)
+        qd, ad, bd = (_data(context, builder, signature, args, k) for k in range(3))
+        xqd, xld, xdd, xsd = (_data(context, builder, signature, args, k) for k in range(4, 8))
+        wg = _arg_i64(context, builder, signature, args, 3)
+        xg = _arg_i64(context, builder, signature, args, 8)
+        n = _arg_i64(context, builder, signature, args, 9)
         v4f = ir.VectorType(_F32, 4)
         acc_a = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16))
         acc_b = cgutils.alloca_once_value(builder, ir.Constant(v4f, [0.0] * 4))
@@ -277,8 +279,9 @@ def _dot_u8s8(typingctx, q, a, b, xq, xl, xd, xs, xgroup, n64):
             return builder.load(builder.bitcast(p, vty.as_pointer()), align=align, typ=vty)
 
         with cgutils.for_range(builder, n, intp=_I64) as loop:
-            gw = builder.mul(loop.index, ir.Constant(_I64, 4))
-            gx = builder.add(gw, xg)
+            step = builder.mul(loop.index, ir.Constant(_I64, 4))
+            gw = builder.add(step, wg)
+            gx = builder.add(step, xg)
             sixteen = ir.Constant(_I64, 16)
             w = vload(qd, builder.mul(gw, sixteen), _V64I8, 1)
             hi = _lane_sums(builder, w, vload(xqd, builder.mul(gx, sixteen), _V64I8, 1))

@@ -53,6 +53,11 @@ def test_program_records_round_trip_and_refusals() -> None:
     records = segment_records(cfg, ops, _refs(f), mla=3, amb_bytes=1 << 20, cache_type="q8_0", n_ctx=64)
     program = parse_program(records)
     assert program.ops == tuple(ops) and program.cache_type == "q8_0" and set(program.tensors) == set(f.tensors)
+    assert program.int8  # integer activations unless the coordinator says otherwise
+    assert not parse_program(segment_records(cfg, ops, _refs(f), mla=3, amb_bytes=1 << 20, cache_type="q8_0",
+                                             n_ctx=64, int8=False)).int8
+    with pytest.raises(ProgramError, match="'int8' must be true or false"):
+        parse_program([("config", {**records[0][1], "int8": 1}), *records[1:]])
     with pytest.raises(ProgramError, match="starts with"):
         parse_program(records[1:])
     with pytest.raises(ProgramError, match="cache type"):

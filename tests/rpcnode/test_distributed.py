@@ -90,6 +90,20 @@ def test_experts_on_a_worker(workers: Callable[..., WorkerProc]) -> None:
     assert runs(model)[w.device] - before == n_remote * (1 + len(DECODE))
 
 
+def test_float_activations_reach_the_workers(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    """--float-activations travels in the segment program: the worker's experts multiply float32 activations
+    as the coordinator's attention does, so remote equals local float32 (and not the default integer path)."""
+    w = workers()
+    exact = run_sequence(load_model(synth_model, float_activations=True))
+    fast = run_sequence(load_model(synth_model))
+    assert max(np.max(np.abs(a - b)) / np.max(np.abs(b)) for a, b in zip(exact, fast, strict=True)) > 1e-5
+    for flag, want in ((True, exact), (False, fast)):
+        model = load_model(synth_model, rpc=w.endpoint, override_tensor=[f"exps={w.device}"],
+                           float_activations=flag)
+        assert model.net.remote
+        assert_same(run_sequence(model), want)
+
+
 def test_alternating_layers_on_two_workers(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
     a, b = workers(), workers()
     want = run_sequence(load_model(synth_model))
