@@ -162,20 +162,26 @@ def _unpack16_qh(typingctx, dst, do, src, lo, lshift, qh, qhshift, qoff, scale, 
     return sig, codegen
 
 
-def _x86_permute() -> str | None:
-    """The widest x86 float permute the compile target has ("avx512f", "avx2"), else None.
+def target_features() -> set[str]:
+    """The x86 features ("+avx512f", "+avx512vnni", ...) of the CPU numba compiles for; empty elsewhere.
 
     numba compiles for the host CPU unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES say otherwise, and keys its
-    on-disk cache by CPU, so a cached kernel always matches the branch chosen here.
+    on-disk cache by CPU, so a cached kernel always matches the branch chosen from these. A named CPU without
+    a feature list (NUMBA_CPU_NAME=haswell) gets the portable IR, which LLVM lowers for that CPU.
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
+        return set()
     features = numba.config.CPU_FEATURES
     if features is None:
         if numba.config.CPU_NAME not in (None, "host"):
-            return None
+            return set()
         features = llvm_binding.get_host_cpu_features().flatten()
-    flags = set(features.split(","))
+    return set(features.split(","))
+
+
+def _x86_permute() -> str | None:
+    """The widest x86 float permute the compile target has ("avx512f", "avx2"), else None."""
+    flags = target_features()
     return "avx512f" if "+avx512f" in flags else "avx2" if "+avx2" in flags else None
 
 

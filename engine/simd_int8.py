@@ -16,37 +16,21 @@ lowers to what the target has), like engine.simd's permute.
 
 from __future__ import annotations
 
-import platform
-
-import numba
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.simd import _arg_i32, _arg_i64, _field, _load_bytes, _splat
+from engine.simd import _arg_i32, _arg_i64, _field, _load_bytes, _splat, target_features
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16I8, _V16I32 = ir.VectorType(_I8, 16), ir.VectorType(_I32, 16)
 _V64I8, _V16F = ir.VectorType(_I8, 64), ir.VectorType(_F32, 16)
 
 
-def _target_features() -> set[str]:
-    """The compile target's x86 features ("+avx512vnni", ...) as numba compiles for it; empty elsewhere."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return set()
-    features = numba.config.CPU_FEATURES
-    if features is None:
-        if numba.config.CPU_NAME not in (None, "host"):
-            return set()  # a named CPU (NUMBA_CPU_NAME=haswell): portable IR, which LLVM lowers for that CPU
-        features = llvm_binding.get_host_cpu_features().flatten()
-    return set(features.split(","))
-
-
 def instruction_set() -> str:
     """What the integer dot compiles to here: "avx512vnni" or "portable"."""
-    return "avx512vnni" if {"+avx512vnni", "+avx512bw"} <= _target_features() else "portable"
+    return "avx512vnni" if {"+avx512vnni", "+avx512bw"} <= target_features() else "portable"
 
 
 _ISA = instruction_set()

@@ -169,6 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device-mem", action="append", default=[], metavar="DEV=SIZE")
     p.add_argument("-t", "--threads", type=int, default=None, help="compute threads for generate and bench")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size of the loaded model (default 4096)")
+    p.add_argument("--float-activations", action="store_true",
+                   help="float32 activations instead of integer-quantized ones (exact, slower), as `ikctl run`")
     return p
 
 
@@ -222,6 +224,8 @@ def app_from_args(args: argparse.Namespace) -> IkctlApp:
         options["threads"] = args.threads
     if args.ctx_size is not None:
         options["ctx_size"] = args.ctx_size
+    if args.float_activations:
+        options["float_activations"] = True
     board = HostBoard(hosts, local, cluster_file=cluster_file)
     return make_app(args.model, rules, capacities, options, tokens=tokens, local=local, board=board)
 

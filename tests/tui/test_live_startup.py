@@ -75,6 +75,12 @@ async def test_a_cluster_file_gives_endpoints_tokens_and_capacities(secured: tup
         assert app.placement.load_note.startswith("✓ loaded"), app.placement.load_note
 
 
+def test_app_takes_the_model_flags(tmp_path: Path) -> None:
+    app = app_from_args(_parser().parse_args(["-m", str(tmp_path / "m.gguf"), "-t", "1", "--float-activations"]))
+    assert app.local is None and app.shared.options == {"threads": 1, "float_activations": True}
+    assert app_from_args(_parser().parse_args(["-m", str(tmp_path / "m.gguf")])).shared.options == {}
+
+
 def test_a_hosts_file_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hosts = tmp_path / "hosts.toml"
     hosts.write_text('[[host]]\nname = "box1"\nssh = "me@10.0.0.2"\n')
