@@ -3,7 +3,9 @@
 Legend: R rows (output features), C columns (input features), T tokens, B blocks per row, QK values per block.
 
 Decode (T <= MATVEC_MAX_T): each row is decoded 4096 values at a time into an L1 scratch and dotted with all T
-token vectors, so the weight bytes are read once per call and never widened to a float32 copy in memory.
+token vectors, so the weight bytes are read once per call and never widened to a float32 copy in memory. By
+default (`activations`) quantized types decode to integer codes and meet integer activation codes
+(engine.simd_int8, int8_decoders, q8_activations); with float32 activations they decode to float32.
 Prefill (larger T): a tile of rows is decoded into a float32 scratch (<= 16 MiB) and BLAS does `x @ tile.T`.
 Block layouts follow docs/deepseek2.md §6 and gguf 0.19's `gguf.quants` decoders bit for bit (every decoded
 value is the float32 `gguf.quants.dequantize` gives; only the dot's summation order differs).
@@ -320,9 +322,10 @@ _numerics = threading.local()
 
 @contextmanager
 def activations(int8: bool) -> Iterator[None]:
-    """Within this block, on this thread: multiply quantized weights with int8-quantized activations (True, the
-    default: llama.cpp's numerics and its speed) or with the float32 activations themselves (False: exact up to
-    the summation order). Local passes and workers set it per forward pass, so both sides compute alike."""
+    """Within this block, on this thread: decode-sized products of quantized weights run on integer activation
+    codes (True, the default: 16-bit codes in two int8 planes, engine.q8_activations) or on the float32
+    activations themselves (False: exact up to the summation order). Local passes and workers set it per
+    forward pass, so both sides compute alike."""
     before = getattr(_numerics, "int8", True)
     _numerics.int8 = bool(int8)
     try:
@@ -341,7 +344,7 @@ def int8_enabled() -> bool:
 
 
 def takes_int8(qtype: int) -> bool:
-    """Whether products with this weight type run on int8 activations now."""
+    """Whether decode-sized products with this weight type run on integer activations now."""
     return int8_enabled() and int(qtype) in INT8_TYPES
 
 

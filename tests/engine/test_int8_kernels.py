@@ -5,7 +5,7 @@ Legend: R rows, C columns, T tokens, E experts.
 The reference quantizes activations with its own NumPy code (one scale per 32 values, round half to even) and
 multiplies gguf's float64 dequantized weights with those dequantized activations: the kernels must agree to
 float32 rounding. A wrong code, scale, group or lane would be off by >= 1e-3. The portable (non-VNNI) build is
-checked by running this module again with numba compiling for an AVX2-only CPU, results bit for bit equal.
+checked by running these tests and the float kernels' again with numba compiling for an AVX2-only CPU.
 """
 
 from __future__ import annotations
@@ -134,22 +134,28 @@ def _products() -> dict[str, list]:
     return out
 
 
+# What numba compiles for on an AVX2-only Haswell (no AVX-512, no VNNI).
+HASWELL = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,"
+           "+fxsr,+lzcnt,+mmx,+movbe,+pclmul,+popcnt,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave"}
+
+
 @pytest.mark.slow
-def test_portable_build_for_an_avx2_cpu_gives_the_same_bits(tmp_path: Path) -> None:
-    """numba compiling for Haswell (AVX2, no AVX-512, no VNNI) takes the portable integer dot; this module's tests
-    pass there and its products equal this build's bit for bit (integer sums are exact, the float steps run in
-    the same order)."""
-    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+def test_an_avx2_build_passes_the_kernel_tests_with_the_same_bits(tmp_path: Path) -> None:
+    """numba compiling for Haswell takes the portable integer dot and the AVX2 permute of the float decoders:
+    the kernel tests pass there, and the integer products equal this build's bit for bit (integer sums are
+    exact, the float steps run in the same order)."""
+    env = {**os.environ, **HASWELL, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     code = ("import json, sys; sys.path[:0] = [sys.argv[1]]; from engine.simd_int8 import instruction_set; "
-            "from tests.engine.test_int8_kernels import _products; "
-            "print(json.dumps({'isa': instruction_set(), 'products': _products()}))")
+            "from engine.simd import _PERMUTE; from tests.engine.test_int8_kernels import _products; "
+            "print(json.dumps({'isa': instruction_set(), 'permute': _PERMUTE, 'products': _products()}))")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, capture_output=True, text=True,
                           cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     there = json.loads(proc.stdout.splitlines()[-1])
-    assert there["isa"] == "portable"
+    assert (there["isa"], there["permute"]) == ("portable", "avx2")
     assert there["products"] == _products()
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                            "not portable_build"], env=env,
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                            str(ROOT / "tests" / "engine" / "test_kernels.py"), "-k", "not avx2_build"], env=env,
                            capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert tests.returncode == 0, tests.stdout[-3000:]
+    assert " passed" in tests.stdout and "skipped" not in tests.stdout
