@@ -59,8 +59,11 @@ def sweep(
     steps = sweep_steps(n_ctx, ubatch, n_gen)
     rng = np.random.default_rng(seed)
     cache = model.new_cache(n_ctx)
-    # warm-up: load compiled kernels, and page in every expert (a decode touches only K of E of them)
-    model.eval(rng.integers(0, model.n_vocab, ubatch).tolist(), model.new_cache(ubatch))
+    # warm-up: load (or compile) the prefill and the decode kernels, and page in every expert (a decode touches
+    # only K of E of them), so that the first row times neither
+    warm = model.new_cache(ubatch + 1)
+    model.eval(rng.integers(0, model.n_vocab, ubatch).tolist(), warm)
+    model.eval([int(rng.integers(0, model.n_vocab))], warm)
     for k, n_kv in enumerate(steps):
         cache.truncate(n_kv)
         t0 = time.perf_counter()

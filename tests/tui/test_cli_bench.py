@@ -41,6 +41,7 @@ def test_bench_on_the_embedded_model(tmp_path: Path) -> None:
     for key in ("model", "quant", "threads", "placement", "host", "ikctl_version", "n_ctx", "n_ubatch", "mla"):
         assert key in doc
     assert doc["threads"] == 1 and doc["n_ctx"] == 128 and "Q8_0" in doc["quant"]
+    assert doc["activations"] == "int8" and doc["kernels"] == "fused"
     assert doc["host"]["cores"] >= 1
     rows = doc["rows"]
     assert [r["n_kv"] for r in rows] == [0, 32, 64, 96]
@@ -49,6 +50,28 @@ def test_bench_on_the_embedded_model(tmp_path: Path) -> None:
         assert r["pp"] == 32 and r["tg"] == 4
         assert r["t_pp"] > 0 and abs(r["speed_pp"] - 32 / r["t_pp"]) < 1e-6 * r["speed_pp"]
         assert r["t_tg"] > 0 and abs(r["speed_tg"] - 4 / r["t_tg"]) < 1e-6 * r["speed_tg"]
+
+
+def test_sweep_warms_up_the_prefill_and_the_decode_kernels_before_timing(tmp_path: Path) -> None:
+    """The first row must not time loading (or compiling) the decode kernels: the warm-up runs a prompt batch
+    and a decode step on a cache of its own before anything is timed."""
+    from engine import load_model
+    from engine.bench import sweep
+    from engine.synth import SynthSpec, write_model
+
+    model = load_model(write_model(tmp_path / "m.gguf", SynthSpec(layers=2, dense_layers=1, seed=3)), ctx_size=64)
+    calls: list[tuple[int, int]] = []
+    real = model.eval
+
+    def recording(ids, cache, all_logits=False):  # type: ignore[no-untyped-def]
+        calls.append((len(ids), id(cache)))
+        return real(ids, cache, all_logits)
+
+    model.eval = recording  # type: ignore[method-assign]
+    row = next(sweep(model, 64, 16, 2))
+    assert row.n_kv == 0 and [n for n, _ in calls] == [16, 1, 1, 1, 16]
+    warm, timed = {c for _, c in calls[:2]}, {c for _, c in calls[2:]}
+    assert len(warm) == 1 and len(timed) == 1 and warm != timed
 
 
 def test_bench_rejects_a_context_smaller_than_a_step(tmp_path: Path) -> None:
