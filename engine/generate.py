@@ -122,6 +122,9 @@ def generate(
 
     A text prompt is tokenized with special tokens parsed and BOS added if the model asks for it.
     """
+    if n_predict < -1:
+        raise IkctlError(f"-n {n_predict} is not a token count; give 0 or more, or -1 for until the end of "
+                         "generation or a full context")
     if isinstance(prompt, str):
         ids = model.tokenize(prompt, special=True, add_bos=model.tokenizer.add_bos)
     else:

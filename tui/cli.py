@@ -60,7 +60,10 @@ def _add_placement_flags(p: argparse.ArgumentParser, polling: bool = True) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ikctl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ikctl", description=__doc__, epilog="Bare `ikctl` (no command, or only flags such as -m MODEL --rpc …) "
+        "in a terminal opens the terminal app: placement map, generation, bench, live workers, hosts. "
+        "`ikctl app -h` lists its flags.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="generate text from a prompt (like llama-cli)")
     _add_model_flags(run)
@@ -101,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.set_defaults(run_hosts=run_hosts)
     launch = sub.add_parser("launch", help="start rpcnode workers on SSH hosts and write a cluster file")
     _add_launch_flags(launch)
+    sub.add_parser("app", help="open the terminal app (what bare `ikctl` does in a terminal); `ikctl app -h`")
     stop = sub.add_parser("stop", help="stop the workers of a cluster file")
     stop.add_argument("--cluster", metavar="FILE", required=True, help="the cluster file `ikctl launch` wrote")
     _add_ssh_flags(stop)
@@ -178,6 +182,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     model = load_model(resolve_model_path(args.model), **model_options(args))
     prompt = args.prompt
+    if args.system_prompt is not None and not args.chat:
+        raise IkctlError("-sys has no effect with -no-cnv (the prompt goes to the model as raw text); put the "
+                         "system text into -p, or drop -no-cnv")
+    if args.system_prompt is not None and not model.has_chat_template:
+        raise IkctlError(f"-sys needs a chat template and {model.path.name} has none "
+                         "(tokenizer.chat_template); put the system text into -p")
     if args.chat and model.has_chat_template:
         messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
         prompt = model.apply_chat_template([*messages, {"role": "user", "content": prompt}])
@@ -192,10 +202,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.write("\n")
     out.flush()
     print(gen.stats.summary(), file=sys.stderr)
+    if gen.stats.stop_reason == "context":
+        print(f"ikctl: generation stopped: the context of {model.n_ctx} tokens is full; raise -c for more",
+              file=sys.stderr)
     return 0
 
 
 def _progress(done: int, total: int) -> None:
+    """A bar redrawn in place on a terminal; a plain line per step anywhere else (a log has no carriage return)."""
+    if not sys.stderr.isatty():
+        print(f"ikctl bench: {done}/{total} steps", file=sys.stderr, flush=True)
+        return
     width = 30
     fill = width * done // total
     end = "\n" if done == total else ""
@@ -352,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tui.app import main as app_main  # bare `ikctl [-m MODEL] [placement flags]` opens the terminal app
 
         return app_main(argv)
+    if argv[:1] == ["app"]:  # the app by name, also for its -h
+        from tui.app import main as app_main
+
+        return app_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -84,3 +84,28 @@ def test_type_we_cannot_decode(tmp_path: Path) -> None:
 def test_bad_flag_values() -> None:
     assert_one_line_error(run_ikctl("run", "-m", str(V3), "-n", "2", "--top-p", "0"), "--top-p")
     assert_one_line_error(run_ikctl("run", "-m", str(V3), "-n", "2", "-c", "4", "-p", "a long prompt here"), "-c")
+
+
+def test_negative_counts_other_than_minus_one_are_refused() -> None:
+    assert_one_line_error(run_ikctl("run", "-m", str(V3), "-n", "-5"), "-n -5", "-1")
+
+
+def test_a_system_prompt_that_would_be_dropped_is_refused() -> None:
+    assert_one_line_error(run_ikctl("run", "-m", str(V3), "-n", "2", "-sys", "be brief", "-no-cnv"), "-sys", "-no-cnv")
+    # the llama.cpp reference model has no chat template
+    assert_one_line_error(run_ikctl("run", "-m", str(V3), "-n", "2", "-sys", "be brief"), "-sys", "chat template")
+
+
+def test_a_full_context_is_said() -> None:
+    proc = run_ikctl("run", "-m", str(V3), "-c", "16", "-n", "-1", "--temp", "0", "-p", "one two three")
+    assert proc.returncode == 0, proc.stderr
+    assert "generation stopped: the context of 16 tokens is full; raise -c" in proc.stderr
+    fits = run_ikctl("run", "-m", str(V3), "-c", "64", "-n", "3", "--temp", "0", "-p", "one two three")
+    assert fits.returncode == 0 and "context" not in fits.stderr
+
+
+def test_help_names_the_app_and_its_flags() -> None:
+    top = run_ikctl("--help")
+    assert top.returncode == 0 and "opens the terminal app" in top.stdout and "ikctl app -h" in top.stdout
+    app = run_ikctl("app", "-h")
+    assert app.returncode == 0 and "--hosts FILE" in app.stdout and "--float-activations" in app.stdout
