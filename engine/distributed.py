@@ -18,6 +18,7 @@ from engine.errors import IkctlError
 from engine.kv_cache import KVCache
 from engine.placement import CPU, Placement, PlacementRules, Segment, devices_for, layer_ops, plan
 from engine.segments import TensorRef, op_tensor_names, ordered_state, segment_records
+from rpcnode.token_file import TokenFileError, read_token_file
 
 if TYPE_CHECKING:
     from engine.cluster import Cluster
@@ -105,9 +106,9 @@ def read_token() -> str | None:
     path = os.environ.get(TOKEN_FILE_ENV)
     if path:
         try:
-            return open(path, encoding="utf-8").read().strip() or None
-        except OSError as e:
-            raise IkctlError(f"cannot read ${TOKEN_FILE_ENV} {path}: {e.strerror}") from None
+            return read_token_file(path)
+        except TokenFileError as e:
+            raise IkctlError(f"${TOKEN_FILE_ENV}: {e}") from None
     return os.environ.get(TOKEN_ENV) or None
 
 

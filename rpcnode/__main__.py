@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rpcnode.token_file import TokenFileError, read_token_file
+
 DEFAULT_PORT = 50052
 
 
@@ -38,12 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_token(path: str) -> str:
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise SystemExit(f"rpcnode: error: cannot read --token-file {path}: {e.strerror}") from None
-    if not token:
-        raise SystemExit(f"rpcnode: error: --token-file {path} is empty")
-    return token
+        return read_token_file(path)
+    except TokenFileError as e:
+        raise SystemExit(f"rpcnode: error: --token-file: {e}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> object:

@@ -285,9 +285,10 @@ def test_corrupt_cache_entry_is_replaced(workers: Callable[..., WorkerProc], syn
 def test_token_auth(workers: Callable[..., WorkerProc], tmp_path: Path, synth_model: Path,
                     monkeypatch: pytest.MonkeyPatch) -> None:
     token_file = tmp_path / "token"
-    token_file.write_text("s3cret-token\n")
+    token_file.write_text("s3cret-token-of-some-length\n")
+    token_file.chmod(0o600)
     w = workers("--token-file", str(token_file))
-    with Client.connect(w.endpoint, "s3cret-token") as c:
+    with Client.connect(w.endpoint, "s3cret-token-of-some-length") as c:
         assert c.device_info().device == "cpu"
     with pytest.raises(RPCError, match=r"RPC\[127\.0\.0\.1:\d+\].*AUTH_FAILED"):
         Client.connect(w.endpoint, "wrong")
@@ -297,6 +298,9 @@ def test_token_auth(workers: Callable[..., WorkerProc], tmp_path: Path, synth_mo
         load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)
     monkeypatch.setenv("IKCTL_RPC_TOKEN_FILE", str(token_file))
     model = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)
+    token_file.chmod(0o644)  # the coordinator refuses a token file others can read, as the worker does
+    with pytest.raises(IkctlError, match=r"\$IKCTL_RPC_TOKEN_FILE: .* is readable by others \(mode 0644\)"):
+        load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)
     assert_same(run_sequence(model), run_sequence(load_model(synth_model)))
 
 
@@ -317,7 +321,8 @@ def raw_exchange(endpoint: str, frames: list[bytes]) -> list[P.Frame]:
 
 def test_nothing_before_auth(workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
     token_file = tmp_path / "token"
-    token_file.write_text("tok")
+    token_file.write_text("tok-of-sixteen-chars")
+    token_file.chmod(0o600)
     w = workers("--token-file", str(token_file))
     # a telemetry request (and a huge payload declaration) before Hello: refused from the header, then closed
     for frame in (P.encode_frame(P.TelemetryRequest(), 1),
@@ -329,7 +334,7 @@ def test_nothing_before_auth(workers: Callable[..., WorkerProc], tmp_path: Path)
     replies = raw_exchange(w.endpoint, [P.encode_frame(P.Hello(), 1), P.encode_frame(P.TelemetryRequest(), 2)])
     assert isinstance(replies[0].message, P.HelloReply) and replies[0].message.auth_required
     assert replies[1].message.code == P.ErrorCode.AUTH_REQUIRED
-    with Client.connect(w.endpoint, "tok") as c:  # and the worker keeps serving
+    with Client.connect(w.endpoint, "tok-of-sixteen-chars") as c:  # and the worker keeps serving
         assert c.telemetry().tensors_held == 0
 
 
@@ -415,14 +420,15 @@ def test_worker_capacity_splits_layers(workers: Callable[..., WorkerProc], synth
 
 def test_a_token_per_worker(workers: Callable[..., WorkerProc], tmp_path: Path, synth_model: Path) -> None:
     files = [tmp_path / "a", tmp_path / "b"]
-    for f, tok in zip(files, ("token-a", "token-b"), strict=True):
+    for f, tok in zip(files, ("token-a-0123456789", "token-b-0123456789"), strict=True):
         f.write_text(tok)
+        f.chmod(0o600)
     a, b = (workers("--token-file", str(f)) for f in files)
-    tokens = {a.endpoint: "token-a", b.endpoint: "token-b"}
+    tokens = {a.endpoint: "token-a-0123456789", b.endpoint: "token-b-0123456789"}
     model = load_model(synth_model, rpc=[a.endpoint, b.endpoint], n_gpu_layers=99, rpc_token=tokens)
     assert_same(run_sequence(model), run_sequence(load_model(synth_model)))
     with pytest.raises(IkctlError, match=rf"{re.escape(b.device)}.*AUTH_FAILED"):
-        load_model(synth_model, rpc=[a.endpoint, b.endpoint], n_gpu_layers=99, rpc_token="token-a")
+        load_model(synth_model, rpc=[a.endpoint, b.endpoint], n_gpu_layers=99, rpc_token="token-a-0123456789")
 
 
 def test_telemetry_answers_while_a_segment_runs(workers: Callable[..., WorkerProc], synth_model: Path) -> None:

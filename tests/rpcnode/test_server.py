@@ -35,11 +35,26 @@ def test_non_loopback_needs_a_token(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "rpcnode", "--host", "0.0.0.0", "--port", "0", "-c", str(tmp_path)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "--token-file" in proc.stderr
-    empty = tmp_path / "empty"
-    empty.write_text("\n")
-    proc = subprocess.run([sys.executable, "-m", "rpcnode", "--port", "0", "--token-file", str(empty)],
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode != 0 and "empty" in proc.stderr
+
+
+
+@pytest.mark.parametrize(("content", "mode", "says"), [
+    (b"\n", 0o600, "is empty"),
+    (b"a-long-enough-token-0123456789\n", 0o644, "is readable by others (mode 0644); chmod 600"),
+    (b"a-long-enough-token-0123456789\n", 0o640, "is readable by others (mode 0640)"),
+    (b"short-token\n", 0o600, "has 11 characters; use at least 16"),
+    (b"\xff\xfe not text at all, long enough", 0o600, "is not UTF-8 text"),
+])
+def test_token_files_that_must_not_be_used(tmp_path: Path, content: bytes, mode: int, says: str) -> None:
+    """As ssh with a private key: only the owner may read the token; it must be text and long enough to guess."""
+    path = tmp_path / "token"
+    path.write_bytes(content)
+    path.chmod(mode)
+    proc = subprocess.run([sys.executable, "-m", "rpcnode", "--port", "0", "-c", str(tmp_path / "c"),
+                           "--token-file", str(path)], capture_output=True, text=True, timeout=30)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("rpcnode: error: --token-file: ") and str(path) in lines[0] and says in lines[0]
 
 
 @pytest.mark.parametrize("value", ["-1", "1001", "nan"])

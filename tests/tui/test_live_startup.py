@@ -24,11 +24,11 @@ pytestmark = pytest.mark.usefixtures("isolated_cache")
 def secured(tmp_path: Path) -> Iterator[tuple[LocalWorkers, str]]:
     """One worker that requires a token, as `ikctl launch` starts them."""
     token_file = tmp_path / "token"
-    token_file.write_text("s3cret-token")
+    token_file.write_text("s3cret-token-of-some-length")
     token_file.chmod(0o600)
     workers = LocalWorkers(threads=1, extra=["--token-file", str(token_file)])
     workers.start(1)
-    yield workers, "s3cret-token"
+    yield workers, "s3cret-token-of-some-length"
     workers.close()
 
 
