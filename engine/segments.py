@@ -254,7 +254,14 @@ class SegmentRunner:
         return cupy.cuda.Device(self.cuda_device)
 
     def run(self, seq_id: int, pos_start: int, n_tokens: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the ops on the pass state (see DeepSeek2.run_op) for tokens at pos_start..; the state after."""
+        """Run the ops on the pass state (see DeepSeek2.run_op) for tokens at pos_start..; the state after.
+
+        The token count comes from a peer: it must name the rows of every per-token array and fit the context,
+        checked before anything is sized by it (ValueError otherwise)."""
+        rows = {k: int(v.shape[0]) for k, v in state.items() if k != "n_out" and getattr(v, "ndim", 0) >= 1}
+        if not 1 <= n_tokens <= self.program.n_ctx or any(r != n_tokens for r in rows.values()):
+            raise ValueError(f"{n_tokens} tokens do not fit the arrays' rows {rows} or the context of "
+                             f"{self.program.n_ctx}")
         with self._on_device(), activations(self.program.int8):
             cache = self._cache(seq_id, pos_start) if self._attn_layers else None
             if cache is not None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from engine import IkctlError, load_model
@@ -317,6 +318,24 @@ def raw_exchange(endpoint: str, frames: list[bytes]) -> list[P.Frame]:
         except (EOFError, OSError):
             pass
     return out
+
+
+def test_a_token_count_that_does_not_fit_the_arrays_is_refused(workers: Callable[..., WorkerProc],
+                                                               synth_model: Path) -> None:
+    """RunSegment's n_tokens comes from the peer: an experts-only segment (no KV cache to bound it) given 2**31
+    tokens and one row answers BAD_ARRAY before anything is sized by it, and the worker keeps serving."""
+    w = workers("-m", "256MiB")
+    model = load_model(synth_model, rpc=w.endpoint, override_tensor=[f"exps={w.device}"])
+    client = model.net.clients[w.device]
+    segment_id, _ = model.net.remote[0]
+    h = np.zeros((1, model.config.hidden_size), np.float32)
+    arrays = [("h", h), ("idx", np.zeros((1, 2), np.int64)), ("w", np.ones((1, 2), np.float32))]
+    for n_tokens in ((1 << 31) - 1, 2, 0):
+        with pytest.raises(RPCError, match=r"BAD_ARRAY.*do not fit the arrays"):
+            client.run_segment(segment_id, 0, n_tokens, arrays)
+    assert set(client.run_segment(segment_id, 0, 1, arrays)) == {"y"}
+    assert psutil.Process(w.proc.pid).memory_info().rss < 1 << 30
+    assert_same(run_sequence(model), run_sequence(load_model(synth_model)))
 
 
 def test_nothing_before_auth(workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
