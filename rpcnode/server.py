@@ -46,6 +46,13 @@ class _LoadLog:
                 f"{held / 2**20:.1f} MiB held")
 
 
+def loggable(text: str, limit: int = 200) -> str:
+    """A peer's string as it may appear in a log line: control and other unprintable characters escaped (a
+    newline in a model name must not forge a log line of its own), at most `limit` characters kept."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[:limit])
+    return out + ("…" if len(text) > limit else "")
+
+
 class Connection:
     """One peer: handshake, then requests answered in order, on the calling thread."""
 
@@ -116,7 +123,7 @@ class Connection:
             load.segments += 1
             load.ops += reply.n_ops
             name = m.ops[0].args.get("model") if m.ops else None
-            load.model = name if isinstance(name, str) else load.model
+            load.model = loggable(name) if isinstance(name, str) else load.model
 
     def _read(self, limits: P.Limits, allowed: Any = None) -> P.Frame:
         """One frame; a decode error is raised as ProtocolError carrying the request id (0 before the header)."""

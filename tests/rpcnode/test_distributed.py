@@ -338,6 +338,23 @@ def test_a_token_count_that_does_not_fit_the_arrays_is_refused(workers: Callable
     assert_same(run_sequence(model), run_sequence(load_model(synth_model)))
 
 
+def test_strings_from_peers_cannot_forge_log_lines(workers: Callable[..., WorkerProc], synth_model: Path,
+                                                   tmp_path: Path) -> None:
+    """The model name a coordinator sends is logged escaped: a newline in it stays inside the load line."""
+    evil = tmp_path / "evil\nrpcnode: forged line\x1b[31m.gguf"
+    evil.write_bytes(synth_model.read_bytes())
+    w = workers()
+    model = load_model(evil, rpc=w.endpoint, n_gpu_layers=99)
+    model.logits([1, 2, 3])
+    deadline = time.monotonic() + 10
+    while "model load:" not in w.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = w.log_text().splitlines()
+    (load,) = [ln for ln in lines if "model load:" in ln]
+    assert "evil\\nrpcnode: forged line\\x1b[31m.gguf" in load
+    assert not any(ln.startswith("rpcnode: forged") for ln in lines) and "\x1b" not in w.log_text()
+
+
 def test_nothing_before_auth(workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("tok-of-sixteen-chars")
