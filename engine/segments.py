@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,13 +60,56 @@ def config_args(cfg: ModelConfig) -> dict[str, Scalar]:
     return out
 
 
+# Bounds on a program's hyper-parameters: a peer's config sizes lists, tables and caches on the worker before any
+# tensor is looked at, so a value past these is refused (real models stay far below: DeepSeek-V3 has 61 layers,
+# 256 experts, a 129280-token vocabulary).
+CONFIG_INT_MAX = 1 << 24
+CONFIG_INT_LIMITS = {"n_layers": 4096, "n_heads": 1 << 14, "n_kv_heads": 1 << 14, "n_routed_experts": 1 << 16,
+                     "n_experts_per_tok": 1 << 16, "n_shared_experts": 1 << 16, "n_group": 1 << 16,
+                     "topk_group": 1 << 16}
+
+
+def _field_types(cls: type) -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(cls)}
+
+
+def _check_config_value(key: str, value: Any, kind: str | None) -> None:
+    """One `cfg.*` value against its field's declared type and the bounds above (unknown keys are left to the
+    dataclass, which refuses them)."""
+    name = key.rsplit(".", 1)[-1]
+    if kind is None:
+        return
+    if value is None:
+        ok = "None" in kind
+    elif kind.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif kind.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool) and \
+            0 <= value <= CONFIG_INT_LIMITS.get(name, CONFIG_INT_MAX)
+    elif kind.startswith("float"):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+            and abs(value) <= 1e12
+    elif kind.startswith("str"):
+        ok = isinstance(value, str) and len(value) <= 32
+    else:
+        ok = False
+    if not ok:
+        raise ProgramError(f"model config {key} = {value!r:.40} is out of bounds or not a {kind}")
+
+
 def config_from_args(args: Mapping[str, Any], arch: str = "deepseek2") -> ModelConfig:
-    """The inverse of config_args; a missing or mistyped field is a ProgramError."""
+    """The inverse of config_args; a missing, mistyped or out-of-bounds field is a ProgramError."""
+    top_types, rope_types = _field_types(ARCHITECTURES[arch]), _field_types(RopeConfig)
+    for key, value in args.items():
+        if key.startswith("cfg.rope."):
+            _check_config_value(key, value, rope_types.get(key[len("cfg.rope."):]))
+        elif key.startswith("cfg."):
+            _check_config_value(key, value, top_types.get(key[len("cfg."):]))
     rope = {k[len("cfg.rope."):]: v for k, v in args.items() if k.startswith("cfg.rope.")}
     top = {k[len("cfg."):]: v for k, v in args.items() if k.startswith("cfg.") and not k.startswith("cfg.rope.")}
     try:
         return ARCHITECTURES[arch](**top, rope=RopeConfig(**rope))
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ProgramError(f"bad model config in the segment program: {e}") from None
 
 

@@ -68,6 +68,14 @@ def test_program_records_round_trip_and_refusals() -> None:
         parse_program([records[0], ("attn", {"layer": 0, "t.x": ["d", "q"]})])
     with pytest.raises(ProgramError, match="model config"):
         parse_program([("config", {k: v for k, v in records[0][1].items() if k != "cfg.n_heads"})])
+    # a peer's hyper-parameters size lists and caches on the worker: bounded and typed before anything is built
+    for key, value in (("cfg.n_layers", 10**9), ("cfg.n_vocab", 1 << 40), ("cfg.hidden_size", -1),
+                       ("cfg.hidden_size", "4096"), ("cfg.norm_topk_prob", 1), ("cfg.rope.factor", float("nan")),
+                       ("cfg.rope.scaling_type", "y" * 100), ("cfg.rope", 3), ("cfg.n_heads", True)):
+        with pytest.raises(ProgramError, match=f"model config {key} = .* out of bounds or not a"):
+            parse_program([("config", {**records[0][1], key: value}), *records[1:]])
+    with pytest.raises(ProgramError, match="bad model config"):
+        parse_program([("config", {**records[0][1], "cfg.unknown": 1}), *records[1:]])
 
 
 def test_qtensor_from_bytes_matches_the_file(yarn_model: Path) -> None:

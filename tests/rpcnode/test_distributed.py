@@ -338,6 +338,25 @@ def test_a_token_count_that_does_not_fit_the_arrays_is_refused(workers: Callable
     assert_same(run_sequence(model), run_sequence(load_model(synth_model)))
 
 
+def test_a_program_with_absurd_hyper_parameters_is_refused(workers: Callable[..., WorkerProc],
+                                                           synth_model: Path) -> None:
+    """One small DefineSegment used to make the worker build a billion-entry layer list: the config values are
+    bounded before anything is built, the answer is BAD_PROGRAM, and the worker keeps serving."""
+    from engine.segments import segment_records
+
+    w = workers("-m", "256MiB")
+    cfg = DeepSeek2Config.from_gguf(GGUFFile(synth_model))
+    (head,) = segment_records(cfg, [], {}, mla=3, amb_bytes=1 << 20, cache_type="f16", n_ctx=64)
+    with Client.connect(w.endpoint) as c:
+        for key, value in (("cfg.n_layers", 10**9), ("cfg.n_routed_experts", 1 << 30), ("cfg.hidden_size", "x")):
+            with pytest.raises(RPCError, match=rf"BAD_PROGRAM.*{re.escape(key)}"):
+                c.define_segment(1, [("config", {**head[1], key: value})])
+        assert c.define_segment(1, [head]) == 0  # the same program with sane values is taken
+    assert psutil.Process(w.proc.pid).memory_info().rss < 1 << 30
+    assert_same(run_sequence(load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)),
+                run_sequence(load_model(synth_model)))
+
+
 def test_strings_from_peers_cannot_forge_log_lines(workers: Callable[..., WorkerProc], synth_model: Path,
                                                    tmp_path: Path) -> None:
     """The model name a coordinator sends is logged escaped: a newline in it stays inside the load line."""
