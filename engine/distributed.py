@@ -82,6 +82,22 @@ def capacities_from_options(opts: Options, cluster: Cluster | None, reported: Ma
     return caps
 
 
+def ask_capacities(endpoints: Sequence[str], tokens: Mapping[str, str], default_token: str | None,
+                   timeout: float = 10.0) -> tuple[dict[str, int], dict[str, str]]:
+    """What each worker reports as its memory, asked as a load asks it (`ikctl plan` plans against the same
+    numbers as `ikctl run`): ({device: bytes}, {device: why it could not be asked})."""
+    from rpcnode.client import Client, RPCError
+
+    reported, unasked = {}, {}
+    for ep in endpoints:
+        try:
+            with Client.connect(ep, tokens.get(ep, default_token), timeout=timeout) as client:
+                reported[f"RPC[{ep}]"] = client.device_info().mem_total_bytes
+        except (OSError, RPCError) as e:  # refused, unreachable, a wrong token or protocol
+            unasked[f"RPC[{ep}]"] = (str(e).splitlines() or [type(e).__name__])[0]
+    return reported, unasked
+
+
 def worker_tokens(opts: Options, cluster: Cluster | None) -> tuple[dict[str, str], str | None]:
     """(token per endpoint, the token for any other endpoint): rpc_token=, the cluster file, then the environment."""
     per_endpoint = dict(cluster.tokens()) if cluster is not None else {}

@@ -257,13 +257,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from engine.config import model_config
-    from engine.distributed import kv_bytes_per_layer
+    from engine.distributed import ask_capacities, kv_bytes_per_layer, worker_tokens
     from engine.gguf_file import GGUFFile
     from engine.model import Options
     from engine.placement import PlacementRules, devices_for, format_bytes, format_table, parse_device_mem, plan
 
     # flags first, so that a typo is reported before the embedded model is generated
-    rpc, capacities = args.rpc, {}
+    rpc, capacities, cluster = args.rpc, {}, None
     if args.cluster:
         from engine.cluster import read_cluster
 
@@ -271,8 +271,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         rpc = rpc or ",".join(cluster.endpoints())
         capacities = cluster.capacities()
     rules = PlacementRules.from_flags(args.override_tensor, args.n_gpu_layers, args.tensor_split, rpc)
-    # the file's capacities of the workers planned on (--rpc may pick some), then --device-mem
-    capacities = {d: c for d, c in capacities.items() if d in {f"RPC[{ep}]" for ep in rules.rpc}}
+    # as a load does: what the workers report, then the cluster file's (of the workers planned on), then
+    # --device-mem; a worker that cannot be asked is said so, and planned with what the files give
+    given = {**capacities, **dict(parse_device_mem(t) for t in args.device_mem)}
+    tokens, default_token = worker_tokens(Options(), cluster)
+    reported, unasked = ask_capacities([ep for ep in rules.rpc if f"RPC[{ep}]" not in given], tokens, default_token)
+    capacities = {**reported, **{d: c for d, c in capacities.items() if d in {f"RPC[{ep}]" for ep in rules.rpc}}}
     from engine.cuda.local import local_gpus
 
     devices = devices_for(rules.rpc, {**capacities, **dict(parse_device_mem(t) for t in args.device_mem)},
@@ -287,6 +291,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{format_bytes(total)})")
     print()
     print(format_table(placement))
+    for device, why in unasked.items():  # said once the flags proved sound (a bad flag is the one error line)
+        print(f"ikctl: warning: {device} was not asked its memory ({why}); planned without a capacity for it "
+              "(--device-mem gives one)", file=sys.stderr)
     for w in placement.warnings:
         print(f"ikctl: warning: {w}", file=sys.stderr)
     if args.verbose:

@@ -437,6 +437,21 @@ def test_plan_checks_worker_memory_before_sending(workers: Callable[..., WorkerP
     assert tel.cache_hits + tel.cache_misses == 0 and tel.tensors_held == 0  # nothing was offered
 
 
+def test_plan_asks_the_workers_as_run_does(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    """`ikctl plan` plans against the memory a worker reports: it refuses what `run` refuses, with the same line,
+    and --device-mem still overrides the report."""
+    w = workers("-m", "100000")
+    flags = ["-m", str(synth_model), "--rpc", w.endpoint, "-ngl", "99"]
+    for cmd in ("plan", "run"):
+        proc = subprocess.run([sys.executable, "-m", "tui.cli", cmd, *flags, "-n", "1"][: None if cmd == "run" else -2],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert re.search(rf"ikctl: error: .*{re.escape(w.device)} would hold .* but has 97\.7 KiB", proc.stderr)
+    roomy = subprocess.run([sys.executable, "-m", "tui.cli", "plan", *flags, "--device-mem", f"{w.device}=1GiB"],
+                           capture_output=True, text=True, timeout=120)
+    assert roomy.returncode == 0 and roomy.stderr == "", roomy.stderr
+
+
 def test_worker_refuses_what_does_not_fit(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
     # --device-mem overrides the worker's report; the worker's own -m still refuses the tensors
     w = workers("-m", "100000")
