@@ -152,10 +152,10 @@ def test_cli_run_and_bench_use_workers(workers: Callable[..., WorkerProc], synth
                            timeout=120)
     assert bench.returncode == 0, bench.stderr
     assert "|    32 |" in bench.stdout
-    # what the workers cost: 3 MoE layers' experts there, one round trip each per forward pass (a warm-up pass,
+    # what the workers cost: 3 MoE layers' experts there, one round trip each per forward pass (two warm-up passes,
     # then per step 4 decodes and a prompt batch)
     report = json.loads(out.read_text())
-    passes = 1 + len(report["rows"]) * (4 + 1)
+    passes = 2 + len(report["rows"]) * (4 + 1)  # the warm-up's prompt and decode step, then each row's
     (traffic,) = report["workers"]
     assert traffic["device"] == w.device and traffic["round_trips"] == 3 * passes
     assert 0 < traffic["worker_seconds"] < traffic["run_seconds"] and traffic["bytes_sent"] > 0
