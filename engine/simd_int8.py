@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 from engine.simd import _arg_i32, _arg_i64, _field, _load_bytes, _splat, target_features
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_V16I8, _V16I32 = ir.VectorType(_I8, 16), ir.VectorType(_I32, 16)
+_V16I32 = ir.VectorType(_I32, 16)
 _V64I8, _V16F = ir.VectorType(_I8, 64), ir.VectorType(_F32, 16)
 
 
