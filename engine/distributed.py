@@ -347,7 +347,6 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
         with _rpc():
             for ep in rules.rpc:
                 client = clients[f"RPC[{ep}]"] = Client.connect(ep, tokens.get(ep, default_token),
-                                                                    run_floor=opts.rpc_timeout,
                                                                     poll_ms=opts.rpc_poll)
                 reported[f"RPC[{ep}]"] = client.device_info().mem_total_bytes
         from engine.cuda.local import local_gpus

@@ -36,7 +36,6 @@ class Options:
     cluster: str | None = None  # --cluster FILE (from `ikctl launch`): endpoints, their tokens and memory
     rpc_token: str | Mapping[str, str] | None = None  # the workers' token, or one per endpoint (else $IKCTL_RPC_TOKEN)
     rpc_poll: float = 10.0  # --rpc-poll MS: spin this long for a remote worker's reply before sleeping (0: never)
-    rpc_timeout: float = 30.0  # --rpc-timeout S: the least a worker gets for a segment before it counts as frozen
     float_activations: bool = False  # --float-activations: no int8 activation quantization (exact, slower)
 
     @property
@@ -57,8 +56,6 @@ class Options:
             raise IkctlError(f"-t {self.threads} must be positive")
         if not 0 <= self.rpc_poll <= 1000:
             raise IkctlError(f"--rpc-poll {self.rpc_poll:g} must be 0..1000 milliseconds")
-        if not 0 < self.rpc_timeout <= 3600:
-            raise IkctlError(f"--rpc-timeout {self.rpc_timeout:g} must be more than 0 and at most 3600 seconds")
         return self
 
 

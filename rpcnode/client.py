@@ -17,10 +17,6 @@ CHUNK_BYTES = 16 << 20  # upload chunk size (the protocol's recommendation)
 CONNECT_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 600.0  # a long prefill on a slow worker may take minutes; a dead worker shows as EOF at once
-# Once a worker has answered segments, a reply later than DEADLINE_FACTOR x its slowest seconds per token so far
-# (at least the floor) means it froze (SIGSTOP, swap death) or its host is gone: say so instead of waiting 600 s.
-RUN_FLOOR_S = 30.0
-DEADLINE_FACTOR = 10.0
 
 
 class RPCError(Exception):
@@ -67,13 +63,10 @@ class Client:
     """One connection to a worker. Not thread-safe: one request (or pipelined batch) at a time."""
 
     def __init__(self, host: str, port: int, token: str | None = None, *, name: str = "ikctl",
-                 timeout: float = CALL_TIMEOUT_S, run_timeout: float = RUN_TIMEOUT_S, poll_ms: float = 0.0,
-                 run_floor: float = RUN_FLOOR_S) -> None:
+                 timeout: float = CALL_TIMEOUT_S, run_timeout: float = RUN_TIMEOUT_S, poll_ms: float = 0.0) -> None:
         self.host, self.port = host, int(port)
         self.label = f"RPC[{host}:{port}]"
-        self.timeout, self.run_timeout, self.run_floor = timeout, run_timeout, run_floor
-        self._s_per_token: float | None = None  # the slowest round trip per token seen (None: no run yet)
-        self._run_tokens = 1
+        self.timeout, self.run_timeout = timeout, run_timeout
         self.counters = Counters()
         self._next_id = 1
         self._run_started = 0.0
@@ -135,13 +128,13 @@ class Client:
         self.counters.requests += 1
         return rid
 
-    def _recv(self, rid: int, expect: type, timeout: float, late: str = "") -> Any:
+    def _recv(self, rid: int, expect: type, timeout: float) -> Any:
         assert self._sock is not None
         self._sock.settimeout(timeout)
         try:
             frame = P.recv_frame(self._sock)
         except TimeoutError:
-            self._broken(f"no reply within {timeout:g} s{late}")
+            self._broken(f"no reply within {timeout:g} s")
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
             what = "closed the connection" if isinstance(e, EOFError) else f"connection lost ({e})"
             self._broken(what)
@@ -247,29 +240,13 @@ class Client:
                            sections=specs)
         self.counters.runs += 1
         self._run_started = time.perf_counter()
-        self._run_tokens = max(1, n_tokens)
         return self._send(msg, parts)
-
-    def run_deadline(self) -> float:
-        """Seconds to wait for a segment's reply: the first run may compile kernels on the worker, so it gets
-        run_timeout; later ones DEADLINE_FACTOR x the slowest round trip per token so far x their tokens, at least
-        run_floor (at most run_timeout)."""
-        if self._s_per_token is None:
-            return self.run_timeout
-        expected = DEADLINE_FACTOR * self._s_per_token * self._run_tokens
-        return min(self.run_timeout, max(self.run_floor, expected))
 
     def finish_segment(self, request_id: int) -> dict[str, np.ndarray]:
         if self._sock is not None:
             P.poll_readable(self._sock, self.poll_s)
-        deadline = self.run_deadline()
-        late = "" if self._s_per_token is None else (
-            f" for {self._run_tokens} tokens ({DEADLINE_FACTOR:g}x its slowest time per token so far, at least "
-            f"--rpc-timeout {self.run_floor:g} s): the worker may be frozen or its host gone")
-        reply = self._recv(request_id, P.RunReply, deadline, late)
-        took = time.perf_counter() - self._run_started
-        self._s_per_token = max(self._s_per_token or 0.0, took / self._run_tokens)
-        self.counters.run_seconds += took
+        reply = self._recv(request_id, P.RunReply, self.run_timeout)
+        self.counters.run_seconds += time.perf_counter() - self._run_started
         self.counters.worker_seconds += reply.compute_seconds
         out = P.unpack_arrays(reply.sections, self._last_payload)
         return {spec.name: arr for spec, arr in zip(reply.sections, out, strict=True)}

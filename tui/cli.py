@@ -54,10 +54,6 @@ def _add_placement_flags(p: argparse.ArgumentParser, polling: bool = True) -> No
                    "given), each with its own token, their memory as capacities")
     if not polling:  # `plan` runs nothing
         return
-    g.add_argument("--rpc-timeout", dest="rpc_timeout", type=float, default=30.0, metavar="S",
-                   help="a worker that has answered before and now takes longer than this (and 10x its slowest "
-                   "time per token so far) for a segment counts as frozen: the run ends with an error naming it "
-                   "(default 30)")
     g.add_argument("--rpc-poll", dest="rpc_poll", type=float, default=10.0, metavar="MS",
                    help="spin up to MS milliseconds for a worker's reply instead of sleeping (a sleeping core wakes "
                    "0.1-0.3 ms late, every round trip); never for workers on this machine (default 10; 0: never)")
@@ -169,8 +165,7 @@ def placement_options(args: argparse.Namespace) -> dict[str, object]:
         return {}
     return {"rpc": args.rpc or (), "override_tensor": args.override_tensor, "n_gpu_layers": args.n_gpu_layers,
             "tensor_split": args.tensor_split, "device_mem": getattr(args, "device_mem", []),
-            "cluster": getattr(args, "cluster", None), "rpc_poll": getattr(args, "rpc_poll", 10.0),
-            "rpc_timeout": getattr(args, "rpc_timeout", 30.0)}
+            "cluster": getattr(args, "cluster", None), "rpc_poll": getattr(args, "rpc_poll", 10.0)}
 
 
 def resolve_model_path(path: str | None) -> str:
