@@ -222,10 +222,10 @@ def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
 
 @njit(parallel=True, cache=True)
 def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int,
-                        experts: np.ndarray, inputs: np.ndarray, xq: np.ndarray, xl: np.ndarray, xd: np.ndarray,
-                        xs: np.ndarray, out: np.ndarray) -> None:
-    """out[n, r] = x[inputs[n]] . row r of matrix experts[n] of raw [E, R, row bytes] (flat: the same bytes, 1-D):
-    all selected experts of an MoE layer in one launch; pairs may share a quantized input row."""
+                        experts: np.ndarray, xq: np.ndarray, xl: np.ndarray, xd: np.ndarray, xs: np.ndarray,
+                        out: np.ndarray) -> None:
+    """out[n, r] = x[n] . row r of matrix experts[n] of raw [E, R, row bytes] (flat: the same bytes, 1-D): all
+    selected experts of an MoE layer in one launch."""
     R = raw.shape[1]
     per = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for k in prange(experts.size * per):
@@ -233,7 +233,7 @@ def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
         q, a, b = _int8_scratch()
         r0 = (k % per) * _ROWS_PER_TASK
         _int8_rows(qtype, raw, flat, experts[n], r0, min(R, r0 + _ROWS_PER_TASK), block_bytes, qk, q, a, b, xq,
-                   xl, xd, xs, inputs[n], inputs[n] + 1, out, n)
+                   xl, xd, xs, n, n + 1, out, n)
 
 
 @njit(cache=True)
@@ -419,8 +419,7 @@ def gather_matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int, int], expe
         return out
     qk, block_bytes = BLOCK[int(qtype)]
     if takes_int8(qtype):
-        _int8_gather_kernel(a, a.reshape(-1), int(qtype), qk, block_bytes, ids, np.arange(len(ids)),
-                            *quantize_rows(x), out)
+        _int8_gather_kernel(a, a.reshape(-1), int(qtype), qk, block_bytes, ids, *quantize_rows(x), out)
     else:
         _gather_matvec_kernel(a, int(qtype), qk, ids, x, out)
     return out
