@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,17 @@ def smollm2_path() -> Path:
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
     assert path.is_file(), f"missing {path}"
     return path
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Every run ends by saying which tests were skipped and why, whatever -r asks: under -q a skip is a letter in
+    a count, and the SSH tests skip as a group (no root, no openssh-server)."""
+    reasons: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.section("skipped, and why", yellow=True, bold=True)
+        for reason, n in reasons.most_common():
+            terminalreporter.line(f"{n} test{'s' * (n != 1)} skipped: {reason}", yellow=True)

@@ -6,6 +6,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +19,29 @@ N_HOSTS = 3
 SSHD_START_S = 10.0
 # routed into the first namespace, which does not forward: packets to it vanish, so connecting times out
 DROP_ADDR = "198.51.100.200"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def checkout_python(venv: Path) -> str:
+    """A python in a new venv at `venv` that imports this checkout, and whatever this interpreter imports, from any
+    directory (the remote shells start in $HOME).
+
+    `venv --system-site-packages` is not enough: made from a venv's python, it inherits the *base* interpreter's
+    packages, not the venv's. So every directory on this interpreter's path becomes a site directory of the new
+    one (their .pth files, editable installs among them, are read too)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (venv_site_packages(venv) / "ikctl-checkout.pth").write_text(f"{REPO}\n{these_packages_pth_line()}")
+    return str(venv / "bin" / "python")
+
+
+def venv_site_packages(venv: Path) -> Path:
+    return Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+
+
+def these_packages_pth_line() -> str:
+    """A .pth line that makes every directory on this interpreter's path a site directory of the one reading it."""
+    dirs = [p for p in sys.path if p and Path(p).is_dir()]
+    return f"import site; list(map(site.addsitedir, {dirs!r}))\n"
 
 
 @dataclass(frozen=True)

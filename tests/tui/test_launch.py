@@ -23,7 +23,7 @@ from engine.cluster import Cluster, ClusterWorker, read_cluster, write_cluster
 from engine.placement import CPU
 from engine.synth import SynthSpec, write_model
 from rpcnode.client import Client, RPCError
-from tests.tui.conftest import SshdCluster
+from tests.tui.conftest import SshdCluster, checkout_python, these_packages_pth_line, venv_site_packages
 from tui.inventory import Host
 from tui.launch import LaunchOptions, WorkerPlan, launch_host, plan_workers
 from tui.probe import Gpu, HostFacts
@@ -39,11 +39,7 @@ PROMPT = [1, 5, 9, 20, 33, 7, 100, 3]
 @pytest.fixture(scope="module")
 def ikctl_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A python that imports this checkout's ikctl from any directory (the remote shells start in $HOME)."""
-    venv = tmp_path_factory.mktemp("venv") / "ikctl"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    (site / "ikctl-checkout.pth").write_text(f"{REPO}\n")
-    return str(venv / "bin" / "python")
+    return checkout_python(tmp_path_factory.mktemp("venv") / "ikctl")
 
 
 def ikctl(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
@@ -150,6 +146,24 @@ def test_plan_host_settings_override() -> None:
 
 
 # ---- the embedded default: local workers on loopback, same code path --------------------------------------------
+
+def test_checkout_python_imports_what_a_venv_has_installed(tmp_path: Path) -> None:
+    """The README's test command run from a fresh venv: the workers' python sees the venv's packages, not only the
+    base interpreter's (`venv --system-site-packages` from a venv's python gives the latter)."""
+    outer = tmp_path / "fresh-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(outer)], check=True)
+    installed = tmp_path / "installed"  # a package this venv has and its base interpreter lacks
+    installed.mkdir()
+    (installed / "only_in_this_venv.py").write_text("")
+    # with pytest and ikctl's dependencies, as pip would have put them there
+    (venv_site_packages(outer) / "deps.pth").write_text(f"{installed}\n{these_packages_pth_line()}")
+    made = subprocess.run([str(outer / "bin" / "python"), "-c", "import sys; from pathlib import Path; "
+                           "from tests.tui.conftest import checkout_python; print(checkout_python(Path(sys.argv[1])))",
+                           str(tmp_path / "workers-venv")], cwd=REPO, capture_output=True, text=True, check=True)
+    check = subprocess.run([made.stdout.strip(), "-c", "import only_in_this_venv, numpy, rpcnode.server"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
 
 def test_local_transport_launch_and_stop(tmp_path: Path, ikctl_python: str) -> None:
     host = Host(name="here", ssh="localhost", python=ikctl_python, threads=1, cache_dir=str(tmp_path / "cache"),
@@ -327,6 +341,12 @@ def test_install_into_a_venv(sshd_cluster: SshdCluster, known_hosts: Path, tmp_p
     assert rows[sshd_cluster.hosts[0].netns][-1] == f"ikctl is not installed for {bare}/bin/python (--install " \
                                                     "installs it, or set python/venv in the hosts file)"
 
+    # the host's site-packages holds the dependencies: `venv --system-site-packages` reuses the *base*
+    # interpreter's, which lacks them when these tests run from a venv; a .pth put where the venv will be (pip
+    # installs the dependencies it cannot find, and the namespaces have no network) stands in for them
+    site = venv_site_packages(venv)
+    site.mkdir(parents=True)
+    (site / "host-packages.pth").write_text(these_packages_pth_line())
     entries = [entry(sshd_cluster, 0, str(bare / "bin" / "python"), tmp_path, venv=str(venv))]
     proc, rows = launch_cli(tmp_path, entries, known_hosts, "--install")
     assert proc.returncode == 0, proc.stderr
