@@ -18,7 +18,9 @@ import numpy as np
 from rpcnode.cache_files import (
     NO_SPACE,
     FileMaps,
+    Ident,
     empty_array,
+    file_ident,
     fsync_dir,
     map_file,
     pwrite_all,
@@ -74,10 +76,13 @@ class TensorCache:
 
     Writes are atomic (temp file beside the entry, fsync, rename) and verified before the rename; an entry not
     written by this process is verified on its first `get` here, and a corrupt one is deleted and reported as
-    a miss.
+    a miss. Every `get` checks the file's stat against the one taken when it was verified (see file_ident): an
+    entry changed on disk since, even one still mapped, is hashed again before it is handed out.
     The total size stays under `limit_bytes` by evicting the least recently used entries, except those this
-    process has mapped (arrays returned by `get` that are still alive). Thread-safe. Several processes may
-    share a root: files appear and vanish atomically, and a size check rescans the directory.
+    process has mapped (arrays returned by `get` that are still alive). Uses are ordered in memory; on disk an
+    entry's mtime is the last time a process verified (or wrote) it, which orders entries after a restart.
+    Thread-safe. Several processes may share a root: files appear and vanish atomically, and a size check
+    rescans the directory.
     """
 
     def __init__(self, root: str | os.PathLike[str], limit_bytes: int, models: ModelIndex | None = None) -> None:
@@ -89,8 +94,8 @@ class TensorCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
-        self._live: dict[str, weakref.ref[mmap.mmap]] = {}
-        self._verified: dict[str, tuple[int, int, int]] = {}
+        self._live: dict[str, tuple[Ident, weakref.ref[mmap.mmap]]] = {}  # the map `get` hands out, of that file
+        self._verified: dict[str, Ident] = {}  # the file as it was when its bytes hashed to the digest
         self._reserved = 0
         self._counts = dict.fromkeys(("hits", "misses", "evictions", "corrupt", "rejected", "local_hits"), 0)
         self._local = models.maps if models is not None else FileMaps()
@@ -113,14 +118,11 @@ class TensorCache:
         A corrupt or truncated entry is deleted and counted as a miss, so the caller fetches the bytes again.
         While the array (or any view of it) is alive the entry is in use and is not evicted.
         """
-        path = self.path(digest)
-        arr = self._live_array(digest)
-        if arr is None:
-            arr = self._open_verified(digest, path)
+        arr = self._open_verified(digest, self.path(digest))
         if arr is None:
             self._count("misses")
             return None
-        self._touch(digest, path, arr.nbytes)
+        self._touch(digest, arr.nbytes)
         self._count("hits")
         return arr
 
@@ -174,7 +176,7 @@ class TensorCache:
             self._count("rejected")
             raise DigestMismatch(f"the {mv.nbytes} bytes offered for {digest[:16]}… hash to something else")
         if self._verified_file(digest, path):  # content-addressed: it already holds these bytes
-            self._touch(digest, path, mv.nbytes)
+            self._touch(digest, mv.nbytes)
             return
         self._make_room(mv.nbytes)
         try:
@@ -207,60 +209,64 @@ class TensorCache:
 
     # ---- internals: reading ----------------------------------------------------------------------------
 
-    def _live_array(self, digest: str) -> np.ndarray | None:
-        with self._lock:
-            ref = self._live.get(digest)
-            mm = ref() if ref is not None else None
-        return None if mm is None else np.frombuffer(mm, dtype=np.uint8)
-
     def _open_verified(self, digest: str, path: Path) -> np.ndarray | None:
+        """The entry's bytes if the file still is the one verified here, else hashed again (None if corrupt).
+
+        A held tensor is a shared map of its file, so bytes written into the file show in the map: the stat,
+        not the map's age, decides whether the hash still holds."""
         try:
-            st, mm = map_file(path)
+            ident = file_ident(path.stat())
+        except FileNotFoundError:  # evicted by another process sharing the root; its live map is not checkable
+            self._forget(digest)
+            return None
+        except OSError:
+            return self._corrupt(digest, path, None)
+        with self._lock:
+            trusted = self._verified.get(digest) == ident
+            live = self._live.get(digest)
+            mm = live[1]() if trusted and live is not None and live[0] == ident else None
+        if mm is not None:
+            return np.frombuffer(mm, dtype=np.uint8)
+        try:
+            # About to hash: mark the use on disk first, so the stat recorded includes that change of ours.
+            st, mm = map_file(path, touch=not trusted)
         except FileNotFoundError:
             self._forget(digest)
             return None
         except (OSError, ValueError):
             return self._corrupt(digest, path, None)
-        ident = (st.st_dev, st.st_ino, st.st_size)
+        ident = file_ident(st)
         arr = empty_array() if mm is None else np.frombuffer(mm, dtype=np.uint8)
-        # Hash the map itself, not a separate read: these are exactly the bytes the caller will use.
+        # Hash the map itself, not a separate read: these are exactly the bytes the caller will use. A write
+        # after the stat above changes ctime, so the next get sees it.
         if self._verified.get(digest) != ident and digest_of(arr) != digest:
             return self._corrupt(digest, path, ident)
         with self._lock:
             self._verified[digest] = ident
             if mm is not None:
-                self._live[digest] = weakref.ref(mm)
+                self._live[digest] = (ident, weakref.ref(mm))
         return arr
 
-    def _corrupt(self, digest: str, path: Path, ident: tuple[int, int, int] | None) -> None:
+    def _corrupt(self, digest: str, path: Path, ident: Ident | None) -> None:
         # Delete only the file that failed: a concurrent writer may have just renamed a good one into place.
         with contextlib.suppress(OSError):
-            st = path.stat()
-            if ident is None or (st.st_dev, st.st_ino, st.st_size) == ident:
+            if ident is None or file_ident(path.stat()) == ident:
                 path.unlink()
         self._count("corrupt")
         self._forget(digest)
 
     def _verified_file(self, digest: str, path: Path) -> bool:
-        """Whether the entry file is the one verified in this process (an unverified one is simply rewritten)."""
+        """Whether the entry file is the one verified in this process, unchanged since (else it is rewritten)."""
         try:
             st = path.stat()
         except OSError:
             return False
-        return self._verified.get(digest) == (st.st_dev, st.st_ino, st.st_size)
+        return self._verified.get(digest) == file_ident(st)
 
-    def _touch(self, digest: str, path: Path, size: int) -> None:
-        now = time.time()
-        try:
-            os.utime(path, (now, now))  # the file's mtime is the last use, so LRU order survives a restart
-        except FileNotFoundError:  # another process sharing the root evicted it; a live map stays valid
-            with self._lock:
-                self._entries.pop(digest, None)
-            return
-        except OSError:
-            pass
+    def _touch(self, digest: str, size: int) -> None:
+        # In memory only: setting the file's times would change its ctime, which is how changes are detected.
         with self._lock:
-            self._entries[digest] = _Entry(size, now)
+            self._entries[digest] = _Entry(size, time.time())
 
     # ---- internals: writing ----------------------------------------------------------------------------
 
@@ -312,8 +318,7 @@ class TensorCache:
         ident = None
         with contextlib.suppress(OSError):
             os.utime(path, (now, now))  # an exact time: the kernel's own is coarse, and LRU order needs ties broken
-            st = path.stat()
-            ident = (st.st_dev, st.st_ino, st.st_size)
+            ident = file_ident(path.stat())  # after our utime: the next change to the file is someone else's
         with self._lock:
             # These bytes were verified on their way in, so the usual upload-then-load needs no second hash.
             if ident is None:
@@ -370,8 +375,8 @@ class TensorCache:
         self._counts["evictions"] += 1
 
     def _in_use(self, digest: str) -> bool:
-        ref = self._live.get(digest)
-        return ref is not None and ref() is not None
+        live = self._live.get(digest)
+        return live is not None and live[1]() is not None
 
     def _forget(self, digest: str) -> None:
         with self._lock:
@@ -388,7 +393,10 @@ class TensorCache:
 
     def _rescan(self, clean_temps: bool = False) -> None:
         """Rebuild the entry list from the directory; optionally delete temp files of writers that died."""
-        entries = {d: _Entry(size, mtime) for d, (size, mtime) in scan_entries(self.root, clean_temps).items()}
+        scanned = scan_entries(self.root, clean_temps)
         with self._lock:
-            self._entries = entries
+            # uses in this process are newer than the files' mtimes (see _touch)
+            known = self._entries
+            self._entries = {d: _Entry(size, max(mtime, known[d].last_used) if d in known else mtime)
+                             for d, (size, mtime) in scanned.items()}
 

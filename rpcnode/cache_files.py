@@ -9,6 +9,7 @@ import mmap
 import os
 import re
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -25,9 +26,26 @@ def empty_array() -> np.ndarray:
     return arr
 
 
-def map_file(path: Path) -> tuple[os.stat_result, mmap.mmap | None]:
-    """The file's stat and a read-only map of it (None for an empty file, which cannot be mapped)."""
+Ident = tuple[int, int, int, int, int]
+
+
+def file_ident(st: os.stat_result) -> Ident:
+    """What tells a file's bytes unchanged without reading them: any write, truncation or utime sets ctime to
+    now, and no one can set it back, so a file with the same (device, inode, size, mtime, ctime) holds the same
+    bytes. (Since Linux 6.13 a change right after a stat gets a fine-grained ctime; older kernels stamp changes
+    with the clock tick, so a write within a few ms of the stat we recorded can go unseen.)"""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def map_file(path: Path, touch: bool = False) -> tuple[os.stat_result, mmap.mmap | None]:
+    """The file's stat and a read-only map of it (None for an empty file, which cannot be mapped).
+
+    touch: set its times to now first (best effort), so the stat returned already includes that change."""
     with open(path, "rb") as f:
+        if touch:
+            now = time.time_ns()
+            with contextlib.suppress(OSError):  # a cache dir of someone else's, read-only: no LRU mark
+                os.utime(f.fileno(), ns=(now, now))
         st = os.fstat(f.fileno())
         return st, (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else None)
 
@@ -71,7 +89,7 @@ class FileMaps:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._maps: dict[str, tuple[tuple[int, int, int, int], mmap.mmap | None]] = {}
+        self._maps: dict[str, tuple[Ident, mmap.mmap | None]] = {}
         self._verified: set[tuple[str, int, int, str]] = set()
 
     def view(self, path: str | os.PathLike[str], offset: int, nbytes: int) -> np.ndarray | None:
@@ -105,7 +123,7 @@ class FileMaps:
             st = os.stat(key)
         except OSError:
             return None
-        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        ident = file_ident(st)
         with self._lock:
             known = self._maps.get(key)
             if known is not None and known[0] == ident:
@@ -117,7 +135,7 @@ class FileMaps:
             except (OSError, ValueError):
                 self._maps.pop(key, None)
                 return None
-            self._maps[key] = ((st2.st_dev, st2.st_ino, st2.st_size, st2.st_mtime_ns), mm)
+            self._maps[key] = (file_ident(st2), mm)
             return mm
 
 

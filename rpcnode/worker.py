@@ -187,17 +187,20 @@ class Worker:
             return self._offer(m, uploads)
 
     def _offer(self, m: P.OfferTensor, uploads: dict[str, Upload]) -> P.OfferReply:
-        if m.digest in self.held:
-            self.hits += 1
-            return P.OfferReply(digest=m.digest, status="hit")
-        if m.nbytes > self.mem_free:
+        # A held tensor is a map of a file that may have been written to since it was verified: the cache checks
+        # the file's stat (and hashes it again if it changed); a changed one is dropped and fetched anew.
+        held = self.held.get(m.digest)
+        if held is None and m.nbytes > self.mem_free:
             raise fail(E.OUT_OF_MEMORY, f"tensor {m.name or m.digest[:16]} needs {m.nbytes} bytes, {self.mem_free} "
                         f"of {self.mem_total} free (busy with another model? raise -m or free it)")
         arr = self.cache.lookup(m.digest, m.nbytes, m.name or None)
-        if arr is not None and arr.nbytes == m.nbytes:
+        if arr is not None and (arr.nbytes == m.nbytes or held is not None):
             self.held[m.digest] = arr
             self.hits += 1
             return P.OfferReply(digest=m.digest, status="hit")
+        if held is not None:
+            del self.held[m.digest]
+            log.warning("tensor %s… changed on disk after it was verified; fetching it again", m.digest[:16])
         self.misses += 1
         old = uploads.pop(m.digest, None)
         if old is not None:

@@ -285,6 +285,64 @@ def test_truncated_entry_detected(cache: TensorCache, keep: int) -> None:
     assert not cache.path(d).exists() and fresh.stats().corrupt == 1
 
 
+def write_in_place(path: Path, offset: int, keep_times: bool = False) -> None:
+    """Flip one byte of a file without replacing it (same inode and size), as a tool writing into it would;
+    keep_times: put its mtime back, as `rsync --inplace -t` or `touch -r` would."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x40]))
+    if keep_times:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("keep_times", [False, True])
+@pytest.mark.parametrize("mapped", [True, False])
+def test_bytes_changed_after_verification_are_caught(cache: TensorCache, mapped: bool, keep_times: bool) -> None:
+    """An entry verified (and mapped) here and then written into on disk is hashed again on its next get,
+    whether or not its old map is still alive, and deleted as corrupt: never handed out."""
+    data = blob(20_000)
+    d = digest_of(data)
+    cache.put(d, data)
+    held = cache.get(d)
+    assert held is not None
+    if not mapped:
+        del held
+    write_in_place(cache.path(d), 12_345, keep_times)
+    assert cache.get(d) is None
+    assert not cache.path(d).exists() and cache.stats().corrupt == 1
+    cache.put(d, data)  # re-fetched
+    got = cache.get(d)
+    assert got is not None and got.tobytes() == data
+
+
+def test_changed_but_same_bytes_are_hashed_once_more(cache: TensorCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = blob(10_000)
+    d = digest_of(data)
+    cache.put(d, data)
+    held = cache.get(d)
+    calls = count_hashing(monkeypatch)
+    os.utime(cache.path(d))  # touched (or the same bytes written back): the stat changed, so hash again
+    assert cache.get(d) is not None and len(calls) == 1 and cache.stats().corrupt == 0
+    assert cache.get(d) is not None and len(calls) == 1  # verified as it is now
+    assert held.tobytes() == data
+
+
+def test_local_model_bytes_changed_in_place_are_caught(tmp_path: Path) -> None:
+    """The same for a tensor served from a local GGUF under --models: its file changed in place (even with
+    its mtime put back) is hashed again, and a changed tensor is not served."""
+    (tmp_path / "m").mkdir()
+    path = write_model(tmp_path / "m" / "m.gguf", SynthSpec(seed=9))
+    name, (offset, nbytes, d) = max(expected_tensors(path).items(), key=lambda kv: kv[1][1])
+    c = TensorCache(tmp_path / "c", 1 << 30, models=ModelIndex([path.parent], tmp_path / "c" / INDEX_FILE))
+    held = c.lookup(d, nbytes, name)
+    assert held is not None and c.stats().local_hits == 1
+    write_in_place(path, offset + nbytes // 2, keep_times=True)
+    assert c.lookup(d, nbytes, name) is None
+
+
 def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count every BLAKE3 hash the cache, its file maps, its writers and the model index compute from now on."""
     from rpcnode import cache_files, cache_writer, model_index
@@ -341,10 +399,21 @@ def test_lru_order_survives_restart(tmp_path: Path) -> None:
     blobs = [blob(1000, seed=i) for i in range(4)]
     for b in blobs[:3]:
         c.put(digest_of(b), b)
-    assert c.get(digest_of(blobs[0])) is not None
-    c2 = TensorCache(tmp_path / "c", limit_bytes=3000)  # order read back from the files' mtimes
-    c2.put(digest_of(blobs[3]), blobs[3])
-    assert [c2.has(digest_of(b)) for b in blobs] == [True, False, True, True]
+    c2 = TensorCache(tmp_path / "c", limit_bytes=3000)  # a later process
+    assert c2.get(digest_of(blobs[0])) is not None  # its first use there (a verification) marks the file
+    c3 = TensorCache(tmp_path / "c", limit_bytes=3000)  # order read back from the files' mtimes
+    c3.put(digest_of(blobs[3]), blobs[3])
+    assert [c3.has(digest_of(b)) for b in blobs] == [True, False, True, True]
+
+
+def test_uses_in_memory_survive_a_rescan(tmp_path: Path) -> None:
+    c = TensorCache(tmp_path / "c", limit_bytes=3000)
+    blobs = [blob(1000, seed=i) for i in range(4)]
+    for b in blobs[:3]:
+        c.put(digest_of(b), b)
+    assert c.get(digest_of(blobs[0])) is not None  # used after the others were written: in memory only
+    c.put(digest_of(blobs[3]), blobs[3])  # over the limit: rescans the directory (other processes share it)
+    assert [c.has(digest_of(b)) for b in blobs] == [True, False, True, True]
 
 
 def test_in_use_entries_not_evicted(tmp_path: Path) -> None:

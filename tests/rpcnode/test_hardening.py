@@ -1,0 +1,63 @@
+"""A real worker against faults on its disk and odd requests: cache entries changed after verification, fatal
+errors whose reply must arrive, typed errors for every bad value, a full disk, unusable --models entries."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import load_model
+from engine.synth import SynthSpec, write_model
+from rpcnode.client import Client
+from tests.rpcnode.conftest import WorkerProc
+
+PROMPT = [1, 5, 9, 20, 33]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("m") / "small.gguf", SynthSpec(layers=2, dense_layers=1, seed=3))
+
+
+def cache_entries(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("??/*") if p.is_file() and not p.name.startswith("."))
+
+
+def scribble(path: Path) -> None:
+    """Write into a cache entry in place (same inode, same size): its old maps see the new bytes."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\x7f\x7f\x7f\x7f")
+
+
+# ---- cache entries changed on disk after verification --------------------------------------------------------
+
+
+@pytest.mark.parametrize("free_first", [False, True])
+def test_cache_entries_changed_after_verification_are_fetched_again(
+        workers: Callable[..., WorkerProc], small_model: Path, free_first: bool) -> None:
+    """Every entry of a loaded model is written into on disk; the next load (whether the worker still holds the
+    tensors or freed them) finds out and fetches them again, and the logits are the local ones."""
+    want = load_model(small_model).logits(PROMPT)
+    w = workers()
+    first = load_model(small_model, rpc=w.endpoint, n_gpu_layers=99)
+    assert first.net.load_stats.bytes_uploaded > 0
+    first.net.close()
+    entries = cache_entries(w.cache)
+    assert entries
+    for p in entries:
+        scribble(p)
+    if free_first:
+        with Client.connect(w.endpoint) as c:
+            assert c.free().tensors_held == 0
+    again = load_model(small_model, rpc=w.endpoint, n_gpu_layers=99)
+    stats = again.net.load_stats
+    assert stats.tensors_uploaded == len(entries) and stats.bytes_uploaded > 0
+    assert np.array_equal(again.logits(PROMPT), want)
+    log = w.log_text()
+    assert "Traceback" not in log
+    if not free_first:
+        assert log.count("changed on disk after it was verified; fetching it again") == len(entries)
