@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", metavar="FILE",
                    help="file holding the shared token (required unless --host is a loopback address)")
     p.add_argument("--models", action="append", default=[], metavar="DIR",
-                   help="directory of local GGUF files to read tensors from instead of the network (repeatable)")
+                   help="directory of local GGUF files (or one .gguf file) to read tensors from instead of the "
+                   "network (repeatable); entries it cannot use are logged with the reason")
     p.add_argument("--poll", type=float, default=10.0, metavar="MS",
                    help="after a segment, spin up to MS milliseconds for the coordinator's next one instead of "
                    "sleeping (a sleeping core wakes 0.1-0.3 ms late, every round trip); not for coordinators on "

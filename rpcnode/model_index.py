@@ -54,7 +54,7 @@ class ModelIndex:
         self.dirs = [Path(d) for d in dirs]
         self.index_file = Path(index_file)
         self.maps = FileMaps()
-        self.problems: list[str] = []  # files left out, with the reason, for the worker's log
+        self.problems: list[str] = []  # entries and files left out, one line each with the reason, for the log
         self._lock = threading.RLock()
         self._files: dict[str, _LocalFile] = {}
         self._by_digest: dict[str, tuple[_LocalFile, TableEntry]] = {}
@@ -66,8 +66,8 @@ class ModelIndex:
         """Find the *.gguf files again and read their tensor tables (cheap: headers only)."""
         stored = _load_index(self.index_file)
         files: dict[str, _LocalFile] = {}
-        problems: list[str] = []
-        for path in self._gguf_paths():
+        paths, problems = self._gguf_paths()
+        for path in paths:
             try:
                 st = os.stat(path)
                 table = read_tensor_table(path)
@@ -136,12 +136,27 @@ class ModelIndex:
                 _write_json(self.index_file, {"version": _INDEX_VERSION, "files": stored})
             self._dirty, self._saved_at = False, time.monotonic()
 
-    def _gguf_paths(self) -> list[str]:
+    def _gguf_paths(self) -> tuple[list[str], list[str]]:
+        """The GGUF files under the dirs (a .gguf file given itself counts too), and why an entry gave none."""
         paths: set[str] = set()
+        problems: list[str] = []
         for d in self.dirs:
-            if d.is_dir():
-                paths.update(os.path.abspath(p) for p in d.rglob("*.gguf") if p.is_file())
-        return sorted(paths)
+            if d.is_file() and d.suffix == ".gguf":
+                paths.add(os.path.abspath(d))
+                continue
+            if not d.exists():
+                why = "no such directory"
+            elif not d.is_dir():
+                why = "not a directory (nor a .gguf file)"
+            elif not os.access(d, os.R_OK | os.X_OK):  # rglob would quietly find nothing
+                why = "not readable by this user"
+            else:
+                found = {os.path.abspath(p) for p in d.rglob("*.gguf") if p.is_file()}
+                paths |= found
+                why = "" if found else "holds no .gguf files"
+            if why:
+                problems.append(f"{d}: {why}")
+        return sorted(paths), problems
 
     def _hash_candidates(
         self, digest: str, nbytes: int | None, name: str | None

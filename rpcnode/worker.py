@@ -81,6 +81,8 @@ class Worker:
         self.cfg = cfg
         root = cfg.cache_dir or cache_dir() / "rpcnode-cache"
         index = ModelIndex(cfg.models, root / "local-models.json") if cfg.models else None
+        for problem in index.problems if index is not None else ():
+            log.warning("--models %s; left out", problem)
         self.cache = TensorCache(root, cfg.cache_limit, models=index)
         self.gpu = _gpu(cfg.cuda_device) if cfg.cuda_device is not None else None
         default_mem = self.gpu.total_bytes if self.gpu is not None else psutil.virtual_memory().total

@@ -61,3 +61,26 @@ def test_cache_entries_changed_after_verification_are_fetched_again(
     assert "Traceback" not in log
     if not free_first:
         assert log.count("changed on disk after it was verified; fetching it again") == len(entries)
+
+
+# ---- --models entries that cannot be used ----------------------------------------------------------------------
+
+
+def test_unusable_models_entries_are_logged_with_the_reason(workers: Callable[..., WorkerProc], small_model: Path,
+                                                           tmp_path: Path) -> None:
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    broken.mkdir()
+    (broken / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
+    (tmp_path / "notes.txt").write_text("not a model")
+    w = workers("--models", str(tmp_path / "missing"), "--models", str(tmp_path / "notes.txt"), "--models",
+                str(empty), "--models", str(broken), "--models", str(small_model))
+    lines = [ln for ln in w.log_text().splitlines() if ln.startswith("rpcnode: --models ")]
+    assert len(lines) == 4, lines
+    assert lines[0] == f"rpcnode: --models {tmp_path / 'missing'}: no such directory; left out"
+    assert lines[1] == f"rpcnode: --models {tmp_path / 'notes.txt'}: not a directory (nor a .gguf file); left out"
+    assert lines[2] == f"rpcnode: --models {empty}: holds no .gguf files; left out"
+    assert lines[3].startswith(f"rpcnode: --models {broken / 'bad.gguf'}: ") and lines[3].endswith("; left out")
+    # the model file given itself is used: its tensors come from the disk, not the network
+    model = load_model(small_model, rpc=w.endpoint, n_gpu_layers=99)
+    assert model.net.load_stats.tensors_offered > 0 and model.net.load_stats.bytes_uploaded == 0
