@@ -34,6 +34,7 @@ class ClusterWorker:
     token_file: str  # its token file on the host (removed by `ikctl stop`)
     ssh: str | None  # the SSH destination it was launched through; None: this machine, without SSH
     identity: str | None = None  # the private key used for `ssh`
+    known_hosts: str | None = None  # the known_hosts file its host key was verified against; None: ~/.ssh/known_hosts
 
     @property
     def device_name(self) -> str:
@@ -70,8 +71,9 @@ def default_cluster_path() -> Path:
 _TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,), "device": (str,), "endpoint": (str,), "token": (str,), "mem_bytes": (int,), "threads": (int,),
     "pid": (int,), "log": (str,), "token_file": (str,), "ssh": (str, type(None)), "identity": (str, type(None)),
+    "known_hosts": (str, type(None)),
 }
-_REQUIRED = [f.name for f in fields(ClusterWorker) if f.name != "identity"]
+_REQUIRED = [f.name for f in fields(ClusterWorker) if f.name not in ("identity", "known_hosts")]
 
 
 def _worker(d: Any, where: str) -> ClusterWorker:

@@ -107,14 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("app", help="open the terminal app (what bare `ikctl` does in a terminal); `ikctl app -h`")
     stop = sub.add_parser("stop", help="stop the workers of a cluster file")
     stop.add_argument("--cluster", metavar="FILE", required=True, help="the cluster file `ikctl launch` wrote")
-    _add_ssh_flags(stop)
+    _add_ssh_flags(stop, known_hosts_default="the one each worker was launched with, as the cluster file says")
     return parser
 
 
-def _add_ssh_flags(p: argparse.ArgumentParser) -> None:
+def _add_ssh_flags(p: argparse.ArgumentParser, known_hosts_default: str = "~/.ssh/known_hosts") -> None:
     p.add_argument("--timeout", type=float, default=10.0, metavar="S",
                    help="seconds per host for connecting (and probing) (default: 10)")
-    p.add_argument("--known-hosts", metavar="FILE", help="known_hosts file (default: ~/.ssh/known_hosts)")
+    p.add_argument("--known-hosts", metavar="FILE", help=f"known_hosts file (default: {known_hosts_default})")
 
 
 LAUNCH_EPILOG = """\

@@ -14,7 +14,7 @@ from typing import Any
 from engine.cluster import Cluster, ClusterWorker
 from tui.inventory import Host
 from tui.probe import HostFacts, probe
-from tui.ssh import HostError, LocalTransport, Session, Transport, describe_error
+from tui.ssh import HostError, LocalTransport, Session, SSHTransport, Transport, describe_error
 
 _SCRIPT = Path(__file__).with_name("remote_launch.py")
 DEFAULT_REMOTE_DIR = "~/.cache/ikctl"
@@ -157,8 +157,10 @@ def _hello(ep: str, token: str, timeout: float) -> tuple[int, int]:
     return info.mem_total_bytes, info.threads
 
 
-async def _check(host: Host, ssh: str | None, plan: WorkerPlan, addr: str, record: dict[str, Any], token: str,
-                 timeout: float) -> WorkerLaunch:
+async def _check(host: Host, route: tuple[str, str | None] | None, plan: WorkerPlan, addr: str,
+                 record: dict[str, Any], token: str, timeout: float) -> WorkerLaunch:
+    """Whether a started worker answers hello from here; `route`: (ssh destination, known_hosts file) it was started
+    through, None for this machine without SSH."""
     if record["error"]:
         tail = tuple(record["log_tail"])
         # the last log line is most often the reason (an exception, rpcnode's own error line)
@@ -173,8 +175,19 @@ async def _check(host: Host, ssh: str | None, plan: WorkerPlan, addr: str, recor
                             record["log"])
     worker = ClusterWorker(host=host.name, device=plan.device, endpoint=ep, token=token, mem_bytes=mem,
                            threads=threads, pid=record["pid"], log=record["log"], token_file=record["token_file"],
-                           ssh=ssh, identity=host.identity)
+                           ssh=route[0] if route else None, known_hosts=route[1] if route else None,
+                           identity=_absolute(host.identity) if route else host.identity)
     return WorkerLaunch(plan, worker, log=record["log"])
+
+
+def _absolute(path: str | None) -> str | None:
+    """A path that means the same from any directory: the cluster file is used from wherever `ikctl stop` runs."""
+    return None if path is None else str(Path(path).expanduser().absolute())
+
+
+def _known_hosts_of(transport: Transport) -> str | None:
+    """The known_hosts file a transport verifies host keys against, recorded so that `stop` verifies the same way."""
+    return str(transport.known_hosts_path.absolute()) if isinstance(transport, SSHTransport) else None
 
 
 async def _launch(transport: Transport, host: Host, options: LaunchOptions) -> HostLaunch:
@@ -202,8 +215,8 @@ async def _launch(transport: Transport, host: Host, options: LaunchOptions) -> H
         if startable:
             addr, records, tokens = await _start(session, python, startable, host, options,
                                                  options.bind or ("127.0.0.1" if local else None))
-        checked = await asyncio.gather(*(_check(host, None if local else host.ssh, pl, addr, rec, tok,
-                                                options.hello_timeout)
+        route = None if local else (host.ssh, _known_hosts_of(transport))
+        checked = await asyncio.gather(*(_check(host, route, pl, addr, rec, tok, options.hello_timeout)
                                          for pl, rec, tok in zip(startable, records, tokens, strict=True)))
         # a worker the coordinator cannot reach is of no use, and no cluster file lists it: stop it now (stop_on
         # needs only the pid, port and token file)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import shlex
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.cluster import ClusterWorker
 from tui.inventory import Host
-from tui.ssh import HostError, LocalTransport, Session, Transport, describe_error
+from tui.ssh import HostError, LocalTransport, Session, SSHTransport, Transport, describe_error
 
 # A pid may have been reused since launch: only a process whose command line is rpcnode on that port is ours.
 # A zombie's command line is empty, so a worker that has exited counts as gone whoever reaps it.
@@ -83,16 +83,26 @@ async def _stop_host(transport: Transport, workers: list[ClusterWorker], timeout
         return [StopResult(w, None, describe_error(e, timeout)) for w in workers]
 
 
+def _verifying_with(transport: Transport, known_hosts: str | None) -> Transport:
+    """`transport`, verifying host keys against the known_hosts file the workers were launched with, unless the
+    transport names one itself (`ikctl stop --known-hosts`)."""
+    if known_hosts is None or not isinstance(transport, SSHTransport) or transport.options.known_hosts is not None:
+        return transport
+    return SSHTransport(replace(transport.options, known_hosts=known_hosts))
+
+
 async def stop_workers(transport: Transport, workers: Sequence[ClusterWorker], timeout: float = 30.0
                        ) -> list[StopResult]:
     """Stop every worker, one coroutine per host, results in the order given. Workers launched without SSH
-    (`ssh` None) are stopped on this machine; the others through `transport`."""
-    groups: dict[tuple[str | None, str | None], list[ClusterWorker]] = {}
+    (`ssh` None) are stopped on this machine; the others through `transport`, reaching each host the way it was
+    launched: the same destination (user, port), key and known_hosts file."""
+    groups: dict[tuple[str | None, str | None, str | None], list[ClusterWorker]] = {}
     for w in workers:
-        groups.setdefault((w.ssh, w.identity), []).append(w)
+        groups.setdefault((w.ssh, w.identity, w.known_hosts), []).append(w)
     local = LocalTransport()
-    per_host = await asyncio.gather(*(_stop_host(local if ssh is None else transport, ws, timeout)
-                                      for (ssh, _), ws in groups.items()))
+    per_host = await asyncio.gather(*(_stop_host(local if ssh is None else _verifying_with(transport, known), ws,
+                                                 timeout)
+                                      for (ssh, _, known), ws in groups.items()))
     by_worker = {id(r.worker): r for results in per_host for r in results}
     return [by_worker[id(w)] for w in workers]
 

@@ -19,9 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 A = ClusterWorker(host="box-a", device="cpu", endpoint="198.51.100.2:50052", token="tok-a", mem_bytes=3 << 20,
                   threads=4, pid=1234, log="/root/.cache/ikctl/workers/198.51.100.2-50052.log",
                   token_file="/root/.cache/ikctl/workers/198.51.100.2-50052.token", ssh="root@198.51.100.2:22",
-                  identity="/keys/id")
+                  identity="/keys/id", known_hosts="/keys/known_hosts")
 B = replace(A, host="box-b", endpoint="198.51.100.6:50053", token="tok-b", mem_bytes=5 << 30, pid=99, ssh=None,
-            identity=None)
+            identity=None, known_hosts=None)
 
 
 def test_round_trip_mode_and_methods(tmp_path: Path) -> None:
@@ -35,6 +35,13 @@ def test_round_trip_mode_and_methods(tmp_path: Path) -> None:
     assert got.tokens() == {"198.51.100.2:50052": "tok-a", "198.51.100.6:50053": "tok-b"}
     assert got.capacities() == {"RPC[198.51.100.2:50052]": 3 << 20, "RPC[198.51.100.6:50053]": 5 << 30}
     assert "tok-a" not in repr(got)  # tokens stay out of reprs and tracebacks
+
+
+def test_a_file_without_the_optional_ssh_fields_reads(tmp_path: Path) -> None:
+    """Files written before workers recorded their key and known_hosts file still read."""
+    doc = {k: v for k, v in asdict(A).items() if k not in ("identity", "known_hosts")}
+    path = _write(tmp_path / "cluster.json", {"version": 1, "workers": [doc]})
+    assert read_cluster(path).workers == (replace(A, identity=None, known_hosts=None),)
 
 
 def test_rewrite_replaces_whole_file_keeping_mode(tmp_path: Path) -> None:

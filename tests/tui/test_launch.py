@@ -42,10 +42,13 @@ def ikctl_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     return checkout_python(tmp_path_factory.mktemp("venv") / "ikctl")
 
 
-def ikctl(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
-    """The real command line, as a user runs it."""
+def ikctl(*args: str, cache: Path, cwd: Path = REPO, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command line, as a user runs it (from `cwd`, with $HOME `home`)."""
+    env = {**os.environ, "IKCTL_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    if home is not None:
+        env["HOME"] = str(home)
     return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env={**os.environ, "IKCTL_CACHE": str(cache)})
+                          cwd=cwd, env=env)
 
 
 def hosts_toml(entries: list[dict[str, object]]) -> str:
@@ -256,8 +259,13 @@ def test_launch_run_and_stop_across_namespaces(sshd_cluster: SshdCluster, known_
     assert local_run.returncode == 0 and cluster_run.returncode == 0, cluster_run.stderr
     assert cluster_run.stdout == local_run.stdout
 
-    proc = ikctl("stop", "--cluster", str(path), "--known-hosts", str(known_hosts), cache=tmp_path / "cache")
-    assert proc.returncode == 0, proc.stderr
+    # stop reaches each host as launch did (user, port, key, known_hosts: in the cluster file), from anywhere: no
+    # --known-hosts, another directory, and a $HOME whose ~/.ssh knows nothing
+    assert all(w.known_hosts == str(known_hosts) for w in workers)
+    (tmp_path / "elsewhere").mkdir()
+    proc = ikctl("stop", "--cluster", str(path), cache=tmp_path / "cache", cwd=tmp_path / "elsewhere",
+                 home=tmp_path / "elsewhere")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [ln.split()[-1] for ln in proc.stdout.splitlines()[1:]] == ["stopped"] * n
     assert not path.exists()
     assert workers_running(workers) == []
