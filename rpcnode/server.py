@@ -24,6 +24,7 @@ from rpcnode.worker import Config, StartError, Upload, Worker, fail
 
 log = logging.getLogger("rpcnode")
 E = P.ErrorCode
+LINGER_S = 2.0  # how long a closing connection reads on, unkept, so that the peer can take its last reply
 
 
 @dataclass
@@ -51,6 +52,20 @@ def loggable(text: str, limit: int = 200) -> str:
     newline in a model name must not forge a log line of its own), at most `limit` characters kept."""
     out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[:limit])
     return out + ("…" if len(text) > limit else "")
+
+
+def close_gently(sock: socket.socket, linger_s: float = LINGER_S) -> None:
+    """Close a connection so that the peer gets its last reply: closing with unread input makes the kernel send
+    a reset, which makes the peer's send fail and can destroy the reply (the error saying why) before it is
+    read. So: end our side (FIN after the reply), read and discard until the peer closes too, at most linger_s."""
+    with contextlib.suppress(OSError):  # TimeoutError included: a peer that keeps sending gets the reset after all
+        sock.shutdown(socket.SHUT_WR)
+        deadline, scratch = time.monotonic() + linger_s, bytearray(1 << 16)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv_into(scratch):
+                break
+    sock.close()
 
 
 class Connection:
@@ -92,7 +107,7 @@ class Connection:
             for up in self.uploads.values():
                 self.w._drop_upload(up)
             self.uploads.clear()
-            self.sock.close()
+            close_gently(self.sock)
 
     def _handshake_too_slow(self) -> None:
         with self._handshake_lock:

@@ -3,7 +3,8 @@ errors whose reply must arrive, typed errors for every bad value, a full disk, u
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 
 from engine import load_model
 from engine.synth import SynthSpec, write_model
+from rpcnode import protocol as P
 from rpcnode.client import Client
-from tests.rpcnode.conftest import WorkerProc
+from tests.rpcnode.conftest import WorkerProc, start_worker
 
 PROMPT = [1, 5, 9, 20, 33]
 
@@ -61,6 +63,42 @@ def test_cache_entries_changed_after_verification_are_fetched_again(
     assert "Traceback" not in log
     if not free_first:
         assert log.count("changed on disk after it was verified; fetching it again") == len(entries)
+
+
+# ---- fatal errors: the reply arrives ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProc]:
+    """One worker shared by the tests that only send it requests (none changes what it holds)."""
+    w = start_worker(tmp_path_factory.mktemp("hardening"), "-m", "64MiB")
+    yield w
+    w.kill()
+
+
+def connect(w: WorkerProc) -> socket.socket:
+    host, _, port = w.endpoint.rpartition(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(P.encode_frame(P.Hello(), 1))
+    assert isinstance(P.recv_frame(s).message, P.HelloReply)
+    return s
+
+
+@pytest.mark.parametrize(("head", "code"), [
+    (P.HEADER.pack(P.MAGIC, 1, 0, P.Kind.UPLOAD_TENSOR, 0, 7, 100, 300 << 20), P.ErrorCode.TOO_LARGE),
+    (P.HEADER.pack(b"HTTP", 1, 0, 0, 0, 7, 0, 0), P.ErrorCode.BAD_MAGIC),
+    (P.HEADER.pack(P.MAGIC, 1, 0, P.Kind.FREE, 1, 7, 0, 0), P.ErrorCode.BAD_HEADER),
+])
+def test_a_fatal_error_reply_arrives_while_the_peer_is_still_sending(worker: WorkerProc, head: bytes,
+                                                                     code: P.ErrorCode) -> None:
+    """The worker refuses the header and closes, with megabytes of the body still on their way: the peer's send
+    completes and it reads the error (no connection reset in its place)."""
+    with connect(worker) as s:
+        s.sendall(head + bytes(32 << 20))
+        reply = P.recv_frame(s).message
+        assert isinstance(reply, P.ErrorReply) and reply.fatal and reply.code == code, reply
+        assert s.recv(1) == b""  # then an orderly close
+    assert "Traceback" not in worker.log_text()
 
 
 # ---- --models entries that cannot be used ----------------------------------------------------------------------
