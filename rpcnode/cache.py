@@ -50,6 +50,11 @@ class CacheFull(CacheError):
     """No room: the entry exceeds the limit, entries in use fill it, or the disk is full. Nothing was stored."""
 
 
+class DiskFull(CacheFull):
+    """The disk (or the user's quota) under the cache is full, even after evicting what could be. Nothing was
+    stored."""
+
+
 @dataclass(frozen=True)
 class CacheStats:
     """Counters since this TensorCache was opened; entries/bytes/in_use are the current state."""
@@ -303,7 +308,7 @@ class TensorCache:
                 if e.errno not in NO_SPACE:
                     raise
                 if not tries_left or not self._evict_bytes(nbytes):
-                    raise CacheFull(f"no space left on the disk of {self.root} for an entry of {nbytes} bytes") from e
+                    raise DiskFull(f"no space left on the disk of {self.root} for an entry of {nbytes} bytes") from e
         raise AssertionError("unreachable")
 
     def _publish(self, tmp: Path, digest: str, nbytes: int) -> None:

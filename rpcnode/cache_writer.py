@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from rpcnode.cache import CacheError, CacheFull, DigestMismatch
+from rpcnode.cache import CacheError, DigestMismatch, DiskFull
 from rpcnode.cache_files import NO_SPACE, pwrite_all
 from rpcnode.digest import PARALLEL_BYTES, byte_view, digest_of
 
@@ -45,7 +45,7 @@ class Writer:
         return self._cleanup.alive
 
     def write(self, offset: int, chunk: Any) -> None:
-        """Write `chunk` at `offset`; ValueError if it falls outside the entry, CacheFull if the disk is full."""
+        """Write `chunk` at `offset`; ValueError if it falls outside the entry, DiskFull if the disk is full."""
         self._require_open()
         mv = byte_view(chunk)
         if offset < 0 or offset + mv.nbytes > self.nbytes:
@@ -55,7 +55,7 @@ class Writer:
         except OSError as e:
             self.abort()
             if e.errno in NO_SPACE:
-                raise CacheFull(f"no space left on the disk of {self._cache.root} while writing an entry") from e
+                raise DiskFull(f"no space left on the disk of {self._cache.root} while writing an entry") from e
             raise
         if self._hasher is not None and offset == self._hashed:
             self._hasher.update(mv)

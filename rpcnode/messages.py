@@ -106,6 +106,7 @@ class ErrorCode(IntEnum):
     OUT_OF_MEMORY = 305
     UNKNOWN_SEQUENCE = 306
     INTERNAL = 500
+    DISK_FULL = 507  # the disk under the worker's tensor cache (or its quota) is full, even after evicting
 
 
 # metadata field types (checked by msgspec while decoding)

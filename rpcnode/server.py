@@ -20,7 +20,7 @@ from typing import Any
 
 from rpcnode import protocol as P
 from rpcnode.cache import CacheError
-from rpcnode.worker import Config, StartError, Upload, Worker, fail
+from rpcnode.worker import Config, StartError, Upload, Worker, cache_fail, fail
 
 log = logging.getLogger("rpcnode")
 E = P.ErrorCode
@@ -204,7 +204,7 @@ class Connection:
         except P.ProtocolError as e:
             return self._error(e)
         except CacheError as e:
-            return self._error(P.ProtocolError(E.OUT_OF_MEMORY, f"tensor cache: {e}"))
+            return self._error(cache_fail(e, "tensor cache"))
         except (EOFError, ConnectionError):  # the peer is gone; other OSErrors (a full disk) are answered below
             raise
         except Exception as e:  # a worker fault costs this request an INTERNAL error, not the connection

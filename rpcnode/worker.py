@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 
 from rpcnode import protocol as P
-from rpcnode.cache import CacheError, DigestMismatch, TensorCache
+from rpcnode.cache import CacheError, DigestMismatch, DiskFull, TensorCache
 from rpcnode.cache_writer import Writer
 from rpcnode.model_index import ModelIndex
 
@@ -30,6 +30,11 @@ E = P.ErrorCode
 
 def fail(code: P.ErrorCode, message: str) -> P.ProtocolError:
     return P.ProtocolError(code, message)
+
+
+def cache_fail(e: CacheError, what: str) -> P.ProtocolError:
+    """A refusal of the tensor cache as the peer's error: a full disk is not a lack of memory."""
+    return fail(E.DISK_FULL if isinstance(e, DiskFull) else E.OUT_OF_MEMORY, f"{what}: {e}")
 
 
 @dataclass
@@ -210,7 +215,7 @@ class Worker:
         try:
             writer = self.cache.begin(m.digest, m.nbytes)
         except CacheError as e:
-            raise fail(E.OUT_OF_MEMORY, f"the tensor cache cannot take {m.nbytes} bytes: {e}") from None
+            raise cache_fail(e, f"the tensor cache cannot take {m.nbytes} bytes") from None
         uploads[m.digest] = Upload(writer, m.nbytes)
         self.reserved += m.nbytes
         return P.OfferReply(digest=m.digest, status="miss")
@@ -227,7 +232,12 @@ class Worker:
         if m.offset != up.received or up.received + payload.nbytes > up.nbytes:
             raise fail(E.BAD_UPLOAD, f"chunk at {m.offset} (+{payload.nbytes}) but {up.received} of {up.nbytes} "
                         "bytes were received")
-        up.writer.write(m.offset, payload)
+        try:
+            up.writer.write(m.offset, payload)
+        except CacheError:  # the writer aborted (a full disk): the upload is over, its reservation released
+            del uploads[m.digest]
+            self._drop_upload(up)
+            raise
         up.received += payload.nbytes
         if not m.final:
             return P.UploadReply(digest=m.digest, received=up.received)

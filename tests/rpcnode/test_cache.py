@@ -20,7 +20,7 @@ import pytest
 from engine.gguf_file import GGUFFile
 from engine.synth import SynthSpec, write_model
 from rpcnode import cache as cache_mod
-from rpcnode.cache import CacheFull, DigestMismatch, TensorCache
+from rpcnode.cache import CacheFull, DigestMismatch, DiskFull, TensorCache
 from rpcnode.digest import digest_of
 from rpcnode.gguf_table import read_tensor_table
 from rpcnode.model_index import INDEX_FILE, ModelIndex
@@ -498,7 +498,7 @@ def test_enospc_simulated(cache: TensorCache, monkeypatch: pytest.MonkeyPatch) -
         return 0 if offset else os.write(fd, bytes(buf[:10]))  # a short write, then nothing: a full disk
 
     monkeypatch.setattr(os, "pwrite", full)
-    with pytest.raises(CacheFull, match="no space left"):
+    with pytest.raises(DiskFull, match="no space left"):
         cache.put(d, data)
     assert not cache.has(d) and not cache.has(digest_of(old))  # evicted to retry, which failed too
     assert entry_files(cache.root) == [] and cache._reserved == 0
@@ -508,24 +508,9 @@ def test_enospc_simulated(cache: TensorCache, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
     w = cache.begin(d, len(data))  # cannot preallocate: the full disk shows at write time
-    with pytest.raises(CacheFull, match="no space left"):
+    with pytest.raises(DiskFull, match="no space left"):
         w.write(0, data)
     assert not w.active and entry_files(cache.root) == [] and cache._reserved == 0
-
-
-@pytest.fixture
-def tiny_disk(tmp_path: Path):
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)]).returncode:
-            subprocess.run(["umount", "-l", str(mnt)])
 
 
 def test_enospc_on_a_real_full_disk(tiny_disk: Path) -> None:
@@ -534,9 +519,9 @@ def test_enospc_on_a_real_full_disk(tiny_disk: Path) -> None:
     foreign.write_bytes(b"\0" * (800 << 10))
     data = blob(400 << 10)
     d = digest_of(data)
-    with pytest.raises(CacheFull, match="no space left"):
+    with pytest.raises(DiskFull, match="no space left"):
         c.put(d, data)
-    with pytest.raises(CacheFull, match="no space left"):
+    with pytest.raises(DiskFull, match="no space left"):
         c.begin(d, len(data))  # preallocation finds the full disk before any byte is streamed
     assert entry_files(c.root) == [] and c._reserved == 0
     foreign.unlink()

@@ -13,7 +13,8 @@ import pytest
 from engine import load_model
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
-from rpcnode.client import Client
+from rpcnode.client import Client, OfferSpec, RPCError
+from rpcnode.digest import digest_of
 from tests.rpcnode.conftest import WorkerProc, start_worker
 
 PROMPT = [1, 5, 9, 20, 33]
@@ -99,6 +100,25 @@ def test_a_fatal_error_reply_arrives_while_the_peer_is_still_sending(worker: Wor
         assert isinstance(reply, P.ErrorReply) and reply.fatal and reply.code == code, reply
         assert s.recv(1) == b""  # then an orderly close
     assert "Traceback" not in worker.log_text()
+
+
+# ---- a full disk -----------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_answers_disk_full(workers: Callable[..., WorkerProc], tiny_disk: Path) -> None:
+    """The cache on a real 1 MiB filesystem: a tensor the disk cannot take is DISK_FULL (not OUT_OF_MEMORY, the
+    worker has memory to spare), nothing stays reserved, and a tensor that fits still loads."""
+    w = workers(cache=tiny_disk / "cache")
+    big, small = bytes(2 << 20), b"\x01" * (64 << 10)
+    specs = [OfferSpec(digest_of(b), len(b), 0, [len(b) // 4], name, lambda b=b: b)
+             for b, name in ((big, "big"), (small, "small"))]
+    with Client.connect(w.endpoint) as c:
+        with pytest.raises(RPCError) as err:
+            c.offer(specs[:1])
+        assert err.value.code == P.ErrorCode.DISK_FULL and "no space left on the disk" in str(err.value)
+        assert c.offer(specs[1:]) == {specs[1].digest: "uploaded"}
+        assert c.device_info().mem_free_bytes == c.device_info().mem_total_bytes - len(small)
+    assert "Traceback" not in w.log_text()
 
 
 # ---- --models entries that cannot be used ----------------------------------------------------------------------
