@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -99,6 +102,12 @@ class IkctlApp(App[None]):
         self.default_token = default_token
         self.monitor.watch(self.watched, self.tokens, default_token)
         self.switch_mode(self.start_mode)
+        # a closed terminal (SIGHUP) or a plain `kill` ends the app as ctrl+q does: its local workers are stopped
+        # and their directory removed on the way out (a SIGKILL's leftovers go when the next app starts)
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGHUP, signal.SIGTERM):
+                loop.add_signal_handler(signum, self.exit)
 
     def on_unmount(self) -> None:
         self.monitor.close()
@@ -186,6 +195,10 @@ def app_from_args(args: argparse.Namespace) -> IkctlApp:
     from engine.placement import parse_device_mem
     from engine.synth import cache_dir
 
+    if args.model:  # a missing or broken file is one line here, before any worker starts
+        from engine.gguf_file import GGUFFile
+
+        GGUFFile(args.model)
     rpc, capacities, tokens = args.rpc, {}, {}
     hosts: tuple[Host, ...] = ()
     cluster_file: Path | None = None

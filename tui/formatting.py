@@ -47,6 +47,16 @@ def format_bytes(n_bytes: int | None) -> str:
     return NA if n_bytes is None else _engine_format_bytes(n_bytes)
 
 
+def size_flag(n_bytes: int) -> str:
+    """A size as --device-mem reads it back, in the largest binary unit it reaches: `24GiB` when exact, else rounded
+    down to a tenth (`23.5GiB` for 24683584 KiB), so that what is read back never claims more than `n_bytes`."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n_bytes >= scale:
+            tenths = n_bytes * 10 // scale
+            return f"{tenths // 10}{unit}" if tenths % 10 == 0 else f"{tenths // 10}.{tenths % 10}{unit}"
+    return str(n_bytes)
+
+
 def format_fraction(need_bytes: int, capacity_bytes: int | None) -> str:
     """`12.3 MiB / 512.0 MiB (2%)`, or `12.3 MiB / N/A` when the capacity is unknown."""
     if capacity_bytes is None:

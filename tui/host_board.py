@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.cluster import Cluster, ClusterWorker
+from tui.formatting import size_flag
 from tui.inventory import Host
 from tui.local_workers import LocalWorker, LocalWorkers
-from tui.plan_flags import PlanFlags, size_text
+from tui.plan_flags import PlanFlags
 from tui.probe import HostProbe, ProbeResults, probe_all, shell_path
 from tui.ssh import HostError, LocalTransport, Transport, describe_error
 from tui.telemetry import WorkerStatus
@@ -227,7 +228,7 @@ def with_workers(flags: PlanFlags, endpoints: Iterable[str], capacities: Mapping
     rpc += [ep for ep in endpoints if ep not in rpc]
     mem = flags.device_mem_items()
     named = {item.rpartition("=")[0] for item in mem}
-    mem += [f"{dev}={size_text(n)}" for dev, n in capacities.items() if dev not in named]
+    mem += [f"{dev}={size_flag(n)}" for dev, n in capacities.items() if dev not in named]
     return replace(flags, rpc=",".join(rpc), device_mem=" ".join(mem))
 
 

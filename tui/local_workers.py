@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from engine.errors import IkctlError
 
 START_TIMEOUT_S = 30.0
@@ -69,6 +71,12 @@ class LocalWorker:
             return []
 
 
+def ram_share(available_bytes: int, running: int, starting: int) -> int:
+    """The memory each of `starting` new workers may claim: an equal share of the RAM available now among them and
+    the `running` ones (without it, each would claim the whole machine's RAM)."""
+    return available_bytes // max(1, running + starting)
+
+
 def _spawn(directory: Path, threads: int, extra: Sequence[str]) -> tuple[subprocess.Popen[bytes], Path]:
     log = directory / f"worker-{time.monotonic_ns()}.log"
     cmd = [sys.executable, "-m", "rpcnode", "--host", "127.0.0.1", "--port", "0", "-t", str(threads), *extra]
@@ -96,13 +104,62 @@ def _wait_listening(proc: subprocess.Popen[bytes], log: Path, threads: int, time
         time.sleep(0.05)
 
 
+DIR_PREFIX = "ikctl-workers-"
+
+
+def _owner_gone(directory: Path) -> bool:
+    """Whether the process named in `ikctl-workers-PID-…` is gone (this user's directories only)."""
+    pid = directory.name.removeprefix(DIR_PREFIX).partition("-")[0]
+    if not pid.isdigit() or directory.stat().st_uid != os.getuid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _stop_orphans(directory: Path) -> None:
+    """Kill the workers that still write to a dead owner's logs, then remove the directory. A process counts as one
+    only when its stdout is that log file (its pid may have been reused since)."""
+    for log in directory.glob("worker-*.log"):
+        for pid_dir in Path("/proc").iterdir():
+            if not pid_dir.name.isdigit():
+                continue
+            try:
+                if os.readlink(pid_dir / "fd" / "1") == str(log):
+                    os.kill(int(pid_dir.name), signal.SIGKILL)
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def sweep_stale(tmp: Path | None = None) -> list[Path]:
+    """Remove what an app killed without warning (SIGKILL, a crash) left in the temp dir: its workers and their
+    directory. Those of a running app are left alone. The removed directories."""
+    removed = []
+    for d in Path(tmp or tempfile.gettempdir()).glob(f"{DIR_PREFIX}*"):
+        try:
+            stale = d.is_dir() and _owner_gone(d)
+        except OSError:
+            continue
+        if stale:
+            _stop_orphans(d)
+            removed.append(d)
+    return removed
+
+
 class LocalWorkers:
-    """The app's own workers, logging into one temporary directory; all stopped by `close()` (and at exit)."""
+    """The app's own workers, logging into one temporary directory named with this process's pid; all stopped by
+    `close()` (and at exit). What a killed app left behind is removed when the next one starts."""
 
     def __init__(self, threads: int | None = None, extra: Sequence[str] = ()) -> None:
         self.threads = threads or default_threads()
         self.extra = tuple(extra)
-        self.directory = Path(tempfile.mkdtemp(prefix="ikctl-workers-"))
+        sweep_stale()
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))
         self.workers: list[LocalWorker] = []
         atexit.register(self.close)  # never leave a worker behind, whatever ends the app
 
@@ -113,7 +170,11 @@ class LocalWorkers:
 
     def start(self, n: int = 1, timeout: float = START_TIMEOUT_S) -> list[LocalWorker]:
         """Start `n` workers at once and wait until each listens; on any failure none of them is kept."""
-        spawned = [_spawn(self.directory, self.threads, self.extra) for _ in range(n)]
+        extra = self.extra
+        if "-m" not in extra and "--mem" not in extra:
+            share = ram_share(psutil.virtual_memory().available, len(self.endpoints), n)
+            extra = ("-m", str(share), *extra)
+        spawned = [_spawn(self.directory, self.threads, extra) for _ in range(n)]
         started: list[LocalWorker] = []
         try:
             for proc, log in spawned:

@@ -35,6 +35,13 @@ class HeaderLoaded(Message):
 
 
 @dataclass
+class HeaderFailed(Message):
+    """The GGUF header could not be read (worker result): the one-line reason."""
+
+    message: str
+
+
+@dataclass
 class WorkFailed(Message):
     """A worker's call failed with a user-fixable error; shown as a notification."""
 

@@ -16,14 +16,7 @@ from engine.placement import (
     parse_device_mem,
     plan,
 )
-
-
-def size_text(n_bytes: int) -> str:
-    """A size as --device-mem reads it, in the largest binary unit that divides it exactly: `6MiB`."""
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n_bytes and n_bytes % scale == 0:
-            return f"{n_bytes // scale}{unit}"
-    return str(n_bytes)
+from tui.formatting import size_flag
 
 
 @dataclass(frozen=True)
@@ -59,7 +52,7 @@ class PlanFlags:
     def from_rules(cls, rules: PlacementRules | None, capacities: Mapping[str, int] | None = None) -> PlanFlags:
         rules = rules or PlacementRules()
         ts = ",".join(f"{v:g}" for v in rules.tensor_split) if rules.tensor_split is not None else ""
-        mem = " ".join(f"{dev}={size_text(size)}" for dev, size in (capacities or {}).items())
+        mem = " ".join(f"{dev}={size_flag(size)}" for dev, size in (capacities or {}).items())
         return cls("\n".join(str(r) for r in rules.override_tensor), str(rules.n_gpu_layers), ts,
                    ",".join(rules.rpc), mem)
 

@@ -75,10 +75,14 @@ def test_flags_round_trip_rules() -> None:
 
 
 @pytest.mark.parametrize(("n", "text"), [
-    (6 << 20, "6MiB"), (1 << 30, "1GiB"), (3072, "3KiB"), (1536, "1536"), (1000, "1000"), (0, "0"),
+    (6 << 20, "6MiB"), (1 << 30, "1GiB"), (3072, "3KiB"), (1536, "1.5KiB"), (1000, "1000"), (0, "0"),
+    (24683584 << 10, "23.5GiB"),  # a worker's reported RAM: human units, not 24683584KiB
+    ((1 << 30) - 1, "1023.9MiB"), (5 << 40, "5TiB"),
 ])
-def test_size_text_parses_back(n: int, text: str) -> None:
+def test_size_flag_is_human_and_never_claims_more(n: int, text: str) -> None:
     from engine.placement import parse_size
-    from tui.plan_flags import size_text
+    from tui.formatting import size_flag
 
-    assert size_text(n) == text and parse_size(text) == n
+    assert size_flag(n) == text
+    back = parse_size(text)
+    assert back <= n and n - back < max(1, n // 100)

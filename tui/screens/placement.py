@@ -18,7 +18,7 @@ from engine.errors import IkctlError
 from engine.placement import Placement, PlacementError
 from tui.formatting import format_bytes
 from tui.host_board import with_workers, without_workers
-from tui.messages import FlagsEdited, HeaderLoaded, LoadProgressed, PlanApplied, WorkFailed
+from tui.messages import FlagsEdited, HeaderFailed, HeaderLoaded, LoadProgressed, PlanApplied, WorkFailed
 from tui.model_thread import on_model_thread
 from tui.plan_flags import ModelHeader, PlanFlags
 from tui.shared_model import SharedModel, load_options
@@ -111,7 +111,17 @@ class PlacementScreen(Screen[None]):
         try:
             self.post_message(HeaderLoaded(read_header(self.model_path)))
         except (IkctlError, OSError) as e:
-            self.post_message(WorkFailed(f"cannot read the model header: {e}"))
+            self.post_message(HeaderFailed(str(e)))
+
+    @on(HeaderFailed)
+    def header_failed(self, event: HeaderFailed) -> None:
+        """No header, no plan: the one error line where the model's name would be, the whole reason in the form."""
+        line = self.query_one("#model-line", Static)
+        line.add_class("-error")
+        line.update(Text(f"✗ {event.message}"))
+        self.query_one("#map", PlacementMap).note = "no plan (no model header)"
+        self.error = f"cannot read the model header: {event.message}"
+        self.show_plan_status()
 
     @on(HeaderLoaded)
     def header_loaded(self, event: HeaderLoaded) -> None:
@@ -137,7 +147,9 @@ class PlacementScreen(Screen[None]):
             self.error = str(e)
             # no good plan yet: show the overflowing one (if the flags parse), so a red bar says where
             self.placement = self.good or self.unchecked_plan()
-        self.query_one("#map", PlacementMap).placement = self.placement
+        plan_map = self.query_one("#map", PlacementMap)
+        plan_map.note = "no plan (the flags do not parse)"
+        plan_map.placement = self.placement
         self.query_one("#bars", DeviceBars).placement = self.placement
         self.show_loads()
         self.show_status()
@@ -156,7 +168,9 @@ class PlacementScreen(Screen[None]):
     def show_plan_status(self) -> None:
         status = self.query_one("#plan-status", Static)
         status.set_class(self.error is not None, "-error")
-        if self.error is not None:
+        if self.header is None and self.error is not None:
+            status.update(f"✗ {self.error}")
+        elif self.error is not None:
             status.update(f"✗ {self.error}\n({'showing the last good plan' if self.good else 'no plan fits yet'})")
         elif self.placement is not None and self.placement.warnings:
             status.update("\n".join(f"! {w}" for w in self.placement.warnings))

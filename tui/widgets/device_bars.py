@@ -1,4 +1,4 @@
-"""Per-device legend and memory bars: planned bytes against capacity, N/A when the capacity is unknown; while or
+"""Per-device legend and memory bars: planned bytes against capacity (no bar when the capacity is unknown); while or
 after a plan is applied, a load bar per worker (found in its cache vs sent)."""
 
 from __future__ import annotations
@@ -49,8 +49,12 @@ def render_bars(placement: Placement, bar_width: int = BAR_WIDTH, loads: Mapping
         if d.name in over:
             out.append("  over capacity", style="bold red")
         out.append("\n  ")
-        out.append_text(tracked(memory_bar(used_fraction(need, d.capacity_bytes), bar_width)))
-        out.append(" " + format_fraction(need, d.capacity_bytes))
+        if d.capacity_bytes is None:  # nothing to draw a bar against: say so rather than `N/A … / N/A`
+            out.append(format_bytes(need))
+            out.append(" · capacity unknown", style="dim")
+        else:
+            out.append_text(tracked(memory_bar(used_fraction(need, d.capacity_bytes), bar_width)))
+            out.append(" " + format_fraction(need, d.capacity_bytes))
         p = loads.get(d.name)
         if p is not None:
             out.append("\n  ")

@@ -41,16 +41,23 @@ def _append_cell(out: Text, device: str | None, colors: dict[str, str], tags: di
 
 
 class PlacementMap(Static):
-    """Shows `placement` (set by the screen); None shows a loading line."""
+    """Shows `placement` (set by the screen); None shows `note`, why there is none (set by the screen too)."""
 
     DEFAULT_CSS = """
     PlacementMap { width: auto; height: auto; text-wrap: nowrap; }
     """
 
     placement: reactive[Placement | None] = reactive(None)
+    note: reactive[str] = reactive("reading the model header…")
 
-    def watch_placement(self, placement: Placement | None) -> None:
-        if placement is None:
-            self.update("no plan yet (reading the model header, or the flags do not parse)")
+    def watch_placement(self) -> None:
+        self._show()
+
+    def watch_note(self) -> None:
+        self._show()
+
+    def _show(self) -> None:
+        if self.placement is None:
+            self.update(Text(self.note, style="dim"))
             return
-        self.update(render_map(placement_rows(placement), [d.name for d in placement.devices]))
+        self.update(render_map(placement_rows(self.placement), [d.name for d in self.placement.devices]))
