@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from textual import on
+from textual import on, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
@@ -23,6 +23,7 @@ from tui.local_workers import LocalWorkers
 from tui.messages import SwitchTo, WorkersChanged, WorkFailed
 from tui.plan_flags import PlanFlags
 from tui.screens.bench import BenchScreen
+from tui.screens.confirm import Confirm
 from tui.screens.generate import GenerateScreen
 from tui.screens.hosts import HostsScreen
 from tui.screens.live import LiveScreen
@@ -113,6 +114,38 @@ class IkctlApp(App[None]):
         self.monitor.close()
         if self.local is not None:
             self.local.close()
+
+    async def action_quit(self) -> None:
+        """ctrl+q: with workers launched over SSH still running (they outlive the app), ask whether to stop them."""
+        launched = self.board.launched_workers()
+        if not launched or isinstance(self.screen, Confirm):
+            self.exit()
+            return
+        n = len(launched)
+        hosts = ", ".join(dict.fromkeys(w.host for w in launched))
+        where = f"\n`ikctl stop --cluster {self.board.cluster_file}` stops them later." if self.board.cluster_file \
+            else ""
+        text = f"{n} worker{'s' * (n != 1)} launched over SSH still run{'s' * (n == 1)} on {hosts}; they keep " \
+               f"running after the app ends.{where}"
+        self.push_screen(Confirm(text, [("s", "Stop them and quit"), ("l", "Leave them running"),
+                                        ("c", "Cancel")]), self.quit_answered)
+
+    def quit_answered(self, answer: str | None) -> None:
+        if answer == "s":
+            self.notify("stopping the launched workers…", timeout=30)
+            self.stop_launched_and_exit()
+        elif answer == "l":
+            n = len(self.board.launched_workers())
+            where = f": ikctl stop --cluster {self.board.cluster_file}" if self.board.cluster_file else ""
+            self.exit(message=f"ikctl: {n} worker{'s' * (n != 1)} launched over SSH still running{where}")
+
+    @work(name="stop-launched", exclusive=True, group="quit")
+    async def stop_launched_and_exit(self) -> None:
+        results = await self.board.stop_launched()
+        failed = [f"{e.endpoint}: {status}" for e, status in results
+                  if not status.startswith(("stopped", "killed", "not running"))]
+        left = f"; {len(failed)} may still run ({'; '.join(failed)})" if failed else ""
+        self.exit(message=f"ikctl: stopped {len(results) - len(failed)} of {len(results)} launched workers{left}")
 
     @on(SwitchTo)
     def switch_to(self, event: SwitchTo) -> None:

@@ -117,6 +117,16 @@ class HostBoard:
         """The app's own workers' pseudo-host."""
         return self.local is not None and host.name == LOCAL_NAME
 
+    def launched_workers(self) -> list[ClusterWorker]:
+        """The workers this board launched (or read from its cluster file) and did not stop: they outlive the app."""
+        return [w for ws in self.launched.values() for w in ws]
+
+    async def stop_launched(self) -> list[tuple[WorkerEntry, str]]:
+        """Stop every launched worker, each host at once: (worker, status or error) each."""
+        hosts = [h for h in self.hosts if self.launched.get(h.name)]
+        per_host = await asyncio.gather(*(self.stop(h) for h in hosts))
+        return [r for results in per_host for r in results]
+
     def transport_for(self, host: Host) -> Transport:
         return LocalTransport() if self.is_local(host) or host.name in self.no_ssh else self.transport
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -15,13 +16,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, Static
 
+from engine.cluster import Cluster, ClusterWorker, write_cluster
 from engine.placement import PlacementRules
 from engine.synth import SynthSpec, write_model
 from tests.tui.test_app import cache_dir, run_async, settle, text_of  # noqa: F401 (cache_dir is a fixture)
 from tui.app import main, make_app
+from tui.host_board import HostBoard
 from tui.local_workers import LocalWorkers, ram_share, sweep_stale
+from tui.screens.confirm import Confirm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -164,3 +168,47 @@ def test_what_a_killed_app_left_is_removed_by_the_next(tmp_path: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.kill(worker, signal.SIGKILL)
+
+
+# ---- quitting with workers launched over SSH ----------------------------------------------------------------------
+
+def _board_with_a_launched_worker(tmp_path: Path) -> HostBoard:
+    """A board whose cluster file lists one worker (on this machine, with a pid that is no rpcnode: stopping it finds
+    it gone without SSH)."""
+    worker = ClusterWorker(host="box1", device="cpu", endpoint="127.0.0.1:50999", token="t" * 16, mem_bytes=1 << 30,
+                           threads=1, pid=os.getpid(), log="-", token_file=str(tmp_path / "token"), ssh=None)
+    cluster_file = tmp_path / "tui-cluster.json"
+    write_cluster(cluster_file, Cluster((worker,)))
+    return HostBoard((), None, cluster_file=cluster_file)
+
+
+@pytest.mark.parametrize(("key", "running_after", "exit_message"), [
+    ("c", True, None),
+    ("escape", True, None),
+    ("l", False, "ikctl: 1 worker launched over SSH still running: ikctl stop --cluster {file}"),
+    ("s", False, "ikctl: stopped 1 of 1 launched workers"),
+])
+def test_quit_says_what_keeps_running_and_offers_to_stop_it(tmp_path: Path, cache_dir: Path, key: str,  # noqa: F811
+                                                            running_after: bool, exit_message: str | None) -> None:
+    board = _board_with_a_launched_worker(tmp_path)
+
+    async def body() -> None:
+        app = make_app(board=board)
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(app, pilot)
+            await pilot.press("ctrl+q")
+            await pilot.pause()
+            assert isinstance(app.screen, Confirm)
+            text = str(app.screen.query_one("#confirm-text", Static).render())
+            assert text.startswith("1 worker launched over SSH still runs on box1; they keep running after the app "
+                                   f"ends.\n`ikctl stop --cluster {board.cluster_file}` stops them later.")
+            await pilot.press(key)
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert app.is_running == running_after
+            assert [str(m) for m in app._exit_renderables] == ([exit_message.format(file=board.cluster_file)]
+                                                               if exit_message else [])
+
+    asyncio.run(body())
+    if key == "s":
+        assert board.launched_workers() == [] and not board.cluster_file.exists()  # type: ignore[union-attr]
