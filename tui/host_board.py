@@ -15,7 +15,16 @@ from tui.inventory import Host
 from tui.local_workers import LocalWorker, LocalWorkers
 from tui.plan_flags import PlanFlags
 from tui.probe import HostProbe, ProbeResults, probe_all, shell_path
-from tui.ssh import HostError, LocalTransport, Transport, describe_error
+from tui.ssh import (
+    HostError,
+    LocalTransport,
+    NewHostKey,
+    SSHTransport,
+    Transport,
+    describe_error,
+    fetch_host_key,
+    trust_host_key,
+)
 from tui.telemetry import WorkerStatus
 
 if TYPE_CHECKING:
@@ -108,14 +117,32 @@ class HostBoard:
     @property
     def transport(self) -> Transport:
         if self._transport is None:
-            from tui.ssh import SSHTransport
-
             self._transport = SSHTransport()
         return self._transport
 
     def is_local(self, host: Host) -> bool:
         """The app's own workers' pseudo-host."""
         return self.local is not None and host.name == LOCAL_NAME
+
+    def unknown_key(self, host: Host) -> bool:
+        """Whether the host's last probe failed on a host key that known_hosts does not have."""
+        probe = self.probes.get(host.name)
+        return probe is not None and (probe.error or "").startswith("host key not verifiable")
+
+    async def host_key(self, host: Host) -> NewHostKey:
+        """The key the host presents, for the user to check (HostError when it cannot be had)."""
+        transport = self.transport
+        if not isinstance(transport, SSHTransport):
+            raise HostError("no SSH here")
+        return await fetch_host_key(host, transport.options)
+
+    def trust(self, new: NewHostKey) -> Path:
+        """Record a checked key in the known_hosts file this board verifies against; that file."""
+        transport = self.transport
+        if not isinstance(transport, SSHTransport):
+            raise HostError("no SSH here")
+        trust_host_key(transport.known_hosts_path, new)
+        return transport.known_hosts_path
 
     def launched_workers(self) -> list[ClusterWorker]:
         """The workers this board launched (or read from its cluster file) and did not stop: they outlive the app."""

@@ -150,6 +150,44 @@ class SSHTransport:
         return SSHSession(conn, self.options.connect_timeout)
 
 
+@dataclass(frozen=True)
+class NewHostKey:
+    """A host's key as it presented it, for the user to compare and trust (nothing trusts it by being made)."""
+
+    host: str
+    port: int
+    key: asyncssh.SSHKey
+
+    @property
+    def fingerprint(self) -> str:
+        return self.key.get_fingerprint("sha256")
+
+    @property
+    def algorithm(self) -> str:
+        return self.key.get_algorithm()
+
+
+async def fetch_host_key(host: Host, options: SSHOptions) -> NewHostKey:
+    """The key `host` presents, fetched without logging in; HostError when it cannot be reached."""
+    _, hostname, port = host.destination
+    try:
+        key = await asyncio.wait_for(asyncssh.get_server_host_key(hostname, port or 22), options.connect_timeout)
+    except (OSError, asyncssh.Error, TimeoutError) as e:
+        raise HostError(describe_error(e, options.connect_timeout)) from None
+    if key is None:
+        raise HostError("the host presented no key")
+    return NewHostKey(hostname, port or 22, key)
+
+
+def trust_host_key(known_hosts: Path, new: NewHostKey) -> None:
+    """Record a key the user checked, as `--accept-new-host-keys` would: only for a host known_hosts has no entry
+    for; a host known with another key may be an attack and is refused (HostError)."""
+    if any(_read_known_hosts(known_hosts).match(new.host, "", None if new.port == 22 else new.port)):
+        raise HostError(f"{known_hosts} already has a key for {new.host}: a changed key is never replaced here; "
+                        "check it and edit the file")
+    _remember_key(known_hosts, new.host, new.port, new.key)
+
+
 def _read_known_hosts(path: Path) -> asyncssh.SSHKnownHosts:
     """The known_hosts file, or none trusted when it is missing (asyncssh would fall back to ~/.ssh)."""
     try:

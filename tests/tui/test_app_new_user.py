@@ -21,11 +21,14 @@ from textual.widgets import Input, Static
 from engine.cluster import Cluster, ClusterWorker, write_cluster
 from engine.placement import PlacementRules
 from engine.synth import SynthSpec, write_model
+from tests.tui.conftest import SshdCluster
 from tests.tui.test_app import cache_dir, run_async, settle, text_of  # noqa: F401 (cache_dir is a fixture)
 from tui.app import main, make_app
 from tui.host_board import HostBoard
+from tui.inventory import Host
 from tui.local_workers import LocalWorkers, ram_share, sweep_stale
 from tui.screens.confirm import Confirm
+from tui.ssh import HostError, SSHOptions, SSHTransport, trust_host_key
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -212,3 +215,36 @@ def test_quit_says_what_keeps_running_and_offers_to_stop_it(tmp_path: Path, cach
     asyncio.run(body())
     if key == "s":
         assert board.launched_workers() == [] and not board.cluster_file.exists()  # type: ignore[union-attr]
+
+
+# ---- a host seen for the first time ------------------------------------------------------------------------------
+
+@run_async
+async def test_a_new_hosts_key_is_shown_to_check_and_trust(sshd_cluster: SshdCluster, tmp_path: Path,
+                                                           cache_dir: Path) -> None:  # noqa: F811
+    known = tmp_path / "known_hosts"  # none yet: every host is new
+    h = sshd_cluster.hosts[0]
+    board = HostBoard((Host(name="box1", ssh=h.ssh, identity=str(sshd_cluster.client_key)),), None,
+                      transport=SSHTransport(SSHOptions(known_hosts=str(known))))
+    (tmp_path / "host_key_line").write_text(h.host_key_line)
+    fingerprint = subprocess.run(["ssh-keygen", "-lf", str(tmp_path / "host_key_line")], capture_output=True,
+                                 text=True, check=True).stdout.split()[1]
+    app = make_app(board=board, start_mode="hosts")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        assert "box1: its host key is not known here: k shows the key, to check and trust it" in \
+            text_of(app, "#hosts-status")
+        await pilot.press("k")
+        await settle(app, pilot)
+        assert isinstance(app.screen, Confirm)
+        text = str(app.screen.query_one("#confirm-text", Static).render())
+        assert text.startswith(f"box1 ({h.addr}, port 22) presents this ssh-ed25519 key:\n\n  {fingerprint}\n")
+        await pilot.press("t")
+        await settle(app, pilot)  # trusted, then probed again
+        assert known.read_text() == h.host_key_line
+        assert board.probes["box1"].ok
+        assert "host key" not in text_of(app, "#hosts-status")
+        # a host known_hosts already has an entry for is never written again from here (a changed key: an attack?)
+        new = await board.host_key(board.hosts[0])
+        with pytest.raises(HostError, match="a changed key is never replaced here"):
+            trust_host_key(known, new)

@@ -18,7 +18,8 @@ from tui.formatting import printable
 from tui.host_board import LOG_LINES, HostBoard, WorkerEntry, host_cells
 from tui.inventory import Host
 from tui.messages import HostLaunched, HostsProbed, HostStopped, LogTail, WorkersChanged, WorkFailed
-from tui.ssh import HostError
+from tui.screens.confirm import Confirm
+from tui.ssh import HostError, NewHostKey
 from tui.telemetry import TelemetryMonitor
 from tui.widgets.mode_tabs import ModeTabs
 
@@ -37,6 +38,7 @@ class HostsScreen(Screen[None]):
         Binding("l", "launch", "Launch"),
         Binding("s", "stop_host", "Stop"),
         Binding("r", "probe", "Probe"),
+        Binding("k", "trust_key", "Trust key"),
     ]
 
     def __init__(self, board: HostBoard, monitor: TelemetryMonitor) -> None:
@@ -109,6 +111,8 @@ class HostsScreen(Screen[None]):
         fill(self.query_one("#hosts-table", DataTable), rows, columns=HOST_COLUMNS)
         status = self.query_one("#hosts-status", Static)
         errors = [f"{name}: {why}" for name, why in self.board.errors.items()]
+        errors += [f"{h.name}: its host key is not known here: k shows the key, to check and trust it"
+                   for h in self.board.hosts if self.board.unknown_key(h)]
         status.update(("l launches workers on the selected host · s stops them · r probes again"
                        if self.board.hosts else NO_HOSTS) + "".join(f"\n✗ {e}" for e in errors))
 
@@ -199,6 +203,37 @@ class HostsScreen(Screen[None]):
         self.post_message(WorkersChanged([], gone, {}, {}))
         self.notify(f"{event.host}: stopped {len(gone)} of {len(results)} workers" +
                     "".join(f"\n{f}" for f in failed), severity="warning" if failed else "information")
+
+    def action_trust_key(self) -> None:
+        host = self.selected_host()
+        if host is None or not self.board.unknown_key(host):
+            self.notify("k is for a host whose key is not known here (its status says so)", severity="warning")
+            return
+        self.fetch_key(host)
+
+    @work(name="host-key", exclusive=True, group="hosts-key")
+    async def fetch_key(self, host: Host) -> None:
+        try:
+            new = await self.board.host_key(host)
+        except HostError as e:
+            self.post_message(WorkFailed(f"{host.name}: {e}"))
+            return
+        text = (f"{host.name} ({new.host}, port {new.port}) presents this {new.algorithm} key:\n\n"
+                f"  {new.fingerprint}\n\nTrust it only if it is that host's: on the host, "
+                "`ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` prints its fingerprints.")
+        self.app.push_screen(Confirm(text, [("t", "Trust it"), ("c", "Cancel")]),
+                             lambda answer: self.key_answered(answer, new))
+
+    def key_answered(self, answer: str | None, new: NewHostKey) -> None:
+        if answer != "t":
+            return
+        try:
+            path = self.board.trust(new)
+        except HostError as e:
+            self.notify(str(e), severity="error", timeout=10)
+            return
+        self.notify(f"added {new.host}'s key to {path}", title="trusted")
+        self.action_probe()
 
     @work(name="log-tail", exclusive=True, group="hosts-log")
     async def read_log(self, entry: WorkerEntry) -> None:
