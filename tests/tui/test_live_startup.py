@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.cluster import Cluster, ClusterWorker, write_cluster
+from engine.synth import SynthSpec, write_model
 from tests.tui.test_app import run_async, settle
 from tests.tui.test_live_app import until
 from tui.app import _parser, app_from_args, main
@@ -76,9 +77,10 @@ async def test_a_cluster_file_gives_endpoints_tokens_and_capacities(secured: tup
 
 
 def test_app_takes_the_model_flags(tmp_path: Path) -> None:
-    app = app_from_args(_parser().parse_args(["-m", str(tmp_path / "m.gguf"), "-t", "1", "--float-activations"]))
+    model = write_model(tmp_path / "m.gguf", SynthSpec(layers=2, dense_layers=1, seed=1))  # -m must be readable
+    app = app_from_args(_parser().parse_args(["-m", str(model), "-t", "1", "--float-activations"]))
     assert app.local is None and app.shared.options == {"threads": 1, "float_activations": True}
-    assert app_from_args(_parser().parse_args(["-m", str(tmp_path / "m.gguf")])).shared.options == {}
+    assert app_from_args(_parser().parse_args(["-m", str(model)])).shared.options == {}
 
 
 def test_a_hosts_file_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
