@@ -77,6 +77,9 @@ def moe_ffn(
     x may be a device array (idx and weights are host arrays from `route`); only selected experts are read."""
     xp = array_module(x)
     T, K = idx.shape
+    E = gate_exps.shape[0]
+    if idx.size and (idx.min() < 0 or idx.max() >= E):  # routing from a peer: a negative id must not wrap around
+        raise ValueError(f"expert ids {idx.min()}..{idx.max()} do not fit {E} experts")
     if T <= GATHER_MAX_TOKENS:  # decode: all (token, expert) pairs in one kernel launch per matrix
         pairs = idx.ravel()
         xs = xp.repeat(x, K, axis=0)  # [T*K, D]

@@ -110,7 +110,10 @@ class QTensor:
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Selected rows of a 2-D tensor as float32 [len(index), C] (embedding lookup)."""
-        raw = self.data[np.asarray(index)]
+        index = np.asarray(index)
+        if index.size and (index.min() < 0 or index.max() >= self.shape[0]):  # token ids from a peer must not wrap
+            raise ValueError(f"row ids {index.min()}..{index.max()} do not fit the {self.shape[0]} rows of {self.name}")
+        raw = self.data[index]
         if _fast(self.qtype) and not self.is_float32:
             from engine import kernels
 

@@ -164,7 +164,7 @@ def parse_program(records: Sequence[Record]) -> Program:
         raise ProgramError("a segment program starts with a 'config' record")
     head = records[0][1]
     arch = head.get("arch")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:  # a peer's value: a list is not even hashable
         raise ProgramError(f"architecture {arch!r} is not supported by workers ({', '.join(ARCHITECTURES)})")
     cache_type = head.get("cache_type")
     if cache_type not in CACHE_TYPES:

@@ -113,7 +113,8 @@ class ErrorCode(IntEnum):
 U16 = Annotated[int, Meta(ge=0, le=0xFFFF)]
 U32 = Annotated[int, Meta(ge=0, le=0xFFFF_FFFF)]
 U64 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]  # msgspec bounds stop at int64; no count gets near
-Digest = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]  # BLAKE3-256 of the tensor bytes, lowercase hex
+# BLAKE3-256 of the tensor bytes, lowercase hex; \Z, not $, which lets a trailing newline through
+Digest = Annotated[str, Meta(pattern=r"\A[0-9a-f]{64}\Z")]
 Name = Annotated[str, Meta(max_length=256)]
 Text = Annotated[str, Meta(max_length=4096)]
 Nonce = Annotated[bytes, Meta(max_length=64)]

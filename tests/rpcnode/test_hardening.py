@@ -7,8 +7,11 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine import load_model
 from engine.synth import SynthSpec, write_model
@@ -16,6 +19,16 @@ from rpcnode import protocol as P
 from rpcnode.client import Client, OfferSpec, RPCError
 from rpcnode.digest import digest_of
 from tests.rpcnode.conftest import WorkerProc, start_worker
+from tests.rpcnode.session_fuzz import (
+    HOSTILE,
+    Request,
+    Session,
+    mutate,
+    paths,
+    record_session,
+    restore,
+    section_mutations,
+)
 
 PROMPT = [1, 5, 9, 20, 33]
 
@@ -100,6 +113,98 @@ def test_a_fatal_error_reply_arrives_while_the_peer_is_still_sending(worker: Wor
         assert isinstance(reply, P.ErrorReply) and reply.fatal and reply.code == code, reply
         assert s.recv(1) == b""  # then an orderly close
     assert "Traceback" not in worker.log_text()
+
+
+# ---- bad values get their typed error, never INTERNAL --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sessions(worker: WorkerProc, small_model: Path) -> dict[str, list[Request]]:
+    """Real sessions against the shared worker: all layers there, only the experts, only the embedding (so the
+    recorded RunSegments carry a hidden state, routing, or token ids)."""
+    ep = worker.endpoint
+    placements = {"all": {"n_gpu_layers": 99}, "exps": {"override_tensor": [f"exps=RPC[{ep}]"]},
+                  "embd": {"override_tensor": [f"token_embd=RPC[{ep}]"]}}
+    return {name: record_session(small_model, ep, PROMPT, **opts) for name, opts in placements.items()}
+
+
+def first(session: list[Request], kind: P.Kind) -> Request:
+    return next(r for r in session if r.kind == kind)
+
+
+def assert_typed(reply: P.Message, *codes: P.ErrorCode) -> None:
+    assert isinstance(reply, P.ErrorReply) and reply.code in codes, reply
+
+
+def test_a_digest_with_a_trailing_newline_is_bad_metadata(worker: WorkerProc) -> None:
+    """The schema's pattern must match the whole string: `$` also matches before a final newline."""
+    digest = "ab" * 32 + "\n"
+    with Session(worker.endpoint) as s:
+        offer = {"kind": int(P.Kind.OFFER_TENSOR), "digest": digest, "nbytes": 4, "ggml_type": 0, "shape": [1]}
+        assert_typed(s.ask(offer), P.ErrorCode.BAD_METADATA)
+        upload = {"kind": int(P.Kind.UPLOAD_TENSOR), "digest": digest, "offset": 0, "final": True}
+        assert_typed(s.ask(upload, b"abcd"), P.ErrorCode.BAD_METADATA)
+    assert "Traceback" not in worker.log_text()
+
+
+def test_a_program_naming_a_list_for_its_architecture_is_bad_program(worker: WorkerProc,
+                                                                      sessions: dict[str, list[Request]]) -> None:
+    define = first(sessions["all"], P.Kind.DEFINE_SEGMENT)
+    with Session(worker.endpoint) as s:
+        restore(s, sessions["all"])
+        for arch in ([], ["deepseek2"], 1.5, "", "llama\n"):
+            assert_typed(s.ask(mutate(define.doc, ("ops", 0, "args", "arch"), arch)), P.ErrorCode.BAD_PROGRAM)
+    assert "Traceback" not in worker.log_text()
+
+
+@pytest.mark.parametrize(("placement", "section"), [("exps", "idx"), ("embd", "ids")])
+def test_ids_past_their_table_are_bad_array_not_wrapped(worker: WorkerProc, sessions: dict[str, list[Request]],
+                                                       placement: str, section: str) -> None:
+    """Expert ids and token ids index tables on the worker: a negative one must not silently pick the last row
+    (NumPy's indexing would), nor a huge one read past the table."""
+    run = first(sessions[placement], P.Kind.RUN_SEGMENT)
+    specs = [msgspec.convert(x, P.ArraySpec) for x in run.doc["sections"]]
+    (a, b), = [ab for spec, ab in zip(specs, P.sections_layout(specs), strict=True) if spec.name == section]
+    with Session(worker.endpoint) as s:
+        restore(s, sessions[placement])
+        assert isinstance(s.ask(run.doc, run.payload), P.RunReply)
+        for v in (-1, -(2**31), 2**31 - 1):
+            payload = run.payload[:a] + np.full((b - a) // 8, v, dtype="<i8").tobytes() + run.payload[b:]
+            reply = s.ask(run.doc, payload)
+            assert_typed(reply, P.ErrorCode.BAD_ARRAY)
+            assert "do not fit" in reply.message  # type: ignore[union-attr]
+    assert "Traceback" not in worker.log_text()
+
+
+@st.composite
+def _mutated(draw: st.DrawFn, sessions: dict[str, list[Request]]) -> tuple[str, Request, dict, bytes]:
+    """A recorded request (not an upload of a held tensor: that ends early) with 1-3 fields replaced by hostile
+    values, and for a RunSegment maybe one section's values."""
+    name = draw(st.sampled_from(sorted(sessions)))
+    r = draw(st.sampled_from([r for r in sessions[name] if r.kind != P.Kind.UPLOAD_TENSOR]))
+    doc, payload = r.doc, r.payload
+    if r.kind == P.Kind.RUN_SEGMENT and draw(st.booleans()):
+        payload = draw(st.sampled_from(list(section_mutations(r))))
+    for _ in range(draw(st.integers(0 if payload is not r.payload else 1, 3))):
+        doc = mutate(doc, draw(st.sampled_from(list(paths(doc)))), draw(st.sampled_from((*HOSTILE, ...))))
+    return name, r, doc, payload
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_sessions_get_typed_errors(worker: WorkerProc, sessions: dict[str, list[Request]],
+                                           data: st.DataObject) -> None:
+    """Requests of recorded real sessions with fields replaced (wrong types, out of range, NaN, odd text, ...) and
+    section values replaced: every reply is an answer or a typed error, never INTERNAL, and nothing is logged
+    as a traceback."""
+    name, r, doc, payload = data.draw(_mutated(sessions))
+    with Session(worker.endpoint) as s:
+        if r.kind == P.Kind.RUN_SEGMENT:
+            restore(s, sessions[name])
+        reply = s.ask(doc, payload)
+        assert not (isinstance(reply, P.ErrorReply) and reply.code == P.ErrorCode.INTERNAL), (doc, reply)
+    assert worker.proc.poll() is None and "Traceback" not in worker.log_text()
 
 
 # ---- a full disk -----------------------------------------------------------------------------------------------
