@@ -26,7 +26,7 @@ from engine.block_decoders import (
     _qh32,
 )
 from engine.simd import _f16_at
-from engine.simd_int8 import _scales16_i8, _scales_k4, _unpack16_u8, _unpack16_u8_iq4, _unpack16_u8_qh, _unpack32_u8
+from engine.simd_int8 import _scales_k4, _unpack16_u8, _unpack16_u8_iq4, _unpack16_u8_qh, _unpack32_u8
 
 # The types with integer codes under affine block scales (everything but the float types).
 INT8_TYPES = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS})
@@ -38,15 +38,6 @@ def _groups(a: np.ndarray, b: np.ndarray, v0: int, n: int, av: np.float32, bv: n
     for g in range(v0 // 16, (v0 + n) // 16):
         a[g] = av
         b[g] = bv
-
-
-@njit(cache=True, inline="always")
-def _idec_q8_0(src, q, a, b) -> None:
-    for blk in range(len(src) // 34):
-        o = 34 * blk
-        d = _f16_at(src, o)
-        _unpack32_u8(q, 32 * blk, src, o + 2, 0, 255, o, 0, 0, 0, 128)
-        _groups(a, b, 32 * blk, 32, d, np.float32(-128.0) * d)
 
 
 @njit(cache=True, inline="always")
@@ -132,18 +123,6 @@ def _idec_q3_k(src, q, a, b) -> None:
 
 
 @njit(cache=True, inline="always")
-def _idec_q4_k(src, q, a, b) -> None:
-    for blk in range(len(src) // 144):
-        o = 144 * blk
-        d = _f16_at(src, o)
-        dmin = _f16_at(src, o + 2)
-        _scales_k4(a, b, 16 * blk, src, o + 4, d, dmin)
-        for g in range(4):
-            for k in range(2):
-                _unpack32_u8(q, 256 * blk + 64 * g + 32 * k, src, o + 16 + 32 * g, 4 * k, 15, o, 0, 0, 0, 0)
-
-
-@njit(cache=True, inline="always")
 def _idec_q5_k(src, q, a, b) -> None:
     for blk in range(len(src) // 176):
         o = 176 * blk
@@ -154,18 +133,6 @@ def _idec_q5_k(src, q, a, b) -> None:
             for k in range(2):
                 base = 256 * blk + 64 * g + 32 * k
                 _unpack32_u8(q, base, src, o + 48 + 32 * g, 4 * k, 15, o + 16, 2 * g + k, 1, 4, 0)
-
-
-@njit(cache=True, inline="always")
-def _idec_q6_k(src, q, a, b) -> None:
-    for blk in range(len(src) // 210):
-        o = 210 * blk
-        d = _f16_at(src, o + 208)
-        for h in range(2):
-            for s in range(4):
-                lo, hi = o + 64 * h + 32 * (s & 1), o + 128 + 32 * h
-                _unpack32_u8(q, 256 * blk + 128 * h + 32 * s, src, lo, 4 * (s >> 1), 15, hi, 2 * s, 3, 4, 0)
-        _scales16_i8(a, b, 16 * blk, src, o + 192, d, np.float32(-32.0))
 
 
 @njit(cache=True, inline="always")
@@ -184,14 +151,9 @@ def _idec_iq4_xs(src, q, a, b) -> None:
 
 @njit(cache=True, inline="always")
 def idecode_row(qtype: int, src: np.ndarray, q: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """Codes and lane scales of one row (or a run of whole blocks of it) of any type in INT8_TYPES."""
-    if qtype == Q8_0:
-        _idec_q8_0(src, q, a, b)
-    elif qtype == Q4_K:
-        _idec_q4_k(src, q, a, b)
-    elif qtype == Q6_K:
-        _idec_q6_k(src, q, a, b)
-    elif qtype == Q5_K:
+    """Codes and lane scales of one row (or a run of whole blocks of it) of any type in INT8_TYPES but those with
+    a kernel in engine.block_dots (which never come here)."""
+    if qtype == Q5_K:
         _idec_q5_k(src, q, a, b)
     elif qtype == Q4_0:
         _idec_q4_0(src, q, a, b)

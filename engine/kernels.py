@@ -24,6 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from engine.block_decoders import BLOCK, F32, _decode_row
+from engine.block_dots import block_dot, has_block_dot
 from engine.int8_decoders import INT8_TYPES, idecode_row
 from engine.q8_activations import padded, quantize_rows
 from engine.simd import _prefetch
@@ -42,6 +43,8 @@ _ROWS_PER_TASK = 64
 _CHUNK_VALUES = 4096
 # Rows ahead whose bytes are prefetched while a row is decoded (hardware prefetch alone left the loads exposed).
 _PREFETCH_ROWS = 4
+# Bytes ahead of the integer kernels' reads that they prefetch (covers DRAM latency at full bandwidth).
+_PREFETCH_BYTES = 16384
 # reassoc lets LLVM vectorise the dot reductions, contract allows FMA; NaN/inf semantics stay IEEE.
 _FASTMATH = {"reassoc", "contract"}
 
@@ -163,6 +166,13 @@ def _prefetch_bytes(flat: np.ndarray, start: int, n: int) -> None:
 
 
 @njit(cache=True, inline="always")
+def _prefetch_ahead(flat: np.ndarray, start: int, n: int, end: int) -> None:
+    """Prefetch the n bytes that lie _PREFETCH_BYTES past [start, start + n), up to end (the task's last byte)."""
+    lo = start + _PREFETCH_BYTES
+    _prefetch_bytes(flat, lo, max(0, min(n, end - lo)))
+
+
+@njit(cache=True, inline="always")
 def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r1: int, block_bytes: int, qk: int,
                q: np.ndarray, a: np.ndarray, b: np.ndarray, xq: np.ndarray, xl: np.ndarray, xd: np.ndarray,
                xs: np.ndarray, t0: int, t1: int, out: np.ndarray, o0: int) -> None:
@@ -177,13 +187,19 @@ def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r
     blocks = row_bytes // block_bytes
     C = blocks * qk
     groups = xd.shape[1]
+    if has_block_dot(qtype):  # no decoded copy
+        for r in range(r0, r1):
+            start = (e * R + r) * row_bytes
+            _prefetch_ahead(flat, start, row_bytes, (e * R + r1) * row_bytes)
+            for t in range(t0, t1):
+                out[o0 + t - t0, r] = block_dot(qtype, flat, start, blocks, xq, xl, xd, xs, t * groups)
+        return
     if C % 64 == 0 and C <= _CHUNK_VALUES:
         span = _CHUNK_VALUES // C
         for rs in range(r0, r1, span):
             re = min(r1, rs + span)
             start = (e * R + rs) * row_bytes
-            if re < r1:  # overlap DRAM reads of the next rows with this span's work
-                _prefetch_bytes(flat, start + (re - rs) * row_bytes, min(r1 - re, span) * row_bytes)
+            _prefetch_ahead(flat, start, (re - rs) * row_bytes, (e * R + r1) * row_bytes)
             idecode_row(qtype, flat[start : start + (re - rs) * row_bytes], q, a, b)
             for j in range(re - rs):
                 for t in range(t0, t1):
@@ -191,8 +207,7 @@ def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r
         return
     chunk = max(1, _CHUNK_VALUES // qk)
     for r in range(r0, r1):
-        if r + _PREFETCH_ROWS < r1:
-            _prefetch_bytes(flat, (e * R + r + _PREFETCH_ROWS) * row_bytes, row_bytes)
+        _prefetch_ahead(flat, (e * R + r) * row_bytes, row_bytes, (e * R + r1) * row_bytes)
         for t in range(t0, t1):
             out[o0 + t - t0, r] = 0.0
         for c0 in range(0, blocks, chunk):

@@ -109,48 +109,37 @@ def _unpack16_u8_qh(typingctx, dst, do, src, lo, lshift, qh, qhshift):
     return sig, codegen
 
 
-@intrinsic
-def _scales16_i8(typingctx, a, b, g0, src, so, d, bmul):
-    """Q6_K's group scales: a[g0 + j] = d * int8(src[so + j]), b[g0 + j] = bmul * a[g0 + j] for j < 16."""
-    sig = types.none(a, b, g0, src, so, d, bmul)
+def k4_scale_codes(builder: ir.IRBuilder, packed: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """Q4_K/Q5_K's 8 sub-block scales and mins (<8 x i32> each) from their 12 packed bytes (the first 12 lanes of
+    <16 x i8> packed): the 6-bit pairs of block_decoders._scale_min_k4, all 8 at once."""
+    v8i = ir.VectorType(_I32, 8)
+    raw = builder.zext(packed, _V16I32)
 
-    def codegen(context, builder, signature, args):
-        raw = _load_bytes(context, builder, signature, args, 3, 4)
-        d = _splat(builder, context.cast(builder, args[5], signature.args[5], types.float32), _V16F)
-        av = builder.fmul(d, builder.sitofp(raw, _V16F))
-        bm = _splat(builder, context.cast(builder, args[6], signature.args[6], types.float32), _V16F)
-        g0 = _arg_i64(context, builder, signature, args, 2)
-        for k, v in ((0, av), (1, builder.fmul(bm, av))):
-            ptr = builder.gep(_data(context, builder, signature, args, k), [g0])
-            builder.store(v, builder.bitcast(ptr, _V16F.as_pointer()), align=4)
-        return context.get_dummy_value()
+    def pick(idx):
+        return builder.shuffle_vector(raw, raw, ir.Constant(v8i, idx))
 
-    return sig, codegen
+    def const(v):
+        return ir.Constant(v8i, [v] * 8)
+
+    first = builder.icmp_unsigned("<", ir.Constant(v8i, list(range(8))), const(4))  # j < 4
+    p, q = pick([0, 1, 2, 3, 8, 9, 10, 11]), pick([0, 1, 2, 3, 0, 1, 2, 3])
+    m_src, n = pick([4, 5, 6, 7, 8, 9, 10, 11]), pick([4, 5, 6, 7, 4, 5, 6, 7])
+    high = builder.shl(builder.lshr(q, const(6)), const(4))
+    sc = builder.select(first, builder.and_(p, const(63)), builder.or_(builder.and_(p, const(15)), high))
+    mhigh = builder.shl(builder.lshr(n, const(6)), const(4))
+    m = builder.select(first, builder.and_(m_src, const(63)), builder.or_(builder.lshr(m_src, const(4)), mhigh))
+    return sc, m
 
 
 @intrinsic
 def _scales_k4(typingctx, a, b, g0, src, so, d, dmin):
-    """Q4_K/Q5_K's group scales from the 12 packed bytes at src[so]: sub-block j (groups g0 + 2j, 2j + 1) gets
-    a = d * sc_j and b = -(dmin * m_j), sc/m the 6-bit pairs of block_decoders._scale_min_k4, all 8 at once."""
+    """Q5_K's group scales from the 12 packed bytes at src[so]: sub-block j (groups g0 + 2j, 2j + 1) gets
+    a = d * sc_j and b = -(dmin * m_j) (k4_scale_codes)."""
     sig = types.none(a, b, g0, src, so, d, dmin)
 
     def codegen(context, builder, signature, args):
         v8i, v8f = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
-        raw = builder.zext(_load_bytes(context, builder, signature, args, 3, 4), _V16I32)  # 16 bytes, 12 used
-
-        def pick(idx):
-            return builder.shuffle_vector(raw, raw, ir.Constant(v8i, idx))
-
-        def const(v):
-            return ir.Constant(v8i, [v] * 8)
-
-        first = builder.icmp_unsigned("<", ir.Constant(v8i, list(range(8))), const(4))  # j < 4
-        p, q = pick([0, 1, 2, 3, 8, 9, 10, 11]), pick([0, 1, 2, 3, 0, 1, 2, 3])
-        m_src, n = pick([4, 5, 6, 7, 8, 9, 10, 11]), pick([4, 5, 6, 7, 4, 5, 6, 7])
-        high = builder.shl(builder.lshr(q, const(6)), const(4))
-        sc = builder.select(first, builder.and_(p, const(63)), builder.or_(builder.and_(p, const(15)), high))
-        mhigh = builder.shl(builder.lshr(n, const(6)), const(4))
-        m = builder.select(first, builder.and_(m_src, const(63)), builder.or_(builder.lshr(m_src, const(4)), mhigh))
+        sc, m = k4_scale_codes(builder, _load_bytes(context, builder, signature, args, 3, 4))
 
         def splat8(k):
             v = context.cast(builder, args[k], signature.args[k], types.float32)
