@@ -56,6 +56,13 @@ class _Stream:
         self._data: np.ndarray | None = None
         self._scale: np.ndarray | None = None
 
+    def bytes_at(self, capacity: int) -> int:
+        """What nbytes would be with room for `capacity` rows."""
+        if self.cache_type == "q8_0":
+            wp = -(-self.width // _Q8_BLOCK) * _Q8_BLOCK
+            return capacity * (wp + 2 * (wp // _Q8_BLOCK))
+        return capacity * self.width * (2 if self.cache_type == "f16" else 4)
+
     def ensure(self, capacity: int) -> None:
         if capacity <= self.capacity:
             return
@@ -121,9 +128,19 @@ class KVCache:
             )
         for layer in self.layers:
             for s in layer.values():
-                if end > s.capacity:
-                    s.ensure(min(self.n_ctx, max(end, 2 * s.capacity, 256)))
+                s.ensure(self._grown(s.capacity, end))
         return self.n_past
+
+    def _grown(self, capacity: int, end: int) -> int:
+        """A stream's capacity once it holds `end` positions: doubled (at least 256) so that decoding token by
+        token reallocates rarely, never past n_ctx."""
+        return capacity if end <= capacity else min(self.n_ctx, max(end, 2 * capacity, 256))
+
+    def nbytes_holding(self, end: int) -> int:
+        """nbytes once positions [0, end) have room (end <= n_ctx): what a worker charges to its memory limit
+        before it grows the cache."""
+        end = min(end, self.n_ctx)
+        return sum(s.bytes_at(self._grown(s.capacity, end)) for layer in self.layers for s in layer.values())
 
     def write(self, layer: int, name: str, pos: int, rows: np.ndarray) -> None:
         self.layers[layer][name].write(pos, rows)

@@ -272,15 +272,49 @@ class SegmentRunner:
         self._attn_layers = {i for i, p in program.ops if p == "attn"}
         self._caches: OrderedDict[int, KVCache] = OrderedDict()
 
+    def _new_cache(self) -> KVCache:
+        cache = self.net.new_cache(self.program.n_ctx, self.program.cache_type)
+        # streams only for this segment's attention layers; the others live elsewhere
+        cache.layers = [layer if i in self._attn_layers else {} for i, layer in enumerate(cache.layers)]
+        return cache
+
+    def kv_grows(self, seq_id: int, pos_start: int, n_tokens: int) -> bool:
+        """Whether `run` would allocate KV rows (a new sequence, or one past its capacity): most steps do not."""
+        cache = self._caches.get(seq_id)
+        if not self._attn_layers or (cache is None and pos_start):
+            return False
+        return cache is None or cache.nbytes_holding(min(pos_start, cache.n_past) + n_tokens) > cache.nbytes
+
+    def fit_kv(self, seq_id: int, pos_start: int, n_tokens: int, free_bytes: int) -> int:
+        """Before `run`: make the growth of this sequence's KV cache fit in `free_bytes` (what the worker's memory
+        limit leaves), dropping this segment's least recently used other sequences while it does not (as the
+        ninth sequence drops one); the bytes kv_accounted_bytes will come to. It always fits once the sequence is
+        alone, as one sequence's whole context was reserved when the segment was defined."""
+        if not self._attn_layers:
+            return self.kv_accounted_bytes
+        cache = self._caches.get(seq_id)
+        if cache is None and pos_start:  # run refuses it
+            return self.kv_accounted_bytes
+        start = 0 if cache is None else min(pos_start, cache.n_past)
+        after = (cache or self._new_cache()).nbytes_holding(start + n_tokens)
+        if cache is None and len(self._caches) >= MAX_SEQUENCES:  # _cache drops the oldest to make room
+            self._caches.popitem(last=False)
+        before = self.kv_accounted_bytes
+
+        def need() -> int:
+            others = sum(c.nbytes for s, c in self._caches.items() if s != seq_id)
+            return max(self.kv_reserved_bytes, others + after) - before
+
+        while need() > free_bytes and any(s != seq_id for s in self._caches):
+            del self._caches[next(s for s in self._caches if s != seq_id)]
+        return before + need()
+
     def _cache(self, seq_id: int, pos_start: int) -> KVCache:
         cache = self._caches.get(seq_id)
         if cache is None:
             if pos_start:
                 raise ProgramError(f"sequence {seq_id} is unknown here but the tokens start at position {pos_start}")
-            cache = self.net.new_cache(self.program.n_ctx, self.program.cache_type)
-            # streams only for this segment's attention layers; the others live elsewhere
-            cache.layers = [layer if i in self._attn_layers else {} for i, layer in enumerate(cache.layers)]
-            self._caches[seq_id] = cache
+            cache = self._caches[seq_id] = self._new_cache()
             while len(self._caches) > MAX_SEQUENCES:
                 self._caches.popitem(last=False)
         self._caches.move_to_end(seq_id)

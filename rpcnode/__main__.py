@@ -37,6 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after a segment, spin up to MS milliseconds for the coordinator's next one instead of "
                    "sleeping (a sleeping core wakes 0.1-0.3 ms late, every round trip); not for coordinators on "
                    "this machine (default 10; 0: never)")
+    p.add_argument("--max-connections", type=int, default=32, metavar="N",
+                   help="authenticated peers served at once; one more is answered BUSY (default 32)")
+    p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
+                   help="close a peer that sends no request for S seconds; the coordinator reconnects when it "
+                   "next needs the worker (default 600)")
+    p.add_argument("--stall-timeout", type=float, default=60.0, metavar="S",
+                   help="drop a peer that stops mid-frame, or uploads that get no chunk, for S seconds, releasing "
+                   "the memory they reserved (default 60)")
 
 
 def read_token(path: str) -> str:
@@ -63,11 +71,17 @@ def config_from_args(args: argparse.Namespace) -> object:
         raise SystemExit(f"rpcnode: error: -t {args.threads} must be positive")
     if not 0 <= args.poll <= 1000:
         raise SystemExit(f"rpcnode: error: --poll {args.poll:g} must be 0..1000 milliseconds")
+    if args.max_connections < 1:
+        raise SystemExit(f"rpcnode: error: --max-connections {args.max_connections} must be at least 1")
+    for flag, value in (("--idle-timeout", args.idle_timeout), ("--stall-timeout", args.stall_timeout)):
+        if not 0 < value <= 1e6:  # `not` also catches nan
+            raise SystemExit(f"rpcnode: error: {flag} {value:g} must be 0..1000000 seconds (above 0)")
     return Config(host=args.host, port=args.port, threads=args.threads,
                   cache_dir=Path(args.cache) if args.cache else None, cache_limit=cache_limit, mem_bytes=mem,
                   token=read_token(args.token_file) if args.token_file else None,
                   models=[Path(d) for d in args.models], cuda_device=cuda_device(args.device),
-                  poll_ms=args.poll)
+                  poll_ms=args.poll, max_connections=args.max_connections, idle_timeout_s=args.idle_timeout,
+                  stall_timeout_s=args.stall_timeout)
 
 
 def cuda_device(text: str) -> int | None:

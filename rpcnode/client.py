@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -70,6 +71,8 @@ class Client:
         self.counters = Counters()
         self._next_id = 1
         self._run_started = 0.0
+        self._token, self._name = token, name
+        self._waiting = 0  # requests sent and not yet answered
         self._sock = self._connect(CONNECT_TIMEOUT_S)
         # spin for segment replies only across a network: a worker on this machine needs the cores we would burn
         self.poll_s = 0.0 if P.peer_is_loopback(self._sock) else poll_ms / 1000
@@ -101,6 +104,7 @@ class Client:
 
     def close(self) -> None:
         sock, self._sock = getattr(self, "_sock", None), None
+        self._waiting = 0
         if sock is not None:
             sock.close()
 
@@ -110,7 +114,37 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _reconnect_if_timed_out(self) -> None:
+        """A worker closes a connection idle past its --idle-timeout, saying so first; its tensors, segments and
+        KV caches belong to the worker, not the connection, so a fresh connection carries on where this one was.
+        (A worker that died is left to the request to find out and name.)"""
+        if self._sock is None or self._waiting:
+            return
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        if not poller.poll(0):
+            return
+        try:
+            self._sock.settimeout(self.timeout)
+            if not self._sock.recv(1, socket.MSG_PEEK):
+                return
+            frame = P.recv_frame(self._sock)
+        except (OSError, EOFError, P.ProtocolError):
+            return
+        msg = frame.message
+        if not isinstance(msg, P.ErrorReply) or msg.code != P.ErrorCode.TIMED_OUT:
+            self._broken(f"sent {type(msg).__name__} unasked")
+        self.close()
+        self._sock = self._connect(CONNECT_TIMEOUT_S)
+        try:
+            self._handshake(self._token, self._name)
+        except BaseException:
+            self.close()
+            raise
+
     def _send(self, message: P.Message, payload: P.Payload = b"") -> int:
+        if not isinstance(message, P.Hello | P.Auth):
+            self._reconnect_if_timed_out()
         if self._sock is None:
             raise WorkerGone(f"{self.label}: the connection is closed")
         rid, self._next_id = self._next_id, self._next_id + 1
@@ -126,10 +160,12 @@ class Client:
             self._broken(f"send failed ({e.strerror or e})")
         self.counters.bytes_sent += n
         self.counters.requests += 1
+        self._waiting += 1
         return rid
 
     def _recv(self, rid: int, expect: type, timeout: float) -> Any:
         assert self._sock is not None
+        self._waiting -= 1
         self._sock.settimeout(timeout)
         try:
             frame = P.recv_frame(self._sock)

@@ -106,6 +106,8 @@ class ErrorCode(IntEnum):
     OUT_OF_MEMORY = 305
     UNKNOWN_SEQUENCE = 306
     INTERNAL = 500
+    BUSY = 503  # the worker has --max-connections peers already; try again when one leaves
+    TIMED_OUT = 504  # the peer was idle, or stalled mid-frame or mid-upload, past the worker's limit; it closes
     DISK_FULL = 507  # the disk under the worker's tensor cache (or its quota) is full, even after evicting
 
 

@@ -164,6 +164,15 @@ def parse_header(data: Buffer, limits: Limits = DEFAULT_LIMITS, allowed: Contain
 
 def decode_body(header: Header, meta: Buffer, payload: Buffer, limits: Limits = DEFAULT_LIMITS) -> Frame:
     """Strictly decode the metadata and check it against the payload; errors here leave the stream in sync."""
+    if _nbytes(payload) != header.payload_len:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"header declares {header.payload_len} payload bytes, "
+                            f"{_nbytes(payload)} given", fatal=True)
+    return Frame(header, decode_meta(header, meta, limits), memoryview(payload).toreadonly())
+
+
+def decode_meta(header: Header, meta: Buffer, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """The metadata, checked against the header's declared payload length: a receiver can refuse a frame (and
+    skip its payload unread and unallocated) before a byte of the payload is stored."""
     if header.kind not in _KINDS:
         raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown message kind {header.kind:#04x}")
     try:
@@ -173,8 +182,8 @@ def decode_body(header: Header, meta: Buffer, payload: Buffer, limits: Limits = 
     if kind_of(message) != header.kind:
         raise ProtocolError(ErrorCode.KIND_MISMATCH, f"header says {Kind(header.kind).name}, "
                             f"metadata says {kind_of(message).name}")
-    check_message(message, _nbytes(payload), limits)
-    return Frame(header, message, memoryview(payload).toreadonly())
+    check_message(message, header.payload_len, limits)
+    return message
 
 
 def check_message(message: Message, payload_len: int, limits: Limits = DEFAULT_LIMITS) -> None:

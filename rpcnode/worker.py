@@ -28,6 +28,13 @@ from rpcnode.model_index import ModelIndex
 log = logging.getLogger("rpcnode")
 E = P.ErrorCode
 
+# Frame bodies being received take up to this many bytes in all beyond -m (part of the worker's stated overhead),
+# so that a decode step or a prefill batch never competes with the tensors a plan filled -m with; bodies beyond
+# it are charged to -m, and refused when that is full.
+RECEIVE_POOL_BYTES = 64 << 20
+# Decoded metadata (Python objects) takes up to this many times its msgpack bytes; a body is charged that much.
+META_EXPANSION = 16
+
 def fail(code: P.ErrorCode, message: str) -> P.ProtocolError:
     return P.ProtocolError(code, message)
 
@@ -59,6 +66,9 @@ class Config:
     cuda_device: int | None = None  # None: the CPU; else this GPU holds the segments' weights and KV caches
     poll_ms: float = 10.0  # spin this long for a remote peer's next segment (0: always block)
     handshake_timeout_s: float = 30.0  # a peer that has not said hello (and proved the token) by then is dropped
+    max_connections: int = 32  # authenticated peers at once; one more is answered BUSY
+    idle_timeout_s: float = 600.0  # an authenticated peer that sends nothing for this long is closed
+    stall_timeout_s: float = 60.0  # a frame or an upload that makes no progress for this long is dropped
 
 
 def _gpu(index: int) -> Any:
@@ -100,9 +110,12 @@ class Worker:
         self.bytes_in = self.bytes_out = 0
         self.hits = self.misses = 0
         self.reserved = 0  # bytes of uploads in progress
+        self.receiving = 0  # bytes charged for frame bodies being received and handled (see RECEIVE_POOL_BYTES)
+        self._kv: dict[int, int] = {}  # segment id -> KV bytes charged (updated around runs, under self.lock)
         # connections run on threads of their own; this guards the tensor bookkeeping they share
         self.lock = threading.RLock()
         self._traffic_lock = threading.Lock()  # `+=` from several threads would lose counts
+        self._receive_lock = threading.Lock()
         self.compute_lock = threading.Lock()
         self._set_threads = threading.local()
         self.compute_lock.acquire()  # held by the warm-up: the first request waits for it
@@ -164,11 +177,31 @@ class Worker:
 
     @property
     def kv_bytes(self) -> int:
-        return sum(r.kv_accounted_bytes for r in self.segments.values())
+        return sum(self._kv.values())
 
     @property
     def mem_free(self) -> int:
-        return max(0, self.mem_total - self.bytes_held - self.reserved - self.kv_bytes)
+        over_pool = max(0, self.receiving - RECEIVE_POOL_BYTES)
+        return max(0, self.mem_total - self.bytes_held - self.reserved - self.kv_bytes - over_pool)
+
+    def charge_receive(self, nbytes: int, what: str) -> None:
+        """Charge a frame body before any of it is stored; OUT_OF_MEMORY if neither the receive pool nor -m has
+        room for it. The caller releases the charge once the request is answered."""
+        with self._receive_lock:  # within the pool: no wait behind an offer that hashes a file under self.lock
+            if self.receiving + nbytes <= RECEIVE_POOL_BYTES:
+                self.receiving += nbytes
+                return
+        with self.lock, self._receive_lock:
+            over = min(nbytes, self.receiving + nbytes - RECEIVE_POOL_BYTES)
+            if over > self.mem_free:
+                raise fail(E.OUT_OF_MEMORY, f"{what} of {nbytes} bytes does not fit: {self.mem_free} of "
+                           f"{self.mem_total} bytes free, {self.receiving} bytes of other frames in flight")
+            self.receiving += nbytes
+
+    def release_receive(self, nbytes: int) -> None:
+        if nbytes:
+            with self._receive_lock:
+                self.receiving -= nbytes
 
     def device_info(self) -> P.DeviceInfo:
         st = self.cache.stats()
@@ -274,14 +307,15 @@ class Worker:
         except (IkctlError, ValueError, KeyError) as e:  # engine errors about shapes/types are ValueErrors too
             raise fail(E.BAD_PROGRAM, f"segment {m.segment_id}: {e}") from None
         with self.lock:
-            old = self.segments.pop(m.segment_id, None)
+            old, old_kv = self.segments.pop(m.segment_id, None), self._kv.pop(m.segment_id, 0)
             if runner.kv_reserved_bytes > self.mem_free:
                 if old is not None:
-                    self.segments[m.segment_id] = old
+                    self.segments[m.segment_id], self._kv[m.segment_id] = old, old_kv
                 raise fail(E.OUT_OF_MEMORY, f"segment {m.segment_id}: its KV cache for {program.n_ctx} positions "
                             f"({program.cache_type}) needs {runner.kv_reserved_bytes} bytes, {self.mem_free} of "
                             f"{self.mem_total} free; lower -c, use -ctk q8_0, or raise -m")
             self.segments[m.segment_id] = runner
+            self._kv[m.segment_id] = runner.kv_accounted_bytes
         return P.DefineReply(segment_id=m.segment_id, n_ops=len(program.ops))
 
     def segment(self, segment_id: int | None) -> Any:
@@ -301,6 +335,9 @@ class Worker:
         state = {spec.name: arr for spec, arr in zip(m.sections, arrays, strict=True)}
         if "n_out" in state:
             state["n_out"] = np.asarray(state["n_out"])
+        if runner.kv_grows(m.seq_id, m.pos_start, m.n_tokens):  # charged to -m before they grow
+            with self.lock:
+                self._kv[m.segment_id] = runner.fit_kv(m.seq_id, m.pos_start, m.n_tokens, self.mem_free)
         t0 = time.perf_counter()
         try:
             with compute_threads(self.threads, m.n_tokens):
@@ -310,6 +347,10 @@ class Worker:
             raise fail(code, f"segment {m.segment_id}: {e}") from None
         except (KeyError, ValueError, IndexError) as e:
             raise fail(E.BAD_ARRAY, f"segment {m.segment_id}: inputs do not fit its ops ({e!r:.200})") from None
+        finally:
+            with self.lock:
+                if self.segments.get(m.segment_id) is runner:
+                    self._kv[m.segment_id] = runner.kv_accounted_bytes
         dt = time.perf_counter() - t0
         self.busy_seconds += dt
         specs, parts = P.pack_arrays(ordered_state(out))
@@ -331,9 +372,11 @@ class Worker:
         if m.segment_id is not None:
             self.segment(m.segment_id)
             del self.segments[m.segment_id]
+            self._kv.pop(m.segment_id, None)
             freed = 0
         else:
             self.segments.clear()
+            self._kv.clear()
             self.held.clear()
             freed = before
         return P.FreeReply(bytes_freed=freed, tensors_held=len(self.held), bytes_held=self.bytes_held)
