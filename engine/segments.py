@@ -28,6 +28,9 @@ STATE_ORDER = ("x", "h", "ids", "logits", "y", "idx", "w", "shared", "n_out")
 # The entries a GPU segment keeps on its device (token ids, routing and counts stay host arrays).
 DEVICE_STATE = frozenset({"x", "h", "y", "shared"})
 MAX_SEQUENCES = 8  # KV caches a worker keeps per segment; the least recently used one goes beyond this
+# A worker's cap on a program's attention score scratch (-amb): a peer's value would size it unbounded. Attention
+# runs in query chunks of this size, so a lower cap changes the speed of a long prefill, never its results.
+MAX_AMB_BYTES = 1 << 30
 _TENSOR_PREFIX = "t."
 
 
@@ -185,8 +188,8 @@ def parse_program(records: Sequence[Record]) -> Program:
         for key, value in args.items():
             if key.startswith(_TENSOR_PREFIX):
                 tensors[key[len(_TENSOR_PREFIX):]] = _tensor_ref(key, value)
-    return Program(cfg, tuple(ops), tensors, _int(head, "mla"), _int(head, "amb_bytes"), cache_type,
-                   _int(head, "n_ctx"), int8)
+    return Program(cfg, tuple(ops), tensors, _int(head, "mla"), min(_int(head, "amb_bytes"), MAX_AMB_BYTES),
+                   cache_type, _int(head, "n_ctx"), int8)
 
 
 def _int(args: Mapping[str, Any], key: str) -> int:
@@ -313,7 +316,9 @@ class SegmentRunner:
         cache = self._caches.get(seq_id)
         if cache is None:
             if pos_start:
-                raise ProgramError(f"sequence {seq_id} is unknown here but the tokens start at position {pos_start}")
+                raise ProgramError(f"sequence {seq_id} is unknown here but the tokens start at position {pos_start} "
+                                   f"(a segment keeps {MAX_SEQUENCES} sequences, fewer when -m is short: the least "
+                                   "recently used makes room)")
             cache = self._caches[seq_id] = self._new_cache()
             while len(self._caches) > MAX_SEQUENCES:
                 self._caches.popitem(last=False)

@@ -184,8 +184,6 @@ class Connection:
 
     def _note_load(self, m: P.Message, reply: P.Message, payload_len: int) -> None:
         """Count what a load sends; the first other request ends the load and logs it."""
-        if isinstance(m, P.OfferTensor | P.UploadTensor):
-            self._upload_progress = time.monotonic()
         if not isinstance(m, P.OfferTensor | P.UploadTensor | P.DefineSegment):
             self._log_load()
             return
@@ -387,6 +385,8 @@ class Connection:
         charged = 0
         try:
             frame, charged = self._read_request()
+            if isinstance(frame.message, P.OfferTensor | P.UploadTensor):
+                self._upload_progress = time.monotonic()
             self._drop_stalled_uploads()  # a peer busy with other requests still loses the uploads it left
             reply, payload = self._dispatch(frame)
             self._note_load(frame.message, reply, frame.header.payload_len)

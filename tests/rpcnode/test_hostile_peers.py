@@ -205,3 +205,14 @@ def test_limit_flags_out_of_range_are_refused(tmp_path: Path, flag: str, value: 
     proc = subprocess.run([sys.executable, "-m", "rpcnode", "--port", "0", "-c", str(tmp_path), flag, value],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and f"rpcnode: error: {says}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_programs_attention_scratch_is_capped(synth_model: Path) -> None:
+    """-amb sizes the attention score blocks; a peer's 2**60 would make one block of any size."""
+    from engine.config import DeepSeek2Config
+    from engine.gguf_file import GGUFFile
+    from engine.segments import MAX_AMB_BYTES, parse_program, segment_records
+
+    cfg = DeepSeek2Config.from_gguf(GGUFFile(synth_model))
+    records = segment_records(cfg, [], {}, mla=3, amb_bytes=1 << 60, cache_type="f16", n_ctx=64)
+    assert parse_program(records).amb_bytes == MAX_AMB_BYTES
