@@ -128,6 +128,23 @@ def test_connections_beyond_the_limit_get_busy(workers: Callable[..., WorkerProc
         assert b.device_info().device == "cpu"
 
 
+def test_handshakes_beyond_the_limit_get_busy_without_a_thread(workers: Callable[..., WorkerProc]) -> None:
+    """Peers that connect and say nothing hold a handshake slot each (4 per --max-connections) until the
+    handshake timeout; one more is answered BUSY at once, and the worker keeps serving."""
+    w = workers("--max-connections", "1")
+    host, _, port = w.endpoint.rpartition(":")
+    silent = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+    try:
+        _wait_for(lambda: w.log_text().count("connection from") >= 4)
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            reply = P.recv_frame(s)
+            assert reply.message.code == P.ErrorCode.BUSY and "in their handshake" in reply.message.message
+    finally:
+        for s in silent:
+            s.close()
+    _wait_for(lambda: _try_connect(w.endpoint) == "ok")
+
+
 def _try_connect(endpoint: str) -> str:
     try:
         with Client.connect(endpoint) as c:
