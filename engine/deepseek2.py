@@ -83,7 +83,10 @@ def required(get: Getter, name: str, where: str = "") -> QTensor:
 def output_op(state: dict[str, Any], output: QTensor, output_norm: Any, eps: float) -> None:
     """The output op on a pass state: logits of the last "n_out" rows of "x", and nothing else left."""
     x = state.pop("x")
-    n_out = min(max(int(state.pop("n_out")), 1), x.shape[0])
+    n_out = state.pop("n_out")
+    if np.ndim(n_out) != 0:  # from a peer: int() of a 1-element array is a TypeError, not a refusal
+        raise ValueError(f"n_out must be one number, got an array of shape {list(np.shape(n_out))}")
+    n_out = min(max(int(n_out), 1), x.shape[0])
     state.clear()
     state["logits"] = output.matmul_t(rms_norm(x[x.shape[0] - n_out :], output_norm, eps))
 

@@ -106,6 +106,25 @@ def section_mutations(r: Request) -> Iterator[bytes]:
             yield r.payload[:a] + arr.tobytes() + r.payload[b:]
 
 
+def reshaped_sections(r: Request) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """The request with one section re-encoded as another dtype or reshaped (same values, a consistent payload),
+    or left out: metadata the schema accepts, arrays the ops did not expect."""
+    arrays = P.unpack_arrays([msgspec.convert(s, P.ArraySpec) for s in r.doc.get("sections", [])], r.payload)
+    named = [(s["name"], a) for s, a in zip(r.doc.get("sections", []), arrays, strict=True)]
+    for i, (name, arr) in enumerate(named):
+        variants = [arr.astype(dt) for dt in ("<f2", "<f4", "<i4", "<i8", "<u1") if dt != arr.dtype.str]
+        variants += [arr.reshape(-1), arr.reshape(1, *arr.shape)]
+        if arr.ndim >= 1:
+            variants += [arr[:0], arr[:1], np.concatenate([arr, arr])]
+        if arr.ndim >= 2:
+            variants += [np.ascontiguousarray(arr.T), arr.reshape(arr.shape[0], 1, -1)]
+        for v in [*variants, None]:
+            kept = [*named[:i], *([] if v is None else [(name, v)]), *named[i + 1:]]
+            specs, parts = P.pack_arrays(kept)
+            doc = dict(r.doc, sections=msgspec.to_builtins(specs))
+            yield doc, b"".join(bytes(p) for p in parts)
+
+
 def frame(doc: dict[str, Any], payload: bytes, request_id: int) -> bytes:
     meta = msgspec.msgpack.encode(doc)
     return P.HEADER.pack(P.MAGIC, 1, 0, int(doc["kind"]) & 0xFFFF, 0, request_id, len(meta), len(payload)) + meta + \

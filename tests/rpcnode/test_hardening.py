@@ -26,6 +26,7 @@ from tests.rpcnode.session_fuzz import (
     mutate,
     paths,
     record_session,
+    reshaped_sections,
     restore,
     section_mutations,
 )
@@ -176,6 +177,19 @@ def test_ids_past_their_table_are_bad_array_not_wrapped(worker: WorkerProc, sess
     assert "Traceback" not in worker.log_text()
 
 
+def test_an_output_row_count_that_is_not_one_number_is_bad_array(worker: WorkerProc,
+                                                                  sessions: dict[str, list[Request]]) -> None:
+    run = first(sessions["all"], P.Kind.RUN_SEGMENT)
+    with Session(worker.endpoint) as s:
+        restore(s, sessions["all"])
+        x = P.unpack_arrays([msgspec.convert(x, P.ArraySpec) for x in run.doc["sections"]], run.payload)[0]
+        for n_out in (np.array([1]), np.array([1, 2]), np.zeros((1, 1), np.int64)):
+            specs, parts = P.pack_arrays([("x", x), ("n_out", n_out)])
+            reply = s.ask(dict(run.doc, sections=msgspec.to_builtins(specs)), b"".join(bytes(p) for p in parts))
+            assert_typed(reply, P.ErrorCode.BAD_ARRAY)
+    assert "Traceback" not in worker.log_text()
+
+
 @st.composite
 def _mutated(draw: st.DrawFn, sessions: dict[str, list[Request]]) -> tuple[str, Request, dict, bytes]:
     """A recorded request (not an upload of a held tensor: that ends early) with 1-3 fields replaced by hostile
@@ -184,7 +198,7 @@ def _mutated(draw: st.DrawFn, sessions: dict[str, list[Request]]) -> tuple[str, 
     r = draw(st.sampled_from([r for r in sessions[name] if r.kind != P.Kind.UPLOAD_TENSOR]))
     doc, payload = r.doc, r.payload
     if r.kind == P.Kind.RUN_SEGMENT and draw(st.booleans()):
-        payload = draw(st.sampled_from(list(section_mutations(r))))
+        doc, payload = draw(st.sampled_from([(doc, p) for p in section_mutations(r)] + list(reshaped_sections(r))))
     for _ in range(draw(st.integers(0 if payload is not r.payload else 1, 3))):
         doc = mutate(doc, draw(st.sampled_from(list(paths(doc)))), draw(st.sampled_from((*HOSTILE, ...))))
     return name, r, doc, payload
