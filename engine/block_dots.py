@@ -1,4 +1,4 @@
-"""Integer dot products straight from GGUF blocks: one row of weights . one token's integer activations.
+"""Integer dot products straight from GGUF blocks: one row of weights . up to 8 tokens' integer activations.
 
 Legend: a block holds QK values (256 for the K-quants, 32 for Q8_0), a sub-block shares one scale, a group is 16
 values (the activations' scale unit, engine.q8_activations). The weight codes are unpacked in registers, meet
@@ -8,7 +8,9 @@ both activation planes in u8 x s8 multiply-adds (engine.simd_int8._lane_sums) an
 
 No decoded copy is written anywhere: engine.int8_decoders' scratch round trip (a store and a load of every code
 and of two scales per 16 values) cost as much as the dot itself. Only the most used types have a kernel here
-(Q4_K, Q6_K, Q8_0: what Q4_K_M and Q8_0 files hold); the rest keep the decoder path.
+(Q4_K, Q6_K, Q8_0: what Q4_K_M and Q8_0 files hold); the rest keep the decoder path. Each weight block is
+unpacked once for all tokens of a call (TOKENS at most, one accumulator register per token), so prefill and
+batched decode read the weights from cache once per 8 tokens rather than per token.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ _V32I8, _V64I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 64)
 
 # Types with a kernel here, and their block sizes (values, bytes).
 BLOCK_DOT_TYPES = {Q4_K: (256, 144), Q6_K: (256, 210), Q8_0: (32, 34)}
+# Tokens per call at most: 8 accumulators and their scales stay in registers next to the unpacked weights.
+TOKENS = 8
 
 
 def _const(vty: ir.VectorType, values: list) -> ir.Constant:
@@ -66,31 +70,33 @@ class _Ctx:
         return self.b.add(base, ir.Constant(_I64, k))
 
 
-def _signature(src, so, nblk, xq, xl, xd, xs, xgroup):
-    return types.float32(src, so, nblk, xq, xl, xd, xs, xgroup)
-
-
-def _row_loop(context, builder, sig, args, block_bytes: int, qk: int, body, bias_lanes: int,
-              per_step: int = 1, tail=None) -> ir.Value:
-    """sum over the row's blocks of body(ctx, byte offset, first activation group, accumulators), per_step blocks
-    at a time; tail(...) takes a last lone block."""
+def _row_loop(context, builder, sig, args, n_tok: int, block_bytes: int, qk: int, body, bias_lanes: int,
+              per_step: int = 1, tail=None) -> None:
+    """out[oo + t * ostride] = sum over the row's blocks of body(ctx, byte offset, each token's first activation
+    group, accumulators) for t < n_tok, per_step blocks at a time; tail(...) takes a last lone block."""
+    b = builder
     c = _Ctx(context, builder, sig, args)
-    so, nblk, xg0 = (_arg_i64(context, builder, sig, args, k) for k in (1, 2, 7))
-    acc = cgutils.alloca_once_value(builder, _const(_V16F, [0.0] * 16))
-    accb = cgutils.alloca_once_value(builder, _const(ir.VectorType(_F32, bias_lanes), [0.0] * bias_lanes))
-    steps = builder.udiv(nblk, ir.Constant(_I64, per_step))
+    so, nblk, xg0, groups, oo, ostride = (_arg_i64(context, builder, sig, args, k) for k in (1, 2, 7, 8, 10, 11))
+    out = _data(context, builder, sig, args, 9)
+    bias_ty = ir.VectorType(_F32, bias_lanes)
+    acc = [cgutils.alloca_once_value(b, _const(_V16F, [0.0] * 16)) for _ in range(n_tok)]
+    accb = [cgutils.alloca_once_value(b, _const(bias_ty, [0.0] * bias_lanes)) for _ in range(n_tok)]
+    firsts = [b.add(xg0, b.mul(groups, ir.Constant(_I64, t))) for t in range(n_tok)]
+    steps = b.udiv(nblk, ir.Constant(_I64, per_step))
 
-    def at(k: ir.Value) -> tuple[ir.Value, ir.Value]:
-        o = builder.add(so, builder.mul(k, ir.Constant(_I64, block_bytes)))
-        return o, builder.add(xg0, builder.mul(k, ir.Constant(_I64, qk // 16)))
+    def at(k: ir.Value) -> tuple[ir.Value, list[ir.Value]]:
+        o = b.add(so, b.mul(k, ir.Constant(_I64, block_bytes)))
+        return o, [b.add(x, b.mul(k, ir.Constant(_I64, qk // 16))) for x in firsts]
 
-    with cgutils.for_range(builder, steps, intp=_I64) as loop:
-        body(c, *at(builder.mul(loop.index, ir.Constant(_I64, per_step))), acc, accb)
+    with cgutils.for_range(b, steps, intp=_I64) as loop:
+        body(c, *at(b.mul(loop.index, ir.Constant(_I64, per_step))), acc, accb)
     if tail is not None:
-        last = builder.mul(steps, ir.Constant(_I64, per_step))
-        with builder.if_then(builder.icmp_unsigned("<", last, nblk)):
+        last = b.mul(steps, ir.Constant(_I64, per_step))
+        with b.if_then(b.icmp_unsigned("<", last, nblk)):
             tail(c, *at(last), acc, accb)
-    return builder.fadd(_hsum(builder, builder.load(acc)), _hsum(builder, builder.load(accb)))
+    for t in range(n_tok):
+        total = b.fadd(_hsum(b, b.load(acc[t])), _hsum(b, b.load(accb[t])))
+        b.store(total, b.gep(out, [b.add(oo, b.mul(ostride, ir.Constant(_I64, t)))]))
 
 
 def _splat8(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
@@ -106,51 +112,51 @@ def _pairs(b: ir.IRBuilder, v16: ir.Value, add: bool) -> ir.Value:
     return b.fadd(even, b.shuffle_vector(v16, v16, _idx(list(range(1, 16, 2)))))
 
 
-def _q4_k_block(c: _Ctx, o: ir.Value, xg: ir.Value, acc, accb) -> None:
+def _accumulate(c: _Ctx, w: ir.Value, values: list[ir.Value], scales: list[ir.Value], lanes: list[int],
+                acc: list) -> None:
+    """acc[t] += (w . token t's 64 activation values from values[t]) * scales[t] spread by lane -> scale index."""
+    b = c.b
+    for t, value in enumerate(values):
+        f = c.codes_dot(w, value)
+        b.store(_fma(b, f, b.shuffle_vector(scales[t], scales[t], _idx(lanes)), b.load(acc[t])), acc[t])
+
+
+def _values(c: _Ctx, xg: list[ir.Value], step: int) -> list[ir.Value]:
+    """Each token's flat activation index of the 64-value step `step` of the block at groups xg."""
+    return [c.b.add(c.b.mul(x, ir.Constant(_I64, 16)), ir.Constant(_I64, 64 * step)) for x in xg]
+
+
+def _q4_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     b = c.b
     sc, m = k4_scale_codes(b, c.load(c.src, c.off(o, 4), ir.VectorType(_I8, 16)))
-    xd = _pairs(b, c.load(c.xd, xg, _V16F, 4), add=False)
-    xs = _pairs(b, c.load(c.xs, xg, _V16F, 4), add=True)
-    scale = b.fmul(b.fmul(_splat8(b, c.half(o)), b.sitofp(sc, _V8F)), xd)  # d * sc_j * xd_j
+    dsc = b.fmul(_splat8(b, c.half(o)), b.sitofp(sc, _V8F))  # d * sc_j
     mins = b.fmul(_splat8(b, c.half(c.off(o, 2))), b.sitofp(m, _V8F))  # dmin * m_j, subtracted
-    b.store(b.fsub(b.load(accb), b.fmul(mins, xs)), accb)
+    scales = []
+    for t, x in enumerate(xg):
+        scales.append(b.fmul(dsc, _pairs(b, c.load(c.xd, x, _V16F, 4), add=False)))
+        b.store(b.fsub(b.load(accb[t]), b.fmul(mins, _pairs(b, c.load(c.xs, x, _V16F, 4), add=True))), accb[t])
     low, high = _const(_V32I8, [15] * 32), _const(_V32I8, [4] * 32)
-    value0 = b.mul(xg, ir.Constant(_I64, 16))
-    a = b.load(acc)
     for g in range(4):  # 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high nibbles) of 32 bytes
         raw = c.load(c.src, c.off(o, 16 + 32 * g), _V32I8)
         w = b.shuffle_vector(b.and_(raw, low), b.lshr(raw, high), _idx(list(range(64))))
-        f = c.codes_dot(w, b.add(value0, ir.Constant(_I64, 64 * g)))
-        a = _fma(b, f, b.shuffle_vector(scale, scale, _idx([2 * g] * 8 + [2 * g + 1] * 8)), a)
-    b.store(a, acc)
+        _accumulate(c, w, _values(c, xg, g), scales, [2 * g] * 8 + [2 * g + 1] * 8, acc)
 
 
-@intrinsic
-def dot_q4_k(typingctx, src, so, nblk, xq, xl, xd, xs, xgroup):
-    """float32: nblk Q4_K blocks from byte so of src . the activations from group xgroup (engine.q8_activations'
-    planes xq, xl and scales xd, xs, read as flat arrays)."""
-    sig = _signature(src, so, nblk, xq, xl, xd, xs, xgroup)
-
-    def codegen(context, builder, signature, args):
-        return _row_loop(context, builder, signature, args, 144, 256, _q4_k_block, 8)
-
-    return sig, codegen
-
-
-def _q6_k_block(c: _Ctx, o: ir.Value, xg: ir.Value, acc, accb) -> None:
+def _q6_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     b = c.b
     d = c.half(c.off(o, 208))
-    sc = b.fmul(b.sitofp(c.load(c.src, c.off(o, 192), ir.VectorType(_I8, 16)), _V16F),
-                b.shuffle_vector(b.insert_element(ir.Constant(_V16F, ir.Undefined), d, ir.Constant(_I32, 0)),
-                                 ir.Constant(_V16F, ir.Undefined), _idx([0] * 16)))  # d * sc_g
-    scale = b.fmul(sc, c.load(c.xd, xg, _V16F, 4))
-    b.store(b.fsub(b.load(accb), b.fmul(b.fmul(sc, c.load(c.xs, xg, _V16F, 4)), _const(_V16F, [32.0] * 16))), accb)
+    splat = b.shuffle_vector(b.insert_element(ir.Constant(_V16F, ir.Undefined), d, ir.Constant(_I32, 0)),
+                             ir.Constant(_V16F, ir.Undefined), _idx([0] * 16))
+    dsc = b.fmul(b.sitofp(c.load(c.src, c.off(o, 192), ir.VectorType(_I8, 16)), _V16F), splat)  # d * sc_g
+    bias = b.fmul(dsc, _const(_V16F, [32.0] * 16))  # codes are value + 32
+    scales = []
+    for t, x in enumerate(xg):
+        scales.append(b.fmul(dsc, c.load(c.xd, x, _V16F, 4)))
+        b.store(b.fsub(b.load(accb[t]), b.fmul(bias, c.load(c.xs, x, _V16F, 4))), accb[t])
 
     def k(v: int) -> ir.Constant:
         return _const(_V32I8, [v] * 32)
 
-    value0 = b.mul(xg, ir.Constant(_I64, 16))
-    a = b.load(acc)
     for h in range(2):  # 128 values: low nibbles of ql, high nibbles, each with 2 bits of qh on top
         ql0, ql1 = (c.load(c.src, c.off(o, 64 * h + 32 * i), _V32I8) for i in range(2))
         qh = c.load(c.src, c.off(o, 128 + 32 * h), _V32I8)
@@ -163,58 +169,66 @@ def _q6_k_block(c: _Ctx, o: ir.Value, xg: ir.Value, acc, accb) -> None:
         for half in range(2):
             w = b.shuffle_vector(parts[2 * half], parts[2 * half + 1], _idx(list(range(64))))
             step = 2 * h + half  # 64 values = 4 groups
-            f = c.codes_dot(w, b.add(value0, ir.Constant(_I64, 64 * step)))
-            lanes = b.shuffle_vector(scale, scale, _idx([4 * step + lane // 4 for lane in range(16)]))
-            a = _fma(b, f, lanes, a)
-    b.store(a, acc)
+            _accumulate(c, w, _values(c, xg, step), scales, [4 * step + lane // 4 for lane in range(16)], acc)
 
 
-@intrinsic
-def dot_q6_k(typingctx, src, so, nblk, xq, xl, xd, xs, xgroup):
-    """As dot_q4_k for Q6_K blocks."""
-    sig = _signature(src, so, nblk, xq, xl, xd, xs, xgroup)
-
-    def codegen(context, builder, signature, args):
-        return _row_loop(context, builder, signature, args, 210, 256, _q6_k_block, 16)
-
-    return sig, codegen
-
-
-def _q8_0_blocks(c: _Ctx, o: ir.Value, xg: ir.Value, acc, accb, pair: bool) -> None:
+def _q8_0_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, pair: bool) -> None:
     """One step over two Q8_0 blocks (64 values), or over a lone last block (its second half zero)."""
     b = c.b
     flip = _const(_V32I8, [-128] * 32)  # int8 codes + 128: unsigned for the u8 x s8 product, undone in the bias
     first = b.xor(c.load(c.src, c.off(o, 2), _V32I8), flip)
     second = b.xor(c.load(c.src, c.off(o, 36), _V32I8), flip) if pair else ir.Constant(_V32I8, [0] * 32)
     w = b.shuffle_vector(first, second, _idx(list(range(64))))
-    d0 = c.half(o)
-    d1 = c.half(c.off(o, 34)) if pair else ir.Constant(_F32, 0.0)
     v4 = ir.VectorType(_F32, 4)
-    d = b.insert_element(b.insert_element(ir.Constant(v4, ir.Undefined), d0, ir.Constant(_I32, 0)), d1,
+    d1 = c.half(c.off(o, 34)) if pair else ir.Constant(_F32, 0.0)
+    d = b.insert_element(b.insert_element(ir.Constant(v4, ir.Undefined), c.half(o), ir.Constant(_I32, 0)), d1,
                          ir.Constant(_I32, 1))
     d = b.shuffle_vector(d, d, _idx([0, 0, 1, 1]))  # per group
-    xd = c.load(c.xd, xg, v4, 4)
-    scale = b.fmul(d, xd)
-    b.store(b.fsub(b.load(accb), b.fmul(b.fmul(d, c.load(c.xs, xg, v4, 4)), _const(v4, [128.0] * 4))), accb)
-    f = c.codes_dot(w, b.mul(xg, ir.Constant(_I64, 16)))
-    b.store(_fma(b, f, b.shuffle_vector(scale, scale, _idx([lane // 4 for lane in range(16)])), b.load(acc)), acc)
+    bias = b.fmul(d, _const(v4, [128.0] * 4))
+    scales = []
+    for t, x in enumerate(xg):
+        scales.append(b.fmul(d, c.load(c.xd, x, v4, 4)))
+        b.store(b.fsub(b.load(accb[t]), b.fmul(bias, c.load(c.xs, x, v4, 4))), accb[t])
+    _accumulate(c, w, _values(c, xg, 0), scales, [lane // 4 for lane in range(16)], acc)
 
 
-@intrinsic
-def dot_q8_0(typingctx, src, so, nblk, xq, xl, xd, xs, xgroup):
-    """As dot_q4_k for Q8_0 blocks (two per step)."""
-    sig = _signature(src, so, nblk, xq, xl, xd, xs, xgroup)
+def _q8_0_row(context, builder, sig, args, n_tok: int) -> None:
+    def pair(c, o, xg, acc, accb):
+        _q8_0_blocks(c, o, xg, acc, accb, True)
 
-    def codegen(context, builder, signature, args):
-        def pair(c, o, xg, acc, accb):
-            _q8_0_blocks(c, o, xg, acc, accb, True)
+    def lone(c, o, xg, acc, accb):
+        _q8_0_blocks(c, o, xg, acc, accb, False)
 
-        def lone(c, o, xg, acc, accb):
-            _q8_0_blocks(c, o, xg, acc, accb, False)
+    _row_loop(context, builder, sig, args, n_tok, 34, 32, pair, 4, per_step=2, tail=lone)
 
-        return _row_loop(context, builder, signature, args, 34, 32, pair, 4, per_step=2, tail=lone)
 
-    return sig, codegen
+_ROWS = {
+    Q4_K: lambda context, builder, sig, args, n: _row_loop(context, builder, sig, args, n, 144, 256, _q4_k_block, 8),
+    Q6_K: lambda context, builder, sig, args, n: _row_loop(context, builder, sig, args, n, 210, 256, _q6_k_block, 16),
+    Q8_0: _q8_0_row,
+}
+
+
+def _make_dot(qtype: int, n_tok: int):
+    @intrinsic
+    def dot(typingctx, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride):
+        sig = types.none(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+
+        def codegen(context, builder, signature, args):
+            _ROWS[qtype](context, builder, signature, args, n_tok)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot.__doc__ = f"""out[oo + t * ostride] = nblk blocks of type {qtype} from byte so of src . token t's activations
+    (engine.q8_activations' planes xq, xl and scales xd, xs read as flat arrays, token t from group
+    xgroup + t * groups) for t < {n_tok}."""
+    return dot
+
+
+_q4k1, _q4k2, _q4k4, _q4k8 = (_make_dot(Q4_K, n) for n in (1, 2, 4, 8))
+_q6k1, _q6k2, _q6k4, _q6k8 = (_make_dot(Q6_K, n) for n in (1, 2, 4, 8))
+_q801, _q802, _q804, _q808 = (_make_dot(Q8_0, n) for n in (1, 2, 4, 8))
 
 
 @njit(cache=True, inline="always")
@@ -223,11 +237,39 @@ def has_block_dot(qtype: int) -> bool:
 
 
 @njit(cache=True, inline="always")
-def block_dot(qtype: int, src: np.ndarray, so: int, nblk: int, xq: np.ndarray, xl: np.ndarray, xd: np.ndarray,
-              xs: np.ndarray, xgroup: int) -> np.float32:
-    """nblk blocks of a type in BLOCK_DOT_TYPES from byte so of src . the activations from group xgroup."""
+def block_dots(qtype: int, n_tok: int, src: np.ndarray, so: int, nblk: int, xq: np.ndarray, xl: np.ndarray,
+               xd: np.ndarray, xs: np.ndarray, xgroup: int, groups: int, out: np.ndarray, oo: int,
+               ostride: int) -> int:
+    """The dots of nblk blocks of a type in BLOCK_DOT_TYPES from byte so of src with the first n of n_tok tokens
+    (n the largest of 8, 4, 2, 1 that fits), written to out[oo + t * ostride]; returns n."""
+    if n_tok >= 8:
+        if qtype == Q4_K:
+            _q4k8(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        elif qtype == Q6_K:
+            _q6k8(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        else:
+            _q808(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        return 8
+    if n_tok >= 4:
+        if qtype == Q4_K:
+            _q4k4(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        elif qtype == Q6_K:
+            _q6k4(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        else:
+            _q804(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        return 4
+    if n_tok >= 2:
+        if qtype == Q4_K:
+            _q4k2(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        elif qtype == Q6_K:
+            _q6k2(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        else:
+            _q802(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        return 2
     if qtype == Q4_K:
-        return dot_q4_k(src, so, nblk, xq, xl, xd, xs, xgroup)
-    if qtype == Q6_K:
-        return dot_q6_k(src, so, nblk, xq, xl, xd, xs, xgroup)
-    return dot_q8_0(src, so, nblk, xq, xl, xd, xs, xgroup)
+        _q4k1(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+    elif qtype == Q6_K:
+        _q6k1(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+    else:
+        _q801(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+    return 1

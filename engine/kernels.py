@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from engine.block_decoders import BLOCK, F32, _decode_row
-from engine.block_dots import block_dot, has_block_dot
+from engine.block_dots import TOKENS, block_dots, has_block_dot
 from engine.int8_decoders import INT8_TYPES, idecode_row
 from engine.q8_activations import padded, quantize_rows
 from engine.simd import _prefetch
@@ -39,6 +39,8 @@ MATVEC_MAX_T = 16
 _TILE_BYTES = 16 << 20
 # Rows per parallel task of the matvec: amortises the scratch allocation, keeps tasks balanced.
 _ROWS_PER_TASK = 64
+# Rows of engine.block_dots' kernels that meet one tile of tokens before the next tile (their bytes stay in L2).
+_ROW_TILE = 16
 # Values decoded per matvec step: a 16 KiB scratch that stays in L1 next to the token vectors' slices.
 _CHUNK_VALUES = 4096
 # Rows ahead whose bytes are prefetched while a row is decoded (hardware prefetch alone left the loads exposed).
@@ -187,12 +189,16 @@ def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r
     blocks = row_bytes // block_bytes
     C = blocks * qk
     groups = xd.shape[1]
-    if has_block_dot(qtype):  # no decoded copy
-        for r in range(r0, r1):
-            start = (e * R + r) * row_bytes
-            _prefetch_ahead(flat, start, row_bytes, (e * R + r1) * row_bytes)
-            for t in range(t0, t1):
-                out[o0 + t - t0, r] = block_dot(qtype, flat, start, blocks, xq, xl, xd, xs, t * groups)
+    if has_block_dot(qtype):  # no decoded copy; a tile of rows meets each tile of tokens while both are cached
+        ostride = out.shape[1]
+        for rs in range(r0, r1, _ROW_TILE):
+            for t in range(t0, t1, TOKENS):
+                for r in range(rs, min(r1, rs + _ROW_TILE)):
+                    start = (e * R + r) * row_bytes
+                    u = t
+                    while u < min(t1, t + TOKENS):
+                        u += block_dots(qtype, min(t1, t + TOKENS) - u, flat, start, blocks, xq, xl, xd, xs,
+                                        u * groups, groups, out, (o0 + u - t0) * ostride + r, ostride)
         return
     if C % 64 == 0 and C <= _CHUNK_VALUES:
         span = _CHUNK_VALUES // C
