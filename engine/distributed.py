@@ -347,7 +347,9 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
         with _rpc():
             for ep in rules.rpc:
                 client = clients[f"RPC[{ep}]"] = Client.connect(ep, tokens.get(ep, default_token),
-                                                                    poll_ms=opts.rpc_poll)
+                                                                    poll_ms=opts.rpc_poll,
+                                                                    reply_floor=opts.rpc_timeout,
+                                                                    probe_timeout=opts.rpc_probe_timeout)
                 reported[f"RPC[{ep}]"] = client.device_info().mem_total_bytes
         from engine.cuda.local import local_gpus
 

@@ -36,6 +36,8 @@ class Options:
     cluster: str | None = None  # --cluster FILE (from `ikctl launch`): endpoints, their tokens and memory
     rpc_token: str | Mapping[str, str] | None = None  # the workers' token, or one per endpoint (else $IKCTL_RPC_TOKEN)
     rpc_poll: float = 10.0  # --rpc-poll MS: spin this long for a remote worker's reply before sleeping (0: never)
+    rpc_timeout: float = 10.0  # --rpc-timeout S: wait at least this long for a worker's reply before probing it
+    rpc_probe_timeout: float = 20.0  # --rpc-probe-timeout S: a worker that does not answer a probe by then is frozen
     float_activations: bool = False  # --float-activations: no int8 activation quantization (exact, slower)
 
     @property
@@ -56,6 +58,9 @@ class Options:
             raise IkctlError(f"-t {self.threads} must be positive")
         if not 0 <= self.rpc_poll <= 1000:
             raise IkctlError(f"--rpc-poll {self.rpc_poll:g} must be 0..1000 milliseconds")
+        for flag, value in (("--rpc-timeout", self.rpc_timeout), ("--rpc-probe-timeout", self.rpc_probe_timeout)):
+            if not 0 < value <= 3600:
+                raise IkctlError(f"{flag} {value:g} must be more than 0 and at most 3600 seconds")
         return self
 
 

@@ -18,6 +18,13 @@ CHUNK_BYTES = 16 << 20  # upload chunk size (the protocol's recommendation)
 CONNECT_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 600.0  # a long prefill on a slow worker may take minutes; a dead worker shows as EOF at once
+# A frozen worker (SIGSTOP, a host gone without a reset) keeps its connection open and silent. A reply later than
+# its patience (REPLY_FLOOR_S, or DEADLINE_FACTOR x what the worker's runs took so far, if more) sends a liveness
+# probe on a second connection: a worker that answers is busy (a long prefill, compiling kernels) and is waited
+# for; one that does not answer within PROBE_TIMEOUT_S is named as frozen.
+REPLY_FLOOR_S = 10.0
+PROBE_TIMEOUT_S = 20.0
+DEADLINE_FACTOR = 10.0
 
 
 class RPCError(Exception):
@@ -64,13 +71,19 @@ class Client:
     """One connection to a worker. Not thread-safe: one request (or pipelined batch) at a time."""
 
     def __init__(self, host: str, port: int, token: str | None = None, *, name: str = "ikctl",
-                 timeout: float = CALL_TIMEOUT_S, run_timeout: float = RUN_TIMEOUT_S, poll_ms: float = 0.0) -> None:
+                 timeout: float = CALL_TIMEOUT_S, run_timeout: float = RUN_TIMEOUT_S, poll_ms: float = 0.0,
+                 reply_floor: float = REPLY_FLOOR_S, probe_timeout: float = PROBE_TIMEOUT_S) -> None:
         self.host, self.port = host, int(port)
         self.label = f"RPC[{host}:{port}]"
         self.timeout, self.run_timeout = timeout, run_timeout
+        self.reply_floor, self.probe_timeout = reply_floor, probe_timeout
+        self._session = False  # handshake done: waits past reply_floor probe the worker
+        # the fastest run so far: seconds outside the worker's compute (network, overheads) and compute per token
+        self._fastest: tuple[float, float] | None = None
         self.counters = Counters()
         self._next_id = 1
         self._run_started = 0.0
+        self._run_tokens = 1
         self._token, self._name = token, name
         self._waiting = 0  # requests sent and not yet answered
         self._sock = self._connect(CONNECT_TIMEOUT_S)
@@ -163,10 +176,13 @@ class Client:
         self._waiting += 1
         return rid
 
-    def _recv(self, rid: int, expect: type, timeout: float) -> Any:
+    def _recv(self, rid: int, expect: type, timeout: float, patience: float | None = None) -> Any:
         assert self._sock is not None
         self._waiting -= 1
-        self._sock.settimeout(timeout)
+        started = time.monotonic()
+        if self._session:
+            self._await_reply(timeout, self.reply_floor if patience is None else patience)
+        self._sock.settimeout(max(timeout - (time.monotonic() - started), 0.001))
         try:
             frame = P.recv_frame(self._sock)
         except TimeoutError:
@@ -190,6 +206,26 @@ class Client:
         self._last_payload = frame.payload
         return msg
 
+    def _await_reply(self, timeout: float, patience: float) -> None:
+        """Return once the connection has something to read (a reply, or its end) or `timeout` has passed. Each
+        `patience` seconds without a byte, probe the worker on a second connection: one that does not answer
+        within probe_timeout is frozen or gone, and waiting on for the rest of `timeout` would only hang."""
+        assert self._sock is not None
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        start = time.monotonic()
+        end, probe_at = start + timeout, start + patience
+        while (now := time.monotonic()) < end:
+            if poller.poll(max(1, int((min(probe_at, end) - now) * 1000) + 1)):
+                return
+            if time.monotonic() < probe_at or time.monotonic() >= end:
+                continue
+            why = probe(self.host, self.port, self.probe_timeout)
+            if why is not None and not poller.poll(0):
+                self._broken(f"sent no reply for {time.monotonic() - start:.1f} s and {why}: it is frozen "
+                             "(stopped, or swapping) or its host is gone")
+            probe_at = time.monotonic() + patience
+
     def _broken(self, what: str) -> None:
         self.close()
         raise WorkerGone(f"{self.label}: worker {what}; check that it is still running")
@@ -205,6 +241,7 @@ class Client:
         if not hello.auth_required:
             if token:
                 self._broken("does not ask for authentication although a token was given (a different worker?)")
+            self._session = True
             return
         if not token:
             self.close()
@@ -213,6 +250,7 @@ class Client:
         reply = self._call(P.Auth(mac=P.sign(token, hello.nonce, "client")), P.AuthReply)
         if not P.verify(token, nonce, reply.mac, "server"):
             self._broken("failed to prove it knows the token")
+        self._session = True
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def device_info(self) -> P.DeviceInfo:
@@ -276,13 +314,27 @@ class Client:
                            sections=specs)
         self.counters.runs += 1
         self._run_started = time.perf_counter()
+        self._run_tokens = max(1, n_tokens)
         return self._send(msg, parts)
+
+    def run_patience(self, n_tokens: int) -> float:
+        """Seconds to wait for a run's reply before probing the worker: DEADLINE_FACTOR x what the fastest run so
+        far says n_tokens take (its time outside the worker's compute + compute per token x n_tokens), at least
+        reply_floor."""
+        if self._fastest is None:
+            return self.reply_floor
+        overhead, per_token = self._fastest
+        return max(self.reply_floor, DEADLINE_FACTOR * (overhead + per_token * n_tokens))
 
     def finish_segment(self, request_id: int) -> dict[str, np.ndarray]:
         if self._sock is not None:
             P.poll_readable(self._sock, self.poll_s)
-        reply = self._recv(request_id, P.RunReply, self.run_timeout)
-        self.counters.run_seconds += time.perf_counter() - self._run_started
+        reply = self._recv(request_id, P.RunReply, self.run_timeout, self.run_patience(self._run_tokens))
+        took = time.perf_counter() - self._run_started
+        overhead, per_token = max(0.0, took - reply.compute_seconds), reply.compute_seconds / self._run_tokens
+        fastest = self._fastest or (overhead, per_token)
+        self._fastest = min(fastest[0], overhead), min(fastest[1], per_token)
+        self.counters.run_seconds += took
         self.counters.worker_seconds += reply.compute_seconds
         out = P.unpack_arrays(reply.sections, self._last_payload)
         return {spec.name: arr for spec, arr in zip(reply.sections, out, strict=True)}
@@ -292,6 +344,27 @@ class Client:
 
     def free(self, segment_id: int | None = None) -> P.FreeReply:
         return self._call(P.Free(segment_id=segment_id), P.FreeReply)
+
+
+def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Whether a worker is alive, asked on a connection of its own: None if it answers a Hello within `timeout`
+    (any reply counts, BUSY included: a thread of it runs), else why it did not. No token is needed: the probe
+    stops at the worker's first reply."""
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            P.set_nodelay(sock)
+            sock.sendall(P.encode_frame(P.Hello(client="ikctl liveness probe", want_auth=False), 1))
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            P.recv_frame(sock)
+    except TimeoutError:
+        return f"did not answer a liveness probe within {timeout:g} s"
+    except P.ProtocolError:  # a malformed reply is still a reply
+        return None
+    except (OSError, EOFError) as e:
+        what = "closed the probe's connection" if isinstance(e, EOFError) else (e.strerror or str(e))
+        return f"did not answer a liveness probe ({what})"
+    return None
 
 
 def wait_until_up(endpoint: str, timeout: float = 10.0) -> None:

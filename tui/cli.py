@@ -57,6 +57,13 @@ def _add_placement_flags(p: argparse.ArgumentParser, polling: bool = True) -> No
     g.add_argument("--rpc-poll", dest="rpc_poll", type=float, default=10.0, metavar="MS",
                    help="spin up to MS milliseconds for a worker's reply instead of sleeping (a sleeping core wakes "
                    "0.1-0.3 ms late, every round trip); never for workers on this machine (default 10; 0: never)")
+    g.add_argument("--rpc-timeout", dest="rpc_timeout", type=float, default=10.0, metavar="S",
+                   help="wait S seconds for a worker's reply (or 10x its fastest time for the tokens at hand, if "
+                   "more) before probing it on a second connection; a busy worker answers and is waited for "
+                   "(default 10)")
+    g.add_argument("--rpc-probe-timeout", dest="rpc_probe_timeout", type=float, default=20.0, metavar="S",
+                   help="a worker that answers neither its request nor a probe within S seconds is frozen (stopped, "
+                   "or its host gone): the run ends with an error naming it (default 20)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +172,9 @@ def placement_options(args: argparse.Namespace) -> dict[str, object]:
         return {}
     return {"rpc": args.rpc or (), "override_tensor": args.override_tensor, "n_gpu_layers": args.n_gpu_layers,
             "tensor_split": args.tensor_split, "device_mem": getattr(args, "device_mem", []),
-            "cluster": getattr(args, "cluster", None), "rpc_poll": getattr(args, "rpc_poll", 10.0)}
+            "cluster": getattr(args, "cluster", None), "rpc_poll": getattr(args, "rpc_poll", 10.0),
+            "rpc_timeout": getattr(args, "rpc_timeout", 10.0),
+            "rpc_probe_timeout": getattr(args, "rpc_probe_timeout", 20.0)}
 
 
 def resolve_model_path(path: str | None) -> str:
