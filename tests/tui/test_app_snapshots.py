@@ -15,6 +15,7 @@ from textual.pilot import Pilot
 from engine.cluster import ClusterWorker
 from engine.distributed import LoadProgress
 from engine.placement import PlacementRules
+from tests.tui.test_bench_layout import TRAFFIC, finish_a_sweep
 from tui.app import make_app
 from tui.host_board import HostBoard, WorkerEntry
 from tui.inventory import Host
@@ -135,6 +136,17 @@ def test_generate_screen(snap_compare: Callable[..., bool], size: tuple[int, int
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_bench_screen(snap_compare: Callable[..., bool], size: tuple[int, int]) -> None:
     assert snap_compare(make_app(start_mode="bench"), terminal_size=size, run_before=workers_done)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bench_screen_after_a_sweep(snap_compare: Callable[..., bool], size: tuple[int, int]) -> None:
+    """32 rows over two workers (canned): at 80x24 the table keeps its last rows and the plot its height."""
+    async def swept(pilot: Pilot[Any]) -> None:
+        await workers_done(pilot)
+        await finish_a_sweep(pilot.app, pilot, 4096, TRAFFIC)  # type: ignore[arg-type]
+        await workers_done(pilot)
+
+    assert snap_compare(make_app(start_mode="bench"), terminal_size=size, run_before=swept)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

@@ -1,9 +1,11 @@
-"""Bench screen: the `ikctl bench` sweep with its settings, a table filled row by row, a plot, and JSON save."""
+"""Bench screen: the `ikctl bench` sweep with its settings, a table filled row by row, each worker's traffic, a plot
+with its legend above it, and JSON save."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -15,12 +17,22 @@ from textual_plotext import PlotextPlot
 
 from engine.bench import SweepRow, WorkerTraffic
 from engine.errors import IkctlError
-from tui.bench_results import COLUMNS, row_cells, save_json, series
+from tui.bench_results import COLUMNS, TRAFFIC_COLUMNS, row_cells, save_json, series, traffic_cells
 from tui.messages import BenchDone, BenchRowReady, BenchStarted, WorkFailed
 from tui.model_thread import on_model_thread
 from tui.settings import parse_int
 from tui.shared_model import SharedModel
+from tui.widgets.device_colors import PALETTE
 from tui.widgets.mode_tabs import ModeTabs
+
+PP_COLOR, TG_COLOR = PALETTE[0], PALETTE[1]
+# plotext draws its legend inside the canvas, over the curves; this line above the plot says the same outside it
+LEGEND = Text.assemble(("━━", PP_COLOR), " S_PP t/s (left axis)   ", ("━━", TG_COLOR), " S_TG t/s (right axis)   ",
+                       "against N_KV")
+
+
+def _rgb(color: str) -> tuple[int, int, int]:
+    return int(color[1:3], 16), int(color[3:5], 16), int(color[5:7], 16)
 
 
 class BenchScreen(Screen[None]):
@@ -53,11 +65,30 @@ class BenchScreen(Screen[None]):
         table: DataTable[str] = DataTable(id="bench-table", cursor_type="row", zebra_stripes=True)
         table.add_columns(*COLUMNS)
         yield table
+        traffic: DataTable[str] = DataTable(id="bench-traffic", cursor_type="none", show_cursor=False)
+        traffic.add_columns(*TRAFFIC_COLUMNS)
+        traffic.display = False
+        yield traffic
+        yield Static(LEGEND, id="bench-legend")
         yield PlotextPlot(id="bench-plot")
         yield Footer()
 
     def on_mount(self) -> None:
+        self.fit_table()
         self.draw_plot()
+
+    def fit_table(self) -> None:
+        """The table shares the room left by the rest with the plot (1fr : 2fr, the plot at least its min-height),
+        but never takes more than its rows need, so a short sweep leaves the plot the space."""
+        table = self.query_one("#bench-table", DataTable)
+        table.styles.max_height = table.row_count + 1
+        table.styles.min_height = min(table.row_count + 1, 3)
+
+    def show_traffic(self) -> None:
+        traffic = self.query_one("#bench-traffic", DataTable)
+        traffic.clear()
+        traffic.add_rows(traffic_cells(t) for t in self.traffic)
+        traffic.display = bool(self.traffic)
 
     def action_run_bench(self) -> None:
         if self.running:
@@ -73,6 +104,8 @@ class BenchScreen(Screen[None]):
         self.rows, self.traffic, self.settings, self.running = [], [], None, True
         self.run += 1
         self.query_one("#bench-table", DataTable).clear()
+        self.fit_table()
+        self.show_traffic()
         self.query_one("#bench-status", Static).update("loading the model…")
         self.draw_plot()
         self.sweep(n_ctx, ubatch, n_gen, self.run)
@@ -118,6 +151,7 @@ class BenchScreen(Screen[None]):
         self.rows.append(event.row)
         table = self.query_one("#bench-table", DataTable)
         table.add_row(*row_cells(event.row))
+        self.fit_table()
         table.move_cursor(row=table.row_count - 1)
         self.show_progress()
         self.draw_plot()
@@ -128,6 +162,7 @@ class BenchScreen(Screen[None]):
             return
         self.running = False
         self.traffic = event.workers
+        self.show_traffic()
         self.show_progress(" — stopped" if event.stopped else " — done; ctrl+s saves JSON")
 
     def show_progress(self, note: str = "") -> None:
@@ -138,20 +173,17 @@ class BenchScreen(Screen[None]):
         mla = f", -mla {s['mla']}" if s.get("mla") is not None else ""
         self.query_one("#bench-status", Static).update(
             f"{s['model_name']} ({s['arch']}, {', '.join(s['quant'])}), n_ctx {s['n_ctx']}, ub {s['n_ubatch']}, "
-            f"tg {s['n_gen']}, threads {s['threads']}{mla} — step {len(self.rows)}/{self.n_steps}{note}"
-            + "".join("\n" + t.line() for t in self.traffic))
+            f"tg {s['n_gen']}, threads {s['threads']}{mla} — step {len(self.rows)}/{self.n_steps}{note}")
 
     def draw_plot(self) -> None:
         widget = self.query_one("#bench-plot", PlotextPlot)
         plt = widget.plt
         plt.clear_data()
-        plt.title("S_PP and S_TG (t/s) vs N_KV")
-        plt.xlabel("N_KV")
         n_kv, s_pp, s_tg = series(self.rows)
-        if n_kv:
-            plt.plot(n_kv, s_pp, label="S_PP", marker="braille")
+        if n_kv:  # no labels, no title: #bench-legend says which is which, and every row goes to the curves
+            plt.plot(n_kv, s_pp, marker="braille", color=_rgb(PP_COLOR))
             # TG is often 10-100x slower than PP, so it gets its own axis to stay readable
-            plt.plot(n_kv, s_tg, label="S_TG", marker="braille", yside="right")
+            plt.plot(n_kv, s_tg, marker="braille", color=_rgb(TG_COLOR), yside="right")
         widget.refresh()
 
     def action_stop(self) -> None:
