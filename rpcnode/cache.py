@@ -197,10 +197,14 @@ class TensorCache:
         path = self.path(digest)
         self._check_size(nbytes)
         self._make_room(nbytes)
-        try:
+
+        def open_temp() -> tuple[Path, int]:  # a full disk may refuse the directory or the inode already
             path.parent.mkdir(exist_ok=True)
             tmp = temp_path(self.root, digest)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+
+        try:
+            tmp, fd = self._retry_no_space(nbytes, open_temp)
         except BaseException:
             self._release(nbytes)
             raise

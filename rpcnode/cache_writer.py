@@ -69,8 +69,10 @@ class Writer:
         try:
             os.fsync(self._fd)
             actual = self._digest()
-        except BaseException:
+        except BaseException as e:
             self.abort()
+            if isinstance(e, OSError) and e.errno in NO_SPACE:  # delayed allocation reports a full disk here
+                raise DiskFull(f"no space left on the disk of {self._cache.root} while writing an entry") from e
             raise
         if actual != self.digest:
             self.abort()

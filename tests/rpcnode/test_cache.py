@@ -25,6 +25,7 @@ from rpcnode.digest import digest_of
 from rpcnode.gguf_table import read_tensor_table
 from rpcnode.model_index import INDEX_FILE, ModelIndex
 from tests.refs import V3
+from tests.rpcnode.conftest import tmpfs
 
 REF_MODEL = V3
 
@@ -534,6 +535,21 @@ def test_enospc_on_a_real_full_disk(tiny_disk: Path) -> None:
         w.write(0, a)
         w.commit()
     assert c.has(digest_of(a)) and not c.has(digest_of(b)) and c.stats().evictions == 2
+
+
+def test_no_inodes_left_is_a_full_disk_too(tmp_path: Path) -> None:
+    """A filesystem out of inodes refuses the entry's directory or its temp file (ENOSPC) before any byte: a
+    streamed entry is refused as DiskFull as well as a whole one."""
+    with tmpfs(tmp_path / "few-inodes", "size=1m,nr_inodes=3") as mnt:
+        c = TensorCache(mnt / "c", limit_bytes=100 << 20)
+        data = blob(1000)
+        for attempt in range(3):  # one subdirectory may still fit; the temp file beside it may not
+            with pytest.raises(DiskFull, match="no space left"):
+                if attempt % 2:
+                    c.put(digest_of(data), data)
+                else:
+                    c.begin(digest_of(data), len(data))
+        assert entry_files(c.root) == [] and c._reserved == 0
 
 
 # ---- local models (--models DIR) -------------------------------------------------------------------------------
