@@ -13,6 +13,7 @@ from textual_plotext import PlotextPlot
 
 from engine.bench import SweepRow, WorkerTraffic, sweep_steps
 from tui.app import IkctlApp, make_app
+from tui.bench_results import TRAFFIC_COLUMNS, traffic_cells
 from tui.messages import BenchDone, BenchRowReady, BenchStarted
 from tui.screens.bench import BenchScreen
 
@@ -102,3 +103,12 @@ def test_no_traffic_table_without_workers() -> None:
             assert not screen.query_one("#bench-traffic", DataTable).display
 
     asyncio.run(body())
+
+
+def test_a_workers_traffic_cells_carry_the_figures_of_the_bench_line() -> None:
+    for t in TRAFFIC:
+        cells = traffic_cells(t)
+        assert len(cells) == len(TRAFFIC_COLUMNS) and cells[0] == t.device
+        line = t.line()
+        for cell in cells[1:]:
+            assert cell in line, (cell, line)
