@@ -74,21 +74,22 @@ class BenchScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.fit_table()
+        self.fit_tables()
         self.draw_plot()
 
-    def fit_table(self) -> None:
-        """The table shares the room left by the rest with the plot (1fr : 2fr, the plot at least its min-height),
-        but never takes more than its rows need, so a short sweep leaves the plot the space."""
-        table = self.query_one("#bench-table", DataTable)
-        table.styles.max_height = table.row_count + 1
-        table.styles.min_height = min(table.row_count + 1, 3)
+    def fit_tables(self) -> None:
+        """The two tables share the room left by the rest with the plot (1fr each : 2fr, the plot at least its
+        min-height), but never take more than their rows need, so a short sweep leaves the plot the space."""
+        for table in self.query("#bench-table, #bench-traffic").results(DataTable):
+            table.styles.max_height = table.row_count + 1
+            table.styles.min_height = min(table.row_count + 1, 3)  # the header and the last two rows, at least
 
     def show_traffic(self) -> None:
         traffic = self.query_one("#bench-traffic", DataTable)
         traffic.clear()
         traffic.add_rows(traffic_cells(t) for t in self.traffic)
         traffic.display = bool(self.traffic)
+        self.fit_tables()
 
     def action_run_bench(self) -> None:
         if self.running:
@@ -104,7 +105,6 @@ class BenchScreen(Screen[None]):
         self.rows, self.traffic, self.settings, self.running = [], [], None, True
         self.run += 1
         self.query_one("#bench-table", DataTable).clear()
-        self.fit_table()
         self.show_traffic()
         self.query_one("#bench-status", Static).update("loading the model…")
         self.draw_plot()
@@ -151,7 +151,7 @@ class BenchScreen(Screen[None]):
         self.rows.append(event.row)
         table = self.query_one("#bench-table", DataTable)
         table.add_row(*row_cells(event.row))
-        self.fit_table()
+        self.fit_tables()
         table.move_cursor(row=table.row_count - 1)
         self.show_progress()
         self.draw_plot()
