@@ -7,13 +7,15 @@ both activation planes in u8 x s8 multiply-adds (engine.simd_int8._lane_sums) an
     w . x = sum over sub-blocks of  d_w * sc * xd * (q . x)  +  bias_w * xs
 
 No decoded copy is written anywhere: engine.int8_decoders' scratch round trip (a store and a load of every code
-and of two scales per 16 values) cost as much as the dot itself. Only the most used types have a kernel here
-(Q4_K, Q6_K, Q8_0: what Q4_K_M and Q8_0 files hold); the rest keep the decoder path. Each weight block is
-unpacked once for all tokens of a call (TOKENS at most, one accumulator register per token), so prefill and
+and of two scales per 16 values) cost as much as the dot itself. The most used types have a kernel here (Q4_K,
+Q6_K, Q8_0: what Q4_K_M and Q8_0 files hold; Q4_0, Q4_1, Q5_0, Q5_1); the rest keep the decoder path. Each weight
+block is unpacked once for all tokens of a call (TOKENS at most, one accumulator register per token), so prefill and
 batched decode read the weights from cache once per 8 tokens rather than per token.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -21,16 +23,17 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.block_decoders import Q4_K, Q6_K, Q8_0
+from engine.block_decoders import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0
 from engine.simd import _arg_i64
-from engine.simd_int8 import _data, _fma, _hsum, _lane_sums, k4_scale_codes
+from engine.simd_int8 import _data, _fma, _fma4, _hsum, _lane_sums, k4_scale_codes
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V8I, _V8F, _V16I, _V16F = (ir.VectorType(t, n) for t, n in ((_I32, 8), (_F32, 8), (_I32, 16), (_F32, 16)))
 _V32I8, _V64I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 64)
 
 # Types with a kernel here, and their block sizes (values, bytes).
-BLOCK_DOT_TYPES = {Q4_K: (256, 144), Q6_K: (256, 210), Q8_0: (32, 34)}
+BLOCK_DOT_TYPES = {Q4_K: (256, 144), Q6_K: (256, 210), Q8_0: (32, 34), Q4_0: (32, 18), Q4_1: (32, 20),
+                   Q5_0: (32, 22), Q5_1: (32, 24)}
 # Tokens per call at most: 8 accumulators and their scales stay in registers next to the unpacked weights.
 TOKENS = 8
 
@@ -172,68 +175,124 @@ def _q6_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
             _accumulate(c, w, _values(c, xg, step), scales, [4 * step + lane // 4 for lane in range(16)], acc)
 
 
-def _q8_0_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, pair: bool) -> None:
-    """One step over two Q8_0 blocks (64 values), or over a lone last block (its second half zero)."""
+class _Small(NamedTuple):
+    """A 32-value block type's layout: value = d * (q - bias) [+ m]."""
+
+    nbytes: int
+    m_at: int | None  # offset of the added minimum m (d is at 0)
+    bias: int
+    qh_at: int | None  # offset of the little-endian word of fifth bits
+    codes_at: int
+    nibbles: bool  # else int8 bytes
+
+
+_SMALL = {
+    Q8_0: _Small(34, None, 128, None, 2, False),
+    Q4_0: _Small(18, None, 8, None, 2, True),
+    Q4_1: _Small(20, 2, 0, None, 4, True),
+    Q5_0: _Small(22, None, 16, 2, 6, True),
+    Q5_1: _Small(24, 2, 0, 4, 8, True),
+}
+
+
+def _small_codes(c: _Ctx, o: ir.Value, qtype: int) -> ir.Value:
+    """<32 x i8>: the block's 32 codes as unsigned values, in value order."""
     b = c.b
-    flip = _const(_V32I8, [-128] * 32)  # int8 codes + 128: unsigned for the u8 x s8 product, undone in the bias
-    first = b.xor(c.load(c.src, c.off(o, 2), _V32I8), flip)
-    second = b.xor(c.load(c.src, c.off(o, 36), _V32I8), flip) if pair else ir.Constant(_V32I8, [0] * 32)
+    _, _, _, qh_at, codes_at, nibbles = _SMALL[qtype]
+    if not nibbles:  # int8 codes + 128: unsigned for the u8 x s8 product, the 128 undone in the bias
+        return b.xor(c.load(c.src, c.off(o, codes_at), _V32I8), _const(_V32I8, [-128] * 32))
+    v16 = ir.VectorType(_I8, 16)
+    raw = c.load(c.src, c.off(o, codes_at), v16)
+    q = b.shuffle_vector(b.and_(raw, _const(v16, [15] * 16)), b.lshr(raw, _const(v16, [4] * 16)),
+                         _idx(list(range(32))))
+    if qh_at is not None:  # bit i of the little-endian word is value i's fifth bit
+        v32 = ir.VectorType(_I32, 32)
+        word = b.load(b.bitcast(b.gep(c.src, [c.off(o, qh_at)]), _I32.as_pointer()), align=1)
+        splat = b.shuffle_vector(b.insert_element(ir.Constant(v32, ir.Undefined), word, ir.Constant(_I32, 0)),
+                                 ir.Constant(v32, ir.Undefined), _idx([0] * 32))
+        bits = b.and_(b.lshr(splat, _const(v32, list(range(32)))), _const(v32, [1] * 32))
+        q = b.or_(q, b.shl(b.trunc(bits, _V32I8), _const(_V32I8, [4] * 32)))
+    return q
+
+
+def _small_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, qtype: int, pair: bool) -> None:
+    """One step over two 32-value blocks (64 values), or over a lone last block (its second half zero)."""
+    b = c.b
+    nbytes, m_at, bias = _SMALL[qtype][:3]
+    first = _small_codes(c, o, qtype)
+    second = _small_codes(c, c.off(o, nbytes), qtype) if pair else ir.Constant(_V32I8, [0] * 32)
     w = b.shuffle_vector(first, second, _idx(list(range(64))))
     v4 = ir.VectorType(_F32, 4)
-    d1 = c.half(c.off(o, 34)) if pair else ir.Constant(_F32, 0.0)
-    d = b.insert_element(b.insert_element(ir.Constant(v4, ir.Undefined), c.half(o), ir.Constant(_I32, 0)), d1,
-                         ir.Constant(_I32, 1))
-    d = b.shuffle_vector(d, d, _idx([0, 0, 1, 1]))  # per group
-    bias = b.fmul(d, _const(v4, [128.0] * 4))
+    zero = ir.Constant(_F32, 0.0)
+
+    def per_group(at: int) -> ir.Value:  # a block field as <4 x f32>, one lane per group of 16 values
+        v1 = c.half(c.off(o, nbytes + at)) if pair else zero
+        v = b.insert_element(b.insert_element(ir.Constant(v4, ir.Undefined), c.half(c.off(o, at)),
+                                              ir.Constant(_I32, 0)), v1, ir.Constant(_I32, 1))
+        return b.shuffle_vector(v, v, _idx([0, 0, 1, 1]))
+
+    d = per_group(0)
+    # the weight's offset per group, times each group's activation sum: d * -bias, or the block's m
+    offset = per_group(m_at) if m_at is not None else b.fmul(d, _const(v4, [-float(bias)] * 4))
     scales = []
     for t, x in enumerate(xg):
         scales.append(b.fmul(d, c.load(c.xd, x, v4, 4)))
-        b.store(b.fsub(b.load(accb[t]), b.fmul(bias, c.load(c.xs, x, v4, 4))), accb[t])
+        b.store(_fma4(b, offset, c.load(c.xs, x, v4, 4), b.load(accb[t])), accb[t])
     _accumulate(c, w, _values(c, xg, 0), scales, [lane // 4 for lane in range(16)], acc)
 
 
-def _q8_0_row(context, builder, sig, args, n_tok: int) -> None:
-    def pair(c, o, xg, acc, accb):
-        _q8_0_blocks(c, o, xg, acc, accb, True)
+def _small_row(qtype: int):
+    def row(context, builder, sig, args, n_tok: int) -> None:
+        def pair(c, o, xg, acc, accb):
+            _small_blocks(c, o, xg, acc, accb, qtype, True)
 
-    def lone(c, o, xg, acc, accb):
-        _q8_0_blocks(c, o, xg, acc, accb, False)
+        def lone(c, o, xg, acc, accb):
+            _small_blocks(c, o, xg, acc, accb, qtype, False)
 
-    _row_loop(context, builder, sig, args, n_tok, 34, 32, pair, 4, per_step=2, tail=lone)
+        _row_loop(context, builder, sig, args, n_tok, _SMALL[qtype][0], 32, pair, 4, per_step=2, tail=lone)
+
+    return row
 
 
 _ROWS = {
     Q4_K: lambda context, builder, sig, args, n: _row_loop(context, builder, sig, args, n, 144, 256, _q4_k_block, 8),
     Q6_K: lambda context, builder, sig, args, n: _row_loop(context, builder, sig, args, n, 210, 256, _q6_k_block, 16),
-    Q8_0: _q8_0_row,
-}
+} | {qtype: _small_row(qtype) for qtype in _SMALL}
 
 
-def _make_dot(qtype: int, n_tok: int):
+def _make_dot(n_tok: int):
     @intrinsic
-    def dot(typingctx, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride):
-        sig = types.none(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+    def dot(typingctx, qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride):
+        sig = types.none(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
 
         def codegen(context, builder, signature, args):
-            _ROWS[qtype](context, builder, signature, args, n_tok)
+            kind = _arg_i64(context, builder, signature, args, 0)
+            sig, args = signature.return_type(*signature.args[1:]), args[1:]
+            end = builder.append_basic_block("dot_end")
+            switch = builder.switch(kind, end)
+            for qt, row in _ROWS.items():
+                case = builder.append_basic_block(f"dot_type{qt}")
+                switch.add_case(ir.Constant(_I64, qt), case)
+                builder.position_at_end(case)
+                row(context, builder, sig, args, n_tok)
+                builder.branch(end)
+            builder.position_at_end(end)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    dot.__doc__ = f"""out[oo + t * ostride] = nblk blocks of type {qtype} from byte so of src . token t's activations
-    (engine.q8_activations' planes xq, xl and scales xd, xs read as flat arrays, token t from group
-    xgroup + t * groups) for t < {n_tok}."""
+    dot.__doc__ = f"""out[oo + t * ostride] = nblk blocks of weight type qtype (one of BLOCK_DOT_TYPES) from byte so
+    of src . token t's activations (engine.q8_activations' planes xq, xl and scales xd, xs read as flat arrays,
+    token t from group xgroup + t * groups) for t < {n_tok}."""
     return dot
 
 
-_q4k1, _q4k2, _q4k4, _q4k8 = (_make_dot(Q4_K, n) for n in (1, 2, 4, 8))
-_q6k1, _q6k2, _q6k4, _q6k8 = (_make_dot(Q6_K, n) for n in (1, 2, 4, 8))
-_q801, _q802, _q804, _q808 = (_make_dot(Q8_0, n) for n in (1, 2, 4, 8))
+_dot1, _dot2, _dot4, _dot8 = (_make_dot(n) for n in (1, 2, 4, 8))
 
 
 @njit(cache=True, inline="always")
 def has_block_dot(qtype: int) -> bool:
-    return qtype in (Q4_K, Q6_K, Q8_0)
+    return qtype in (Q4_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)
 
 
 @njit(cache=True, inline="always")
@@ -243,33 +302,13 @@ def block_dots(qtype: int, n_tok: int, src: np.ndarray, so: int, nblk: int, xq: 
     """The dots of nblk blocks of a type in BLOCK_DOT_TYPES from byte so of src with the first n of n_tok tokens
     (n the largest of 8, 4, 2, 1 that fits), written to out[oo + t * ostride]; returns n."""
     if n_tok >= 8:
-        if qtype == Q4_K:
-            _q4k8(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
-        elif qtype == Q6_K:
-            _q6k8(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
-        else:
-            _q808(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        _dot8(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
         return 8
     if n_tok >= 4:
-        if qtype == Q4_K:
-            _q4k4(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
-        elif qtype == Q6_K:
-            _q6k4(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
-        else:
-            _q804(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        _dot4(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
         return 4
     if n_tok >= 2:
-        if qtype == Q4_K:
-            _q4k2(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
-        elif qtype == Q6_K:
-            _q6k2(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
-        else:
-            _q802(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        _dot2(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
         return 2
-    if qtype == Q4_K:
-        _q4k1(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
-    elif qtype == Q6_K:
-        _q6k1(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
-    else:
-        _q801(src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+    _dot1(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
     return 1
