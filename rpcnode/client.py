@@ -165,10 +165,9 @@ class Client:
         n = sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in parts)
         try:
             if n <= 1 << 16:  # a small frame in one write: one TCP segment instead of four, half the latency
-                self._sock.sendall(b"".join(parts))
-            else:
-                for part in parts:
-                    self._sock.sendall(part)
+                parts = [b"".join(parts)]
+            for part in parts:
+                self._write(part)
         except OSError as e:
             self._broken(f"send failed ({e.strerror or e})")
         self.counters.bytes_sent += n
@@ -206,6 +205,37 @@ class Client:
         self._last_payload = frame.payload
         return msg
 
+    def _write(self, data: P.Payload) -> None:
+        """Send all of `data`. A worker that takes no bytes for reply_floor seconds (its buffers are full: it is
+        busy with what came before, or frozen) is probed, as a late reply is; a frozen one ends the request."""
+        assert self._sock is not None
+        if not self._session:
+            self._sock.settimeout(self.timeout)
+            self._sock.sendall(data)
+            return
+        view = memoryview(data).cast("B")
+        stalled_since = time.monotonic()
+        while view.nbytes:
+            # a timed socket waits for room, then sends what fits: a timeout means nothing of this call was sent
+            self._sock.settimeout(self.reply_floor)
+            try:
+                sent = self._sock.send(view)
+            except TimeoutError:
+                stalled = time.monotonic() - stalled_since
+                if stalled >= self.run_timeout:
+                    self._broken(f"took no bytes of a request for {stalled:.1f} s")
+                self._check_alive(f"took no bytes of a request for {stalled:.1f} s")
+                continue
+            view = view[sent:]
+            stalled_since = time.monotonic()
+
+    def _check_alive(self, late: str, reply_came: Callable[[], bool] = lambda: False) -> None:
+        """Probe the worker on a second connection; WorkerGone (the connection closed) if it does not answer
+        within probe_timeout and nothing came meanwhile on this one (`reply_came`)."""
+        why = probe(self.host, self.port, self.probe_timeout)
+        if why is not None and not reply_came():
+            self._broken(f"{late} and {why}: it is frozen (stopped, or swapping) or its host is gone")
+
     def _await_reply(self, timeout: float, patience: float) -> None:
         """Return once the connection has something to read (a reply, or its end) or `timeout` has passed. Each
         `patience` seconds without a byte, probe the worker on a second connection: one that does not answer
@@ -220,10 +250,7 @@ class Client:
                 return
             if time.monotonic() < probe_at or time.monotonic() >= end:
                 continue
-            why = probe(self.host, self.port, self.probe_timeout)
-            if why is not None and not poller.poll(0):
-                self._broken(f"sent no reply for {time.monotonic() - start:.1f} s and {why}: it is frozen "
-                             "(stopped, or swapping) or its host is gone")
+            self._check_alive(f"sent no reply for {time.monotonic() - start:.1f} s", lambda: bool(poller.poll(0)))
             probe_at = time.monotonic() + patience
 
     def _broken(self, what: str) -> None:

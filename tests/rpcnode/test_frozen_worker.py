@@ -21,7 +21,7 @@ from engine import IkctlError, load_model
 from engine.distributed import WorkerError
 from engine.synth import SynthSpec, write_model
 from rpcnode import client as client_module
-from rpcnode.client import probe
+from rpcnode.client import Client, WorkerGone, probe
 from tests.rpcnode.conftest import WorkerProc
 
 PROMPT = [1, 5, 9, 20, 33, 7, 100, 3, 42, 11]
@@ -92,6 +92,19 @@ def test_a_frozen_worker_is_named_within_its_deadline(workers: Callable[..., Wor
     assert waited < 8, waited
 
 
+def test_a_frozen_worker_that_takes_no_more_bytes_is_named(workers: Callable[..., WorkerProc]) -> None:
+    """A big request to a stopped worker fills the socket buffers and the send blocks: probed like a late reply."""
+    w = workers()
+    client = Client.connect(w.endpoint, reply_floor=0.5, probe_timeout=1)
+    with stopped(w):
+        t0 = time.monotonic()
+        with pytest.raises(WorkerGone, match=rf"^RPC\[{re.escape(w.endpoint)}\]: worker took no bytes of a request "
+                           r"for [0-9.]+ s and did not answer a liveness probe within 1 s: it is frozen"):
+            client.upload("ab" * 32, bytes(32 << 20))
+        assert time.monotonic() - t0 < 8
+    assert not client.connected
+
+
 def test_a_worker_stopped_shorter_than_the_probe_window_is_waited_for(workers: Callable[..., WorkerProc],
                                                                       synth_model: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,6 +146,25 @@ def test_a_busy_worker_is_probed_and_waited_for(workers: Callable[..., WorkerPro
         cache.clear()
         model.eval([k % 200 for k in range(512)], cache)
     assert answers and all(a is None for a in answers), answers
+
+
+@pytest.mark.slow
+def test_a_worker_compiling_its_kernels_is_waited_for(workers: Callable[..., WorkerProc], synth_model: Path,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What made the first attempt (a deadline alone) fail in CI: a worker with no compiled kernels compiles them
+    on first use, tens of seconds for its first segment and again for the first decode step, after it has answered
+    fast segments. Compiling holds the GIL only in slices, so the worker answers every probe (in ~1 s at worst on
+    a loaded 2-core VM) and the run goes on, with 0.2 s between probes and 5 s for each."""
+    with monkeypatch.context() as env:
+        env.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))  # the worker's kernels only
+        w = workers()
+    answers = count_probes(monkeypatch)
+    model = load_model(synth_model, rpc=w.endpoint, override_tensor=[f"exps={w.device}"], rpc_timeout=0.2,
+                       rpc_probe_timeout=5)
+    cache = model.new_cache(64)
+    model.eval(PROMPT, cache)
+    model.eval([4], cache)
+    assert len(answers) > 10 and all(a is None for a in answers), answers
 
 
 def test_cli_names_a_frozen_worker_in_one_line(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
