@@ -63,6 +63,21 @@ def test_probe_tells_a_stopped_worker_from_a_live_one(workers: Callable[..., Wor
     assert re.match(r"did not answer a liveness probe \(.*refused", probe(host, int(port), 1.0) or "")
 
 
+def test_a_worker_with_a_token_answers_the_probe_quietly(workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
+    """The probe needs no token (it ends at the worker's first reply) and leaves no warning in the worker's log."""
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-of-some-length\n")
+    token_file.chmod(0o600)
+    w = workers("--token-file", str(token_file))
+    host, port = w.endpoint.rsplit(":", 1)
+    assert [probe(host, int(port), 5.0) for _ in range(3)] == [None, None, None]
+    with Client.connect(w.endpoint, "s3cret-token-of-some-length") as c:  # the worker served the probes first
+        c.telemetry()
+    lines = w.log_text().splitlines()
+    assert all(re.fullmatch(r"rpcnode: (listening on .*|connection from 127\.0\.0\.1:\d+)", ln) for ln in lines), lines
+    assert len(lines) == 1 + 3 + 1
+
+
 def test_a_frozen_worker_is_named_within_its_deadline(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
     """SIGSTOP mid-generation: after --rpc-timeout without a reply the coordinator probes the worker on a second
     connection, gets no answer within --rpc-probe-timeout, and ends with one error naming the worker, instead of
