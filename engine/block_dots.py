@@ -8,7 +8,7 @@ both activation planes in u8 x s8 multiply-adds (engine.simd_int8._lane_sums) an
 
 No decoded copy is written anywhere: engine.int8_decoders' scratch round trip (a store and a load of every code
 and of two scales per 16 values) cost as much as the dot itself. The most used types have a kernel here (Q4_K,
-Q6_K, Q8_0: what Q4_K_M and Q8_0 files hold; Q4_0, Q4_1, Q5_0, Q5_1); the rest keep the decoder path. Each weight
+Q6_K, Q8_0: what Q4_K_M and Q8_0 files hold; Q5_K, Q4_0, Q4_1, Q5_0, Q5_1); the rest keep the decoder path. Each weight
 block is unpacked once for all tokens of a call (TOKENS at most, one accumulator register per token), so prefill and
 batched decode read the weights from cache once per 8 tokens rather than per token.
 """
@@ -23,7 +23,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.block_decoders import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0
+from engine.block_decoders import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from engine.simd import _arg_i64
 from engine.simd_int8 import _data, _fma, _fma4, _hsum, _lane_sums, k4_scale_codes
 
@@ -32,8 +32,8 @@ _V8I, _V8F, _V16I, _V16F = (ir.VectorType(t, n) for t, n in ((_I32, 8), (_F32, 8
 _V32I8, _V64I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 64)
 
 # Types with a kernel here, and their block sizes (values, bytes).
-BLOCK_DOT_TYPES = {Q4_K: (256, 144), Q6_K: (256, 210), Q8_0: (32, 34), Q4_0: (32, 18), Q4_1: (32, 20),
-                   Q5_0: (32, 22), Q5_1: (32, 24)}
+BLOCK_DOT_TYPES = {Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210), Q8_0: (32, 34), Q4_0: (32, 18),
+                   Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24)}
 # Tokens per call at most: 8 accumulators and their scales stay in registers next to the unpacked weights.
 TOKENS = 8
 
@@ -129,7 +129,8 @@ def _values(c: _Ctx, xg: list[ir.Value], step: int) -> list[ir.Value]:
     return [c.b.add(c.b.mul(x, ir.Constant(_I64, 16)), ir.Constant(_I64, 64 * step)) for x in xg]
 
 
-def _q4_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
+def _k4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, fifth: bool) -> None:
+    """A Q4_K block, or with fifth bits a Q5_K block (the same scales; 32 bytes of 5th bits before the nibbles)."""
     b = c.b
     sc, m = k4_scale_codes(b, c.load(c.src, c.off(o, 4), ir.VectorType(_I8, 16)))
     dsc = b.fmul(_splat8(b, c.half(o)), b.sitofp(sc, _V8F))  # d * sc_j
@@ -138,10 +139,15 @@ def _q4_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     for t, x in enumerate(xg):
         scales.append(b.fmul(dsc, _pairs(b, c.load(c.xd, x, _V16F, 4), add=False)))
         b.store(b.fsub(b.load(accb[t]), b.fmul(mins, _pairs(b, c.load(c.xs, x, _V16F, 4), add=True))), accb[t])
-    low, high = _const(_V32I8, [15] * 32), _const(_V32I8, [4] * 32)
+    low, four, one = _const(_V32I8, [15] * 32), _const(_V32I8, [4] * 32), _const(_V32I8, [1] * 32)
+    qh = c.load(c.src, c.off(o, 16), _V32I8) if fifth else None
     for g in range(4):  # 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high nibbles) of 32 bytes
-        raw = c.load(c.src, c.off(o, 16 + 32 * g), _V32I8)
-        w = b.shuffle_vector(b.and_(raw, low), b.lshr(raw, high), _idx(list(range(64))))
+        raw = c.load(c.src, c.off(o, (48 if fifth else 16) + 32 * g), _V32I8)
+        lo, hi = b.and_(raw, low), b.lshr(raw, four)
+        if qh is not None:  # bit 2g (2g + 1) of qh[i] is the 5th bit of value i of sub-block 2g (2g + 1)
+            lo = b.or_(lo, b.shl(b.and_(b.lshr(qh, _const(_V32I8, [2 * g] * 32)), one), four))
+            hi = b.or_(hi, b.shl(b.and_(b.lshr(qh, _const(_V32I8, [2 * g + 1] * 32)), one), four))
+        w = b.shuffle_vector(lo, hi, _idx(list(range(64))))
         _accumulate(c, w, _values(c, xg, g), scales, [2 * g] * 8 + [2 * g + 1] * 8, acc)
 
 
@@ -254,8 +260,19 @@ def _small_row(qtype: int):
     return row
 
 
+def _k4_row(fifth: bool):
+    def block(c, o, xg, acc, accb):
+        _k4_block(c, o, xg, acc, accb, fifth)
+
+    def row(context, builder, sig, args, n_tok: int) -> None:
+        _row_loop(context, builder, sig, args, n_tok, 176 if fifth else 144, 256, block, 8)
+
+    return row
+
+
 _ROWS = {
-    Q4_K: lambda context, builder, sig, args, n: _row_loop(context, builder, sig, args, n, 144, 256, _q4_k_block, 8),
+    Q4_K: _k4_row(False),
+    Q5_K: _k4_row(True),
     Q6_K: lambda context, builder, sig, args, n: _row_loop(context, builder, sig, args, n, 210, 256, _q6_k_block, 16),
 } | {qtype: _small_row(qtype) for qtype in _SMALL}
 
@@ -288,11 +305,12 @@ def _make_dot(n_tok: int):
 
 
 _dot1, _dot2, _dot4, _dot8 = (_make_dot(n) for n in (1, 2, 4, 8))
+_TYPES = tuple(BLOCK_DOT_TYPES)
 
 
 @njit(cache=True, inline="always")
 def has_block_dot(qtype: int) -> bool:
-    return qtype in (Q4_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)
+    return qtype in _TYPES
 
 
 @njit(cache=True, inline="always")

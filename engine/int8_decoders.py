@@ -23,10 +23,9 @@ from engine.block_decoders import (
     Q5_K,
     Q6_K,
     Q8_0,
-    _qh32,
 )
 from engine.simd import _f16_at
-from engine.simd_int8 import _scales_k4, _unpack16_u8, _unpack16_u8_iq4, _unpack16_u8_qh, _unpack32_u8
+from engine.simd_int8 import _unpack16_u8_iq4, _unpack32_u8
 
 # The types with integer codes under affine block scales (everything but the float types).
 INT8_TYPES = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS})
@@ -38,46 +37,6 @@ def _groups(a: np.ndarray, b: np.ndarray, v0: int, n: int, av: np.float32, bv: n
     for g in range(v0 // 16, (v0 + n) // 16):
         a[g] = av
         b[g] = bv
-
-
-@njit(cache=True, inline="always")
-def _idec_q4_0(src, q, a, b) -> None:
-    for blk in range(len(src) // 18):
-        o = 18 * blk
-        d = _f16_at(src, o)
-        _unpack16_u8(q, 32 * blk, src, o + 2, 0, 15, o, 0, 0, 0, 0)
-        _unpack16_u8(q, 32 * blk + 16, src, o + 2, 4, 15, o, 0, 0, 0, 0)
-        _groups(a, b, 32 * blk, 32, d, np.float32(-8.0) * d)
-
-
-@njit(cache=True, inline="always")
-def _idec_q4_1(src, q, a, b) -> None:
-    for blk in range(len(src) // 20):
-        o = 20 * blk
-        _unpack16_u8(q, 32 * blk, src, o + 4, 0, 15, o, 0, 0, 0, 0)
-        _unpack16_u8(q, 32 * blk + 16, src, o + 4, 4, 15, o, 0, 0, 0, 0)
-        _groups(a, b, 32 * blk, 32, _f16_at(src, o), _f16_at(src, o + 2))
-
-
-@njit(cache=True, inline="always")
-def _idec_q5_0(src, q, a, b) -> None:
-    for blk in range(len(src) // 22):
-        o = 22 * blk
-        d = _f16_at(src, o)
-        qh = _qh32(src, o + 2)
-        _unpack16_u8_qh(q, 32 * blk, src, o + 6, 0, qh, 0)
-        _unpack16_u8_qh(q, 32 * blk + 16, src, o + 6, 4, qh, 16)
-        _groups(a, b, 32 * blk, 32, d, np.float32(-16.0) * d)
-
-
-@njit(cache=True, inline="always")
-def _idec_q5_1(src, q, a, b) -> None:
-    for blk in range(len(src) // 24):
-        o = 24 * blk
-        qh = _qh32(src, o + 4)
-        _unpack16_u8_qh(q, 32 * blk, src, o + 8, 0, qh, 0)
-        _unpack16_u8_qh(q, 32 * blk + 16, src, o + 8, 4, qh, 16)
-        _groups(a, b, 32 * blk, 32, _f16_at(src, o), _f16_at(src, o + 2))
 
 
 @njit(cache=True, inline="always")
@@ -123,19 +82,6 @@ def _idec_q3_k(src, q, a, b) -> None:
 
 
 @njit(cache=True, inline="always")
-def _idec_q5_k(src, q, a, b) -> None:
-    for blk in range(len(src) // 176):
-        o = 176 * blk
-        d = _f16_at(src, o)
-        dmin = _f16_at(src, o + 2)
-        _scales_k4(a, b, 16 * blk, src, o + 4, d, dmin)
-        for g in range(4):
-            for k in range(2):
-                base = 256 * blk + 64 * g + 32 * k
-                _unpack32_u8(q, base, src, o + 48 + 32 * g, 4 * k, 15, o + 16, 2 * g + k, 1, 4, 0)
-
-
-@njit(cache=True, inline="always")
 def _idec_iq4_xs(src, q, a, b) -> None:
     for blk in range(len(src) // 136):
         o = 136 * blk
@@ -153,17 +99,7 @@ def _idec_iq4_xs(src, q, a, b) -> None:
 def idecode_row(qtype: int, src: np.ndarray, q: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     """Codes and lane scales of one row (or a run of whole blocks of it) of any type in INT8_TYPES but those with
     a kernel in engine.block_dots (which never come here)."""
-    if qtype == Q5_K:
-        _idec_q5_k(src, q, a, b)
-    elif qtype == Q4_0:
-        _idec_q4_0(src, q, a, b)
-    elif qtype == Q4_1:
-        _idec_q4_1(src, q, a, b)
-    elif qtype == Q5_0:
-        _idec_q5_0(src, q, a, b)
-    elif qtype == Q5_1:
-        _idec_q5_1(src, q, a, b)
-    elif qtype == IQ4_NL:
+    if qtype == IQ4_NL:
         _idec_iq4_nl(src, q, a, b)
     elif qtype == IQ4_XS:
         _idec_iq4_xs(src, q, a, b)

@@ -21,7 +21,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.simd import _arg_i32, _arg_i64, _field, _load_bytes, _splat, target_features
+from engine.simd import _arg_i32, _arg_i64, _field, _load_bytes, target_features
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16I32 = ir.VectorType(_I32, 16)
@@ -85,28 +85,7 @@ def _make_unpack_u8(lanes: int):
     return unpack
 
 
-_unpack16_u8 = _make_unpack_u8(16)
 _unpack32_u8 = _make_unpack_u8(32)
-
-
-@intrinsic
-def _unpack16_u8_qh(typingctx, dst, do, src, lo, lshift, qh, qhshift):
-    """Q5_0/Q5_1 codes: dst[do + i] = ((src[lo + i] >> lshift) & 15) | (bit qhshift + i of qh) << 4."""
-    sig = types.none(dst, do, src, lo, lshift, qh, qhshift)
-
-    def codegen(context, builder, signature, args):
-        i32 = {k: _arg_i32(context, builder, signature, args, k) for k in (4, 5, 6)}
-        low = builder.zext(_load_bytes(context, builder, signature, args, 2, 3), _V16I32)
-        iota = ir.Constant(_V16I32, list(range(16)))
-        bits = builder.lshr(_splat(builder, i32[5], _V16I32), builder.add(iota, _splat(builder, i32[6], _V16I32)))
-        bits = builder.and_(bits, ir.Constant(_V16I32, [1] * 16))
-        q = builder.or_(
-            _field(builder, low, i32[4], ir.Constant(_I32, 15)), builder.shl(bits, ir.Constant(_V16I32, [4] * 16))
-        )
-        _store_u8(context, builder, signature, args, q, 16)
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 def k4_scale_codes(builder: ir.IRBuilder, packed: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -129,34 +108,6 @@ def k4_scale_codes(builder: ir.IRBuilder, packed: ir.Value) -> tuple[ir.Value, i
     mhigh = builder.shl(builder.lshr(n, const(6)), const(4))
     m = builder.select(first, builder.and_(m_src, const(63)), builder.or_(builder.lshr(m_src, const(4)), mhigh))
     return sc, m
-
-
-@intrinsic
-def _scales_k4(typingctx, a, b, g0, src, so, d, dmin):
-    """Q5_K's group scales from the 12 packed bytes at src[so]: sub-block j (groups g0 + 2j, 2j + 1) gets
-    a = d * sc_j and b = -(dmin * m_j) (k4_scale_codes)."""
-    sig = types.none(a, b, g0, src, so, d, dmin)
-
-    def codegen(context, builder, signature, args):
-        v8i, v8f = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
-        sc, m = k4_scale_codes(builder, _load_bytes(context, builder, signature, args, 3, 4))
-
-        def splat8(k):
-            v = context.cast(builder, args[k], signature.args[k], types.float32)
-            undef = ir.Constant(v8f, ir.Undefined)
-            one = builder.insert_element(undef, v, ir.Constant(_I32, 0))
-            return builder.shuffle_vector(one, undef, ir.Constant(v8i, None))
-
-        av = builder.fmul(splat8(5), builder.sitofp(sc, v8f))
-        bv = builder.fsub(ir.Constant(v8f, [-0.0] * 8), builder.fmul(splat8(6), builder.sitofp(m, v8f)))
-        twice = ir.Constant(ir.VectorType(_I32, 16), [k // 2 for k in range(16)])
-        g0 = _arg_i64(context, builder, signature, args, 2)
-        for k, v in ((0, av), (1, bv)):
-            ptr = builder.gep(_data(context, builder, signature, args, k), [g0])
-            builder.store(builder.shuffle_vector(v, v, twice), builder.bitcast(ptr, _V16F.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 # IQ4_NL/IQ4_XS grid values + 128: the non-linear codes as unsigned bytes (value = d * (code - 128)).
