@@ -103,7 +103,8 @@ def ends_from_parts(get: Getter, n_layers: int, parts: Container[int]) -> tuple[
     """(token_embd, output_norm as floats, output) for a segment's ops, None where it has no such op; with tied
     embeddings (no output.weight) the output op reads token_embd."""
     tied = get("output.weight") is None
-    token_embd = get("token_embd.weight") if -1 in parts or (n_layers in parts and tied) else None
+    # required: a segment program (a peer's) may leave the tensor out, and the op would then run on None
+    token_embd = required(get, "token_embd.weight") if -1 in parts or (n_layers in parts and tied) else None
     if n_layers not in parts:
         return token_embd, None, None
     return token_embd, required(get, "output_norm.weight").dequantize(), get("output.weight") or token_embd

@@ -182,14 +182,28 @@ def parse_program(records: Sequence[Record]) -> Program:
         layer = args.get("layer")
         if part not in ARCH_OPS[arch] or not isinstance(layer, int):
             raise ProgramError(f"bad op record {part!r} (layer {layer!r})")
-        if not -1 <= layer <= cfg.n_layers:
-            raise ProgramError(f"op {part} names layer {layer}; the model has {cfg.n_layers}")
+        _check_op_layer(cfg, part, layer)
         ops.append((layer, part))
         for key, value in args.items():
             if key.startswith(_TENSOR_PREFIX):
                 tensors[key[len(_TENSOR_PREFIX):]] = _tensor_ref(key, value)
+    n_ctx = _int(head, "n_ctx")
+    if n_ctx < 1:  # every run needs 1 <= n_tokens <= n_ctx, and a KV cache a position
+        raise ProgramError(f"'n_ctx' must be at least 1, got {n_ctx}")
     return Program(cfg, tuple(ops), tensors, _int(head, "mla"), min(_int(head, "amb_bytes"), MAX_AMB_BYTES),
-                   cache_type, _int(head, "n_ctx"), int8)
+                   cache_type, n_ctx, int8)
+
+
+def _check_op_layer(cfg: ModelConfig, part: str, layer: int) -> None:
+    """An op at the layer it can run at (as engine.placement makes them): embd at -1, output at n_layers, the
+    others at a layer of the model, moe_experts at one with routed experts. Another layer would run with weights
+    that were never loaded (a negative one would even index from the end)."""
+    where = {"embd": (-1, -1), "output": (cfg.n_layers, cfg.n_layers)}.get(part, (0, cfg.n_layers - 1))
+    if not where[0] <= layer <= where[1]:
+        raise ProgramError(f"op {part} names layer {layer}; the model has {cfg.n_layers} layers (embd is -1, "
+                           f"output {cfg.n_layers})")
+    if part == "moe_experts" and not (isinstance(cfg, DeepSeek2Config) and cfg.is_moe_layer(layer)):
+        raise ProgramError(f"op moe_experts names layer {layer}, which has no routed experts")
 
 
 def _int(args: Mapping[str, Any], key: str) -> int:
@@ -342,6 +356,8 @@ class SegmentRunner:
         The token count comes from a peer: it must name the rows of every per-token array and fit the context,
         checked before anything is sized by it (ValueError otherwise)."""
         rows = {k: int(v.shape[0]) for k, v in state.items() if k != "n_out" and getattr(v, "ndim", 0) >= 1}
+        if len(rows) < len(state) - ("n_out" in state):
+            raise ValueError(f"{', '.join(sorted(set(state) - set(rows) - {'n_out'}))} must have a row per token")
         if not 1 <= n_tokens <= self.program.n_ctx or any(r != n_tokens for r in rows.values()):
             raise ValueError(f"{n_tokens} tokens do not fit the arrays' rows {rows} or the context of "
                              f"{self.program.n_ctx}")

@@ -179,6 +179,8 @@ def decode_meta(header: Header, meta: Buffer, limits: Limits = DEFAULT_LIMITS) -
         message = _DECODER.decode(meta)
     except (msgspec.DecodeError, ValueError) as e:  # ValidationError is a DecodeError; bad UTF-8 is a ValueError
         raise ProtocolError(ErrorCode.BAD_METADATA, f"{Kind(header.kind).name}: {e}") from None
+    except RecursionError:  # containers nested past the interpreter's depth (a few bytes each: b"\x91" * 10**5)
+        raise ProtocolError(ErrorCode.BAD_METADATA, f"{Kind(header.kind).name}: nested too deeply") from None
     if kind_of(message) != header.kind:
         raise ProtocolError(ErrorCode.KIND_MISMATCH, f"header says {Kind(header.kind).name}, "
                             f"metadata says {kind_of(message).name}")

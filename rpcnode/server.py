@@ -276,6 +276,7 @@ class Connection:
         answered). Its metadata is decoded and checked before a byte of its payload is stored; a body the worker
         refuses (malformed, or more than its memory has room for) is read past, unkept, and answered."""
         header = self._parse(self._next_header(), P.DEFAULT_LIMITS)
+        self._rid = header.request_id  # an error from here on answers this request, not the one before
         self.w.count_traffic(bytes_in=P.HEADER_SIZE)
         if header.payload_len and header.kind not in REQUEST_PAYLOAD_KINDS:
             err = P.ProtocolError(E.BAD_HEADER, f"kind {header.kind:#04x} is not a request with a payload, header "

@@ -335,11 +335,11 @@ class Worker:
         state = {spec.name: arr for spec, arr in zip(m.sections, arrays, strict=True)}
         if "n_out" in state:
             state["n_out"] = np.asarray(state["n_out"])
-        if runner.kv_grows(m.seq_id, m.pos_start, m.n_tokens):  # charged to -m before they grow
-            with self.lock:
-                self._kv[m.segment_id] = runner.fit_kv(m.seq_id, m.pos_start, m.n_tokens, self.mem_free)
         t0 = time.perf_counter()
         try:
+            if runner.kv_grows(m.seq_id, m.pos_start, m.n_tokens):  # charged to -m before they grow
+                with self.lock:
+                    self._kv[m.segment_id] = runner.fit_kv(m.seq_id, m.pos_start, m.n_tokens, self.mem_free)
             with compute_threads(self.threads, m.n_tokens):
                 out = runner.run(m.seq_id, m.pos_start, m.n_tokens, state)
         except IkctlError as e:  # an unknown sequence, a full context
