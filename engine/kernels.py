@@ -10,7 +10,8 @@ Prefill (larger T): a tile of rows is decoded into a float32 scratch (<= 16 MiB)
 Block layouts follow docs/deepseek2.md §6 and gguf 0.19's `gguf.quants` decoders bit for bit (every decoded
 value is the float32 `gguf.quants.dequantize` gives; only the dot's summation order differs).
 Parallel loops run on numba's threading layer (OpenMP or TBB where installed: safe to call from several Python
-threads; numba's fallback "workqueue" layer is not).
+threads; numba's fallback "workqueue" layer is not). The kernels release the GIL, so a worker answers its
+liveness probes and telemetry while it computes.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _dot_tokens(w: np.ndarray, x: np.ndarray, c0: int, acc: np.ndarray) -> None:
         t += 1
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
 def _matvec_kernel(raw: np.ndarray, qtype: int, qk: int, x: np.ndarray, out: np.ndarray) -> None:
     """out[t, r] = x[t] . row r: each chunk of a row is decoded once into an L1 scratch and dotted with all T
     tokens, so the weight bytes are read once per call whatever T is."""
@@ -123,7 +124,7 @@ def _matvec_kernel(raw: np.ndarray, qtype: int, qk: int, x: np.ndarray, out: np.
                 out[t, r] = acc[t]
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
 def _gather_matvec_kernel(
     raw: np.ndarray, qtype: int, qk: int, experts: np.ndarray, x: np.ndarray, out: np.ndarray
 ) -> None:
@@ -228,7 +229,7 @@ def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r
                 out[o0 + t - t0, r] += _dot_u8s8(q, a, b, 0, xq, xl, xd, xs, t * groups + c0 * qk // 16, steps)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int, xq: np.ndarray,
                         xl: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """out[t, r] = x[t] . row r of raw [1, R, row bytes] (flat: the same bytes, 1-D) with 16-bit integer
@@ -241,7 +242,7 @@ def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
                    q, a, b, xq, xl, xd, xs, 0, xq.shape[0], out, 0)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int,
                         experts: np.ndarray, xq: np.ndarray, xl: np.ndarray, xd: np.ndarray, xs: np.ndarray,
                         out: np.ndarray) -> None:
@@ -257,13 +258,13 @@ def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
                    xl, xd, xs, n, n + 1, out, n)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _dequantize_serial(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
     for r in range(raw.shape[0]):
         _decode_row(qtype, raw[r], out[r])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _dequantize_kernel(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
     R, row_bytes = raw.shape
     for r in prange(R):
