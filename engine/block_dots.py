@@ -75,12 +75,14 @@ class _Ctx:
 
 def _row_loop(context, builder, sig, args, n_tok: int, block_bytes: int, qk: int, body, bias_lanes: int,
               per_step: int = 1, tail=None) -> None:
-    """out[oo + t * ostride] = sum over the row's blocks of body(ctx, byte offset, each token's first activation
-    group, accumulators) for t < n_tok, per_step blocks at a time; tail(...) takes a last lone block."""
+    """out[oo + t * ostride] (+)= sum over the row's blocks of body(ctx, byte offset, each token's first activation
+    group, accumulators) for t < n_tok, per_step blocks at a time; tail(...) takes a last lone block. The sum is
+    added to what out holds where the `add` argument is nonzero."""
     b = builder
     c = _Ctx(context, builder, sig, args)
     so, nblk, xg0, groups, oo, ostride = (_arg_i64(context, builder, sig, args, k) for k in (1, 2, 7, 8, 10, 11))
     out = _data(context, builder, sig, args, 9)
+    add = b.icmp_unsigned("!=", _arg_i64(context, builder, sig, args, 12), ir.Constant(_I64, 0))
     bias_ty = ir.VectorType(_F32, bias_lanes)
     acc = [cgutils.alloca_once_value(b, _const(_V16F, [0.0] * 16)) for _ in range(n_tok)]
     accb = [cgutils.alloca_once_value(b, _const(bias_ty, [0.0] * bias_lanes)) for _ in range(n_tok)]
@@ -99,7 +101,8 @@ def _row_loop(context, builder, sig, args, n_tok: int, block_bytes: int, qk: int
             tail(c, *at(last), acc, accb)
     for t in range(n_tok):
         total = b.fadd(_hsum(b, b.load(acc[t])), _hsum(b, b.load(accb[t])))
-        b.store(total, b.gep(out, [b.add(oo, b.mul(ostride, ir.Constant(_I64, t)))]))
+        at_out = b.gep(out, [b.add(oo, b.mul(ostride, ir.Constant(_I64, t)))])
+        b.store(b.select(add, b.fadd(b.load(at_out), total), total), at_out)
 
 
 def _splat8(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
@@ -279,8 +282,8 @@ _ROWS = {
 
 def _make_dot(n_tok: int):
     @intrinsic
-    def dot(typingctx, qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride):
-        sig = types.none(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+    def dot(typingctx, qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add):
+        sig = types.none(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add)
 
         def codegen(context, builder, signature, args):
             kind = _arg_i64(context, builder, signature, args, 0)
@@ -298,9 +301,9 @@ def _make_dot(n_tok: int):
 
         return sig, codegen
 
-    dot.__doc__ = f"""out[oo + t * ostride] = nblk blocks of weight type qtype (one of BLOCK_DOT_TYPES) from byte so
-    of src . token t's activations (engine.q8_activations' planes xq, xl and scales xd, xs read as flat arrays,
-    token t from group xgroup + t * groups) for t < {n_tok}."""
+    dot.__doc__ = f"""out[oo + t * ostride] (+= where add) nblk blocks of weight type qtype (one of BLOCK_DOT_TYPES)
+    from byte so of src . token t's activations (engine.q8_activations' planes xq, xl and scales xd, xs read as
+    flat arrays, token t from group xgroup + t * groups) for t < {n_tok}."""
     return dot
 
 
@@ -315,18 +318,19 @@ def has_block_dot(qtype: int) -> bool:
 
 @njit(cache=True, inline="always")
 def block_dots(qtype: int, n_tok: int, src: np.ndarray, so: int, nblk: int, xq: np.ndarray, xl: np.ndarray,
-               xd: np.ndarray, xs: np.ndarray, xgroup: int, groups: int, out: np.ndarray, oo: int,
-               ostride: int) -> int:
+               xd: np.ndarray, xs: np.ndarray, xgroup: int, groups: int, out: np.ndarray, oo: int, ostride: int,
+               add: bool) -> int:
     """The dots of nblk blocks of a type in BLOCK_DOT_TYPES from byte so of src with the first n of n_tok tokens
-    (n the largest of 8, 4, 2, 1 that fits), written to out[oo + t * ostride]; returns n."""
+    (n the largest of 8, 4, 2, 1 that fits), written to (or, with add, added to) out[oo + t * ostride];
+    returns n."""
     if n_tok >= 8:
-        _dot8(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        _dot8(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add)
         return 8
     if n_tok >= 4:
-        _dot4(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        _dot4(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add)
         return 4
     if n_tok >= 2:
-        _dot2(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+        _dot2(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add)
         return 2
-    _dot1(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride)
+    _dot1(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add)
     return 1

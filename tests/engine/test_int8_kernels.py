@@ -21,6 +21,7 @@ import pytest
 
 from engine import block_decoders as D
 from engine import kernels as K
+from engine.block_dots import BLOCK_DOT_TYPES
 from engine.int8_decoders import INT8_TYPES
 from engine.q8_activations import quantize_rows
 from engine.simd_int8 import instruction_set
@@ -91,6 +92,22 @@ def test_matvec_equals_the_int8_reference(qtype: int, large: bool) -> None:
         with K.activations(int8=False):  # the exact path is still there, and differs by the activation rounding
             exact = K.matmul_t(raw, qtype, (R, C), x)
         assert 1e-9 < rel(y, exact) < 1e-4
+
+
+@pytest.mark.parametrize("qtype", sorted(BLOCK_DOT_TYPES), ids=name)
+def test_long_rows_meet_the_tokens_a_span_at_a_time(qtype: int) -> None:
+    """Rows past kernels._LONG_ROW are summed over column spans: the spans' partial sums add up (the last span
+    short and, for the 32-value types, an odd number of blocks), for token counts around the 8-token tiles."""
+    qk = D.BLOCK[qtype][0]
+    R, C = 21, qk * (K._LONG_ROW // qk + K._COL_SPAN // qk // 2 + 1)
+    assert C > K._LONG_ROW and (C // qk) % (K._COL_SPAN // qk) % 2 == 1
+    raw = random_rows(qtype, R, C)
+    w = reference(raw, qtype, R, C).astype(np.float64)
+    for T in (1, 9):
+        x = tokens(T, C)
+        with K.activations(int8=True):
+            y = K.matmul_t(raw, qtype, (R, C), x)
+        assert rel(y, q8_reference(x)[0] @ w.T) < RTOL, T
 
 
 @pytest.mark.parametrize("qtype", INT8, ids=name)
