@@ -1,13 +1,16 @@
 """Causal softmax attention over cached keys, computed in query chunks so scratch memory stays bounded.
 
-Legend: T queries, S keys, H heads, D key width, V value width.
+Legend: T queries, S keys, H heads, D key width, V value width, Hkv key/value heads (G = H / Hkv queries each).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
 
 from engine.ops import array_module
+from engine.simd import _half_to_f32
 
 
 def _chunk_rows(n_heads: int, n_keys: int, max_bytes: int) -> int:
@@ -50,4 +53,71 @@ def causal_attention(
             out[t0 : t0 + tc] = (scores.reshape(tc * H, S) @ v).reshape(tc, H, -1)
         else:
             out[t0 : t0 + tc] = xp.matmul(scores.transpose(1, 0, 2), v.transpose(1, 0, 2)).transpose(1, 0, 2)
+    return out
+
+
+def _f32(x: np.generic) -> np.float32:
+    """A cache element as float32: uint16 elements are IEEE half bits (numba's CPU target has no float16)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_f32, inline="always")
+def _f32_impl(x):
+    if isinstance(x, types.Integer):
+        return lambda x: _half_to_f32(x)
+    return lambda x: np.float32(x)
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _decode_kernel(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_kv: int, scale: float, out: np.ndarray) -> None:
+    """out[h] = softmax(scale * q[h] . k[s, head j]) @ v[s, head j] over all S cached rows, j = h // G.
+
+    q [H, D] float32; k [S, Hkv * D] and v [S, Hkv * V] float32, or uint16 (f16 bits, converted as read), all
+    C-contiguous. Unsigned flat indices: numba then drops its negative-index wraparound and the inner loops
+    vectorise."""
+    H, D = q.shape
+    S = k.shape[0]
+    Dv = out.shape[1]
+    G = H // n_kv
+    kf, vf, qf = k.ravel(), v.ravel(), q.ravel()
+    for h in prange(H):
+        j = h // G
+        scores = np.empty(S, np.float32)
+        o = np.zeros(Dv, np.float32)
+        best = np.float32(-np.inf)
+        qo = np.uint64(h * D)
+        for s in range(S):
+            ko = np.uint64((s * n_kv + j) * D)
+            acc = np.float32(0.0)
+            for d in range(np.uint64(D)):
+                acc += qf[qo + d] * _f32(kf[ko + d])
+            scores[s] = acc * np.float32(scale)
+            best = max(best, scores[s])
+        total = np.float32(0.0)
+        for s in range(S):
+            scores[s] = np.exp(scores[s] - best)
+            total += scores[s]
+        for s in range(S):
+            p = scores[s] / total
+            vo = np.uint64((s * n_kv + j) * Dv)
+            for d in range(np.uint64(Dv)):
+                o[d] += p * _f32(vf[vo + d])
+        out[h] = o
+
+
+def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_kv_heads: int, scale: float) -> np.ndarray:
+    """One query's attention over the whole cache, as causal_attention gives it, for grouped heads.
+
+    q [H, D] float32, k [S, Hkv * D] and v [S, Hkv * V] float16 or float32 (read where they lie: an f16 cache is
+    not converted to a float32 copy first) -> [H, V] float32. A decode step's cache rows are all in its past."""
+    H, D = q.shape
+    if H % n_kv_heads or k.shape[1] != n_kv_heads * D or v.shape[1] % n_kv_heads:
+        raise ValueError(f"{H} query heads of {D} do not fit keys {k.shape} in {n_kv_heads} heads")
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a)
+        return a.view(np.uint16) if a.dtype == np.float16 else a
+
+    out = np.empty((H, v.shape[1] // n_kv_heads), np.float32)
+    _decode_kernel(np.ascontiguousarray(q, dtype=np.float32), rows(k), rows(v), n_kv_heads, float(scale), out)
     return out

@@ -99,6 +99,11 @@ class _Stream:
             return self._data[:n]
         return self._data[:n].astype(np.float32)
 
+    def stored(self, n: int) -> np.ndarray | None:
+        """The first n rows as stored (float16 or float32), or None where they are quantized."""
+        assert self._data is not None
+        return None if self.cache_type == "q8_0" else self._data[:n]
+
     @property
     def nbytes(self) -> int:
         return 0 if self._data is None else self._data.nbytes + (0 if self._scale is None else self._scale.nbytes)
@@ -148,6 +153,10 @@ class KVCache:
     def read(self, layer: int, name: str, n: int) -> np.ndarray:
         """The first n rows as float32 [n, W]."""
         return self.layers[layer][name].read(n)
+
+    def stored(self, layer: int, name: str, n: int) -> np.ndarray | None:
+        """The first n rows as stored (float16 or float32 [n, W], no copy), or None for a q8_0 cache."""
+        return self.layers[layer][name].stored(n)
 
     def advance(self, n: int) -> None:
         self.n_past += n

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.attention import causal_attention
+from engine.attention import causal_attention, decode_attention
 from engine.config import LlamaConfig
 from engine.deepseek2 import (
     Getter,
@@ -191,13 +191,18 @@ class Llama:
         S = pos0 + T
         cache.write(i, "k", pos0, k.reshape(T, Hkv * hd))
         cache.write(i, "v", pos0, L.wv.matmul_t(h))
+        scale = 1.0 / math.sqrt(hd)
+        k_rows, v_rows = cache.stored(i, "k", S), cache.stored(i, "v", S)
+        if T == 1 and k_rows is not None and v_rows is not None and isinstance(k_rows, np.ndarray):
+            # decode on the host: one kernel reads the f16/f32 cache in place (NumPy would convert all of it)
+            o = decode_attention(q[0], k_rows, v_rows, Hkv, scale)
+            return L.wo.matmul_t(o.reshape(1, H * hd))
         k_all = cache.read(i, "k", S).reshape(S, Hkv, hd)
         v_all = cache.read(i, "v", S).reshape(S, Hkv, hd)
         # GQA: query head j*G + g reads kv head j (llama.cpp's mapping); each group is an MQA over one
         # shared key head, which avoids materialising G copies of the cache.
         G = H // Hkv
         o = np.empty((T, H, hd), np.float32)
-        scale = 1.0 / math.sqrt(hd)
         for j in range(Hkv):
             o[:, j * G : (j + 1) * G] = causal_attention(
                 q[:, j * G : (j + 1) * G], k_all[:, j], v_all[:, j], positions, scale, self.amb_bytes
