@@ -194,6 +194,23 @@ def parse_program(records: Sequence[Record]) -> Program:
                    cache_type, n_ctx, int8)
 
 
+SCRATCH_ARRAYS = 2  # arrays as wide as an op's widest alive at once, beside the hidden state (measured: 1-2)
+
+
+def token_scratch_bytes(p: Program) -> int:
+    """Bytes of f32 activations per token of a run, an upper estimate: the hidden state and SCRATCH_ARRAYS arrays
+    of its widest op (attention's per-head projections, an FFN's or its experts' intermediates, the logits)."""
+    c, g = p.cfg, lambda name: int(getattr(p.cfg, name, 0))
+    widths = {"embd": c.hidden_size, "output": c.n_vocab,
+              "attn": g("n_heads") * (g("qk_nope_head_dim") + g("qk_rope_head_dim") + g("v_head_dim") + g("head_dim"))
+              + g("kv_lora_rank") + g("qk_rope_head_dim"),
+              "ffn": 3 * max(g("intermediate_size"), g("n_shared_experts") * g("moe_intermediate_size"))
+              + g("n_routed_experts"),
+              "moe_experts": 3 * g("n_experts_per_tok") * g("moe_intermediate_size")}
+    widest = max((widths[part] for _, part in p.ops), default=0)
+    return 4 * (2 * c.hidden_size + SCRATCH_ARRAYS * widest)
+
+
 def _check_op_layer(cfg: ModelConfig, part: str, layer: int) -> None:
     """An op at the layer it can run at (as engine.placement makes them): embd at -1, output at n_layers, the
     others at a layer of the model, moe_experts at one with routed experts. Another layer would run with weights
@@ -288,6 +305,15 @@ class SegmentRunner:
                                                 xp)
         self._attn_layers = {i for i, p in program.ops if p == "attn"}
         self._caches: OrderedDict[int, KVCache] = OrderedDict()
+        self._token_bytes = token_scratch_bytes(program)
+
+    def scratch_bytes(self, n_tokens: int) -> int:
+        """About the most bytes of activations a run of n_tokens allocates, attention scores (at most -amb)
+        included: the batch is a peer's choice, so the worker counts them before running (see token_scratch_bytes)."""
+        p = self.program
+        heads = int(getattr(p.cfg, "n_heads", 1))
+        scores = min(p.amb_bytes, 4 * heads * n_tokens * p.n_ctx) if self._attn_layers else 0
+        return n_tokens * self._token_bytes + scores
 
     def _new_cache(self) -> KVCache:
         cache = self.net.new_cache(self.program.n_ctx, self.program.cache_type)

@@ -32,6 +32,9 @@ E = P.ErrorCode
 # so that a decode step or a prefill batch never competes with the tensors a plan filled -m with; bodies beyond
 # it are charged to -m, and refused when that is full.
 RECEIVE_POOL_BYTES = 64 << 20
+# A running segment's activations (SegmentRunner.scratch_bytes; one segment runs at a time) take up to this many
+# bytes beyond -m, part of the stated overhead; a bigger batch is charged to -m for the rest, refused when full.
+SCRATCH_POOL_BYTES = 512 << 20
 # Decoded metadata (Python objects) takes up to this many times its msgpack bytes; a body is charged that much.
 META_EXPANSION = 16
 
@@ -111,6 +114,7 @@ class Worker:
         self.hits = self.misses = 0
         self.reserved = 0  # bytes of uploads in progress
         self.receiving = 0  # bytes charged for frame bodies being received and handled (see RECEIVE_POOL_BYTES)
+        self.scratch_over = 0  # bytes of the running segment's activations beyond SCRATCH_POOL_BYTES
         self._kv: dict[int, int] = {}  # segment id -> KV bytes charged (updated around runs, under self.lock)
         # connections run on threads of their own; this guards the tensor bookkeeping they share
         self.lock = threading.RLock()
@@ -182,7 +186,7 @@ class Worker:
     @property
     def mem_free(self) -> int:
         over_pool = max(0, self.receiving - RECEIVE_POOL_BYTES)
-        return max(0, self.mem_total - self.bytes_held - self.reserved - self.kv_bytes - over_pool)
+        return max(0, self.mem_total - self.bytes_held - self.reserved - self.kv_bytes - over_pool - self.scratch_over)
 
     def charge_receive(self, nbytes: int, what: str) -> None:
         """Charge a frame body before any of it is stored; OUT_OF_MEMORY if neither the receive pool nor -m has
@@ -337,6 +341,7 @@ class Worker:
             state["n_out"] = np.asarray(state["n_out"])
         t0 = time.perf_counter()
         try:
+            self._charge_scratch(runner, m)
             if runner.kv_grows(m.seq_id, m.pos_start, m.n_tokens):  # charged to -m before they grow
                 with self.lock:
                     self._kv[m.segment_id] = runner.fit_kv(m.seq_id, m.pos_start, m.n_tokens, self.mem_free)
@@ -349,12 +354,24 @@ class Worker:
             raise fail(E.BAD_ARRAY, f"segment {m.segment_id}: inputs do not fit its ops ({e!r:.200})") from None
         finally:
             with self.lock:
+                self.scratch_over = 0
                 if self.segments.get(m.segment_id) is runner:
                     self._kv[m.segment_id] = runner.kv_accounted_bytes
         dt = time.perf_counter() - t0
         self.busy_seconds += dt
         specs, parts = P.pack_arrays(ordered_state(out))
         return P.RunReply(segment_id=m.segment_id, seq_id=m.seq_id, compute_seconds=dt, sections=specs), parts
+
+    def _charge_scratch(self, runner: Any, m: P.RunSegment) -> None:
+        """Count the run's activations before they exist: beyond SCRATCH_POOL_BYTES against -m, or OUT_OF_MEMORY."""
+        need = runner.scratch_bytes(m.n_tokens)
+        with self.lock:
+            over = max(0, need - SCRATCH_POOL_BYTES)
+            if over > self.mem_free:
+                raise fail(E.OUT_OF_MEMORY, f"segment {m.segment_id}: a run of {m.n_tokens} tokens needs about "
+                           f"{need} bytes of activations, {SCRATCH_POOL_BYTES} beyond -m and {self.mem_free} of "
+                           f"{self.mem_total} free; send fewer tokens per run (-ub) or raise -m")
+            self.scratch_over = over
 
     def kv(self, m: P.KVOp) -> P.KVReply:
         runners = [self.segment(m.segment_id)] if m.segment_id is not None else list(self.segments.values())

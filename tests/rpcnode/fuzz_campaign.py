@@ -152,6 +152,8 @@ class _Runner:
             sock = socket.create_connection((host.strip("[]"), int(port)), timeout=plan.deadline_s)
         except OSError as e:
             t.codes[f"connect failed: {type(e).__name__}"] += 1
+            if isinstance(e, ConnectionRefusedError):  # the worker is gone: the campaign is over
+                self.shared.stop()
             time.sleep(0.1)
             return
         with sock:
@@ -236,6 +238,9 @@ class _Shared:
         self.until = time.monotonic() + plan.max_seconds
         self._lock = threading.Lock()
         self._next_report = 0
+
+    def stop(self) -> None:
+        self.until = 0.0
 
     def claim(self, n: int) -> bool:
         with self._lock:

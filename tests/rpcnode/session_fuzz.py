@@ -274,6 +274,7 @@ class Mutator:
         weights = {"field": 24, "number": 24, "swap": 10, "structure": 6, "msgpack": 12, "section": 10, "payload": 4,
                    "upload": 4, "control": 3, "valid": 6, "restore": 1, "header": 1, "cut": 1}
         self._choices = [name for name, w in weights.items() for _ in range(w)]
+        self.bulk_share = 0.001  # bundles of up to 255 MiB (see bulk): rare, or the client spends its time on them
         self._rid = 1 << 20
 
     def fork(self, seed: int) -> Mutator:
@@ -291,6 +292,8 @@ class Mutator:
         return Fuzzed(frame(doc, payload, self._id()), strategy)
 
     def bundle(self) -> list[Fuzzed]:
+        if self.rng.random() < self.bulk_share:
+            return self.bulk()
         return getattr(self, self.rng.choice(self._choices))()
 
     def _request(self) -> Request:
@@ -458,6 +461,24 @@ class Mutator:
                 doc = mutate(doc, rng.choice(list(paths(doc))), rng.choice((*int_neighbours(offset), *HOSTILE)))
             out.append(self._frame(doc, data, "upload"))
         return out
+
+    def bulk(self) -> list[Fuzzed]:
+        """Big bodies, to be received into memory charged to -m (or refused before a byte is kept): an upload of
+        a fresh tensor of 4 to 255 MiB in one chunk, or a RunSegment whose hidden state has that many bytes."""
+        rng = self.rng
+        nbytes = rng.choice((4, 16, 48, 100, 255)) << 20
+        if rng.random() < 0.5:
+            digest = rng.randbytes(32).hex()
+            offer = {"kind": int(P.Kind.OFFER_TENSOR), "digest": digest, "nbytes": nbytes, "ggml_type": 0,
+                     "shape": [nbytes // 4], "name": "bulk"}
+            chunk = {"kind": int(P.Kind.UPLOAD_TENSOR), "digest": digest, "offset": 0, "final": True}
+            return [self._frame(offer, b"", "bulk"), self._frame(chunk, bytes(nbytes), "bulk")]
+        r = rng.choice(self.runs)
+        spec = msgspec.convert(r.doc["sections"][0], P.ArraySpec)
+        width = math.prod(spec.shape[1:]) * P._DTYPES[spec.dtype].itemsize
+        rows = nbytes // max(width, 1)
+        specs = [dict(r.doc["sections"][0], shape=[rows, *spec.shape[1:]])]
+        return [self._frame(dict(r.doc, n_tokens=rows, sections=specs), bytes(rows * width), "bulk")]
 
     # ---- requests the recording has none of, and the recording itself ----------------------------------------------
     def control(self) -> list[Fuzzed]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+import psutil
 import pytest
 
 from engine import load_model
@@ -159,3 +160,25 @@ def test_a_per_token_section_of_no_rows_is_bad_array(worker: WorkerProc, session
         assert_typed(reply, P.ErrorCode.BAD_ARRAY)
         assert "must have a row per token" in reply.message  # type: ignore[union-attr]
     assert "Traceback" not in worker.log_text()
+
+
+def test_a_batch_whose_activations_exceed_the_overhead_is_out_of_memory(
+        worker: WorkerProc, sessions: dict[str, list[Request]]) -> None:
+    """An expert segment has no KV cache, so its n_ctx costs nothing and bounds nothing: 200,000 tokens (a 100 MiB
+    hidden state) took a 64 MiB worker past 500 MiB of RSS computing them. Its activations are counted first now:
+    beyond the 512 MiB activation pool, against -m."""
+    define, run = first(sessions["exps"], P.Kind.DEFINE_SEGMENT), first(sessions["exps"], P.Kind.RUN_SEGMENT)
+    specs = [msgspec.convert(x, P.ArraySpec) for x in run.doc["sections"]]
+    n = 200_000
+    arrays = [(s.name, np.resize(a, (n, *a.shape[1:]))) for s, a in zip(specs, P.unpack_arrays(specs, run.payload),
+                                                                           strict=True)]
+    specs, parts = P.pack_arrays(arrays)
+    with Session(worker.endpoint, timeout=60) as s:
+        restore(s, sessions["exps"])
+        reply = s.ask(mutate(define.doc, ("ops", 0, "args", "n_ctx"), 1 << 30))
+        assert isinstance(reply, P.DefineReply), reply
+        reply = s.ask(dict(run.doc, n_tokens=n, sections=msgspec.to_builtins(specs)), b"".join(map(bytes, parts)))
+        assert_typed(reply, P.ErrorCode.OUT_OF_MEMORY)
+        assert "send fewer tokens per run (-ub)" in reply.message  # type: ignore[union-attr]
+        restore(s, sessions["exps"])  # the recorded n_ctx again
+    assert psutil.Process(worker.proc.pid).memory_info().rss < 400 << 20
