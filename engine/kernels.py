@@ -27,7 +27,7 @@ from numba import njit, prange
 from engine.block_decoders import BLOCK, F32, _decode_row
 from engine.block_dots import TOKENS, block_dots, has_block_dot
 from engine.int8_decoders import INT8_TYPES, idecode_row
-from engine.q8_activations import padded, quantize_rows
+from engine.q8_activations import padded, quantized
 from engine.simd import _prefetch
 from engine.simd_int8 import _dot_u8s8
 
@@ -240,10 +240,11 @@ def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int, xq: np.ndarray,
-                        xl: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int, x: np.ndarray,
+                        out: np.ndarray) -> None:
     """out[t, r] = x[t] . row r of raw [1, R, row bytes] (flat: the same bytes, 1-D) with 16-bit integer
     activations (engine.q8_activations): each weight byte is read once for all T tokens."""
+    xq, xl, xd, xs = quantized(x)
     R = raw.shape[1]
     tasks = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for k in prange(tasks):
@@ -254,10 +255,10 @@ def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int,
-                        experts: np.ndarray, xq: np.ndarray, xl: np.ndarray, xd: np.ndarray, xs: np.ndarray,
-                        out: np.ndarray) -> None:
+                        experts: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """out[n, r] = x[n] . row r of matrix experts[n] of raw [E, R, row bytes] (flat: the same bytes, 1-D): all
     selected experts of an MoE layer in one launch."""
+    xq, xl, xd, xs = quantized(x)
     R = raw.shape[1]
     per = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for k in prange(experts.size * per):
@@ -389,7 +390,7 @@ def matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -
         return out
     qk, block_bytes = BLOCK[int(qtype)]
     if takes_int8(qtype):
-        _int8_matvec_kernel(rows[None], rows.reshape(-1), int(qtype), qk, block_bytes, *quantize_rows(x), out)
+        _int8_matvec_kernel(rows[None], rows.reshape(-1), int(qtype), qk, block_bytes, x, out)
     else:
         _matvec_kernel(rows, int(qtype), qk, x, out)
     return out
@@ -451,7 +452,7 @@ def gather_matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int, int], expe
         return out
     qk, block_bytes = BLOCK[int(qtype)]
     if takes_int8(qtype):
-        _int8_gather_kernel(a, a.reshape(-1), int(qtype), qk, block_bytes, ids, *quantize_rows(x), out)
+        _int8_gather_kernel(a, a.reshape(-1), int(qtype), qk, block_bytes, ids, x, out)
     else:
         _gather_matvec_kernel(a, int(qtype), qk, ids, x, out)
     return out

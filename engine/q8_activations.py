@@ -55,14 +55,21 @@ def padded(columns: int) -> int:
     return -(-columns // 64) * 64
 
 
+@njit(cache=True, nogil=True)
+def quantized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_rows for compiled callers (the kernels quantize their input themselves: the arrays made in
+    Python cost more than the quantization); C must be a multiple of 32."""
+    T, C = x.shape
+    cp = padded(C)
+    xq, xl = np.zeros((T, cp), np.int8), np.zeros((T, cp), np.int8)
+    xd, xs = np.zeros((T, cp // 16), np.float32), np.zeros((T, cp // 16), np.float32)
+    _quantize(x, xq, xl, xd, xs)
+    return xq, xl, xd, xs
+
+
 def quantize_rows(x: np.ndarray) -> Q8Rows:
     """x [T, C] float32 (C a multiple of 32) -> its int8 codes and lane scales."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    T, C = x.shape
-    if C % BLOCK:
-        raise ValueError(f"{C} columns is not a multiple of the {BLOCK}-value activation block")
-    cp = padded(C)
-    rows = Q8Rows(np.zeros((T, cp), np.int8), np.zeros((T, cp), np.int8), np.zeros((T, cp // 16), np.float32),
-                  np.zeros((T, cp // 16), np.float32))
-    _quantize(x, *rows)
-    return rows
+    if x.shape[1] % BLOCK:
+        raise ValueError(f"{x.shape[1]} columns is not a multiple of the {BLOCK}-value activation block")
+    return Q8Rows(*quantized(x))
