@@ -37,7 +37,7 @@ from engine.simd_int8 import _dot_u8s8
 MATVEC_MAX_T = 16
 # Float32 scratch per prefill tile (as engine.quant's generic path). Tile size barely matters on one thread,
 # but every tile is one hand-over between numba's and BLAS's thread pools, which is slow on a busy machine.
-_TILE_BYTES = 16 << 20
+TILE_BYTES = 16 << 20
 # Rows per parallel task of the matvec: amortises the scratch allocation, keeps tasks balanced.
 _ROWS_PER_TASK = 64
 # Rows of engine.block_dots' kernels that meet one tile of tokens before the next tile (their bytes stay in L2).
@@ -408,13 +408,18 @@ def _tile_scratch(n_values: int) -> np.ndarray:
     return buf[:n_values]
 
 
+def drop_tile_scratch() -> None:
+    """Free this thread's tile buffer (a worker does after each run, so idle connections keep none)."""
+    _scratch.buf = None
+
+
 def matmul_tiled(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:
     """x @ W.T for many tokens, x [T, C] -> [T, R]: decode 16 MiB tiles of rows, multiply each with BLAS."""
     rows = _as_rows(raw, qtype, shape)
     R, C = rows.shape[0], int(shape[1])
     x = _tokens(x, C)
     out = np.empty((x.shape[0], R), np.float32)
-    step = max(1, _TILE_BYTES // (4 * C))
+    step = max(1, TILE_BYTES // (4 * C))
     tile = _tile_scratch(min(step, R) * C).reshape(-1, C)
     for r0 in range(0, R, step):
         w = tile[: min(step, R - r0)]

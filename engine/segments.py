@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.config import DeepSeek2Config, LlamaConfig, RopeConfig
 from engine.errors import IkctlError
-from engine.kernels import activations
+from engine.kernels import MATVEC_MAX_T, TILE_BYTES, activations, drop_tile_scratch
 from engine.kv_cache import CACHE_TYPES, KVCache, row_bytes
 from engine.ops import to_host
 from engine.placement import Op, op_part, tensor_layer
@@ -194,21 +194,66 @@ def parse_program(records: Sequence[Record]) -> Program:
                    cache_type, n_ctx, int8)
 
 
-SCRATCH_ARRAYS = 2  # arrays as wide as an op's widest alive at once, beside the hidden state (measured: 1-2)
+RUN_FIXED_BYTES = 1 << 20
+GATHER_MAX_TOKENS = 2  # engine.moe's: up to this many tokens run every (token, expert) pair at once
 
 
-def token_scratch_bytes(p: Program) -> int:
-    """Bytes of f32 activations per token of a run, an upper estimate: the hidden state and SCRATCH_ARRAYS arrays
-    of its widest op (attention's per-head projections, an FFN's or its experts' intermediates, the logits)."""
-    c, g = p.cfg, lambda name: int(getattr(p.cfg, name, 0))
-    widths = {"embd": c.hidden_size, "output": c.n_vocab,
-              "attn": g("n_heads") * (g("qk_nope_head_dim") + g("qk_rope_head_dim") + g("v_head_dim") + g("head_dim"))
-              + g("kv_lora_rank") + g("qk_rope_head_dim"),
-              "ffn": 3 * max(g("intermediate_size"), g("n_shared_experts") * g("moe_intermediate_size"))
-              + g("n_routed_experts"),
-              "moe_experts": 3 * g("n_experts_per_tok") * g("moe_intermediate_size")}
-    widest = max((widths[part] for _, part in p.ops), default=0)
-    return 4 * (2 * c.hidden_size + SCRATCH_ARRAYS * widest)
+def run_scratch_bytes(p: Program, n_tokens: int, n_keys: int, n_out: int, kv_decode: bool = True) -> int:
+    """An upper bound on the bytes of f32 arrays a run of n_tokens (T) allocates besides its KV rows, attending
+    over n_keys (S) cached positions and keeping n_out rows of logits: the batch, the position and the program
+    are a peer's choice, so the worker counts this before running. Measured against tracemalloc's peak on odd
+    shapes (wide FFNs and experts, many heads, big vocabularies, T 1-300, S to 440): 0.3-0.95 of it.
+
+    In floats, the most any op keeps alive at once (an op's locals live until it returns, so they are summed),
+    beside RUN_FIXED_BYTES (positions, routing, small per-op arrays) and, for T > MATVEC_MAX_T, the weight tile:
+      hidden:      T * 8 D                      x in and out, h, shared, y, rms_norm's temporaries
+      embd:        nothing beyond hidden
+      output:      n_out * V                    the logits
+      ffn:         T * (3 max(F, Fs) + 4 E + 2 K)  gate, silu (two temporaries), up; router scores; routing
+      moe_experts: T * K * (3 Fe + 3 D)         all (token, expert) pairs at once, for T <= GATHER_MAX_TOKENS
+                   T * (3 Fe + 4 D)             else one expert's tokens at a time (each token picks an expert
+                                                once: SegmentRunner.run checks the rows of idx)
+      attn (MLA):  T * (H (4 dn + 9 dr + 4 r + 2 dv) + 2 q_lora + 3 r + 7 dr)   projections, rope, concatenations
+                   + S * ((r + dr) + H (2 dn + dr + dv))       the cache read as f32, K and V decompressed
+                   + 2 H (dn + dv) r  (kv_decode)             Wk/Wv decoded for this call
+                   + scores
+      attn (llama):T * (7 H hd + 5 Hkv hd) + S * 2 Hkv hd + scores   (hd: head_dim, Hkv: n_kv_heads)
+      scores:      Tc * (Hs S + 2 S + 2 Hs), Tc = min(T, max(1, amb / (4 Hs S)))  one chunk, at least a row
+                   (Hs: heads sharing one key head: n_heads for MLA, n_heads / n_kv_heads for llama)
+    D hidden, V vocabulary, F dense FFN, Fs = n_shared_experts * Fe, Fe expert FFN, E routed experts, K experts
+    per token, H heads; int8-quantized copies of inputs (1 byte per float) fit in these margins."""
+    c, T, S = p.cfg, n_tokens, n_keys
+    parts = {part for _, part in p.ops}
+    g = lambda name: int(getattr(c, name, 0) or 0)  # noqa: E731 (fields the architecture lacks count 0)
+    D, H = c.hidden_size, c.n_heads
+    floats = RUN_FIXED_BYTES // 4 + T * 8 * D
+    if T > MATVEC_MAX_T:  # engine.kernels.matmul_tiled decodes weight rows into one tile (dropped after the run)
+        widest_row = max(D, c.intermediate_size, g("moe_intermediate_size"), H * g("v_head_dim"),
+                         H * g("head_dim"), g("q_lora_rank"), g("kv_lora_rank"))
+        floats += max(TILE_BYTES, 4 * widest_row) // 4
+    if "output" in parts:
+        floats += min(max(n_out, 1), T) * c.n_vocab
+    if "ffn" in parts:
+        E, K = g("n_routed_experts"), g("n_experts_per_tok")
+        floats += T * (3 * max(c.intermediate_size, g("n_shared_experts") * g("moe_intermediate_size"))
+                       + 4 * E + 2 * K)
+    if "moe_experts" in parts:
+        Fe, K = g("moe_intermediate_size"), g("n_experts_per_tok")
+        floats += T * K * (3 * Fe + 3 * D) if T <= GATHER_MAX_TOKENS else T * (3 * Fe + 4 * D)
+    if "attn" in parts:
+        if isinstance(c, LlamaConfig):
+            hd, Hkv = c.head_dim, c.n_kv_heads
+            floats += T * (7 * H * hd + 5 * Hkv * hd) + S * 2 * Hkv * hd
+            shared = H // max(Hkv, 1)
+        else:
+            dn, dr, dv, r = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+            floats += T * (H * (4 * dn + 9 * dr + 4 * r + 2 * dv) + 2 * c.q_lora_rank + 3 * r + 7 * dr)
+            floats += S * ((r + dr) + H * (2 * dn + dr + dv))
+            floats += 2 * H * (dn + dv) * r if kv_decode else 0
+            shared = H
+        rows = min(T, max(1, p.amb_bytes // max(1, 4 * shared * S)))
+        floats += rows * (shared * S + 2 * S + 2 * shared)
+    return 4 * floats
 
 
 def _check_op_layer(cfg: ModelConfig, part: str, layer: int) -> None:
@@ -303,17 +348,21 @@ class SegmentRunner:
             with self._on_device():
                 self.net = DeepSeek2.from_parts(program.cfg, getter, program.ops, program.mla, program.amb_bytes,
                                                 xp)
+            # Wk/Wv decoded to f32 for each call, not kept per segment: kept, they would sit outside -m (up to
+            # 256 MiB per segment, a peer may define many); decoded, they are the run's scratch, counted before it
+            self.net._kv_f32 = None
         self._attn_layers = {i for i, p in program.ops if p == "attn"}
         self._caches: OrderedDict[int, KVCache] = OrderedDict()
-        self._token_bytes = token_scratch_bytes(program)
 
-    def scratch_bytes(self, n_tokens: int) -> int:
-        """About the most bytes of activations a run of n_tokens allocates, attention scores (at most -amb)
-        included: the batch is a peer's choice, so the worker counts them before running (see token_scratch_bytes)."""
+    def scratch_bytes(self, pos_start: int, n_tokens: int, n_out: int) -> int:
+        """run_scratch_bytes for a run of n_tokens at pos_start (attending over pos_start + n_tokens positions)."""
         p = self.program
-        heads = int(getattr(p.cfg, "n_heads", 1))
-        scores = min(p.amb_bytes, 4 * heads * n_tokens * p.n_ctx) if self._attn_layers else 0
-        return n_tokens * self._token_bytes + scores
+        n_keys = min(pos_start + n_tokens, p.n_ctx) if self._attn_layers else 0
+        # Wk/Wv are decoded for the call unless a decode step of the absorbed path multiplies by attn_k_b/attn_v_b
+        # in their encoding
+        absorbed = n_tokens == 1 and p.mla != 0 and p.int8 and self.cuda_device is None and \
+            any(n.endswith("attn_k_b.weight") for n in p.tensors)
+        return run_scratch_bytes(p, n_tokens, n_keys, n_out, kv_decode=not absorbed)
 
     def _new_cache(self) -> KVCache:
         cache = self.net.new_cache(self.program.n_ctx, self.program.cache_type)
@@ -387,6 +436,7 @@ class SegmentRunner:
         if not 1 <= n_tokens <= self.program.n_ctx or any(r != n_tokens for r in rows.values()):
             raise ValueError(f"{n_tokens} tokens do not fit the arrays' rows {rows} or the context of "
                              f"{self.program.n_ctx}")
+        self._check_widths(state)
         with self._on_device(), activations(self.program.int8):
             cache = self._cache(seq_id, pos_start) if self._attn_layers else None
             if cache is not None:
@@ -394,11 +444,30 @@ class SegmentRunner:
             positions = np.arange(pos_start, pos_start + n_tokens)
             xp = self.net.xp
             state = {k: xp.asarray(v) if k in DEVICE_STATE else v for k, v in state.items()}
-            for op in self.program.ops:
-                self.net.run_op(op, state, positions, cache)
+            try:
+                for op in self.program.ops:
+                    self.net.run_op(op, state, positions, cache)
+            finally:
+                drop_tile_scratch()  # counted for this run only (run_scratch_bytes)
             if cache is not None:
                 cache.advance(n_tokens)
             return {k: to_host(v) for k, v in state.items()} if xp is not np else state
+
+    def _check_widths(self, state: Mapping[str, np.ndarray]) -> None:
+        """Hidden states as wide as the model's, routing of n_experts_per_tok distinct experts per token: the
+        scratch counted before the run (run_scratch_bytes) holds for these widths only."""
+        c = self.program.cfg
+        widths = {"x": c.hidden_size, "h": c.hidden_size, "shared": c.hidden_size, "y": c.hidden_size,
+                  "idx": getattr(c, "n_experts_per_tok", 0), "w": getattr(c, "n_experts_per_tok", 0)}
+        for name, width in widths.items():
+            a = state.get(name)
+            if a is not None and tuple(a.shape[1:]) != (width,):
+                raise ValueError(f"{name} has shape {list(a.shape)}; the model's rows have {width} values")
+        idx = state.get("idx")
+        if idx is not None and idx.shape[1] > 1 and idx.size:
+            ordered = np.sort(np.asarray(idx), axis=1)
+            if (ordered[:, 1:] == ordered[:, :-1]).any():
+                raise ValueError("idx names an expert twice for one token")
 
     def kv(self, op: str, seq_id: int, n: int) -> int:
         """Clear or truncate a sequence's cache; its length after."""

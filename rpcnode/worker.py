@@ -341,7 +341,7 @@ class Worker:
             state["n_out"] = np.asarray(state["n_out"])
         t0 = time.perf_counter()
         try:
-            self._charge_scratch(runner, m)
+            self._charge_scratch(runner, m, state)
             if runner.kv_grows(m.seq_id, m.pos_start, m.n_tokens):  # charged to -m before they grow
                 with self.lock:
                     self._kv[m.segment_id] = runner.fit_kv(m.seq_id, m.pos_start, m.n_tokens, self.mem_free)
@@ -362,15 +362,22 @@ class Worker:
         specs, parts = P.pack_arrays(ordered_state(out))
         return P.RunReply(segment_id=m.segment_id, seq_id=m.seq_id, compute_seconds=dt, sections=specs), parts
 
-    def _charge_scratch(self, runner: Any, m: P.RunSegment) -> None:
-        """Count the run's activations before they exist: beyond SCRATCH_POOL_BYTES against -m, or OUT_OF_MEMORY."""
-        need = runner.scratch_bytes(m.n_tokens)
+    def _charge_scratch(self, runner: Any, m: P.RunSegment, state: dict[str, Any]) -> None:
+        """Count the run's scratch before it exists (engine.segments.run_scratch_bytes, an upper bound): beyond
+        SCRATCH_POOL_BYTES against -m, or OUT_OF_MEMORY. The caller sets scratch_over back to 0 after the run."""
+        n_out = state.get("n_out")
+        try:
+            n_out = int(n_out) if n_out is not None and np.ndim(n_out) == 0 else m.n_tokens
+        except (TypeError, ValueError, OverflowError):  # run refuses it
+            n_out = m.n_tokens
+        need = runner.scratch_bytes(m.pos_start, m.n_tokens, n_out)
         with self.lock:
             over = max(0, need - SCRATCH_POOL_BYTES)
             if over > self.mem_free:
-                raise fail(E.OUT_OF_MEMORY, f"segment {m.segment_id}: a run of {m.n_tokens} tokens needs about "
-                           f"{need} bytes of activations, {SCRATCH_POOL_BYTES} beyond -m and {self.mem_free} of "
-                           f"{self.mem_total} free; send fewer tokens per run (-ub) or raise -m")
+                raise fail(E.OUT_OF_MEMORY, f"segment {m.segment_id}: a run of {m.n_tokens} tokens at position "
+                           f"{m.pos_start} needs up to {need} bytes of scratch, {SCRATCH_POOL_BYTES} beyond -m and "
+                           f"{over} of -m, which has {self.mem_free} of {self.mem_total} bytes free; send fewer "
+                           "tokens per run (-ub) on the coordinator, or raise -m")
             self.scratch_over = over
 
     def kv(self, m: P.KVOp) -> P.KVReply:
