@@ -35,6 +35,7 @@ MIN_BODY_RATE = 1 << 20  # bytes per second
 HANDSHAKE_FACTOR = 4  # connections still in their handshake, per --max-connections, before new ones get BUSY
 MAPPED_PAYLOAD_BYTES = 1 << 20  # bigger payloads are received into an anonymous map: pages exist once bytes do
 SKIP_CHUNK = 1 << 16
+REAP_MAX = 256  # connections refused at accept whose reply is still being delivered (see _Reaper)
 
 
 class _TimedOut(Exception):
@@ -117,6 +118,50 @@ def close_gently(sock: socket.socket, linger_s: float = LINGER_S) -> None:
             if not sock.recv_into(scratch):
                 break
     sock.close()
+
+
+class _Reaper:
+    """Connections refused at accept, on the event loop and without a thread: their BUSY reply sent and their
+    side ended, what the peer sends (a hello it sent before reading) is read and discarded until it closes, at
+    most LINGER_S, because closing on unread input resets the connection under the reply. At most REAP_MAX at
+    once; beyond that a refused connection is closed at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.socks: dict[socket.socket, asyncio.TimerHandle] = {}
+
+    def add(self, sock: socket.socket) -> None:
+        if len(self.socks) >= REAP_MAX:
+            sock.close()
+            return
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            self.loop.add_reader(sock, self._drain, sock)
+        except OSError:  # the peer is gone already
+            sock.close()
+            return
+        self.socks[sock] = self.loop.call_later(LINGER_S, self._close, sock)
+
+    def _drain(self, sock: socket.socket) -> None:
+        try:
+            if sock.recv(SKIP_CHUNK):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close(sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        handle = self.socks.pop(sock, None)
+        if handle is not None:
+            handle.cancel()
+            self.loop.remove_reader(sock)
+            sock.close()
+
+    def close_all(self) -> None:
+        for sock in list(self.socks):
+            self._close(sock)
 
 
 class Connection:
@@ -464,6 +509,7 @@ async def serve(cfg: Config, ready: asyncio.Future[tuple[str, int]] | None = Non
 
     listener.setblocking(False)
     loop = asyncio.get_running_loop()
+    reaper = _Reaper(loop)
     try:
         while True:
             try:
@@ -478,13 +524,14 @@ async def serve(cfg: Config, ready: asyncio.Future[tuple[str, int]] | None = Non
                     sock.send(P.encode_frame(P.error_reply(P.ProtocolError(
                         E.BUSY, f"{slots.handshaking} peers are in their handshake; try again shortly",
                         fatal=True)), 0))
-                sock.close()
+                reaper.add(sock)
                 continue
             sock.setblocking(True)
             live.add(sock)
             threading.Thread(target=run, args=(sock,), name=f"rpcnode-conn-{sock.fileno()}", daemon=True).start()
     finally:
         listener.close()
+        reaper.close_all()
         for sock in list(live):  # wake the connection threads out of their blocking reads
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

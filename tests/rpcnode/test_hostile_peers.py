@@ -4,6 +4,7 @@ peers are closed and what they reserved is released. Real worker processes on lo
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -233,3 +234,63 @@ def test_a_programs_attention_scratch_is_capped(synth_model: Path) -> None:
     cfg = DeepSeek2Config.from_gguf(GGUFFile(synth_model))
     records = segment_records(cfg, [], {}, mla=3, amb_bytes=1 << 60, cache_type="f16", n_ctx=64)
     assert parse_program(records).amb_bytes == MAX_AMB_BYTES
+
+
+def _peak_rss(w: WorkerProc) -> int:
+    """The worker's high-water RSS (VmHWM), in bytes."""
+    for line in Path(f"/proc/{w.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM")
+
+
+def test_a_runs_scratch_is_charged_before_it_runs(workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
+    """A program whose FFN is 32768 wide over a hidden state of 64 holds 6 MiB of weights, but a batch of 4096
+    tokens through it needs 1.5 GiB of activations: those used to be allocated outside -m (the worker's peak RSS
+    went past 1.6 GiB under -m 64MiB). The run's scratch is counted first now: past the fixed scratch pool it is
+    charged to -m, and a batch that does not fit is answered OUT_OF_MEMORY, naming the tokens and the bytes; a
+    batch that fits still runs."""
+    wide = write_model(tmp_path / "wide.gguf", SynthSpec(layers=1, dense_layers=1, hidden=64, dense_ffn=32768,
+                                                         vocab=512, dtype="Q8_0", seed=3))
+    w = workers("-m", "64MiB")
+    model = load_model(wide, ctx_size=4096, ubatch_size=4096, rpc=w.endpoint, n_gpu_layers=99)
+    tokens = [int(t) for t in np.random.default_rng(0).integers(1, 500, 4096)]
+    try:
+        model.eval(tokens, model.new_cache(4096))
+        refusal = ""
+    except WorkerError as e:
+        refusal = str(e)
+    peak = _peak_rss(w)
+    assert peak < 64 * MiB + 700 * MiB, f"peak RSS {peak / MiB:.0f} MiB"  # -m + process, receive and scratch pools
+    assert re.search(r"OUT_OF_MEMORY: segment \d+: a run of 4096 tokens at position 0 needs up to \d+ bytes of "
+                     r"scratch.*send fewer tokens per run \(-ub\)", refusal), refusal
+    small = model.with_options(ubatch_size=256)
+    want = load_model(wide, ctx_size=4096, ubatch_size=256)
+    got = small.eval(tokens[:600], small.new_cache(4096))
+    assert np.allclose(got, want.eval(tokens[:600], want.new_cache(4096)), rtol=1e-4, atol=1e-4)
+    with Client.connect(w.endpoint) as c:
+        assert c.telemetry().mem_free_bytes > 0
+    assert "Traceback" not in w.log_text()
+
+
+def test_a_busy_refusal_at_accept_arrives_after_the_peers_hello(workers: Callable[..., WorkerProc]) -> None:
+    """A peer refused at accept (the handshakes are full) that has already sent its hello used to get a reset,
+    not BUSY: the worker closed the socket with the hello unread. Now the worker ends its side and a reaper on
+    its event loop (no thread) reads on until the peer closes, so the reply is read whenever the peer reads."""
+    w = workers("--max-connections", "1")
+    host, _, port = w.endpoint.rpartition(":")
+    silent = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+    try:
+        _wait_for(lambda: w.log_text().count("connection from") >= 4)
+        for _ in range(3):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(P.encode_frame(P.Hello(want_auth=False), 1))
+                time.sleep(0.3)  # the worker has refused it and closed its side by now
+                reply = P.recv_frame(s)
+                assert reply.message.code == P.ErrorCode.BUSY and "in their handshake" in reply.message.message
+                assert s.recv(1) == b""
+    finally:
+        for s in silent:
+            s.close()
+    _wait_for(lambda: _try_connect(w.endpoint) == "ok")
+    assert "Traceback" not in w.log_text()
