@@ -425,11 +425,9 @@ class SegmentRunner:
 
         return cupy.cuda.Device(self.cuda_device)
 
-    def run(self, seq_id: int, pos_start: int, n_tokens: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the ops on the pass state (see DeepSeek2.run_op) for tokens at pos_start..; the state after.
-
-        The token count comes from a peer: it must name the rows of every per-token array and fit the context,
-        checked before anything is sized by it (ValueError otherwise)."""
+    def check_inputs(self, n_tokens: int, state: Mapping[str, np.ndarray]) -> None:
+        """ValueError unless n_tokens names the rows of every per-token array and fits the context, and the
+        arrays have the model's widths (before anything is sized by them, the run's scratch estimate included)."""
         rows = {k: int(v.shape[0]) for k, v in state.items() if k != "n_out" and getattr(v, "ndim", 0) >= 1}
         if len(rows) < len(state) - ("n_out" in state):
             raise ValueError(f"{', '.join(sorted(set(state) - set(rows) - {'n_out'}))} must have a row per token")
@@ -437,6 +435,13 @@ class SegmentRunner:
             raise ValueError(f"{n_tokens} tokens do not fit the arrays' rows {rows} or the context of "
                              f"{self.program.n_ctx}")
         self._check_widths(state)
+
+    def run(self, seq_id: int, pos_start: int, n_tokens: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the ops on the pass state (see DeepSeek2.run_op) for tokens at pos_start..; the state after.
+
+        The token count comes from a peer: it must name the rows of every per-token array and fit the context,
+        checked before anything is sized by it (ValueError otherwise)."""
+        self.check_inputs(n_tokens, state)
         with self._on_device(), activations(self.program.int8):
             cache = self._cache(seq_id, pos_start) if self._attn_layers else None
             if cache is not None:

@@ -341,6 +341,7 @@ class Worker:
             state["n_out"] = np.asarray(state["n_out"])
         t0 = time.perf_counter()
         try:
+            runner.check_inputs(m.n_tokens, state)
             self._charge_scratch(runner, m, state)
             if runner.kv_grows(m.seq_id, m.pos_start, m.n_tokens):  # charged to -m before they grow
                 with self.lock:

@@ -329,7 +329,7 @@ def test_a_token_count_that_does_not_fit_the_arrays_is_refused(workers: Callable
     client = model.net.clients[w.device]
     segment_id, _ = model.net.remote[0]
     h = np.zeros((1, model.config.hidden_size), np.float32)
-    arrays = [("h", h), ("idx", np.zeros((1, 2), np.int64)), ("w", np.ones((1, 2), np.float32))]
+    arrays = [("h", h), ("idx", np.array([[0, 1]], np.int64)), ("w", np.ones((1, 2), np.float32))]  # 2 experts
     for n_tokens in ((1 << 31) - 1, 2, 0):
         with pytest.raises(RPCError, match=r"BAD_ARRAY.*do not fit the arrays"):
             client.run_segment(segment_id, 0, n_tokens, arrays)
