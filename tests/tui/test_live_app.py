@@ -13,6 +13,7 @@ from textual.widgets import DataTable, Input, Static, TextArea
 from engine.placement import PlacementRules
 from tests.tui.test_app import notifications, run_async, settle, text_of
 from tui.app import IkctlApp, make_app
+from tui.bench_results import traffic_cells
 from tui.local_workers import LocalWorkers
 from tui.screens.bench import BenchScreen
 from tui.screens.generate import GenerateScreen
@@ -132,8 +133,10 @@ async def test_generate_and_bench_use_the_applied_model_and_live_shows_the_traff
         # each worker's part of the sweep, as `ikctl bench` prints it
         assert sorted(t.device for t in bench.traffic) == sorted(model.net.clients)
         assert all(t.round_trips > 0 and t.bytes_sent > 0 for t in bench.traffic)
-        status = str(bench.query_one("#bench-status", Static).render())
-        assert all(f"{t.device}: {t.round_trips} round trips" in status for t in bench.traffic)
+        table = bench.query_one("#bench-traffic", DataTable)  # one row per worker, as `ikctl bench` prints it
+        assert table.display and table.row_count == len(bench.traffic)
+        shown = [tuple(str(c) for c in table.get_row_at(k)) for k in range(table.row_count)]
+        assert sorted(shown) == sorted(traffic_cells(t) for t in bench.traffic)
 
         await pilot.press("f4")
         live = app.screen
