@@ -1,6 +1,6 @@
 """A fuzz campaign against one rpcnode worker held in a memory cgroup of -m plus its stated overhead.
 
-    sudo python benchmarks/fuzz_worker.py [--frames 1000000] [--connections 16] [-m 64MiB] [--overhead 256MiB]
+    sudo python benchmarks/fuzz_worker.py [--frames 1000000] [--connections 16] [-m 64MiB] [--overhead 704MiB]
                                           [--max-minutes 30] [--seed 0] [--dir DIR] [--json OUT]
 
 Records real sessions (a model load and a forward pass, placed three ways) against the worker, then sends
@@ -130,7 +130,8 @@ def main() -> int:
     p.add_argument("-m", "--mem", default="64MiB", help="the worker's -m (default 64MiB)")
     p.add_argument("--overhead", default="704MiB",
                    help="the cgroup's limit beyond -m (default 704MiB, the worker's stated overhead: the process "
-                   "~110 MiB, the 64 MiB receive pool, 512 MiB of the running segment's activations)")
+                   "128 MiB (about 110 MiB RSS idle), the 64 MiB receive pool, the 512 MiB scratch pool of the running "
+                   "segment: README)")
     p.add_argument("--max-minutes", type=float, default=30.0, help="stop sending after this long (default 30)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", type=Path, default=None, help="work dir (default: a temporary one, removed)")

@@ -195,6 +195,10 @@ def parse_program(records: Sequence[Record]) -> Program:
 
 
 RUN_FIXED_BYTES = 1 << 20
+# What the arrays counted below do not show: NumPy's and BLAS's own buffers, the allocator's slack; 1/SCRATCH_MARGIN
+# more is counted (the fuzz campaign's 8192-token prefill of a small MLA model grew a worker's RSS by 1.14 times the
+# count before the score chunk's copy was counted, and took it past its memory cgroup)
+SCRATCH_MARGIN = 8
 GATHER_MAX_TOKENS = 2  # engine.moe's: up to this many tokens run every (token, expert) pair at once
 
 
@@ -202,7 +206,9 @@ def run_scratch_bytes(p: Program, n_tokens: int, n_keys: int, n_out: int, kv_dec
     """An upper bound on the bytes of f32 arrays a run of n_tokens (T) allocates besides its KV rows, attending
     over n_keys (S) cached positions and keeping n_out rows of logits: the batch, the position and the program
     are a peer's choice, so the worker counts this before running. Measured against tracemalloc's peak on odd
-    shapes (wide FFNs and experts, many heads, big vocabularies, T 1-300, S to 440): 0.3-0.95 of it.
+    shapes (wide FFNs and experts, many heads, big vocabularies, T 1-300, S to 440): 0.3-0.95 of it, before the
+    score chunk's copy and the margin were counted; but at T = S = 8192 the worker's RSS grew by 1.14 times that
+    count (tests/rpcnode/test_hostile_peers.py holds a run's growth within the pool and -m).
 
     In floats, the most any op keeps alive at once (an op's locals live until it returns, so they are summed),
     beside RUN_FIXED_BYTES (positions, routing, small per-op arrays) and, for T > MATVEC_MAX_T, the weight tile:
@@ -218,10 +224,12 @@ def run_scratch_bytes(p: Program, n_tokens: int, n_keys: int, n_out: int, kv_dec
                    + 2 H (dn + dv) r  (kv_decode)             Wk/Wv decoded for this call
                    + scores
       attn (llama):T * (7 H hd + 5 Hkv hd) + S * 2 Hkv hd + scores   (hd: head_dim, Hkv: n_kv_heads)
-      scores:      Tc * (Hs S + 2 S + 2 Hs), Tc = min(T, max(1, amb / (4 Hs S)))  one chunk, at least a row
+      scores:      Tc * (2 Hs S + 2 S + 2 Hs), Tc = min(T, max(1, amb / (4 Hs S)))  one chunk, at least a row:
+                   the scores, the copy NumPy's matmul makes of them (transposed) for the product with V, the mask
                    (Hs: heads sharing one key head: n_heads for MLA, n_heads / n_kv_heads for llama)
     D hidden, V vocabulary, F dense FFN, Fs = n_shared_experts * Fe, Fe expert FFN, E routed experts, K experts
-    per token, H heads; int8-quantized copies of inputs (1 byte per float) fit in these margins."""
+    per token, H heads; int8-quantized copies of inputs (1 byte per float) fit in these margins. The sum is
+    counted with a margin of 1/SCRATCH_MARGIN for what no array above shows."""
     c, T, S = p.cfg, n_tokens, n_keys
     parts = {part for _, part in p.ops}
     g = lambda name: int(getattr(c, name, 0) or 0)  # noqa: E731 (fields the architecture lacks count 0)
@@ -252,8 +260,8 @@ def run_scratch_bytes(p: Program, n_tokens: int, n_keys: int, n_out: int, kv_dec
             floats += 2 * H * (dn + dv) * r if kv_decode else 0
             shared = H
         rows = min(T, max(1, p.amb_bytes // max(1, 4 * shared * S)))
-        floats += rows * (shared * S + 2 * S + 2 * shared)
-    return 4 * floats
+        floats += rows * (2 * shared * S + 2 * S + 2 * shared)
+    return 4 * floats + 4 * floats // SCRATCH_MARGIN
 
 
 def _check_op_layer(cfg: ModelConfig, part: str, layer: int) -> None:

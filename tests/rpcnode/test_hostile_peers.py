@@ -294,3 +294,26 @@ def test_a_busy_refusal_at_accept_arrives_after_the_peers_hello(workers: Callabl
             s.close()
     _wait_for(lambda: _try_connect(w.endpoint) == "ok")
     assert "Traceback" not in w.log_text()
+
+
+def test_a_prefills_attention_scratch_stays_within_what_is_counted(workers: Callable[..., WorkerProc],
+                                                                    tmp_path: Path) -> None:
+    """The fuzz campaign's OOM kill: one 8192-token batch through the small MLA model of the campaign was counted
+    at 528 MiB of scratch (16 MiB beyond the 512 MiB pool, charged to -m), but the worker's RSS grew by 600 MiB:
+    the attention's score chunk is copied once more (transposed, by NumPy's matmul with V), and BLAS and the
+    allocator add their own. Whatever a run is let through, its growth stays within the scratch pool and -m."""
+    small = write_model(tmp_path / "small.gguf", SynthSpec(layers=2, dense_layers=1, seed=3))
+    w = workers("-m", "64MiB")
+    base = _rss(w)
+    for n in (2048, 8192):  # the first fits; the second may be refused
+        model = load_model(small, ctx_size=n, ubatch_size=n, rpc=w.endpoint, n_gpu_layers=99)
+        tokens = [int(t) for t in np.random.default_rng(n).integers(1, 200, n)]
+        try:
+            model.eval(tokens, model.new_cache(n))
+        except WorkerError as e:
+            assert n > 2048 and "OUT_OF_MEMORY" in str(e) and f"a run of {n} tokens" in str(e), str(e)
+        finally:
+            model.net.close()
+        grown = _peak_rss(w) - base
+        assert grown < 512 * MiB + 64 * MiB, f"{n} tokens: peak RSS {grown / MiB:.0f} MiB above the idle worker's"
+    assert "Traceback" not in w.log_text()
