@@ -8,9 +8,9 @@ both activation planes in u8 x s8 multiply-adds (engine.simd_int8._lane_sums) an
 
 No decoded copy is written anywhere: engine.int8_decoders' scratch round trip (a store and a load of every code
 and of two scales per 16 values) cost as much as the dot itself. The most used types have a kernel here (Q4_K,
-Q6_K, Q8_0: what Q4_K_M and Q8_0 files hold; Q5_K, Q4_0, Q4_1, Q5_0, Q5_1); the rest keep the decoder path. Each weight
-block is unpacked once for all tokens of a call (TOKENS at most, one accumulator register per token), so prefill and
-batched decode read the weights from cache once per 8 tokens rather than per token.
+Q6_K, Q8_0: what Q4_K_M and Q8_0 files hold; Q5_K, Q4_0, Q4_1, Q5_0, Q5_1); the rest keep the decoder path.
+Each weight block is unpacked once for all tokens of a call (TOKENS at most, one accumulator register per
+token), so a decode batch reads the weights from cache once per 8 tokens rather than per token.
 """
 
 from __future__ import annotations
