@@ -23,17 +23,14 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.block_decoders import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
-from engine.simd import _arg_i64
+from engine.block_decoders import BLOCK, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from engine.simd import _arg_i64, _splat
 from engine.simd_int8 import _data, _fma, _fma4, _hsum, _lane_sums, k4_scale_codes
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V8I, _V8F, _V16I, _V16F = (ir.VectorType(t, n) for t, n in ((_I32, 8), (_F32, 8), (_I32, 16), (_F32, 16)))
 _V32I8, _V64I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 64)
 
-# Types with a kernel here, and their block sizes (values, bytes).
-BLOCK_DOT_TYPES = {Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210), Q8_0: (32, 34), Q4_0: (32, 18),
-                   Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24)}
 # Tokens per call at most: 8 accumulators and their scales stay in registers next to the unpacked weights.
 TOKENS = 8
 
@@ -73,12 +70,13 @@ class _Ctx:
         return self.b.add(base, ir.Constant(_I64, k))
 
 
-def _row_loop(context, builder, sig, args, n_tok: int, block_bytes: int, qk: int, body, bias_lanes: int,
-              per_step: int = 1, tail=None) -> None:
+def _row_loop(context, builder, sig, args, n_tok: int, qtype: int, body, bias_lanes: int, per_step: int = 1,
+              tail=None) -> None:
     """out[oo + t * ostride] (+)= sum over the row's blocks of body(ctx, byte offset, each token's first activation
     group, accumulators) for t < n_tok, per_step blocks at a time; tail(...) takes a last lone block. The sum is
     added to what out holds where the `add` argument is nonzero."""
     b = builder
+    qk, block_bytes = BLOCK[qtype]
     c = _Ctx(context, builder, sig, args)
     so, nblk, xg0, groups, oo, ostride = (_arg_i64(context, builder, sig, args, k) for k in (1, 2, 7, 8, 10, 11))
     out = _data(context, builder, sig, args, 9)
@@ -103,11 +101,6 @@ def _row_loop(context, builder, sig, args, n_tok: int, block_bytes: int, qk: int
         total = b.fadd(_hsum(b, b.load(acc[t])), _hsum(b, b.load(accb[t])))
         at_out = b.gep(out, [b.add(oo, b.mul(ostride, ir.Constant(_I64, t)))])
         b.store(b.select(add, b.fadd(b.load(at_out), total), total), at_out)
-
-
-def _splat8(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    one = b.insert_element(ir.Constant(_V8F, ir.Undefined), v, ir.Constant(_I32, 0))
-    return b.shuffle_vector(one, one, _idx([0] * 8))
 
 
 def _pairs(b: ir.IRBuilder, v16: ir.Value, add: bool) -> ir.Value:
@@ -136,8 +129,8 @@ def _k4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, fifth: bool) 
     """A Q4_K block, or with fifth bits a Q5_K block (the same scales; 32 bytes of 5th bits before the nibbles)."""
     b = c.b
     sc, m = k4_scale_codes(b, c.load(c.src, c.off(o, 4), ir.VectorType(_I8, 16)))
-    dsc = b.fmul(_splat8(b, c.half(o)), b.sitofp(sc, _V8F))  # d * sc_j
-    mins = b.fmul(_splat8(b, c.half(c.off(o, 2))), b.sitofp(m, _V8F))  # dmin * m_j, subtracted
+    dsc = b.fmul(_splat(b, c.half(o), _V8F), b.sitofp(sc, _V8F))  # d * sc_j
+    mins = b.fmul(_splat(b, c.half(c.off(o, 2)), _V8F), b.sitofp(m, _V8F))  # dmin * m_j, subtracted
     scales = []
     for t, x in enumerate(xg):
         scales.append(b.fmul(dsc, _pairs(b, c.load(c.xd, x, _V16F, 4), add=False)))
@@ -157,9 +150,7 @@ def _k4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, fifth: bool) 
 def _q6_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     b = c.b
     d = c.half(c.off(o, 208))
-    splat = b.shuffle_vector(b.insert_element(ir.Constant(_V16F, ir.Undefined), d, ir.Constant(_I32, 0)),
-                             ir.Constant(_V16F, ir.Undefined), _idx([0] * 16))
-    dsc = b.fmul(b.sitofp(c.load(c.src, c.off(o, 192), ir.VectorType(_I8, 16)), _V16F), splat)  # d * sc_g
+    dsc = b.fmul(b.sitofp(c.load(c.src, c.off(o, 192), ir.VectorType(_I8, 16)), _V16F), _splat(b, d, _V16F))
     bias = b.fmul(dsc, _const(_V16F, [32.0] * 16))  # codes are value + 32
     scales = []
     for t, x in enumerate(xg):
@@ -187,7 +178,6 @@ def _q6_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
 class _Small(NamedTuple):
     """A 32-value block type's layout: value = d * (q - bias) [+ m]."""
 
-    nbytes: int
     m_at: int | None  # offset of the added minimum m (d is at 0)
     bias: int
     qh_at: int | None  # offset of the little-endian word of fifth bits
@@ -196,18 +186,18 @@ class _Small(NamedTuple):
 
 
 _SMALL = {
-    Q8_0: _Small(34, None, 128, None, 2, False),
-    Q4_0: _Small(18, None, 8, None, 2, True),
-    Q4_1: _Small(20, 2, 0, None, 4, True),
-    Q5_0: _Small(22, None, 16, 2, 6, True),
-    Q5_1: _Small(24, 2, 0, 4, 8, True),
+    Q8_0: _Small(None, 128, None, 2, False),
+    Q4_0: _Small(None, 8, None, 2, True),
+    Q4_1: _Small(2, 0, None, 4, True),
+    Q5_0: _Small(None, 16, 2, 6, True),
+    Q5_1: _Small(2, 0, 4, 8, True),
 }
 
 
 def _small_codes(c: _Ctx, o: ir.Value, qtype: int) -> ir.Value:
     """<32 x i8>: the block's 32 codes as unsigned values, in value order."""
     b = c.b
-    _, _, _, qh_at, codes_at, nibbles = _SMALL[qtype]
+    _, _, qh_at, codes_at, nibbles = _SMALL[qtype]
     if not nibbles:  # int8 codes + 128: unsigned for the u8 x s8 product, the 128 undone in the bias
         return b.xor(c.load(c.src, c.off(o, codes_at), _V32I8), _const(_V32I8, [-128] * 32))
     v16 = ir.VectorType(_I8, 16)
@@ -227,7 +217,8 @@ def _small_codes(c: _Ctx, o: ir.Value, qtype: int) -> ir.Value:
 def _small_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, qtype: int, pair: bool) -> None:
     """One step over two 32-value blocks (64 values), or over a lone last block (its second half zero)."""
     b = c.b
-    nbytes, m_at, bias = _SMALL[qtype][:3]
+    nbytes = BLOCK[qtype][1]
+    m_at, bias = _SMALL[qtype][:2]
     first = _small_codes(c, o, qtype)
     second = _small_codes(c, c.off(o, nbytes), qtype) if pair else ir.Constant(_V32I8, [0] * 32)
     w = b.shuffle_vector(first, second, _idx(list(range(64))))
@@ -258,7 +249,7 @@ def _small_row(qtype: int):
         def lone(c, o, xg, acc, accb):
             _small_blocks(c, o, xg, acc, accb, qtype, False)
 
-        _row_loop(context, builder, sig, args, n_tok, _SMALL[qtype][0], 32, pair, 4, per_step=2, tail=lone)
+        _row_loop(context, builder, sig, args, n_tok, qtype, pair, 4, per_step=2, tail=lone)
 
     return row
 
@@ -268,7 +259,7 @@ def _k4_row(fifth: bool):
         _k4_block(c, o, xg, acc, accb, fifth)
 
     def row(context, builder, sig, args, n_tok: int) -> None:
-        _row_loop(context, builder, sig, args, n_tok, 176 if fifth else 144, 256, block, 8)
+        _row_loop(context, builder, sig, args, n_tok, Q5_K if fifth else Q4_K, block, 8)
 
     return row
 
@@ -276,8 +267,9 @@ def _k4_row(fifth: bool):
 _ROWS = {
     Q4_K: _k4_row(False),
     Q5_K: _k4_row(True),
-    Q6_K: lambda context, builder, sig, args, n: _row_loop(context, builder, sig, args, n, 210, 256, _q6_k_block, 16),
+    Q6_K: lambda context, builder, sig, args, n: _row_loop(context, builder, sig, args, n, Q6_K, _q6_k_block, 16),
 } | {qtype: _small_row(qtype) for qtype in _SMALL}
+BLOCK_DOT_TYPES = tuple(_ROWS)  # the types with a kernel here
 
 
 def _make_dot(n_tok: int):
@@ -308,12 +300,11 @@ def _make_dot(n_tok: int):
 
 
 _dot1, _dot2, _dot4, _dot8 = (_make_dot(n) for n in (1, 2, 4, 8))
-_TYPES = tuple(BLOCK_DOT_TYPES)
 
 
 @njit(cache=True, inline="always")
 def has_block_dot(qtype: int) -> bool:
-    return qtype in _TYPES
+    return qtype in BLOCK_DOT_TYPES
 
 
 @njit(cache=True, inline="always")

@@ -65,7 +65,7 @@ _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 def _splat(builder: ir.IRBuilder, value: ir.Value, vty: ir.VectorType) -> ir.Value:
     undef = ir.Constant(vty, ir.Undefined)
     one = builder.insert_element(undef, value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, _LANES), None))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, vty.count), None))
 
 
 def _arg_i32(context, builder, sig, args, k):

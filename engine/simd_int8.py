@@ -21,7 +21,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.simd import _arg_i32, _arg_i64, _field, _load_bytes, target_features
+from engine.simd import _arg_i32, _arg_i64, _field, _load_bytes, _splat, target_features
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16I32 = ir.VectorType(_I32, 16)
@@ -45,13 +45,6 @@ def _load_lanes(context, builder, sig, args, k_array, k_offset, lanes: int) -> i
                         ir.VectorType(_I16, lanes))
 
 
-def _splat16(builder: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
-    vty = ir.VectorType(_I16, lanes)
-    undef = ir.Constant(vty, ir.Undefined)
-    one = builder.insert_element(undef, builder.trunc(value, _I16), ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, lanes), None))
-
-
 def _store_u8(context, builder, sig, args, q: ir.Value, lanes: int) -> None:
     """dst[do : do + lanes] = q (uint8), with args 0, 1 = dst, do."""
     data = context.make_array(sig.args[0])(context, builder, args[0]).data
@@ -66,15 +59,16 @@ def _make_unpack_u8(lanes: int):
         sig = types.none(dst, do, src, lo, lshift, lmask, hi, hshift, hmask, hpos, flip)
 
         def codegen(context, builder, signature, args):
-            a = {k: _arg_i32(context, builder, signature, args, k) for k in (4, 5, 7, 8, 9, 10)}
+            vty = ir.VectorType(_I16, lanes)
+            a = {k: _splat(builder, builder.trunc(_arg_i32(context, builder, signature, args, k), _I16), vty)
+                 for k in (4, 5, 7, 8, 9, 10)}
 
             def field(k_offset, k_shift, k_mask):
                 v = _load_lanes(context, builder, signature, args, 2, k_offset, lanes)
-                v = builder.lshr(v, _splat16(builder, a[k_shift], lanes))
-                return builder.and_(v, _splat16(builder, a[k_mask], lanes))
+                return builder.and_(builder.lshr(v, a[k_shift]), a[k_mask])
 
-            q = builder.or_(field(3, 4, 5), builder.shl(field(6, 7, 8), _splat16(builder, a[9], lanes)))
-            _store_u8(context, builder, signature, args, builder.xor(q, _splat16(builder, a[10], lanes)), lanes)
+            q = builder.or_(field(3, 4, 5), builder.shl(field(6, 7, 8), a[9]))
+            _store_u8(context, builder, signature, args, builder.xor(q, a[10]), lanes)
             return context.get_dummy_value()
 
         return sig, codegen

@@ -16,6 +16,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
+from engine.gguf_file import GGUFFile
 from engine.placement import PlacementRules
 from tui.host_board import HostBoard
 from tui.inventory import Host
@@ -229,8 +230,6 @@ def app_from_args(args: argparse.Namespace) -> IkctlApp:
     from engine.synth import cache_dir
 
     if args.model:  # a missing or broken file is one line here, before any worker starts
-        from engine.gguf_file import GGUFFile
-
         GGUFFile(args.model)
     rpc, capacities, tokens = args.rpc, {}, {}
     hosts: tuple[Host, ...] = ()
