@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
@@ -67,6 +68,44 @@ def _rope_from_gguf(f: GGUFFile, arch: str, n_rot: int) -> RopeConfig:
     )
 
 
+Shape = tuple[int, ...]
+ANY = -1  # a dimension of an expected tensor shape that the config does not fix (the vocabulary's rows)
+
+
+def _ends(D: int) -> dict[str, tuple[Shape, ...]]:
+    return {"token_embd.weight": ((ANY, D),), "output.weight": ((ANY, D),), "output_norm.weight": ((D,),)}
+
+
+def _ffn(D: int, F: int) -> dict[str, tuple[Shape, ...]]:
+    return {"ffn_norm.weight": ((D,),), "ffn_gate.weight": ((F, D),), "ffn_up.weight": ((F, D),),
+            "ffn_down.weight": ((D, F),)}
+
+
+def shape_problem(cfg: DeepSeek2Config | LlamaConfig, name: str, shape: Shape) -> str | None:
+    """Why tensor `name` cannot have `shape` under cfg (its expected shapes), or None; names cfg does not know
+    pass (they are never read)."""
+    base = name.split(".", 2)[2] if name.startswith("blk.") and name.count(".") >= 2 else name
+    allowed = cfg.tensor_shapes().get(base)
+    if allowed is None or any(len(a) == len(shape) and all(e in (ANY, d) for e, d in zip(a, shape, strict=True))
+                              for a in allowed):
+        return None
+    return f"tensor '{name}' has shape {list(shape)}; the model config makes it " + \
+        " or ".join(str([("any" if e == ANY else e) for e in a]) for a in allowed)
+
+
+Config = TypeVar("Config", "DeepSeek2Config", "LlamaConfig")
+
+
+def checked_against(f: GGUFFile, cfg: Config) -> Config:
+    """cfg, once its rope dims and the file's tensor shapes agree with it (a ModelFileError naming the first that
+    does not: the forward pass would otherwise fail deep inside, or size its tables by a wrong number)."""
+    problem = cfg.rope_problem() or next(
+        (p for p in (shape_problem(cfg, n, t.shape) for n, t in f.tensors.items()) if p), None)
+    if problem:
+        raise ModelFileError(f"{f.path}: {problem}; the file's metadata and tensors disagree")
+    return cfg
+
+
 def _positive(f: GGUFFile, key: str, value: int) -> int:
     if value <= 0:
         raise ModelFileError(f"{f.path}: metadata '{key}' = {value} must be positive")
@@ -118,6 +157,31 @@ class DeepSeek2Config:
             return {"k": self.n_heads * self.qk_head_dim, "v": self.n_heads * self.v_head_dim}
         return {"ckv": self.kv_lora_rank + self.qk_rope_head_dim}
 
+    def rope_problem(self) -> str | None:
+        """Why the rope dims cannot be these (a peer's program carries them apart from the tensors), or None."""
+        if self.rope.n_rot != self.qk_rope_head_dim:
+            return f"rope dims {self.rope.n_rot} differ from qk_rope_head_dim {self.qk_rope_head_dim}"
+        return None if self.rope.n_rot % 2 == 0 else f"rope dims {self.rope.n_rot} are odd"
+
+    def tensor_shapes(self) -> dict[str, tuple[Shape, ...]]:
+        """The NumPy shapes each tensor may have under these hyper-parameters, by name without its `blk.N.`
+        (ANY: a dimension the config does not fix); split attn_k_b/attn_v_b come per head or stacked."""
+        D, H, r, dn, dr, dv = (self.hidden_size, self.n_heads, self.kv_lora_rank, self.qk_nope_head_dim,
+                               self.qk_rope_head_dim, self.v_head_dim)
+        q, F, E, Fe = self.q_lora_rank, self.intermediate_size, self.n_routed_experts, self.moe_intermediate_size
+        Fs = Fe * self.n_shared_experts
+        return {
+            **_ends(D), "attn_norm.weight": ((D,),), "attn_q.weight": ((H * (dn + dr), D),),
+            "attn_q_a.weight": ((q, D),), "attn_q_a_norm.weight": ((q,),), "attn_q_b.weight": ((H * (dn + dr), q),),
+            "attn_kv_a_mqa.weight": ((r + dr, D),), "attn_kv_a_norm.weight": ((r,),),
+            "attn_kv_b.weight": ((H * (dn + dv), r),), "attn_k_b.weight": ((H, r, dn), (H * r, dn)),
+            "attn_v_b.weight": ((H, dv, r), (H * dv, r)), "attn_output.weight": ((D, H * dv),),
+            **_ffn(D, F), "ffn_gate_inp.weight": ((E, D),), "exp_probs_b.bias": ((E,),),
+            "ffn_gate_exps.weight": ((E, Fe, D),), "ffn_up_exps.weight": ((E, Fe, D),),
+            "ffn_down_exps.weight": ((E, D, Fe),), "ffn_gate_shexp.weight": ((Fs, D),),
+            "ffn_up_shexp.weight": ((Fs, D),), "ffn_down_shexp.weight": ((D, Fs),),
+        }
+
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> DeepSeek2Config:
         a = "deepseek2"
@@ -151,7 +215,7 @@ class DeepSeek2Config:
         if gating not in (GATING_SOFTMAX, GATING_SIGMOID):
             raise ModelFileError(f"{f.path}: expert_gating_func {gating} is not supported (1 softmax, 2 sigmoid)")
         q_lora = int(g(f"{a}.attention.q_lora_rank", 0)) if "blk.0.attn_q_a.weight" in f.tensors else 0
-        return cls(
+        return checked_against(f, cls(
             n_vocab=int(g(f"{a}.vocab_size", len(g("tokenizer.ggml.tokens", [])) or 0))
             or f.tensors["token_embd.weight"].shape[0],
             hidden_size=_positive(f, f"{a}.embedding_length", int(g(f"{a}.embedding_length"))),
@@ -176,7 +240,7 @@ class DeepSeek2Config:
             rms_norm_eps=float(g(f"{a}.attention.layer_norm_rms_epsilon")),
             context_length=int(g(f"{a}.context_length")),
             rope=_rope_from_gguf(f, a, n_rot),
-        )
+        ))
 
 
 def _scalar(f: GGUFFile, key: str, default: int | None = None) -> int:
@@ -208,6 +272,20 @@ class LlamaConfig:
         w = self.n_kv_heads * self.head_dim
         return {"k": w, "v": w}
 
+    def rope_problem(self) -> str | None:
+        """Why the rope dims cannot be these (see DeepSeek2Config.rope_problem), or None."""
+        if self.rope.n_rot > self.head_dim or self.rope.n_rot % 2:
+            return f"rope dims {self.rope.n_rot} must be even and <= {self.head_dim}"
+        return None
+
+    def tensor_shapes(self) -> dict[str, tuple[Shape, ...]]:
+        """As DeepSeek2Config.tensor_shapes."""
+        D, hd = self.hidden_size, self.head_dim
+        return {**_ends(D), "attn_norm.weight": ((D,),), "attn_q.weight": ((self.n_heads * hd, D),),
+                "attn_k.weight": ((self.n_kv_heads * hd, D),), "attn_v.weight": ((self.n_kv_heads * hd, D),),
+                "attn_output.weight": ((D, self.n_heads * hd),), "rope_freqs.weight": ((self.rope.n_rot // 2,),),
+                **_ffn(D, self.intermediate_size)}
+
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> LlamaConfig:
         a = "llama"
@@ -219,7 +297,7 @@ class LlamaConfig:
             raise ModelFileError(f"{f.path}: head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
         head_dim = int(g(f"{a}.attention.key_length", hidden // n_heads))
         n_rot = int(g(f"{a}.rope.dimension_count", head_dim))
-        return cls(
+        return checked_against(f, cls(
             n_vocab=int(g(f"{a}.vocab_size", 0)) or f.tensors["token_embd.weight"].shape[0],
             hidden_size=hidden,
             n_layers=_positive(f, f"{a}.block_count", int(g(f"{a}.block_count"))),
@@ -230,7 +308,7 @@ class LlamaConfig:
             rms_norm_eps=float(g(f"{a}.attention.layer_norm_rms_epsilon")),
             context_length=int(g(f"{a}.context_length")),
             rope=_rope_from_gguf(f, a, n_rot),
-        )
+        ))
 
 
 def model_config(f: GGUFFile) -> DeepSeek2Config | LlamaConfig:

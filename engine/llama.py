@@ -119,8 +119,9 @@ class Llama:
         return net
 
     def _setup(self, cfg: LlamaConfig, amb_bytes: int, where: str = "") -> None:
-        if cfg.rope.n_rot > cfg.head_dim or cfg.rope.n_rot % 2:
-            raise ModelFileError(f"{where}rope dims {cfg.rope.n_rot} must be even and <= {cfg.head_dim}")
+        problem = cfg.rope_problem()
+        if problem:
+            raise ModelFileError(f"{where}{problem}")
         self.cfg = cfg
         self.amb_bytes = amb_bytes
         self.rope = RopeTable(cfg.rope)

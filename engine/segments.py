@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import DeepSeek2Config, LlamaConfig, RopeConfig
+from engine.config import DeepSeek2Config, LlamaConfig, RopeConfig, shape_problem
 from engine.errors import IkctlError
 from engine.kernels import MATVEC_MAX_T, TILE_BYTES, activations, drop_tile_scratch
 from engine.kv_cache import CACHE_TYPES, KVCache, row_bytes
@@ -187,6 +187,12 @@ def parse_program(records: Sequence[Record]) -> Program:
         for key, value in args.items():
             if key.startswith(_TENSOR_PREFIX):
                 tensors[key[len(_TENSOR_PREFIX):]] = _tensor_ref(key, value)
+    # the hyper-parameters size tables and scratch: they must be those of the tensors named (held ones are
+    # checked against these shapes when the runner is built)
+    problems = [cfg.rope_problem(), *(shape_problem(cfg, name, ref[2]) for name, ref in tensors.items())]
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise ProgramError(f"the program's model config does not fit its tensors: {problem}")
     n_ctx = _int(head, "n_ctx")
     if n_ctx < 1:  # every run needs 1 <= n_tokens <= n_ctx, and a KV cache a position
         raise ProgramError(f"'n_ctx' must be at least 1, got {n_ctx}")

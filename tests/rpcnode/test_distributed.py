@@ -357,6 +357,40 @@ def test_a_program_with_absurd_hyper_parameters_is_refused(workers: Callable[...
                 run_sequence(load_model(synth_model)))
 
 
+def test_a_program_whose_config_does_not_fit_its_tensors_is_refused(workers: Callable[..., WorkerProc],
+                                                                     synth_model: Path) -> None:
+    """The fuzz campaign's growth without bound: a program over held tensors whose rope dims were 4,000,000 (in
+    bounds for an int) made the worker's first attention run build a 4 GB rope table (the cgroup killed it). The
+    hyper-parameters that size tables and scratch must be those of the tensors named: refused as BAD_PROGRAM,
+    before anything is built, and the worker's memory and its answers stay as they were."""
+    from engine.digests import model_digests
+    from engine.placement import layer_ops
+    from engine.segments import segment_records
+
+    w = workers("-m", "256MiB")
+    model = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)  # holds every tensor
+    f = model.gguf
+    cfg = DeepSeek2Config.from_gguf(f)
+    digests = model_digests(f)
+    refs = {n: (digests[n], t.qtype, t.shape) for n, t in f.tensors.items()}
+    ops = layer_ops(f.tensors, cfg.n_layers)[1:]  # the embedding stays with the coordinator
+    records = segment_records(cfg, ops, refs, mla=3, amb_bytes=1 << 20, cache_type="f16", n_ctx=64)
+    head = records[0][1]
+    with Client.connect(w.endpoint) as c:
+        for key, value, why in (("cfg.rope.n_rot", 4_000_000, "rope dims 4000000 differ"),
+                                ("cfg.hidden_size", cfg.hidden_size * 64, "tensor 'blk.0.attn_norm.weight' has shape"),
+                                ("cfg.n_heads", cfg.n_heads * 4, "has shape"),
+                                ("cfg.moe_intermediate_size", 1 << 20, "has shape")):
+            with pytest.raises(RPCError, match=rf"BAD_PROGRAM.*does not fit its tensors: .*{why}"):
+                c.define_segment(7, [("config", {**head, key: value}), *records[1:]])
+        assert c.define_segment(7, records) == len(records) - 1  # the same program as it is, taken
+        x = np.ones((1, cfg.hidden_size), np.float32)
+        assert set(c.run_segment(7, 0, 1, [("x", x), ("n_out", np.asarray(1))])) == {"logits"}
+    assert psutil.Process(w.proc.pid).memory_info().rss < 1 << 30
+    assert_same(run_sequence(model), run_sequence(load_model(synth_model)))
+    assert "Traceback" not in w.log_text()
+
+
 def test_strings_from_peers_cannot_forge_log_lines(workers: Callable[..., WorkerProc], synth_model: Path,
                                                    tmp_path: Path) -> None:
     """The model name a coordinator sends is logged escaped: a newline in it stays inside the load line."""
