@@ -48,6 +48,16 @@ class Layer:
     shared: tuple[QTensor, QTensor, QTensor] | None
 
 
+def kv_weights_bytes(cfg: DeepSeek2Config) -> int:
+    """One layer's decoded per-head Wk and Wv (DeepSeek2.kv_weights) in float32."""
+    return 4 * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank
+
+
+def keeps_kv_weights(cfg: DeepSeek2Config) -> bool:
+    """Whether a network keeps every layer's decoded Wk/Wv once made (they fit KV_F32_BUDGET together)."""
+    return cfg.n_layers * kv_weights_bytes(cfg) <= KV_F32_BUDGET
+
+
 def load_weight(f: GGUFFile, name: str) -> QTensor:
     info = f.tensors.get(name)
     if info is None:
@@ -194,8 +204,7 @@ class DeepSeek2:
             group_score="max" if cfg.gating_func == GATING_SOFTMAX else "sum2",
         )
         # Decoded Wk/Wv per layer, kept when all of them fit the budget; otherwise decoded at each use.
-        kv_f32_bytes = 4 * cfg.n_layers * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank
-        self._kv_f32: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if kv_f32_bytes <= KV_F32_BUDGET else None
+        self._kv_f32: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if keeps_kv_weights(cfg) else None
 
     def _load_layer(self, f: GGUFFile, i: int) -> Layer:
         return load_layer(gguf_getter(f), self.cfg, i, where=f"{f.path}: ")

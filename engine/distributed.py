@@ -7,17 +7,21 @@ import itertools
 import os
 import secrets
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.config import DeepSeek2Config
+from engine.deepseek2 import keeps_kv_weights, kv_weights_bytes
 from engine.errors import IkctlError
+from engine.gguf_file import TensorInfo
 from engine.kv_cache import KVCache
-from engine.placement import CPU, Placement, PlacementRules, Segment, devices_for, layer_ops, plan
-from engine.segments import TensorRef, op_tensor_names, ordered_state, segment_records
+from engine.placement import CPU, Placement, PlacementRules, Segment, devices_for, layer_ops, plan, tensor_layer
+from engine.rope import table_bytes
+from engine.segments import OP_BYTES, PROGRAM_BASE_BYTES, TensorRef, op_tensor_names, ordered_state, segment_records
 from rpcnode.token_file import TokenFileError, read_token_file
 
 if TYPE_CHECKING:
@@ -111,6 +115,19 @@ def kv_bytes_per_layer(cfg: Any, opts: Options) -> int:
     from engine.kv_cache import row_bytes
 
     return row_bytes(cfg.cache_widths(opts.mla), opts.cache_type_k) * context_size(cfg, opts)
+
+
+def program_bytes_per_layer(cfg: Any, opts: Options, tensors: Iterable[TensorInfo]) -> int:
+    """An upper bound on what one layer adds to a worker's segment programs (engine.segments.program_host_bytes),
+    as if each layer were a segment of its own: the worker charges these to -m, so the plan counts them too."""
+    vectors: dict[int | None, int] = {}
+    for t in tensors:
+        if len(t.shape) == 1:
+            layer = tensor_layer(t.name)
+            vectors[layer] = vectors.get(layer, 0) + 4 * int(t.shape[0])
+    kv = kv_weights_bytes(cfg) if isinstance(cfg, DeepSeek2Config) and keeps_kv_weights(cfg) else 0
+    rope = table_bytes(cfg.rope.n_rot, context_size(cfg, opts))
+    return PROGRAM_BASE_BYTES + 3 * OP_BYTES + 8 * int(cfg.n_layers) + max(vectors.values(), default=0) + kv + rope
 
 
 def context_size(cfg: Any, opts: Options) -> int:
@@ -356,7 +373,8 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
         cuda = local_gpus(rules)
         devices = devices_for(rules.rpc, capacities_from_options(opts, cluster, reported), cuda)
         placement = plan(gguf.tensors.values(), int(net.cfg.n_layers), devices, rules,
-                         kv_bytes_per_layer=kv_bytes_per_layer(net.cfg, opts))
+                         kv_bytes_per_layer=kv_bytes_per_layer(net.cfg, opts),
+                         program_bytes_per_layer=program_bytes_per_layer(net.cfg, opts, gguf.tensors.values()))
         remote = {d for d in placement.device_of.values() if d != CPU}
         if not remote:
             for c in clients.values():

@@ -111,10 +111,13 @@ class Placement:
     bytes_per_device: dict[str, int]
     warnings: tuple[str, ...] = ()
     kv_bytes_per_device: dict[str, int] = field(default_factory=dict)  # the KV cache of the -c context
+    # what a worker's segment programs keep besides weights and KV (engine.segments.program_host_bytes)
+    program_bytes_per_device: dict[str, int] = field(default_factory=dict)
 
     def need_bytes(self, device: str) -> int:
-        """Weights plus KV cache: what the device must hold."""
-        return self.bytes_per_device.get(device, 0) + self.kv_bytes_per_device.get(device, 0)
+        """Weights, KV cache and segment programs: what the device must hold."""
+        return (self.bytes_per_device.get(device, 0) + self.kv_bytes_per_device.get(device, 0)
+                + self.program_bytes_per_device.get(device, 0))
 
     def tensors_on(self, device: str) -> list[str]:
         return [n for n, d in self.device_of.items() if d == device]
@@ -146,10 +149,13 @@ class Placement:
                                  device=dev, need_bytes=need, capacity_bytes=cap)
 
     def _kv_note(self, device: str) -> str:
-        kv = self.kv_bytes_per_device.get(device, 0)
-        if not kv:
+        kv, programs = self.kv_bytes_per_device.get(device, 0), self.program_bytes_per_device.get(device, 0)
+        if not kv and not programs:
             return ""
-        return f" ({format_bytes(self.bytes_per_device[device])} weights + {format_bytes(kv)} KV cache for -c)"
+        parts = [f"{format_bytes(self.bytes_per_device[device])} weights",
+                 *([f"{format_bytes(kv)} KV cache for -c"] if kv else []),
+                 *([f"{format_bytes(programs)} programs"] if programs else [])]
+        return f" ({' + '.join(parts)})"
 
     def segments(self, ops: Sequence[Op]) -> list[Segment]:
         """Group consecutive ops by the device of their weights. An op whose weights span two devices is an
@@ -256,7 +262,8 @@ def _validate(records: list[tuple[str, int]], n_layers: int, devices: Sequence[D
 
 
 def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices: Sequence[Device],
-         rules: PlacementRules, check_capacity: bool = True, kv_bytes_per_layer: int = 0) -> Placement:
+         rules: PlacementRules, check_capacity: bool = True, kv_bytes_per_layer: int = 0,
+         program_bytes_per_layer: int = 0) -> Placement:
     """Place every tensor, as llama.cpp's load_tensors would (src/llama-model.cpp):
 
     1. the first -ot rule whose regex the name matches (std::regex_search) decides;
@@ -265,7 +272,8 @@ def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices
        offload devices (RPC first, then GPUs): layer il goes to the first device whose cumulative -ts
        split point is > (il - first offloaded layer) / offloaded count;
     4. else CPU.
-    Each layer's KV cache (kv_bytes_per_layer: the whole -c context) counts on the device of its attention.
+    Each layer's KV cache (kv_bytes_per_layer: the whole -c context) counts on the device of its attention, and
+    program_bytes_per_layer on each worker holding a part of the layer.
     With check_capacity, a device whose known capacity is exceeded is a PlacementError.
     """
     records = _records(tensors)
@@ -314,8 +322,13 @@ def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices
         for layer, dev in attn_device.items():
             if layer is not None:
                 kv_per_device[dev] += kv_bytes_per_layer
+    program_per_device = {d.name: 0 for d in devices}
+    for _layer, dev in {(tensor_layer(n), device_of[n]) for n, _ in records}:
+        if dev.startswith("RPC["):  # workers charge them to -m; this process's own are its business
+            program_per_device[dev] += program_bytes_per_layer
     placement = Placement(tuple(devices), n_layers, device_of, reason_of, dict(records), bytes_per_device,
-                          tuple(_warnings(rules, offload, used, bytes_per_device)), kv_per_device)
+                          tuple(_warnings(rules, offload, used, bytes_per_device)), kv_per_device,
+                          program_per_device)
     if check_capacity:
         placement.check_capacity()
     return placement

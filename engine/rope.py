@@ -32,23 +32,47 @@ def rope_angles(cfg: RopeConfig, positions: np.ndarray) -> np.ndarray:
     return theta_int * (1.0 - keep) + theta_ext * keep
 
 
+TABLE_POSITIONS = 4096  # cos/sin kept for positions below this; later ones are computed per call
+MEMO_TOKENS = 64  # the last call's cos/sin beyond the table are kept when this short (every layer asks again)
+
+
+def table_bytes(n_rot: int, n_ctx: int) -> int:
+    """The most a RopeTable keeps for a context of n_ctx positions: what a worker charges for it."""
+    return 4 * n_rot * (min(TABLE_POSITIONS, max(64, 2 * n_ctx)) + MEMO_TOKENS)
+
+
 class RopeTable:
-    """cos/sin per position, computed once up to the largest position seen."""
+    """cos/sin per position: a table grown to the largest position seen up to TABLE_POSITIONS (a peer picks the
+    positions of a worker's runs, so the table must not grow with them), computed per call beyond."""
 
     def __init__(self, cfg: RopeConfig) -> None:
         self.cfg = cfg
         self._cos = np.zeros((0, cfg.n_rot // 2), np.float32)
         self._sin = self._cos
+        self._last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # positions, cos, sin
 
     def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        positions = np.asarray(positions)
         need = int(np.max(positions)) + 1 if len(positions) else 0
+        if need > TABLE_POSITIONS:
+            return self._computed(positions)
         if need > len(self._cos):
-            n = max(need, 2 * len(self._cos), 64)
-            theta = rope_angles(self.cfg, np.arange(n))
-            m = self.cfg.magnitude
-            self._cos = (m * np.cos(theta)).astype(np.float32)
-            self._sin = (m * np.sin(theta)).astype(np.float32)
+            self._cos, self._sin = self._table(np.arange(min(max(need, 2 * len(self._cos), 64), TABLE_POSITIONS)))
         return self._cos[positions], self._sin[positions]
+
+    def _computed(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        last = self._last
+        if last is not None and np.array_equal(last[0], positions):
+            return last[1], last[2]
+        cos, sin = self._table(positions)
+        if len(positions) <= MEMO_TOKENS:
+            self._last = (positions.copy(), cos, sin)
+        return cos, sin
+
+    def _table(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        theta = rope_angles(self.cfg, positions)
+        m = self.cfg.magnitude
+        return (m * np.cos(theta)).astype(np.float32), (m * np.sin(theta)).astype(np.float32)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 
 from engine.config import DeepSeek2Config, LlamaConfig, RopeConfig, shape_problem
+from engine.deepseek2 import keeps_kv_weights, kv_weights_bytes
 from engine.errors import IkctlError
 from engine.kernels import MATVEC_MAX_T, TILE_BYTES, activations, drop_tile_scratch
 from engine.kv_cache import CACHE_TYPES, KVCache, row_bytes
 from engine.ops import to_host
 from engine.placement import Op, op_part, tensor_layer
 from engine.quant import QTensor
+from engine.rope import table_bytes
 
 Scalar = str | int | float | bool
 Record = tuple[str, dict[str, Any]]  # (op name, args): what rpcnode.client turns into protocol OpRecords
@@ -270,6 +272,32 @@ def run_scratch_bytes(p: Program, n_tokens: int, n_keys: int, n_out: int, kv_dec
     return 4 * floats + 4 * floats // SCRATCH_MARGIN
 
 
+# A runner's own objects (network, layer list, program) and each op's (its layer, QTensor views): measured at
+# 14 KiB for a small model's whole program and 51-230 KiB for SmolLM2's and a V3-shaped one; counted generously.
+PROGRAM_BASE_BYTES = 64 << 10
+OP_BYTES = 8 << 10
+
+
+def program_kv_bytes(p: Program) -> int:
+    """One sequence's KV cache over the whole context: counted from the start, as llama.cpp allocates it."""
+    n_attn = len({layer for layer, part in p.ops if part == "attn"})
+    return n_attn * row_bytes(p.cfg.cache_widths(p.mla), p.cache_type) * p.n_ctx
+
+
+def program_host_bytes(p: Program) -> int:
+    """An upper bound on what a runner for p keeps on the host besides the tensors it reads and its KV rows (a
+    peer's program: charged to the worker's -m when it is defined, before the runner is built): the runner's
+    objects, a float32 copy of every vector it names (norms, biases: each layer's are decoded at build), the
+    decoded per-head Wk/Wv of its attention layers where the network keeps them (DeepSeek2.kv_weights), and its
+    rope table (engine.rope.table_bytes)."""
+    c = p.cfg
+    n_attn = sum(part == "attn" for _, part in p.ops)
+    vectors = 4 * sum(int(np.prod(ref[2], dtype=np.int64)) for ref in p.tensors.values() if len(ref[2]) == 1)
+    kv_weights = n_attn * kv_weights_bytes(c) if isinstance(c, DeepSeek2Config) and keeps_kv_weights(c) else 0
+    rope = table_bytes(c.rope.n_rot, p.n_ctx) if n_attn else 0
+    return PROGRAM_BASE_BYTES + OP_BYTES * len(p.ops) + 8 * c.n_layers + vectors + kv_weights + rope
+
+
 def _check_op_layer(cfg: ModelConfig, part: str, layer: int) -> None:
     """An op at the layer it can run at (as engine.placement makes them): embd at -1, output at n_layers, the
     others at a layer of the model, moe_experts at one with routed experts. Another layer would run with weights
@@ -505,9 +533,7 @@ class SegmentRunner:
 
     @property
     def kv_reserved_bytes(self) -> int:
-        """One sequence's KV cache over the whole context: counted from the start, as llama.cpp allocates it."""
-        p = self.program
-        return len(self._attn_layers) * row_bytes(self.net.cache_widths(), p.cache_type) * p.n_ctx
+        return program_kv_bytes(self.program)
 
     @property
     def kv_accounted_bytes(self) -> int:

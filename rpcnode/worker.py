@@ -116,11 +116,13 @@ class Worker:
         self.receiving = 0  # bytes charged for frame bodies being received and handled (see RECEIVE_POOL_BYTES)
         self.scratch_over = 0  # bytes of the running segment's activations beyond SCRATCH_POOL_BYTES
         self._kv: dict[int, int] = {}  # segment id -> KV bytes charged (updated around runs, under self.lock)
+        self._programs: dict[int, int] = {}  # segment id -> its runner's own bytes (segments.program_host_bytes)
         # connections run on threads of their own; this guards the tensor bookkeeping they share
         self.lock = threading.RLock()
         self._traffic_lock = threading.Lock()  # `+=` from several threads would lose counts
         self._receive_lock = threading.Lock()
         self.compute_lock = threading.Lock()
+        self._define_lock = threading.Lock()
         self._set_threads = threading.local()
         self.compute_lock.acquire()  # held by the warm-up: the first request waits for it
         threading.Thread(target=self._warm_up, name="rpcnode-warm-up", daemon=True).start()
@@ -186,7 +188,9 @@ class Worker:
     @property
     def mem_free(self) -> int:
         over_pool = max(0, self.receiving - RECEIVE_POOL_BYTES)
-        return max(0, self.mem_total - self.bytes_held - self.reserved - self.kv_bytes - over_pool - self.scratch_over)
+        programs = sum(self._programs.values())
+        return max(0, self.mem_total - self.bytes_held - self.reserved - self.kv_bytes - programs - over_pool
+                   - self.scratch_over)
 
     def charge_receive(self, nbytes: int, what: str) -> None:
         """Charge a frame body before any of it is stored; OUT_OF_MEMORY if neither the receive pool nor -m has
@@ -298,29 +302,38 @@ class Worker:
     # ---- segments -----------------------------------------------------------------------------------------------
     def define(self, m: P.DefineSegment) -> P.DefineReply:
         from engine.errors import IkctlError
-        from engine.segments import SegmentRunner, parse_program
+        from engine.segments import SegmentRunner, parse_program, program_host_bytes, program_kv_bytes
 
         records = [(r.op, dict(r.args)) for r in m.ops]
-        try:
-            program = parse_program(records)
-            missing = [n for n, ref in program.tensors.items() if ref[0] not in self.held]
-            if missing:
-                raise fail(E.UNKNOWN_TENSOR, f"segment {m.segment_id} names {len(missing)} tensors not held here, "
-                            f"e.g. {missing[0]}; offer them first")
-            runner = SegmentRunner(program, self.held.get, cuda_device=self.cfg.cuda_device)
-        except (IkctlError, ValueError, KeyError) as e:  # engine errors about shapes/types are ValueErrors too
-            raise fail(E.BAD_PROGRAM, f"segment {m.segment_id}: {e}") from None
-        with self.lock:
-            old, old_kv = self.segments.pop(m.segment_id, None), self._kv.pop(m.segment_id, 0)
-            if runner.kv_reserved_bytes > self.mem_free:
-                if old is not None:
-                    self.segments[m.segment_id], self._kv[m.segment_id] = old, old_kv
-                raise fail(E.OUT_OF_MEMORY, f"segment {m.segment_id}: its KV cache for {program.n_ctx} positions "
-                            f"({program.cache_type}) needs {runner.kv_reserved_bytes} bytes, {self.mem_free} of "
-                            f"{self.mem_total} free; lower -c, use -ctk q8_0, or raise -m")
-            self.segments[m.segment_id] = runner
-            self._kv[m.segment_id] = runner.kv_accounted_bytes
-        return P.DefineReply(segment_id=m.segment_id, n_ops=len(program.ops))
+        sid = m.segment_id
+        with self._define_lock:  # one runner built at a time: what it allocates was charged first
+            try:
+                program = parse_program(records)
+                missing = [n for n, ref in program.tensors.items() if ref[0] not in self.held]
+                if missing:
+                    raise fail(E.UNKNOWN_TENSOR, f"segment {sid} names {len(missing)} tensors not held here, "
+                                f"e.g. {missing[0]}; offer them first")
+                kv, host = program_kv_bytes(program), program_host_bytes(program)
+                with self.lock:  # a redefinition gives back what the segment it replaces was charged
+                    free = self.mem_free + self._kv.get(sid, 0) + self._programs.get(sid, 0)
+                if kv + host > free:
+                    raise fail(E.OUT_OF_MEMORY, f"segment {sid}: its KV cache for {program.n_ctx} positions "
+                                f"({program.cache_type}, {kv} bytes) and its program ({host} bytes) need "
+                                f"{kv + host} bytes, {free} of {self.mem_total} free; lower -c, use -ctk q8_0, "
+                                "or raise -m")
+                with self.lock:
+                    self.segments.pop(sid, None)
+                    self._kv[sid], self._programs[sid] = kv, host
+                runner = SegmentRunner(program, self.held.get, cuda_device=self.cfg.cuda_device)
+            except (IkctlError, ValueError, KeyError) as e:  # engine errors about shapes/types are ValueErrors too
+                with self.lock:
+                    if sid not in self.segments:
+                        self._kv.pop(sid, None), self._programs.pop(sid, None)
+                raise fail(E.BAD_PROGRAM, f"segment {sid}: {e}") from None
+            with self.lock:
+                self.segments[sid] = runner
+                self._kv[sid] = runner.kv_accounted_bytes
+        return P.DefineReply(segment_id=sid, n_ops=len(program.ops))
 
     def segment(self, segment_id: int | None) -> Any:
         runner = self.segments.get(segment_id) if segment_id is not None else None
@@ -398,10 +411,12 @@ class Worker:
             self.segment(m.segment_id)
             del self.segments[m.segment_id]
             self._kv.pop(m.segment_id, None)
+            self._programs.pop(m.segment_id, None)
             freed = 0
         else:
             self.segments.clear()
             self._kv.clear()
+            self._programs.clear()
             self.held.clear()
             freed = before
         return P.FreeReply(bytes_freed=freed, tensors_held=len(self.held), bytes_held=self.bytes_held)

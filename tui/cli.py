@@ -266,7 +266,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from engine.config import model_config
-    from engine.distributed import ask_capacities, kv_bytes_per_layer, worker_tokens
+    from engine.distributed import ask_capacities, kv_bytes_per_layer, program_bytes_per_layer, worker_tokens
     from engine.gguf_file import GGUFFile
     from engine.model import Options
     from engine.placement import PlacementRules, devices_for, format_bytes, format_table, parse_device_mem, plan
@@ -293,8 +293,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     f = GGUFFile(resolve_model_path(args.model))  # the header only: tensor data stays unread in the map
     n_layers = int(f.get(f"{f.architecture}.block_count"))
     opts = Options(ctx_size=args.ctx_size, cache_type_k=args.cache_type_k, mla=args.mla).validated()
-    placement = plan(f.tensors.values(), n_layers, devices, rules,
-                     kv_bytes_per_layer=kv_bytes_per_layer(model_config(f), opts))
+    cfg = model_config(f)
+    placement = plan(f.tensors.values(), n_layers, devices, rules, kv_bytes_per_layer=kv_bytes_per_layer(cfg, opts),
+                     program_bytes_per_layer=program_bytes_per_layer(cfg, opts, f.tensors.values()))
     total = sum(t.n_bytes for t in f.tensors.values())
     print(f"model: {f.path.name} ({f.architecture}, {n_layers} layers, {len(f.tensors)} tensors, "
           f"{format_bytes(total)})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import socket
@@ -391,6 +392,42 @@ def test_a_program_whose_config_does_not_fit_its_tensors_is_refused(workers: Cal
     assert "Traceback" not in w.log_text()
 
 
+def test_a_programs_own_memory_is_charged(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    """A runner keeps objects of its own besides the tensors it reads: a float32 copy of each layer's norms, the
+    decoded Wk/Wv of each attention layer, an object per op. A peer naming the same held tensors under thousands
+    of layers made the worker keep all of that outside -m; now a program is charged before its runner is built,
+    refused OUT_OF_MEMORY when it does not fit, and given back when it is freed."""
+    from engine.digests import model_digests
+    from engine.segments import parse_program, program_host_bytes, segment_records
+
+    w = workers("-m", "24MiB")
+    model = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)  # holds every tensor
+    f = model.gguf
+    digests = model_digests(f)
+
+    def program(n_layers: int) -> list[tuple[str, dict[str, object]]]:
+        """Layer 0's attention, n_layers times over: every name maps to layer 0's tensors."""
+        cfg = dataclasses.replace(DeepSeek2Config.from_gguf(f), n_layers=n_layers)
+        refs = {n.replace("blk.0.", f"blk.{i}."): (digests[n], t.qtype, t.shape)
+                for n, t in f.tensors.items() if n.startswith("blk.0.attn") for i in range(n_layers)}
+        return segment_records(cfg, [(i, "attn") for i in range(n_layers)], refs, mla=3, amb_bytes=1 << 20,
+                               cache_type="f16", n_ctx=1)
+
+    with Client.connect(w.endpoint) as c:
+        free = c.telemetry().mem_free_bytes
+        with pytest.raises(RPCError, match=r"OUT_OF_MEMORY: segment 9: .* and its program \(\d+ bytes\)"):
+            c.define_segment(9, program(1024))
+        assert c.telemetry().mem_free_bytes == free  # nothing kept from the refusal
+        small = program(64)
+        c.define_segment(9, small)
+        charged = free - c.telemetry().mem_free_bytes
+        assert charged >= program_host_bytes(parse_program(small)) > 64 * 8192
+        c.free(segment_id=9)
+        assert c.telemetry().mem_free_bytes == free
+    assert_same(run_sequence(model), run_sequence(load_model(synth_model)))
+    assert "Traceback" not in w.log_text()
+
+
 def test_strings_from_peers_cannot_forge_log_lines(workers: Callable[..., WorkerProc], synth_model: Path,
                                                    tmp_path: Path) -> None:
     """The model name a coordinator sends is logged escaped: a newline in it stays inside the load line."""
@@ -447,9 +484,9 @@ def test_sigkill_during_generation_names_the_worker(workers: Callable[..., Worke
     killer.join()
 
 
-def _worker_need(model_path: Path, ctx_size: int, **flags: object) -> tuple[int, int]:
-    """(weight bytes, KV bytes) the planner puts on the one worker for these flags."""
-    from engine.distributed import kv_bytes_per_layer, rules_from_options
+def _worker_need(model_path: Path, ctx_size: int, **flags: object) -> tuple[int, int, int]:
+    """(weight bytes, KV bytes, program bytes) the planner puts on the one worker for these flags."""
+    from engine.distributed import kv_bytes_per_layer, program_bytes_per_layer, rules_from_options
     from engine.model import Options
 
     f = GGUFFile(model_path)
@@ -457,48 +494,18 @@ def _worker_need(model_path: Path, ctx_size: int, **flags: object) -> tuple[int,
     rules = rules_from_options(opts)
     cfg = DeepSeek2Config.from_gguf(f)
     p = plan(f.tensors.values(), cfg.n_layers, devices_for(rules.rpc), rules,
-             kv_bytes_per_layer=kv_bytes_per_layer(cfg, opts))
+             kv_bytes_per_layer=kv_bytes_per_layer(cfg, opts),
+             program_bytes_per_layer=program_bytes_per_layer(cfg, opts, f.tensors.values()))
     dev = f"RPC[{rules.rpc[0]}]"
-    return p.bytes_per_device[dev], p.kv_bytes_per_device[dev]
-
-
-def test_plan_checks_worker_memory_before_sending(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
-    w = workers("-m", "100000")
-    with pytest.raises(PlacementError, match=rf"{re.escape(w.device)} would hold .* but has 97\.7 KiB"):
-        load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)
-    with Client.connect(w.endpoint) as c:
-        tel = c.telemetry()
-    assert tel.cache_hits + tel.cache_misses == 0 and tel.tensors_held == 0  # nothing was offered
-
-
-def test_plan_asks_the_workers_as_run_does(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
-    """`ikctl plan` plans against the memory a worker reports: it refuses what `run` refuses, with the same line,
-    and --device-mem still overrides the report."""
-    w = workers("-m", "100000")
-    flags = ["-m", str(synth_model), "--rpc", w.endpoint, "-ngl", "99"]
-    for cmd in ("plan", "run"):
-        proc = subprocess.run([sys.executable, "-m", "tui.cli", cmd, *flags, "-n", "1"][: None if cmd == "run" else -2],
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 1, proc.stderr
-        assert re.search(rf"ikctl: error: .*{re.escape(w.device)} would hold .* but has 97\.7 KiB", proc.stderr)
-    roomy = subprocess.run([sys.executable, "-m", "tui.cli", "plan", *flags, "--device-mem", f"{w.device}=1GiB"],
-                           capture_output=True, text=True, timeout=120)
-    assert roomy.returncode == 0 and roomy.stderr == "", roomy.stderr
-
-
-def test_worker_refuses_what_does_not_fit(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
-    # --device-mem overrides the worker's report; the worker's own -m still refuses the tensors
-    w = workers("-m", "100000")
-    with pytest.raises(WorkerError, match=r"OUT_OF_MEMORY.*needs \d+ bytes"):
-        load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99, device_mem=[f"{w.device}=1GiB"])
+    return p.bytes_per_device[dev], p.kv_bytes_per_device[dev], p.program_bytes_per_device[dev]
 
 
 def test_kv_cache_counts_against_worker_memory(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
     port = "127.0.0.1:1"  # any endpoint: only the plan is computed
-    weights, kv_256 = _worker_need(synth_model, 256, rpc=port, n_gpu_layers=99, cache_type_k="f32")
-    _, kv_4096 = _worker_need(synth_model, 4096, rpc=port, n_gpu_layers=99, cache_type_k="f32")
+    weights, kv_256, programs = _worker_need(synth_model, 256, rpc=port, n_gpu_layers=99, cache_type_k="f32")
+    _, kv_4096, _ = _worker_need(synth_model, 4096, rpc=port, n_gpu_layers=99, cache_type_k="f32")
     assert kv_256 > 0 and kv_4096 == 16 * kv_256
-    w = workers("-m", str(weights + kv_256))
+    w = workers("-m", str(weights + kv_256 + programs))  # what the plan counts is enough
     flags = {"rpc": w.endpoint, "n_gpu_layers": 99, "cache_type_k": "f32"}
     model = load_model(synth_model, ctx_size=256, **flags)
     assert_same(run_sequence(model), run_sequence(load_model(synth_model, ctx_size=256, cache_type_k="f32")))
@@ -509,7 +516,7 @@ def test_kv_cache_counts_against_worker_memory(workers: Callable[..., WorkerProc
     with pytest.raises(PlacementError, match=r"weights \+ .* KV cache for -c"):
         load_model(synth_model, ctx_size=4096, **flags)
     # ...and so does the worker, when told it has more memory than it does
-    with pytest.raises(WorkerError, match=rf"OUT_OF_MEMORY.*KV cache for 4096 positions \(f32\) needs {kv_4096} bytes"):
+    with pytest.raises(WorkerError, match=rf"OUT_OF_MEMORY.*KV cache for 4096 positions \(f32, {kv_4096} bytes\)"):
         load_model(synth_model, ctx_size=4096, device_mem=[f"{w.device}=1GiB"], **flags)
 
 

@@ -103,16 +103,23 @@ def test_declared_payloads_are_charged_to_memory_not_allocated(workers: Callable
 def test_kv_caches_of_every_sequence_count(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
     """-m holds the weights and one sequence's whole context: a second sequence used to get a second cache past
     -m; now it takes the room of the least recently used one, which the worker then no longer knows."""
-    weights, kv = _worker_need(synth_model, 256, rpc="127.0.0.1:1", n_gpu_layers=99, cache_type_k="f32")
-    w = workers("-m", str(weights + kv))
-    model = load_model(synth_model, ctx_size=256, rpc=w.endpoint, n_gpu_layers=99, cache_type_k="f32")
+    weights, kv, programs = _worker_need(synth_model, 256, rpc="127.0.0.1:1", n_gpu_layers=99,
+                                         cache_type_k="f32")
+    flags = {"ctx_size": 256, "n_gpu_layers": 99, "cache_type_k": "f32"}
+    roomy = workers("-m", str(weights + kv + programs))  # the plan is an upper bound: find its slack
+    loaded = load_model(synth_model, rpc=roomy.endpoint, **flags)
+    with Client.connect(roomy.endpoint) as c:
+        slack = c.telemetry().mem_free_bytes
+    loaded.net.close()
+    w = workers("-m", str(weights + kv + programs - slack))
+    model = load_model(synth_model, rpc=w.endpoint, device_mem=[f"{w.device}=1GiB"], **flags)  # past the plan
     first, second = model.new_cache(256), model.new_cache(256)
     want = load_model(synth_model, ctx_size=256, cache_type_k="f32").logits(PROMPT)[-1:]
     assert np.allclose(model.eval(PROMPT, first), want, rtol=1e-5, atol=1e-5)
     assert np.allclose(model.eval(PROMPT, second), want, rtol=1e-5, atol=1e-5)
     with Client.connect(w.endpoint) as c:
         t = c.telemetry()
-    assert t.kv_bytes == kv and t.bytes_held + t.kv_bytes <= weights + kv
+    assert t.kv_bytes == kv and t.mem_free_bytes == 0
     with pytest.raises(WorkerError, match=r"UNKNOWN_SEQUENCE.*unknown here"):
         model.eval([3], first)
     model.eval([3], second)  # the sequence that kept its cache goes on

@@ -76,23 +76,24 @@ def test_capacity_from_device_mem() -> None:
     proc = ikctl("plan", "-m", str(V3), "--rpc", RPC_A, "-ot", f"exps=RPC[{RPC_A}]",
                  "--device-mem", f"RPC[{RPC_A}]=4MiB")
     assert proc.returncode == 0, proc.stderr
-    assert table_row(proc.stdout, f"RPC[{RPC_A}]")[6:9] == ["4.0", "MiB", "28%"]
+    assert table_row(proc.stdout, f"RPC[{RPC_A}]")[6:9] == ["4.0", "MiB", "40%"]  # weights and 2 layers' programs
 
 
 def test_kv_cache_counts_where_attention_runs() -> None:
-    args = ["plan", "-m", str(V3), "--rpc", RPC_A, "-ngl", "99", "--device-mem", f"RPC[{RPC_A}]=4MiB"]
+    args = ["plan", "-m", str(V3), "--rpc", RPC_A, "-ngl", "99", "--device-mem", f"RPC[{RPC_A}]=5MiB"]
     proc = ikctl(*args, "-c", "8192", "-ctk", "q8_0")
     assert proc.returncode == 0, proc.stderr
     # q8_0 rows of 40 values pad to 64: 64 + 2 x 2 bytes of scales per position and layer
-    assert table_row(proc.stdout, f"RPC[{RPC_A}]")[1:9] == ["51", "2.1", "MiB", "1.6", "MiB", "4.0", "MiB", "91%"]
-    assert_one_line_error(ikctl(*args, "-c", "32768"), f"RPC[{RPC_A}] would hold 9.6 MiB (2.1 MiB weights + "
-                          "7.5 MiB KV cache for -c) but has 4.0 MiB")
+    assert table_row(proc.stdout, f"RPC[{RPC_A}]")[1:9] == ["51", "2.1", "MiB", "1.6", "MiB", "5.0", "MiB", "92%"]
+    assert_one_line_error(ikctl(*args, "-c", "32768"), f"RPC[{RPC_A}] would hold 10.5 MiB (2.1 MiB weights + "
+                          "7.5 MiB KV cache for -c + 957.5 KiB programs) but has 5.0 MiB")
 
 
 def test_overflow_is_one_error_line() -> None:
     proc = ikctl("plan", "-m", str(V3), "--rpc", RPC_A, "-ot", f"exps=RPC[{RPC_A}]",
                  "--device-mem", f"RPC[{RPC_A}]=1MiB")
-    assert_one_line_error(proc, f"RPC[{RPC_A}] would hold 1.1 MiB but has 1.0 MiB; "
+    assert_one_line_error(proc, f"RPC[{RPC_A}] would hold 1.6 MiB (1.1 MiB weights + 478.7 KiB programs) but has "
+                          "1.0 MiB; "
                           "move tensors elsewhere with -ot or lower -ngl")
     assert proc.stdout == ""
 
