@@ -55,6 +55,15 @@ class DiskFull(CacheFull):
     stored."""
 
 
+class DiskFailed(CacheError):
+    """The disk under the cache failed otherwise (an I/O error, a read-only filesystem, a file too large for
+    it). Nothing was stored."""
+
+    def __init__(self, root: Path, e: OSError) -> None:
+        super().__init__(f"the disk under {root} failed while writing an entry ({e.strerror or e}); check it, or "
+                         "give the worker another cache directory (-c)")
+
+
 @dataclass(frozen=True)
 class CacheStats:
     """Counters since this TensorCache was opened; entries/bytes/in_use are the current state."""
@@ -310,7 +319,7 @@ class TensorCache:
                 return attempt()
             except OSError as e:
                 if e.errno not in NO_SPACE:
-                    raise
+                    raise DiskFailed(self.root, e) from e
                 if not tries_left or not self._evict_bytes(nbytes):
                     raise DiskFull(f"no space left on the disk of {self.root} for an entry of {nbytes} bytes") from e
         raise AssertionError("unreachable")

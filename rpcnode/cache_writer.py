@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from rpcnode.cache import CacheError, DigestMismatch, DiskFull
+from rpcnode.cache import CacheError, DigestMismatch, DiskFailed, DiskFull
 from rpcnode.cache_files import NO_SPACE, pwrite_all
 from rpcnode.digest import PARALLEL_BYTES, byte_view, digest_of
 
@@ -56,7 +56,7 @@ class Writer:
             self.abort()
             if e.errno in NO_SPACE:
                 raise DiskFull(f"no space left on the disk of {self._cache.root} while writing an entry") from e
-            raise
+            raise DiskFailed(self._cache.root, e) from e
         if self._hasher is not None and offset == self._hashed:
             self._hasher.update(mv)
             self._hashed += mv.nbytes
@@ -73,6 +73,8 @@ class Writer:
             self.abort()
             if isinstance(e, OSError) and e.errno in NO_SPACE:  # delayed allocation reports a full disk here
                 raise DiskFull(f"no space left on the disk of {self._cache.root} while writing an entry") from e
+            if isinstance(e, OSError):
+                raise DiskFailed(self._cache.root, e) from e
             raise
         if actual != self.digest:
             self.abort()

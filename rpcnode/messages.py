@@ -109,6 +109,7 @@ class ErrorCode(IntEnum):
     BUSY = 503  # the worker has --max-connections peers already; try again when one leaves
     TIMED_OUT = 504  # the peer was idle, or stalled mid-frame or mid-upload, past the worker's limit; it closes
     DISK_FULL = 507  # the disk under the worker's tensor cache (or its quota) is full, even after evicting
+    DISK_FAILED = 508  # the disk under the worker's tensor cache failed otherwise (I/O error, read-only, too large)
 
 
 # metadata field types (checked by msgspec while decoding)

@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 
 from rpcnode import protocol as P
-from rpcnode.cache import CacheError, DigestMismatch, DiskFull, TensorCache
+from rpcnode.cache import CacheError, DigestMismatch, DiskFailed, DiskFull, TensorCache
 from rpcnode.cache_writer import Writer
 from rpcnode.model_index import ModelIndex
 
@@ -44,7 +44,8 @@ def fail(code: P.ErrorCode, message: str) -> P.ProtocolError:
 
 def cache_fail(e: CacheError, what: str) -> P.ProtocolError:
     """A refusal of the tensor cache as the peer's error: a full disk is not a lack of memory."""
-    return fail(E.DISK_FULL if isinstance(e, DiskFull) else E.OUT_OF_MEMORY, f"{what}: {e}")
+    codes = ((DiskFull, E.DISK_FULL), (DiskFailed, E.DISK_FAILED))
+    return fail(next((code for kind, code in codes if isinstance(e, kind)), E.OUT_OF_MEMORY), f"{what}: {e}")
 
 
 @dataclass

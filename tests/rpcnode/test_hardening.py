@@ -3,7 +3,9 @@ errors whose reply must arrive, typed errors for every bad value, a full disk, u
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
 from rpcnode.client import Client, OfferSpec, RPCError
 from rpcnode.digest import digest_of
-from tests.rpcnode.conftest import WorkerProc, start_worker
+from tests.rpcnode.conftest import WorkerProc, start_worker, tmpfs
 from tests.rpcnode.session_fuzz import (
     HOSTILE,
     Request,
@@ -238,6 +240,32 @@ def test_a_full_disk_answers_disk_full(workers: Callable[..., WorkerProc], tiny_
         assert c.offer(specs[1:]) == {specs[1].digest: "uploaded"}
         assert c.device_info().mem_free_bytes == c.device_info().mem_total_bytes - len(small)
     assert "Traceback" not in w.log_text()
+
+
+def test_a_failing_disk_answers_disk_failed(workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
+    """A disk that fails otherwise than by filling up (here a filesystem remounted read-only under a running
+    worker) used to answer INTERNAL with a traceback in the log: now DISK_FAILED naming the disk and the fix,
+    nothing stays reserved, and tensors the worker holds still serve."""
+    with tmpfs(tmp_path / "disk", "size=8m") as mnt:
+        w = workers(cache=mnt / "cache")
+        first, second = b"\x01" * (64 << 10), b"\x02" * (64 << 10)
+        specs = [OfferSpec(digest_of(b), len(b), 0, [len(b) // 4], name, lambda b=b: b)
+                 for b, name in ((first, "first"), (second, "second"))]
+        with Client.connect(w.endpoint) as c:
+            assert c.offer(specs[:1]) == {specs[0].digest: "uploaded"}
+            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+            try:
+                with pytest.raises(RPCError) as err:
+                    c.offer(specs[1:])
+            finally:
+                subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+            assert err.value.code == P.ErrorCode.DISK_FAILED, str(err.value)
+            assert re.search(r"the disk under .* failed while writing an entry \(Read-only file system\); check "
+                             r"it, or give the worker another cache directory \(-c\)", str(err.value))
+            info = c.device_info()
+            assert info.mem_free_bytes == info.mem_total_bytes - len(first)
+            assert c.offer(specs[1:]) == {specs[1].digest: "uploaded"}  # the disk back: the same offer loads
+        assert "Traceback" not in w.log_text()
 
 
 # ---- --models entries that cannot be used ----------------------------------------------------------------------
