@@ -329,11 +329,12 @@ class Worker:
             except (IkctlError, ValueError, KeyError) as e:  # engine errors about shapes/types are ValueErrors too
                 with self.lock:
                     if sid not in self.segments:
-                        self._kv.pop(sid, None), self._programs.pop(sid, None)
+                        self._kv.pop(sid, None)
+                        self._programs.pop(sid, None)
                 raise fail(E.BAD_PROGRAM, f"segment {sid}: {e}") from None
-            with self.lock:
+            with self.lock:  # both again: a Free of everything may have run meanwhile
                 self.segments[sid] = runner
-                self._kv[sid] = runner.kv_accounted_bytes
+                self._kv[sid], self._programs[sid] = runner.kv_accounted_bytes, host
         return P.DefineReply(segment_id=sid, n_ops=len(program.ops))
 
     def segment(self, segment_id: int | None) -> Any:
