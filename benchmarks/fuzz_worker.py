@@ -37,7 +37,12 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from rpc_bench import start_worker, stop  # noqa: E402
 
-PROMPT = [1, 5, 9, 20, 33]
+from engine.placement import parse_size  # noqa: E402
+from engine.synth import SynthSpec, write_model  # noqa: E402
+from rpcnode.client import Client, RPCError  # noqa: E402
+from tests.rpcnode.fuzz_campaign import PROMPT, Plan, logits_through, run_campaign  # noqa: E402
+from tests.rpcnode.session_fuzz import Mutator, record_sessions  # noqa: E402
+
 WORKER_FLAGS = ["--stall-timeout", "2", "--idle-timeout", "30"]
 
 
@@ -97,19 +102,8 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def logits_through(model_path: Path, endpoint: str) -> np.ndarray:
-    from engine import load_model
-
-    model = load_model(model_path, rpc=endpoint, n_gpu_layers=99, ctx_size=64)
-    try:
-        return model.logits(PROMPT)
-    finally:
-        model.net.close()
-
-
 def legit_logits(model_path: Path, endpoint: str) -> tuple[np.ndarray, str]:
     """A legitimate client's logits; if what the fuzz left held fills -m (OUT_OF_MEMORY), after freeing it."""
-    from rpcnode.client import Client, RPCError
 
     try:
         return logits_through(model_path, endpoint), "as the fuzz left it"
@@ -122,8 +116,6 @@ def legit_logits(model_path: Path, endpoint: str) -> tuple[np.ndarray, str]:
 
 
 def main() -> int:
-    from engine.placement import parse_size
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=1_000_000)
     p.add_argument("--connections", type=int, default=16, help="connections at once (default 16)")
@@ -140,9 +132,6 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("fuzz_worker: needs root (it makes a memory cgroup)")
 
-    from engine.synth import SynthSpec, write_model
-    from tests.rpcnode.fuzz_campaign import Plan, run_campaign
-    from tests.rpcnode.session_fuzz import Mutator, record_sessions
 
     work = args.dir or Path(tempfile.mkdtemp(prefix="ikctl-fuzz-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,25 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+
+from engine import load_model
 from rpcnode import protocol as P
 from tests.rpcnode.session_fuzz import Fuzzed, Mutator
 
 SAMPLES = 20  # INTERNAL replies and hangs kept for the report, each
+PROMPT = [1, 5, 9, 20, 33]  # the recorded sessions' prompt, and the legitimate client's before and after
+
+
+def logits_through(model_path: Path, endpoint: str) -> np.ndarray:
+    """A legitimate client's logits of PROMPT with every layer on the worker at endpoint."""
+    model = load_model(model_path, rpc=endpoint, n_gpu_layers=99, ctx_size=64)
+    try:
+        return model.logits(PROMPT)
+    finally:
+        model.net.close()
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,12 @@ import numpy as np
 import psutil
 import pytest
 
-from engine import load_model
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
 from tests.rpcnode.conftest import WorkerProc, start_worker
-from tests.rpcnode.fuzz_campaign import Plan, run_campaign
+from tests.rpcnode.fuzz_campaign import PROMPT, Plan, logits_through, run_campaign
 from tests.rpcnode.session_fuzz import Mutator, Request, Session, mutate, raw_frame, record_sessions, restore
 
-PROMPT = [1, 5, 9, 20, 33]
 STALL_S = 1.0
 
 
@@ -40,14 +38,6 @@ def sessions(worker: WorkerProc, small_model: Path) -> dict[str, list[Request]]:
     return record_sessions(small_model, worker.endpoint, PROMPT)
 
 
-def logits(model_path: Path, endpoint: str) -> np.ndarray:
-    model = load_model(model_path, rpc=endpoint, n_gpu_layers=99, ctx_size=64)
-    try:
-        return model.logits(PROMPT)
-    finally:
-        model.net.close()
-
-
 def first(session: list[Request], kind: P.Kind) -> Request:
     return next(r for r in session if r.kind == kind)
 
@@ -60,7 +50,7 @@ def test_a_short_campaign(worker: WorkerProc, sessions: dict[str, list[Request]]
     """Three thousand mutated frames over 4 connections at once, in pipelined batches: every frame is answered
     (never INTERNAL) or its connection closed by the worker within the deadline, nothing logged as a traceback,
     and a legitimate client's logits afterwards are what they were."""
-    want = logits(small_model, worker.endpoint)
+    want = logits_through(small_model, worker.endpoint)
     tally = run_campaign(worker.endpoint, Mutator(sessions, seed=13),
                          Plan(frames=3000, connections=4, stall_s=STALL_S, deadline_s=30.0, seed=13))
     assert tally.frames >= 3000 and tally.connections >= 4
@@ -70,7 +60,7 @@ def test_a_short_campaign(worker: WorkerProc, sessions: dict[str, list[Request]]
     assert tally.codes["RunReply"] > 0 and tally.codes["BAD_METADATA"] > 0  # it reached the ops and the decoder
     assert worker.proc.poll() is None
     assert "Traceback" not in worker.log_text()
-    assert np.array_equal(logits(small_model, worker.endpoint), want)
+    assert np.array_equal(logits_through(small_model, worker.endpoint), want)
 
 
 # ---- what the campaign found ----------------------------------------------------------------------------------
