@@ -19,9 +19,18 @@ import pytest
 
 from engine import IkctlError, load_model
 from engine.config import DeepSeek2Config
-from engine.distributed import DistributedNet, WorkerError
+from engine.digests import model_digests
+from engine.distributed import (
+    DistributedNet,
+    WorkerError,
+    kv_bytes_per_layer,
+    program_bytes_per_layer,
+    rules_from_options,
+)
 from engine.gguf_file import GGUFFile
-from engine.placement import PlacementError, devices_for, plan
+from engine.model import Options
+from engine.placement import PlacementError, devices_for, layer_ops, plan
+from engine.segments import parse_program, program_host_bytes, segment_records
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
 from rpcnode.client import Client, RPCError
@@ -343,8 +352,6 @@ def test_a_program_with_absurd_hyper_parameters_is_refused(workers: Callable[...
                                                            synth_model: Path) -> None:
     """One small DefineSegment used to make the worker build a billion-entry layer list: the config values are
     bounded before anything is built, the answer is BAD_PROGRAM, and the worker keeps serving."""
-    from engine.segments import segment_records
-
     w = workers("-m", "256MiB")
     cfg = DeepSeek2Config.from_gguf(GGUFFile(synth_model))
     (head,) = segment_records(cfg, [], {}, mla=3, amb_bytes=1 << 20, cache_type="f16", n_ctx=64)
@@ -364,10 +371,6 @@ def test_a_program_whose_config_does_not_fit_its_tensors_is_refused(workers: Cal
     bounds for an int) made the worker's first attention run build a 4 GB rope table (the cgroup killed it). The
     hyper-parameters that size tables and scratch must be those of the tensors named: refused as BAD_PROGRAM,
     before anything is built, and the worker's memory and its answers stay as they were."""
-    from engine.digests import model_digests
-    from engine.placement import layer_ops
-    from engine.segments import segment_records
-
     w = workers("-m", "256MiB")
     model = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)  # holds every tensor
     f = model.gguf
@@ -397,9 +400,6 @@ def test_a_programs_own_memory_is_charged(workers: Callable[..., WorkerProc], sy
     decoded Wk/Wv of each attention layer, an object per op. A peer naming the same held tensors under thousands
     of layers made the worker keep all of that outside -m; now a program is charged before its runner is built,
     refused OUT_OF_MEMORY when it does not fit, and given back when it is freed."""
-    from engine.digests import model_digests
-    from engine.segments import parse_program, program_host_bytes, segment_records
-
     w = workers("-m", "24MiB")
     model = load_model(synth_model, rpc=w.endpoint, n_gpu_layers=99)  # holds every tensor
     f = model.gguf
@@ -486,9 +486,6 @@ def test_sigkill_during_generation_names_the_worker(workers: Callable[..., Worke
 
 def _worker_need(model_path: Path, ctx_size: int, **flags: object) -> tuple[int, int, int]:
     """(weight bytes, KV bytes, program bytes) the planner puts on the one worker for these flags."""
-    from engine.distributed import kv_bytes_per_layer, program_bytes_per_layer, rules_from_options
-    from engine.model import Options
-
     f = GGUFFile(model_path)
     opts = Options(ctx_size=ctx_size, **flags)  # type: ignore[arg-type]
     rules = rules_from_options(opts)

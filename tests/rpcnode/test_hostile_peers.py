@@ -17,7 +17,10 @@ import psutil
 import pytest
 
 from engine import load_model
+from engine.config import DeepSeek2Config
 from engine.distributed import WorkerError
+from engine.gguf_file import GGUFFile
+from engine.segments import MAX_AMB_BYTES, parse_program, segment_records
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
 from rpcnode.client import Client, RPCError
@@ -234,10 +237,6 @@ def test_limit_flags_out_of_range_are_refused(tmp_path: Path, flag: str, value: 
 
 def test_a_programs_attention_scratch_is_capped(synth_model: Path) -> None:
     """-amb sizes the attention score blocks; a peer's 2**60 would make one block of any size."""
-    from engine.config import DeepSeek2Config
-    from engine.gguf_file import GGUFFile
-    from engine.segments import MAX_AMB_BYTES, parse_program, segment_records
-
     cfg = DeepSeek2Config.from_gguf(GGUFFile(synth_model))
     records = segment_records(cfg, [], {}, mla=3, amb_bytes=1 << 60, cache_type="f16", n_ctx=64)
     assert parse_program(records).amb_bytes == MAX_AMB_BYTES
