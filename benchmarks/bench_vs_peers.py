@@ -10,7 +10,8 @@ Models, made once into --dir (default ~/.cache/ikctl/bench):
 The F16 files are quantized to Q4_K_M / Q8_0 by llama.cpp's own quantizer (llama_model_quantize, default params).
 
 Engines, each sweep-benched in its own process with the same -t/-c/-ub/-n (rows at N_KV = 0, ub, 2ub, ...):
-  ikctl         python -m tui.cli bench --json
+  ikctl         python -m tui.cli bench --json (with OPENBLAS_CORETYPE=SkylakeX where ikctl says OpenBLAS runs
+                pre-AVX-512 kernels on an AVX-512 CPU: the setting its note asks a user for)
   llama.cpp     benchmarks/peer_llamacpp.py (llama-cpp-python), CPU_REPACK weight buffers on
   ik_llama.cpp  llama-sweep-bench -rtr -mla 3 (its defaults: -fa, fused MoE) from --ik-bin DIR or $IK_LLAMA_BIN
 Each round runs every model on every engine (the engine order rotates per round); speeds are the best of the
@@ -38,6 +39,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+
+from engine.threads import blas_note  # noqa: E402 (the repository's root is on the path from here)
 
 ENGINES = ("ikctl", "llama.cpp", "ik_llama.cpp")
 PEERS = ENGINES[1:]
@@ -143,9 +146,10 @@ def _why(stderr: str) -> str:
     return (loads[:1] or errors[:1] or lines[-1:] or ["no output"])[0][:300]
 
 
-def _run(cmd: list[str], timeout: float, cwd: Path = HERE.parent) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], timeout: float, cwd: Path = HERE.parent,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
     except subprocess.TimeoutExpired:
         raise EngineError("failed", f"timed out after {timeout:.0f} s") from None
 
@@ -163,9 +167,12 @@ def run_ikctl(model: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any
         out = Path(tmp) / "ikctl.json"
         cmd = [sys.executable, "-m", "tui.cli", "bench", "-m", str(model), "-t", str(args.threads),
                "-c", str(args.ctx), "-ub", str(args.ubatch), "-n", str(args.n_gen), "--json", str(out)]
-        _check(_run(cmd, args.timeout))
+        env = dict(os.environ)
+        if blas_note() is not None:
+            env["OPENBLAS_CORETYPE"] = "SkylakeX"
+        _check(_run(cmd, args.timeout, env=env))
         doc = json.loads(out.read_text())
-    return doc["rows"], {k: doc.get(k) for k in ("active_weight_bytes", "model_bytes", "quant", "mla")}
+    return doc["rows"], {k: doc.get(k) for k in ("active_weight_bytes", "model_bytes", "quant", "mla", "blas")}
 
 
 def run_llamacpp(model: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:

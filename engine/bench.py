@@ -121,6 +121,7 @@ def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int, kernels: b
     from importlib.metadata import PackageNotFoundError, version
 
     from engine.kernels import get_threads
+    from engine.threads import blas
 
     try:
         pkg = version("ikctl")
@@ -144,6 +145,7 @@ def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int, kernels: b
         "activations": "float32" if model.options.float_activations or not kernels else "int8",
         "placement": placement_bytes(model),
         "host": host_info(),
+        "blas": asdict(blas()),
         "ikctl_version": pkg,
     }
 

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from engine.errors import IkctlError
+from engine.threads import blas_note
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -186,10 +187,18 @@ def resolve_model_path(path: str | None) -> str:
     return str(default_model_path())
 
 
+def _note_blas() -> None:
+    """Say once when NumPy's BLAS would leave half of this CPU's prompt-processing speed unused."""
+    note = blas_note()
+    if note:
+        print(note, file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from engine import load_model
 
     model = load_model(resolve_model_path(args.model), **model_options(args))
+    _note_blas()
     prompt = args.prompt
     if args.system_prompt is not None and not args.chat:
         raise IkctlError("-sys has no effect with -no-cnv (the prompt goes to the model as raw text); put the "
@@ -239,6 +248,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         use_kernels(False)
     model = load_model(resolve_model_path(args.model), **model_options(args))
+    _note_blas()
     n_ctx = model.n_ctx
     n_gen = args.n_gen if args.n_gen is not None else max(1, args.ubatch_size // 4)
     sweep_steps(n_ctx, args.ubatch_size, n_gen)  # reject impossible settings before printing anything

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import pytest
 
 from engine.bench import sweep_steps
 from engine.errors import IkctlError
+from engine.threads import blas, blas_note
 
 ROW_KEYS = {"n_kv", "pp", "tg", "t_pp", "speed_pp", "t_tg", "speed_tg"}
 
@@ -45,6 +47,10 @@ def test_bench_on_the_embedded_model(tmp_path: Path) -> None:
     assert doc["threads"] == 1 and doc["n_ctx"] == 128 and "Q8_0" in doc["quant"]
     assert doc["activations"] == "int8" and doc["kernels"] == "fused"
     assert doc["host"]["cores"] >= 1
+    # the BLAS prefill runs on, and the one-line note where it leaves AVX-512 unused (this process's env is the same)
+    assert doc["blas"] == dataclasses.asdict(blas())
+    note = blas_note()
+    assert note in proc.stderr.splitlines() if note else "OPENBLAS_CORETYPE" not in proc.stderr
     rows = doc["rows"]
     assert [r["n_kv"] for r in rows] == [0, 32, 64, 96]
     for r in rows:
