@@ -188,7 +188,7 @@ def resolve_model_path(path: str | None) -> str:
 
 
 def _note_blas() -> None:
-    """Say once when NumPy's BLAS would leave half of this CPU's prompt-processing speed unused."""
+    """Say, before a benchmark, when NumPy's BLAS would leave half of this CPU's prompt-processing speed unused."""
     note = blas_note()
     if note:
         print(note, file=sys.stderr)
@@ -198,7 +198,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine import load_model
 
     model = load_model(resolve_model_path(args.model), **model_options(args))
-    _note_blas()
     prompt = args.prompt
     if args.system_prompt is not None and not args.chat:
         raise IkctlError("-sys has no effect with -no-cnv (the prompt goes to the model as raw text); put the "
