@@ -15,6 +15,7 @@ import numpy as np
 from engine.attention import causal_attention
 from engine.config import GATING_SOFTMAX, DeepSeek2Config
 from engine.errors import ModelFileError
+from engine.forward_pass import Op, State, model_ops, run_local
 from engine.gguf_file import GGUFFile
 from engine.kernels import MATVEC_MAX_T, takes_int8
 from engine.kv_cache import KVCache
@@ -216,35 +217,17 @@ class DeepSeek2:
     def new_cache(self, n_ctx: int, cache_type: str) -> KVCache:
         return KVCache(self.cfg.n_layers, self.cache_widths(), n_ctx, cache_type, self.xp)
 
-    # ---- forward -------------------------------------------------------------------------------
+    # ---- the pass as ops (engine/forward_pass.py) ----------------------------------------------------------
+    def ops(self) -> list[Op]:
+        """The whole forward pass: every layer's attention and FFN, and its routed experts where it has them."""
+        moe = ("attn", "ffn", "moe_experts")
+        return model_ops(self.cfg.n_layers, lambda i: moe if self.cfg.is_moe_layer(i) else moe[:2])
+
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens after the cached ones; logits [T, V] if all_logits else [1, V] (last token)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        T = len(ids)
-        pos0 = cache.reserve(T)
-        positions = np.arange(pos0, pos0 + T)
-        x = self.token_embd.rows(ids)  # [T, D]
-        for i, layer in enumerate(self.layers):
-            x = self._layer(i, layer, x, positions, cache)
-        cache.advance(T)
-        rows = x if all_logits else x[-1:]
-        return self.output.matmul_t(rms_norm(rows, self.output_norm, self.cfg.rms_norm_eps))
+        return run_local(self.run_op, self.ops(), ids, cache, all_logits)
 
-    def _layer(self, i: int, L: Layer, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
-        c = self.cfg
-        x = x + self._attention(i, L, rms_norm(x, L.attn_norm, c.rms_norm_eps), positions, cache)
-        h = rms_norm(x, L.ffn_norm, c.rms_norm_eps)
-        if L.ffn is not None:
-            return x + swiglu(h, *L.ffn)
-        assert L.gate_inp is not None and L.experts is not None
-        idx, w = route(self.router, L.gate_inp.matmul_t(h), L.probs_bias)
-        y = moe_ffn(h, idx, w, *L.experts)
-        if L.shared is not None:
-            y = y + swiglu(h, *L.shared)
-        return x + y
-
-    # ---- one op at a time (a forward pass split across devices; see engine/distributed.py) ---------------
-    def run_op(self, op: tuple[int, str], state: dict[str, np.ndarray], positions: np.ndarray,
+    def run_op(self, op: Op, state: State, positions: np.ndarray,
                cache: KVCache | None, defer_shared: bool = False) -> None:
         """Apply one op to the pass state in place: "x" the hidden state [T, D]; between a MoE layer's ffn and
         moe_experts ops also "h" (normed input), "idx"/"w" (routing) and "shared" (shared experts' output);
@@ -290,7 +273,7 @@ class DeepSeek2:
 
     @staticmethod
     def finish_moe(state: dict[str, np.ndarray], y: np.ndarray) -> None:
-        """Add the routed experts' output y (+ the shared experts') to the residual, in _layer's order; without a
+        """Add the routed experts' output y (+ the shared experts') to the residual; without a
         residual in the state (an expert-only remote segment) leave y as "y" for the caller."""
         if "shared" in state:
             y = y + state.pop("shared")

@@ -17,6 +17,7 @@ import numpy as np
 from engine.config import DeepSeek2Config
 from engine.deepseek2 import keeps_kv_weights, kv_weights_bytes
 from engine.errors import IkctlError
+from engine.forward_pass import begin, finish
 from engine.gguf_file import TensorInfo
 from engine.kv_cache import KVCache
 from engine.placement import CPU, Placement, PlacementRules, Segment, devices_for, layer_ops, plan, tensor_layer
@@ -253,12 +254,9 @@ class DistributedNet:
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens: local segments in place, each remote one in one round trip; logits as DeepSeek2."""
-        ids = np.asarray(ids, dtype=np.int64)
-        T = len(ids)
-        pos0 = cache.reserve(T)
-        positions = np.arange(pos0, pos0 + T)
+        positions, state = begin(ids, cache, all_logits)
+        pos0, T = int(positions[0]), len(positions)
         seq_id = getattr(cache, "seq_id", 0)
-        state: dict[str, np.ndarray] = {"ids": ids, "n_out": np.asarray(T if all_logits else 1, dtype=np.int64)}
         for k, seg in enumerate(self.segments):
             if seg.device == CPU:
                 overlap = k + 1 < len(self.segments) and self._overlaps(k + 1)
@@ -266,8 +264,7 @@ class DistributedNet:
                     self.local.run_op(op, state, positions, cache, defer_shared=overlap and op == seg.ops[-1])
             else:
                 self._run_remote(k, seg, state, pos0, T, seq_id)
-        cache.advance(T)
-        return np.array(state["logits"])  # a copy: the reply's buffer is read-only
+        return np.array(finish(cache, positions, state))  # a copy: the reply's buffer is read-only
 
     def _overlaps(self, k: int) -> bool:
         """Segment k is a worker's routed experts alone: the caller computes the shared experts meanwhile."""

@@ -25,6 +25,7 @@ from engine.deepseek2 import (
     required,
 )
 from engine.errors import ModelFileError
+from engine.forward_pass import Op, State, model_ops, run_local
 from engine.gguf_file import GGUFFile
 from engine.kv_cache import KVCache
 from engine.moe import swiglu
@@ -133,25 +134,15 @@ class Llama:
     def new_cache(self, n_ctx: int, cache_type: str) -> KVCache:
         return KVCache(self.cfg.n_layers, self.cache_widths(), n_ctx, cache_type)
 
-    # ---- forward -------------------------------------------------------------------------------
+    # ---- the pass as ops (engine/forward_pass.py) ----------------------------------------------------------
+    def ops(self) -> list[Op]:
+        return model_ops(self.cfg.n_layers, lambda i: ("attn", "ffn"))
+
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens after the cached ones; logits [T, V] if all_logits else [1, V] (last token)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        T = len(ids)
-        pos0 = cache.reserve(T)
-        positions = np.arange(pos0, pos0 + T)
-        cos, sin = self.rope.cos_sin(positions)  # [T, n_rot / 2], shared by every layer
-        x = self.token_embd.rows(ids)  # [T, D]
-        eps = self.cfg.rms_norm_eps
-        for i, L in enumerate(self.layers):
-            x = x + self._attention(i, L, rms_norm(x, L.attn_norm, eps), positions, cos, sin, cache)
-            x = x + swiglu(rms_norm(x, L.ffn_norm, eps), *L.ffn)
-        cache.advance(T)
-        rows = x if all_logits else x[-1:]
-        return self.output.matmul_t(rms_norm(rows, self.output_norm, eps))
+        return run_local(self.run_op, self.ops(), ids, cache, all_logits)
 
-    # ---- one op at a time (a forward pass split across devices; see engine/distributed.py) ---------------
-    def run_op(self, op: tuple[int, str], state: dict[str, np.ndarray], positions: np.ndarray,
+    def run_op(self, op: Op, state: State, positions: np.ndarray,
                cache: KVCache | None, defer_shared: bool = False) -> None:
         """Apply one op to the pass state in place, as DeepSeek2.run_op: "x" the hidden state [T, D]; "ids" before
         embd; "n_out" (rows of logits wanted) before output, which leaves only "logits". No shared experts here,

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
+from engine.forward_pass import Op
 from engine.placement_rules import (  # noqa: F401  (re-exported: callers import the planner's inputs from here)
     CPU,
     Device,
@@ -27,7 +28,6 @@ from engine.placement_rules import (  # noqa: F401  (re-exported: callers import
     parse_tensor_split,
 )
 
-Op = tuple[int, str]  # (layer, part); part is one of OP_PARTS
 OP_PARTS = ("embd", "attn", "ffn", "moe_experts", "output")
 
 _LAYER = re.compile(r"blk\.(\d+)\.")

@@ -15,10 +15,11 @@ import numpy as np
 from engine.config import DeepSeek2Config, LlamaConfig, RopeConfig, shape_problem
 from engine.deepseek2 import keeps_kv_weights, kv_weights_bytes
 from engine.errors import IkctlError
+from engine.forward_pass import Op
 from engine.kernels import MATVEC_MAX_T, TILE_BYTES, activations, drop_tile_scratch
 from engine.kv_cache import CACHE_TYPES, KVCache, row_bytes
 from engine.ops import to_host
-from engine.placement import Op, op_part, tensor_layer
+from engine.placement import op_part, tensor_layer
 from engine.quant import QTensor
 from engine.rope import table_bytes
 
