@@ -9,6 +9,9 @@ from typing import TypeVar
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
 
+# Decoded float32 Wk/Wv of all layers are kept when they fit this together (DeepSeek2.kv_weights).
+KV_F32_BUDGET = 256 << 20
+
 GATING_SOFTMAX = 1
 GATING_SIGMOID = 2
 
@@ -151,6 +154,20 @@ class DeepSeek2Config:
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.first_k_dense_replace and self.n_routed_experts > 0
 
+    def layer_parts(self, i: int) -> tuple[str, ...]:
+        """Layer i's ops in pass order (engine.forward_pass): routed experts after the router's ffn op."""
+        return ("attn", "ffn", "moe_experts") if self.is_moe_layer(i) else ("attn", "ffn")
+
+    def kv_weights_bytes(self) -> int:
+        """One layer's decoded per-head Wk and Wv (DeepSeek2.kv_weights) in float32."""
+        return 4 * self.n_heads * (self.qk_nope_head_dim + self.v_head_dim) * self.kv_lora_rank
+
+    def kept_attn_bytes(self) -> int:
+        """What a network keeps decoded per attention layer once made: every layer's Wk/Wv when they fit
+        KV_F32_BUDGET together, else nothing (decoded at each use)."""
+        kv = self.kv_weights_bytes()
+        return kv if self.n_layers * kv <= KV_F32_BUDGET else 0
+
     def cache_widths(self, mla: int) -> dict[str, int]:
         """Row widths of one layer's KV cache: per-head K and V (-mla 0), else MLA's latent + roped key."""
         if mla == 0:
@@ -272,6 +289,12 @@ class LlamaConfig:
         w = self.n_kv_heads * self.head_dim
         return {"k": w, "v": w}
 
+    def layer_parts(self, i: int) -> tuple[str, ...]:
+        return ("attn", "ffn")
+
+    def kept_attn_bytes(self) -> int:
+        return 0
+
     def rope_problem(self) -> str | None:
         """Why the rope dims cannot be these (see DeepSeek2Config.rope_problem), or None."""
         if self.rope.n_rot > self.head_dim or self.rope.n_rot % 2:
@@ -309,12 +332,3 @@ class LlamaConfig:
             context_length=int(g(f"{a}.context_length")),
             rope=_rope_from_gguf(f, a, n_rot),
         ))
-
-
-def model_config(f: GGUFFile) -> DeepSeek2Config | LlamaConfig:
-    """The hyper-parameters of a deepseek2 or llama file, from its header alone."""
-    if f.architecture == "deepseek2":
-        return DeepSeek2Config.from_gguf(f)
-    if f.architecture == "llama":
-        return LlamaConfig.from_gguf(f)
-    raise ModelFileError(f"{f.path}: architecture '{f.architecture or '?'}' is not supported (deepseek2, llama)")

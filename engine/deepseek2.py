@@ -25,7 +25,6 @@ from engine.quant import QTensor
 from engine.rope import RopeTable, apply_rope
 
 MLA_MODES = (0, 1, 2, 3)
-KV_F32_BUDGET = 256 << 20
 
 
 @dataclass
@@ -47,16 +46,6 @@ class Layer:
     probs_bias: np.ndarray | None
     experts: tuple[QTensor, QTensor, QTensor] | None
     shared: tuple[QTensor, QTensor, QTensor] | None
-
-
-def kv_weights_bytes(cfg: DeepSeek2Config) -> int:
-    """One layer's decoded per-head Wk and Wv (DeepSeek2.kv_weights) in float32."""
-    return 4 * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank
-
-
-def keeps_kv_weights(cfg: DeepSeek2Config) -> bool:
-    """Whether a network keeps every layer's decoded Wk/Wv once made (they fit KV_F32_BUDGET together)."""
-    return cfg.n_layers * kv_weights_bytes(cfg) <= KV_F32_BUDGET
 
 
 def load_weight(f: GGUFFile, name: str) -> QTensor:
@@ -167,12 +156,18 @@ def load_layer(get: Getter, cfg: DeepSeek2Config, i: int, parts: Container[str] 
 class DeepSeek2:
     """Weights of a deepseek2 GGUF, used in place (memory-mapped), and the forward pass over a KVCache."""
 
+    OP_PARTS = ("embd", "attn", "ffn", "moe_experts", "output")  # what run_op runs
+
     def __init__(self, f: GGUFFile, mla: int = 3, amb_bytes: int = 256 << 20) -> None:
         self._setup(DeepSeek2Config.from_gguf(f), mla, amb_bytes)
         self.token_embd = load_weight(f, "token_embd.weight")
         self.output_norm = load_vector(f, "output_norm.weight")
         self.output = _optional(f, "output.weight") or self.token_embd
         self.layers = [self._load_layer(f, i) for i in range(self.cfg.n_layers)]
+
+    @classmethod
+    def load(cls, f: GGUFFile, mla: int, amb_bytes: int) -> DeepSeek2:
+        return cls(f, mla, amb_bytes)
 
     @classmethod
     def from_parts(cls, cfg: DeepSeek2Config, get: Getter, ops: Iterable[tuple[int, str]], mla: int = 3,
@@ -185,6 +180,9 @@ class DeepSeek2:
         net.token_embd, net.output_norm, net.output = ends_from_parts(get, cfg.n_layers, parts)
         net.layers = [load_layer(get, cfg, i, parts[i]) if i in parts else None  # type: ignore[misc]
                       for i in range(cfg.n_layers)]
+        # a segment's Wk/Wv are decoded for each call, never kept: kept, they would sit outside the worker's -m (up
+        # to 256 MiB per segment, a peer may define many); decoded, they are the run's scratch, counted before it
+        net._kv_f32 = None
         return net
 
     def _setup(self, cfg: DeepSeek2Config, mla: int, amb_bytes: int, xp: Any = np) -> None:
@@ -205,7 +203,7 @@ class DeepSeek2:
             group_score="max" if cfg.gating_func == GATING_SOFTMAX else "sum2",
         )
         # Decoded Wk/Wv per layer, kept when all of them fit the budget; otherwise decoded at each use.
-        self._kv_f32: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if keeps_kv_weights(cfg) else None
+        self._kv_f32: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cfg.kept_attn_bytes() else None
 
     def _load_layer(self, f: GGUFFile, i: int) -> Layer:
         return load_layer(gguf_getter(f), self.cfg, i, where=f"{f.path}: ")
@@ -220,8 +218,18 @@ class DeepSeek2:
     # ---- the pass as ops (engine/forward_pass.py) ----------------------------------------------------------
     def ops(self) -> list[Op]:
         """The whole forward pass: every layer's attention and FFN, and its routed experts where it has them."""
-        moe = ("attn", "ffn", "moe_experts")
-        return model_ops(self.cfg.n_layers, lambda i: moe if self.cfg.is_moe_layer(i) else moe[:2])
+        return model_ops(self.cfg.n_layers, self.cfg.layer_parts)
+
+    @staticmethod
+    def attention_scratch(c: DeepSeek2Config, T: int, S: int, kv_decode: bool) -> tuple[int, int]:
+        """(floats, heads per key head) that _attention keeps alive at once for T queries over S keys besides its
+        score chunk (engine.segments.run_scratch_bytes): projections, rope, concatenations; the cache read as f32,
+        K and V decompressed; Wk/Wv decoded for this call (kv_decode). Every query head has its own key."""
+        H, dn, dr, dv, r = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        floats = T * (H * (4 * dn + 9 * dr + 4 * r + 2 * dv) + 2 * c.q_lora_rank + 3 * r + 7 * dr)
+        floats += S * ((r + dr) + H * (2 * dn + dr + dv))
+        floats += 2 * H * (dn + dv) * r if kv_decode else 0
+        return floats, H
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens after the cached ones; logits [T, V] if all_logits else [1, V] (last token)."""

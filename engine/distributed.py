@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.config import DeepSeek2Config
-from engine.deepseek2 import keeps_kv_weights, kv_weights_bytes
 from engine.errors import IkctlError
 from engine.forward_pass import begin, finish
 from engine.gguf_file import TensorInfo
@@ -126,7 +124,7 @@ def program_bytes_per_layer(cfg: Any, opts: Options, tensors: Iterable[TensorInf
         if len(t.shape) == 1:
             layer = tensor_layer(t.name)
             vectors[layer] = vectors.get(layer, 0) + 4 * int(t.shape[0])
-    kv = kv_weights_bytes(cfg) if isinstance(cfg, DeepSeek2Config) and keeps_kv_weights(cfg) else 0
+    kv = cfg.kept_attn_bytes()
     rope = table_bytes(cfg.rope.n_rot, context_size(cfg, opts))
     return PROGRAM_BASE_BYTES + 3 * OP_BYTES + 8 * int(cfg.n_layers) + max(vectors.values(), default=0) + kv + rope
 
@@ -348,8 +346,6 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
     """The network itself when the placement keeps everything local, else a DistributedNet over the workers.
     The plan is checked against each worker's memory (its -m, or the cluster file's, or --device-mem) with the
     KV cache of the whole context counted, before any tensor is sent."""
-    from engine.deepseek2 import DeepSeek2
-    from engine.llama import Llama
     from rpcnode.client import Client
 
     cluster = _cluster(opts)
@@ -377,9 +373,6 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
             for c in clients.values():
                 c.close()
             return net
-        if not isinstance(net, DeepSeek2 | Llama):
-            raise IkctlError(f"{gguf.path}: running layers on workers needs a deepseek2 or llama model; this one is "
-                             f"{gguf.architecture} (drop --rpc/-ot/-ngl)")
         used = {d: c for d, c in clients.items() if d in remote}
         for d in set(clients) - set(used):
             clients.pop(d).close()

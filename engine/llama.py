@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -96,6 +97,7 @@ class Llama:
     """Weights of a llama GGUF, used in place (memory-mapped), and the forward pass over a KVCache."""
 
     xp = np  # activations and KV caches are host arrays (no GPU llama path yet)
+    OP_PARTS = ("embd", "attn", "ffn", "output")  # what run_op runs
 
     def __init__(self, f: GGUFFile, amb_bytes: int = 256 << 20) -> None:
         check_supported(f)
@@ -108,9 +110,18 @@ class Llama:
         self.layers = [load_layer(get, i, where=f"{f.path}: ") for i in range(self.cfg.n_layers)]
 
     @classmethod
-    def from_parts(cls, cfg: LlamaConfig, get: Getter, ops: Iterable[tuple[int, str]],
-                   amb_bytes: int = 256 << 20) -> Llama:
-        """A network holding only the weights of `ops` (a worker's segment); other layers are None."""
+    def load(cls, f: GGUFFile, mla: int, amb_bytes: int) -> Llama:
+        """The network of a llama file (mla: DeepSeek's attention modes, nothing to choose here)."""
+        return cls(f, amb_bytes)
+
+    @classmethod
+    def from_parts(cls, cfg: LlamaConfig, get: Getter, ops: Iterable[tuple[int, str]], mla: int = 0,
+                   amb_bytes: int = 256 << 20, xp: Any = np) -> Llama:
+        """A network holding only the weights of `ops` (a worker's segment); other layers are None. Host arrays
+        only (xp NumPy); mla is DeepSeek's and ignored."""
+        if xp is not np:
+            raise ModelFileError("llama layers cannot run on a GPU yet (CUDA runs deepseek2 models); keep them on "
+                                 "the CPU or on CPU workers")
         net = cls.__new__(cls)
         net._setup(cfg, amb_bytes)
         parts = parts_by_layer(ops)
@@ -136,7 +147,14 @@ class Llama:
 
     # ---- the pass as ops (engine/forward_pass.py) ----------------------------------------------------------
     def ops(self) -> list[Op]:
-        return model_ops(self.cfg.n_layers, lambda i: ("attn", "ffn"))
+        return model_ops(self.cfg.n_layers, self.cfg.layer_parts)
+
+    @staticmethod
+    def attention_scratch(c: LlamaConfig, T: int, S: int, kv_decode: bool) -> tuple[int, int]:
+        """(floats, heads per key head) that _attention keeps alive at once for T queries over S keys besides its
+        score chunk (engine.segments.run_scratch_bytes): projections, rope, the cache read as f32."""
+        H, hd, Hkv = c.n_heads, c.head_dim, c.n_kv_heads
+        return T * (7 * H * hd + 5 * Hkv * hd) + S * 2 * Hkv * hd, H // max(Hkv, 1)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens after the cached ones; logits [T, V] if all_logits else [1, V] (last token)."""

@@ -11,7 +11,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from engine.errors import IkctlError, ModelFileError
+from engine.architectures import load_network
+from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
 from engine.kernels import activations
 from engine.kv_cache import CACHE_TYPES, KVCache
@@ -77,19 +78,6 @@ class Network(Protocol):
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray: ...
 
 
-def _build_network(f: GGUFFile, opts: Options) -> Network:
-    arch = f.architecture
-    if arch == "deepseek2":
-        from engine.deepseek2 import DeepSeek2
-
-        return DeepSeek2(f, mla=opts.mla, amb_bytes=opts.amb << 20)
-    if arch == "llama":
-        from engine.llama import Llama
-
-        return Llama(f, amb_bytes=opts.amb << 20)
-    raise ModelFileError(f"{f.path}: architecture '{arch or '?'}' is not supported (deepseek2, llama)")
-
-
 class Model:
     """A loaded model: weights stay memory-mapped in their GGUF encoding."""
 
@@ -100,7 +88,7 @@ class Model:
         self.path = path
         self.gguf = gguf
         self.options = options
-        self.net = _build_network(gguf, options)
+        self.net = load_network(gguf, options.mla, options.amb << 20)
         if options.placed:
             from engine.distributed import distribute
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import DeepSeek2Config, LlamaConfig, RopeConfig, shape_problem
-from engine.deepseek2 import keeps_kv_weights, kv_weights_bytes
+from engine.architectures import REGISTRY, ModelConfig, of_config
+from engine.config import RopeConfig, shape_problem
 from engine.errors import IkctlError
 from engine.forward_pass import Op
 from engine.kernels import MATVEC_MAX_T, TILE_BYTES, activations, drop_tile_scratch
@@ -42,16 +42,6 @@ class ProgramError(IkctlError):
 
 
 # ---- the model config as flat scalars (DefineSegment args hold scalars only) -------------------------------
-
-ModelConfig = DeepSeek2Config | LlamaConfig
-ARCHITECTURES: dict[str, type[DeepSeek2Config] | type[LlamaConfig]] = {"deepseek2": DeepSeek2Config,
-                                                                        "llama": LlamaConfig}
-# the ops each architecture's run_op knows
-ARCH_OPS = {"deepseek2": ("embd", "attn", "ffn", "moe_experts", "output"), "llama": ("embd", "attn", "ffn", "output")}
-
-
-def arch_of(cfg: ModelConfig) -> str:
-    return "llama" if isinstance(cfg, LlamaConfig) else "deepseek2"
 
 
 def config_args(cfg: ModelConfig) -> dict[str, Scalar]:
@@ -105,7 +95,7 @@ def _check_config_value(key: str, value: Any, kind: str | None) -> None:
 
 def config_from_args(args: Mapping[str, Any], arch: str = "deepseek2") -> ModelConfig:
     """The inverse of config_args; a missing, mistyped or out-of-bounds field is a ProgramError."""
-    top_types, rope_types = _field_types(ARCHITECTURES[arch]), _field_types(RopeConfig)
+    top_types, rope_types = _field_types(REGISTRY[arch].config), _field_types(RopeConfig)
     for key, value in args.items():
         if key.startswith("cfg.rope."):
             _check_config_value(key, value, rope_types.get(key[len("cfg.rope."):]))
@@ -114,7 +104,7 @@ def config_from_args(args: Mapping[str, Any], arch: str = "deepseek2") -> ModelC
     rope = {k[len("cfg.rope."):]: v for k, v in args.items() if k.startswith("cfg.rope.")}
     top = {k[len("cfg."):]: v for k, v in args.items() if k.startswith("cfg.") and not k.startswith("cfg.rope.")}
     try:
-        return ARCHITECTURES[arch](**top, rope=RopeConfig(**rope))
+        return REGISTRY[arch].config(**top, rope=RopeConfig(**rope))
     except (TypeError, ValueError) as e:
         raise ProgramError(f"bad model config in the segment program: {e}") from None
 
@@ -138,7 +128,7 @@ def segment_records(cfg: ModelConfig, ops: Sequence[Op], tensors: Mapping[str, T
                     amb_bytes: int, cache_type: str, n_ctx: int, model: str = "", int8: bool = True) -> list[Record]:
     """A segment program: a "config" record, then one record per op naming its tensors by digest. int8: the
     worker multiplies with int8-quantized activations, as the coordinator does (engine.kernels.activations)."""
-    head: dict[str, Any] = {"arch": arch_of(cfg), "model": model[:256], "mla": mla, "amb_bytes": amb_bytes,
+    head: dict[str, Any] = {"arch": of_config(cfg).name, "model": model[:256], "mla": mla, "amb_bytes": amb_bytes,
                             "cache_type": cache_type, "n_ctx": n_ctx, "int8": int8, **config_args(cfg)}
     records: list[Record] = [("config", head)]
     for layer, part in ops:
@@ -170,8 +160,8 @@ def parse_program(records: Sequence[Record]) -> Program:
         raise ProgramError("a segment program starts with a 'config' record")
     head = records[0][1]
     arch = head.get("arch")
-    if not isinstance(arch, str) or arch not in ARCHITECTURES:  # a peer's value: a list is not even hashable
-        raise ProgramError(f"architecture {arch!r} is not supported by workers ({', '.join(ARCHITECTURES)})")
+    if not isinstance(arch, str) or arch not in REGISTRY:  # a peer's value: a list is not even hashable
+        raise ProgramError(f"architecture {arch!r} is not supported by workers ({', '.join(REGISTRY)})")
     cache_type = head.get("cache_type")
     if cache_type not in CACHE_TYPES:
         raise ProgramError(f"KV cache type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
@@ -183,7 +173,7 @@ def parse_program(records: Sequence[Record]) -> Program:
     tensors: dict[str, TensorRef] = {}
     for part, args in records[1:]:
         layer = args.get("layer")
-        if part not in ARCH_OPS[arch] or not isinstance(layer, int):
+        if part not in REGISTRY[arch].parts or not isinstance(layer, int):
             raise ProgramError(f"bad op record {part!r} (layer {layer!r})")
         _check_op_layer(cfg, part, layer)
         ops.append((layer, part))
@@ -258,16 +248,8 @@ def run_scratch_bytes(p: Program, n_tokens: int, n_keys: int, n_out: int, kv_dec
         Fe, K = g("moe_intermediate_size"), g("n_experts_per_tok")
         floats += T * K * (3 * Fe + 3 * D) if T <= GATHER_MAX_TOKENS else T * (3 * Fe + 4 * D)
     if "attn" in parts:
-        if isinstance(c, LlamaConfig):
-            hd, Hkv = c.head_dim, c.n_kv_heads
-            floats += T * (7 * H * hd + 5 * Hkv * hd) + S * 2 * Hkv * hd
-            shared = H // max(Hkv, 1)
-        else:
-            dn, dr, dv, r = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
-            floats += T * (H * (4 * dn + 9 * dr + 4 * r + 2 * dv) + 2 * c.q_lora_rank + 3 * r + 7 * dr)
-            floats += S * ((r + dr) + H * (2 * dn + dr + dv))
-            floats += 2 * H * (dn + dv) * r if kv_decode else 0
-            shared = H
+        attn, shared = of_config(c).network.attention_scratch(c, T, S, kv_decode)
+        floats += attn
         rows = min(T, max(1, p.amb_bytes // max(1, 4 * shared * S)))
         floats += rows * (2 * shared * S + 2 * S + 2 * shared)
     return 4 * floats + 4 * floats // SCRATCH_MARGIN
@@ -294,7 +276,7 @@ def program_host_bytes(p: Program) -> int:
     c = p.cfg
     n_attn = sum(part == "attn" for _, part in p.ops)
     vectors = 4 * sum(int(np.prod(ref[2], dtype=np.int64)) for ref in p.tensors.values() if len(ref[2]) == 1)
-    kv_weights = n_attn * kv_weights_bytes(c) if isinstance(c, DeepSeek2Config) and keeps_kv_weights(c) else 0
+    kv_weights = n_attn * c.kept_attn_bytes()
     rope = table_bytes(c.rope.n_rot, p.n_ctx) if n_attn else 0
     return PROGRAM_BASE_BYTES + OP_BYTES * len(p.ops) + 8 * c.n_layers + vectors + kv_weights + rope
 
@@ -307,7 +289,7 @@ def _check_op_layer(cfg: ModelConfig, part: str, layer: int) -> None:
     if not where[0] <= layer <= where[1]:
         raise ProgramError(f"op {part} names layer {layer}; the model has {cfg.n_layers} layers (embd is -1, "
                            f"output {cfg.n_layers})")
-    if part == "moe_experts" and not (isinstance(cfg, DeepSeek2Config) and cfg.is_moe_layer(layer)):
+    if part == "moe_experts" and part not in cfg.layer_parts(layer):
         raise ProgramError(f"op moe_experts names layer {layer}, which has no routed experts")
 
 
@@ -357,9 +339,6 @@ class SegmentRunner:
 
     def __init__(self, program: Program, lookup: Callable[[str], np.ndarray | None],
                  cuda_device: int | None = None) -> None:
-        from engine.deepseek2 import DeepSeek2
-        from engine.llama import Llama
-
         self.program = program
         self.cuda_device = cuda_device
         self.digests = {ref[0] for ref in program.tensors.values()}
@@ -373,27 +352,21 @@ class SegmentRunner:
                 raise ProgramError(f"tensor '{name}' ({ref[0][:16]}…) is not held by this worker")
             return qtensor_from_bytes(name, raw, ref[1], ref[2])
 
-        self.net: Any
-        if isinstance(program.cfg, LlamaConfig):
-            if cuda_device is not None:
-                raise ProgramError("llama layers cannot run on a GPU yet (CUDA runs deepseek2 models); keep "
+        arch = of_config(program.cfg)
+        xp: Any = np
+        getter: Callable[[str], Any] = get
+        if cuda_device is not None:
+            if not arch.on_gpu:
+                raise ProgramError(f"{arch.name} layers cannot run on a GPU yet (CUDA runs deepseek2 models); keep "
                                    "them on the CPU or on CPU workers")
-            self.net = Llama.from_parts(program.cfg, get, program.ops, program.amb_bytes)
-        else:
-            xp: Any = np
-            getter: Callable[[str], Any] = get
-            if cuda_device is not None:
-                from engine.cuda import require
-                from engine.cuda.tensors import upload_getter
+            from engine.cuda import require  # cupy: loaded only where a GPU runs the segment
+            from engine.cuda.tensors import upload_getter
 
-                xp = require(cuda_device)
-                getter = upload_getter(get, cuda_device)
-            with self._on_device():
-                self.net = DeepSeek2.from_parts(program.cfg, getter, program.ops, program.mla, program.amb_bytes,
-                                                xp)
-            # Wk/Wv decoded to f32 for each call, not kept per segment: kept, they would sit outside -m (up to
-            # 256 MiB per segment, a peer may define many); decoded, they are the run's scratch, counted before it
-            self.net._kv_f32 = None
+            xp = require(cuda_device)
+            getter = upload_getter(get, cuda_device)
+        with self._on_device():
+            self.net: Any = arch.network.from_parts(program.cfg, getter, program.ops, program.mla,
+                                                    program.amb_bytes, xp)
         self._attn_layers = {i for i, p in program.ops if p == "attn"}
         self._caches: OrderedDict[int, KVCache] = OrderedDict()
 

@@ -274,7 +274,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from engine.config import model_config
+    from engine.architectures import model_config
     from engine.distributed import ask_capacities, kv_bytes_per_layer, program_bytes_per_layer, worker_tokens
     from engine.gguf_file import GGUFFile
     from engine.model import Options
