@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from textual import on, work
@@ -16,10 +17,14 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
+from engine.cluster import read_cluster
+from engine.distributed import read_token
+from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
-from engine.placement import PlacementRules
+from engine.placement import PlacementRules, parse_device_mem
+from engine.synth import cache_dir
 from tui.host_board import HostBoard
-from tui.inventory import Host
+from tui.inventory import Host, load_hosts
 from tui.local_workers import LocalWorkers
 from tui.messages import SwitchTo, WorkersChanged, WorkFailed
 from tui.plan_flags import PlanFlags
@@ -94,8 +99,6 @@ class IkctlApp(App[None]):
         self.add_mode("hosts", lambda: HostsScreen(self.board, self.monitor))
 
     def on_mount(self) -> None:
-        from engine.distributed import read_token
-
         try:
             default_token = read_token()
         except Exception as e:  # an unreadable $IKCTL_RPC_TOKEN_FILE: the workers show as down, with why
@@ -224,26 +227,17 @@ def _nothing_given(args: argparse.Namespace) -> bool:
 
 def app_from_args(args: argparse.Namespace) -> IkctlApp:
     """The app for parsed arguments; starts the local workers it is to own. IkctlError on bad input."""
-    from pathlib import Path
-
-    from engine.placement import parse_device_mem
-    from engine.synth import cache_dir
-
     if args.model:  # a missing or broken file is one line here, before any worker starts
         GGUFFile(args.model)
     rpc, capacities, tokens = args.rpc, {}, {}
     hosts: tuple[Host, ...] = ()
     cluster_file: Path | None = None
     if args.cluster:
-        from engine.cluster import read_cluster
-
         cluster_file = Path(args.cluster).expanduser()
         cluster = read_cluster(cluster_file)
         rpc = rpc or ",".join(cluster.endpoints())
         capacities, tokens = cluster.capacities(), cluster.tokens()
     if args.hosts:
-        from tui.inventory import load_hosts
-
         hosts = load_hosts(args.hosts)
         # workers launched here are listed in a file of the app's own, so that `ikctl stop --cluster` (or the next
         # `ikctl --hosts`) finds them; `ikctl launch`'s default cluster file is left alone
@@ -276,8 +270,6 @@ def app_from_args(args: argparse.Namespace) -> IkctlApp:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from engine.errors import IkctlError
-
     args = _parser().parse_args(argv)
     try:
         app = app_from_args(args)

@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from engine import load_model
+from engine.architectures import model_config
+from engine.bench import HEADER as SWEEP_HEADER
+from engine.bench import RULE as SWEEP_RULE
+from engine.bench import bench_settings, sweep, sweep_steps, worker_traffic
+from engine.cluster import Cluster, default_cluster_path, read_cluster, write_cluster
+from engine.cuda.local import local_gpus
+from engine.distributed import ask_capacities, kv_bytes_per_layer, program_bytes_per_layer, worker_tokens
 from engine.errors import IkctlError
+from engine.gguf_file import GGUFFile
+from engine.model import Options
+from engine.placement import PlacementRules, devices_for, format_bytes, format_table, parse_device_mem, plan
+from engine.quant import use_kernels
+from engine.synth import default_model_path
 from engine.threads import blas_note
+from rpcnode.__main__ import add_arguments as add_rpcnode_arguments
+from rpcnode.__main__ import run as run_rpcnode
+from tui.bench_results import save_json
+from tui.hosts import add_arguments as add_hosts_arguments
+from tui.hosts import run as run_hosts
+from tui.inventory import load_hosts, with_identity
+from tui.launch import HEADER as LAUNCH_HEADER
+from tui.launch import LaunchOptions, launch_all, log_tails
+from tui.launch import format_table as format_rows
+from tui.launch import table_rows as launch_rows
+from tui.ssh import SSHOptions, SSHTransport
+from tui.stop import HEADER as STOP_HEADER
+from tui.stop import stop_workers
+from tui.stop import table_rows as stop_rows
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -92,8 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_flags(bench)
     rpcnode = sub.add_parser("rpcnode", help="start a worker owning this machine's CPU or one GPU (for --rpc on a "
                              "coordinator)")
-    from rpcnode.__main__ import add_arguments as add_rpcnode_arguments
-
     add_rpcnode_arguments(rpcnode)
     plan = sub.add_parser("plan", help="show where every tensor would go and the bytes per device, loading nothing")
     plan.add_argument("-m", "--model", help="GGUF model file (default: the embedded deepseek2 model, generated once)")
@@ -105,9 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_flags(plan, polling=False)
     plan.add_argument("-v", "--verbose", action="store_true", help="also print every tensor's device and rule")
     hosts = sub.add_parser("hosts", help="probe SSH hosts: reachable or why not, OS, cores, RAM, GPUs, ikctl version")
-    from tui.hosts import add_arguments as add_hosts_arguments
-    from tui.hosts import run as run_hosts
-
     add_hosts_arguments(hosts)
     hosts.set_defaults(run_hosts=run_hosts)
     launch = sub.add_parser("launch", help="start rpcnode workers on SSH hosts and write a cluster file")
@@ -181,8 +205,6 @@ def placement_options(args: argparse.Namespace) -> dict[str, object]:
 def resolve_model_path(path: str | None) -> str:
     if path:
         return path
-    from engine.synth import default_model_path
-
     print("ikctl: no -m given, using the embedded deepseek2 model", file=sys.stderr)
     return str(default_model_path())
 
@@ -195,8 +217,6 @@ def _note_blas() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine import load_model
-
     model = load_model(resolve_model_path(args.model), **model_options(args))
     prompt = args.prompt
     if args.system_prompt is not None and not args.chat:
@@ -238,13 +258,7 @@ def _progress(done: int, total: int) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engine import load_model
-    from engine.bench import HEADER, RULE, bench_settings, sweep, sweep_steps, worker_traffic
-    from tui.bench_results import save_json
-
     if args.generic:
-        from engine.quant import use_kernels
-
         use_kernels(False)
     model = load_model(resolve_model_path(args.model), **model_options(args))
     _note_blas()
@@ -256,8 +270,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"n_ctx {n_ctx}, ub {args.ubatch_size}, tg {n_gen}, threads {settings['threads']}, "
           f"-ctk {settings['cache_type_k']}" + (f", -mla {settings['mla']}" if settings["mla"] is not None else ""))
     print()
-    print(HEADER)
-    print(RULE, flush=True)
+    print(SWEEP_HEADER)
+    print(SWEEP_RULE, flush=True)
     rows = []
     before = worker_traffic(model)
     for row in sweep(model, n_ctx, args.ubatch_size, n_gen, seed=args.seed, on_step=_progress):
@@ -274,17 +288,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from engine.architectures import model_config
-    from engine.distributed import ask_capacities, kv_bytes_per_layer, program_bytes_per_layer, worker_tokens
-    from engine.gguf_file import GGUFFile
-    from engine.model import Options
-    from engine.placement import PlacementRules, devices_for, format_bytes, format_table, parse_device_mem, plan
-
     # flags first, so that a typo is reported before the embedded model is generated
     rpc, capacities, cluster = args.rpc, {}, None
     if args.cluster:
-        from engine.cluster import read_cluster
-
         cluster = read_cluster(args.cluster)
         rpc = rpc or ",".join(cluster.endpoints())
         capacities = cluster.capacities()
@@ -295,8 +301,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     tokens, default_token = worker_tokens(Options(), cluster)
     reported, unasked = ask_capacities([ep for ep in rules.rpc if f"RPC[{ep}]" not in given], tokens, default_token)
     capacities = {**reported, **{d: c for d, c in capacities.items() if d in {f"RPC[{ep}]" for ep in rules.rpc}}}
-    from engine.cuda.local import local_gpus
-
     devices = devices_for(rules.rpc, {**capacities, **dict(parse_device_mem(t) for t in args.device_mem)},
                           local_gpus(rules))
     f = GGUFFile(resolve_model_path(args.model))  # the header only: tensor data stays unread in the map
@@ -323,14 +327,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    import asyncio
-    from pathlib import Path
-
-    from engine.cluster import default_cluster_path, write_cluster
-    from tui.inventory import load_hosts, with_identity
-    from tui.launch import HEADER, LaunchOptions, format_table, launch_all, log_tails, table_rows
-    from tui.ssh import SSHOptions, SSHTransport
-
     if not args.timeout > 0:
         raise IkctlError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
     out = Path(args.output).expanduser() if args.output else default_cluster_path()
@@ -341,7 +337,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
                                         accept_new_host_keys=args.accept_new_host_keys))
     options = LaunchOptions(install=args.install, remote_dir=args.remote_dir, timeout=args.timeout)
     results = asyncio.run(launch_all(transport, hosts, options))
-    print(format_table(HEADER, table_rows(results)), flush=True)
+    print(format_rows(LAUNCH_HEADER, launch_rows(results)), flush=True)
     for line in log_tails(results):
         print(line, file=sys.stderr)
     running = results.running
@@ -356,21 +352,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    import asyncio
-    from pathlib import Path
-
-    from engine.cluster import Cluster, read_cluster, write_cluster
-    from tui.launch import format_table
-    from tui.ssh import SSHOptions, SSHTransport
-    from tui.stop import HEADER, stop_workers, table_rows
-
     if not args.timeout > 0:
         raise IkctlError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
     path = Path(args.cluster).expanduser()
     cluster = read_cluster(path)
     transport = SSHTransport(SSHOptions(connect_timeout=args.timeout, known_hosts=args.known_hosts))
     results = asyncio.run(stop_workers(transport, cluster.workers, timeout=args.timeout + 10))
-    print(format_table(HEADER, table_rows(results)), flush=True)
+    print(format_rows(STOP_HEADER, stop_rows(results)), flush=True)
     left = tuple(r.worker for r in results if not r.done)
     if not left:
         path.unlink(missing_ok=True)
@@ -384,19 +372,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_rpcnode(args: argparse.Namespace) -> int:
-    from rpcnode.__main__ import run
-
-    return run(args)
+    return run_rpcnode(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if (not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))) and sys.stdout.isatty():
-        from tui.app import main as app_main  # bare `ikctl [-m MODEL] [placement flags]` opens the terminal app
+        # bare `ikctl [-m MODEL] [placement flags]` opens the terminal app; textual: loaded only when the app starts,
+        # so that run/bench/plan never load it
+        from tui.app import main as app_main
 
         return app_main(argv)
     if argv[:1] == ["app"]:  # the app by name, also for its -h
-        from tui.app import main as app_main
+        from tui.app import main as app_main  # textual: loaded only when the app starts
 
         return app_main(argv[1:])
     parser = build_parser()

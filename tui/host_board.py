@@ -9,9 +9,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.cluster import Cluster, ClusterWorker
+from engine.cluster import Cluster, ClusterWorker, read_cluster, write_cluster
+from engine.errors import IkctlError
 from tui.formatting import size_flag
 from tui.inventory import Host
+from tui.launch import launch_host
 from tui.local_workers import LocalWorker, LocalWorkers
 from tui.plan_flags import PlanFlags
 from tui.probe import HostProbe, ProbeResults, probe_all, shell_path
@@ -25,6 +27,7 @@ from tui.ssh import (
     fetch_host_key,
     trust_host_key,
 )
+from tui.stop import stop_workers
 from tui.telemetry import WorkerStatus
 
 if TYPE_CHECKING:
@@ -101,8 +104,6 @@ class HostBoard:
         self.launched: dict[str, list[ClusterWorker]] = {}
         self.no_ssh: set[str] = set()  # hosts of cluster-file workers launched without SSH (this machine)
         if cluster_file is not None and cluster_file.exists():
-            from engine.cluster import read_cluster
-
             self.add_cluster(read_cluster(cluster_file))
 
     def add_cluster(self, cluster: Cluster) -> None:
@@ -187,16 +188,12 @@ class HostBoard:
         self.errors.pop(host.name, None)
         if self.is_local(host):
             assert self.local is not None
-            from engine.errors import IkctlError
-
             try:
                 started = await asyncio.to_thread(self.local.start, 1)
             except IkctlError as e:
                 self.errors[host.name] = str(e)
                 raise HostError(str(e)) from None
             return [WorkerEntry.of_local(w) for w in started]
-        from tui.launch import launch_host
-
         result = await launch_host(self.transport_for(host), host, self.options)
         failed = [f"{w.plan.device}: {w.error}" for w in result.workers if w.worker is None and w.error]
         if result.running:
@@ -216,8 +213,6 @@ class HostBoard:
             assert self.local is not None
             local = self.local
             return [(e, await asyncio.to_thread(local.stop, e.local)) for e in entries if e.local is not None]
-        from tui.stop import stop_workers
-
         results = await stop_workers(self.transport, [e.launched for e in entries if e.launched is not None])
         gone = {id(r.worker) for r in results if r.done}
         self.launched[host.name] = [w for w in self.launched.get(host.name, []) if id(w) not in gone]
@@ -250,8 +245,6 @@ class HostBoard:
         """Keep the cluster file listing exactly the workers this board launched and did not stop."""
         if self.cluster_file is None:
             return
-        from engine.cluster import write_cluster
-
         workers = tuple(w for ws in self.launched.values() for w in ws)
         if workers:
             write_cluster(self.cluster_file, Cluster(workers))

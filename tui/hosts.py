@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from engine.errors import IkctlError
 from tui.inventory import Host, InventoryError, load_hosts, save_hosts, scan_hosts, ssh_config_hosts, with_identity
+from tui.probe import probe_all
+from tui.ssh import SSHOptions, SSHTransport
 
 if TYPE_CHECKING:
     from tui.probe import HostFacts, HostProbe, ProbeResults
@@ -86,10 +88,6 @@ def summary_note(f: HostFacts) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    # imported here: asyncssh takes ~0.2 s to import and every other command builds this parser
-    from tui.probe import probe_all
-    from tui.ssh import SSHOptions, SSHTransport
-
     if not args.timeout > 0:
         raise IkctlError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
     hosts = candidate_hosts(args)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import IkctlError
+from engine.synth import cache_dir
 from tui.inventory import Host
 from tui.probe import HostFacts, shell_path
 from tui.ssh import HostError, Session
@@ -53,8 +54,6 @@ def source_digest(root: Path) -> str:
 
 def build_wheel(cache: Path | None = None) -> Path:
     """The wheel of the running ikctl, built once per source state under <cache>/wheels/<digest>/."""
-    from engine.synth import cache_dir
-
     root = source_tree()
     out = (cache or cache_dir()) / "wheels" / source_digest(root)
     with _BUILDING:

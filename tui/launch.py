@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.cluster import Cluster, ClusterWorker
+from engine.placement import format_bytes
+from rpcnode.client import Client
+from tui.install import install
 from tui.inventory import Host
 from tui.probe import HostFacts, probe
 from tui.ssh import HostError, LocalTransport, Session, SSHTransport, Transport, describe_error
+from tui.stop import stop_on
 
 _SCRIPT = Path(__file__).with_name("remote_launch.py")
 DEFAULT_REMOTE_DIR = "~/.cache/ikctl"
@@ -150,8 +154,6 @@ async def _start(session: Session, python: str, plans: list[WorkerPlan], host: H
 
 def _hello(ep: str, token: str, timeout: float) -> tuple[int, int]:
     """Connect as the coordinator will, prove the token both ways, and read (memory bytes, threads)."""
-    from rpcnode.client import Client
-
     with Client.connect(ep, token, timeout=timeout) as client:
         info = client.device_info()
     return info.mem_total_bytes, info.threads
@@ -191,9 +193,6 @@ def _known_hosts_of(transport: Transport) -> str | None:
 
 
 async def _launch(transport: Transport, host: Host, options: LaunchOptions) -> HostLaunch:
-    from tui.install import install
-    from tui.stop import stop_on
-
     local = isinstance(transport, LocalTransport)
     p = await probe(transport, host, options.timeout)
     venv_missing = options.install and host.venv is not None and (p.error or "").startswith("no python at")
@@ -258,8 +257,6 @@ HEADER = ("HOST", "DEVICE", "ENDPOINT", "MEMORY", "THREADS", "STATUS")
 
 def table_rows(results: LaunchResults) -> list[tuple[str, ...]]:
     """One row per worker (and one per host that got none), as the table and the TUI show them."""
-    from engine.placement import format_bytes
-
     rows: list[tuple[str, ...]] = []
     for h in results.hosts:
         if h.error is not None:

@@ -6,6 +6,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from engine.cuda.local import local_gpus
 from engine.placement import (
     Device,
     Placement,
@@ -77,8 +78,6 @@ class PlanFlags:
         return dict(parse_device_mem(t) for t in self.device_mem_items())
 
     def devices(self, rules: PlacementRules) -> list[Device]:
-        from engine.cuda.local import local_gpus  # this machine's GPUs, when -ngl or -ot can use them
-
         return devices_for(rules.rpc, self.capacities(), local_gpus(rules))
 
     def plan(self, header: ModelHeader, check_capacity: bool = True) -> Placement:

@@ -3,12 +3,18 @@
 Standard library only and Python 3.6 syntax, since it runs on whatever python the host has.
 """
 
+import importlib.util
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+
+try:
+    from importlib.metadata import PackageNotFoundError, version
+except ImportError:  # Python < 3.8 cannot run ikctl anyway
+    PackageNotFoundError = version = None
 
 
 def os_name():
@@ -55,26 +61,23 @@ def gpus():
 
 
 def ikctl():
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # Python < 3.8 cannot run ikctl anyway
+    if version is None:  # no importlib.metadata: Python < 3.8
         return None, False
     try:
         found = version("ikctl")
     except PackageNotFoundError:
         found = None
-    import importlib.util
-
     return found, importlib.util.find_spec("rpcnode") is not None
 
 
 def main():
     total, free = meminfo()
-    version, importable = ikctl()
+    ikctl_version, importable = ikctl()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     facts = {"os": os_name(), "arch": platform.machine(), "cores": cores, "mem_total_bytes": total,
              "mem_free_bytes": free, "gpus": gpus(), "python": sys.executable,
-             "python_version": platform.python_version(), "ikctl_version": version, "ikctl_importable": importable}
+             "python_version": platform.python_version(), "ikctl_version": ikctl_version,
+             "ikctl_importable": importable}
     sys.stdout.write(json.dumps(facts) + "\n")
 
 

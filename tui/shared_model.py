@@ -10,6 +10,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from engine import load_model
+from engine.distributed import DistributedNet
+from engine.synth import default_model_path
+from tui.formatting import format_bytes
 from tui.plan_flags import PlanFlags
 
 
@@ -23,8 +27,6 @@ class LoadSummary:
     seconds: float
 
     def line(self) -> str:
-        from tui.formatting import format_bytes
-
         if not self.n_workers:
             return f"loaded in {self.seconds:.1f} s, everything on CPU"
         return (f"loaded in {self.seconds:.1f} s on {self.n_workers} worker{'s' * (self.n_workers != 1)}: "
@@ -47,8 +49,6 @@ def load_options(flags: PlanFlags, options: Mapping[str, Any], tokens: Mapping[s
 
 
 def is_distributed(model: Any) -> bool:
-    from engine.distributed import DistributedNet
-
     return isinstance(model.net, DistributedNet)
 
 
@@ -74,9 +74,6 @@ class SharedModel:
     def apply(self, flags: PlanFlags, progress: Callable[[Any], None] | None = None) -> LoadSummary:
         """Load with `flags` (model thread). The old model is released only once the new one loaded, so a failed
         load loses nothing; tensors both plans put on a worker are found there, not sent again."""
-        from engine import load_model
-        from engine.synth import default_model_path
-
         totals: dict[str, tuple[int, int]] = {}
 
         def track(p: Any) -> None:

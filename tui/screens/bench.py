@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Footer, Input, Label, Static
 from textual.worker import Worker, get_current_worker
 from textual_plotext import PlotextPlot
 
-from engine.bench import SweepRow, WorkerTraffic
+from engine.bench import SweepRow, WorkerTraffic, bench_settings, sweep, sweep_steps, worker_traffic
 from engine.errors import IkctlError
 from tui.bench_results import COLUMNS, TRAFFIC_COLUMNS, row_cells, save_json, series, traffic_cells
 from tui.messages import BenchDone, BenchRowReady, BenchStarted, WorkFailed
@@ -117,8 +117,6 @@ class BenchScreen(Screen[None]):
     def run_sweep(self, worker: Worker[None], n_ctx: int, ubatch: int, n_gen: int, run: int) -> None:
         """On the model thread: the shared model (loaded on first use) with this context and micro-batch, post the
         settings, then one message per step until done or cancelled."""
-        from engine.bench import bench_settings, sweep, sweep_steps, worker_traffic
-
         stopped = False
         traffic: list[WorkerTraffic] = []
         try:

@@ -15,7 +15,9 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Static
 
 from engine.errors import IkctlError
+from engine.gguf_file import GGUFFile
 from engine.placement import Placement, PlacementError
+from engine.synth import default_model_path
 from tui.formatting import format_bytes
 from tui.host_board import with_workers, without_workers
 from tui.messages import FlagsEdited, HeaderFailed, HeaderLoaded, LoadProgressed, PlanApplied, WorkFailed
@@ -31,9 +33,6 @@ from tui.widgets.placement_map import PlacementMap
 
 def read_header(model_path: str | None) -> ModelHeader:
     """Only the GGUF header: tensor data stays unread in the map (the default model is made on first use)."""
-    from engine.gguf_file import GGUFFile
-    from engine.synth import default_model_path
-
     f = GGUFFile(model_path or default_model_path())
     n_layers = int(f.get(f"{f.architecture}.block_count"))
     return ModelHeader.from_tensors(Path(f.path).name, f.architecture, n_layers, list(f.tensors.values()))
