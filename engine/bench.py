@@ -7,11 +7,15 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import psutil
 
 from engine.errors import IkctlError
+from engine.kernels import get_threads
+from engine.threads import blas
 
 if TYPE_CHECKING:
     from engine.model import Model
@@ -98,8 +102,6 @@ def active_weight_bytes(model: Model) -> int:
 
 
 def host_info() -> dict[str, Any]:
-    import psutil
-
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -118,10 +120,7 @@ def host_info() -> dict[str, Any]:
 
 
 def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int, kernels: bool = True) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
 
-    from engine.kernels import get_threads
-    from engine.threads import blas
 
     try:
         pkg = version("ikctl")

@@ -11,6 +11,7 @@ from typing import Any
 
 from engine.atomic_file import write_atomic
 from engine.errors import IkctlError
+from engine.synth import cache_dir
 
 FORMAT_VERSION = 1
 
@@ -63,7 +64,6 @@ class Cluster:
 
 def default_cluster_path() -> Path:
     """Where `ikctl launch` writes without -o: the ikctl cache dir's cluster.json."""
-    from engine.synth import cache_dir
 
     return cache_dir() / "cluster.json"
 

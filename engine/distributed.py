@@ -14,13 +14,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.cluster import read_cluster
+from engine.cuda.local import gpu_runners, local_gpus
+from engine.digests import model_digests
 from engine.errors import IkctlError
 from engine.forward_pass import begin, finish
 from engine.gguf_file import TensorInfo
-from engine.kv_cache import KVCache
-from engine.placement import CPU, Placement, PlacementRules, Segment, devices_for, layer_ops, plan, tensor_layer
+from engine.kv_cache import KVCache, row_bytes
+from engine.placement import (
+    CPU,
+    Placement,
+    PlacementRules,
+    Segment,
+    devices_for,
+    layer_ops,
+    parse_device_mem,
+    plan,
+    tensor_layer,
+)
 from engine.rope import table_bytes
 from engine.segments import OP_BYTES, PROGRAM_BASE_BYTES, TensorRef, op_tensor_names, ordered_state, segment_records
+from rpcnode.client import Client, OfferSpec, RPCError
 from rpcnode.token_file import TokenFileError, read_token_file
 
 if TYPE_CHECKING:
@@ -41,7 +55,6 @@ class WorkerError(IkctlError):
 @contextmanager
 def _rpc() -> Iterator[None]:
     """Turn the client's errors into IkctlError (the CLI prints those as one line)."""
-    from rpcnode.client import RPCError
 
     try:
         yield
@@ -56,7 +69,6 @@ def _texts(value: str | Sequence[str]) -> list[str]:
 def _cluster(opts: Options) -> Cluster | None:
     if not opts.cluster:
         return None
-    from engine.cluster import read_cluster
 
     return read_cluster(opts.cluster)
 
@@ -75,7 +87,6 @@ def rules_from_options(opts: Options, cluster: Cluster | None = None) -> Placeme
 def capacities_from_options(opts: Options, cluster: Cluster | None, reported: Mapping[str, int]) -> dict[str, int]:
     """Device capacities to plan against: what the connected workers report, then the cluster file's, then
     --device-mem."""
-    from engine.placement import parse_device_mem
 
     caps = dict(reported)
     if cluster is not None:
@@ -89,7 +100,6 @@ def ask_capacities(endpoints: Sequence[str], tokens: Mapping[str, str], default_
                    timeout: float = 10.0) -> tuple[dict[str, int], dict[str, str]]:
     """What each worker reports as its memory, asked as a load asks it (`ikctl plan` plans against the same
     numbers as `ikctl run`): ({device: bytes}, {device: why it could not be asked})."""
-    from rpcnode.client import Client, RPCError
 
     reported, unasked = {}, {}
     for ep in endpoints:
@@ -111,7 +121,6 @@ def worker_tokens(opts: Options, cluster: Cluster | None) -> tuple[dict[str, str
 
 def kv_bytes_per_layer(cfg: Any, opts: Options) -> int:
     """One layer's KV cache for the whole context in the -ctk type: what a worker holding the layer must reserve."""
-    from engine.kv_cache import row_bytes
 
     return row_bytes(cfg.cache_widths(opts.mla), opts.cache_type_k) * context_size(cfg, opts)
 
@@ -199,8 +208,6 @@ class DistributedNet:
         self.segment_ids = {k: base + k for k in on_worker}
         self.gpu: dict[int, Any] = {}  # segment index -> SegmentRunner on a GPU of this machine (engine.cuda)
         if any(s.device.startswith("CUDA") for s in self.segments):
-            from engine.cuda.local import gpu_runners
-
             self.gpu = gpu_runners(gguf, self.cfg, self.segments, opts, context_size(self.cfg, opts))
         self.load_stats = LoadStats()
         self._seq_ids = itertools.count(secrets.randbelow(1 << 31))
@@ -209,9 +216,6 @@ class DistributedNet:
 
     # ---- loading ----------------------------------------------------------------------------------------------
     def _load(self, gguf: GGUFFile, opts: Options, progress: Callable[[LoadProgress], None] | None) -> None:
-        from engine.digests import model_digests
-        from rpcnode.client import OfferSpec
-
         if not self.clients:  # only local GPUs: nothing to offer, no digests to compute
             return
         digests = model_digests(gguf)
@@ -309,8 +313,6 @@ def _progress_reporter(device: str, specs: Sequence[OfferSpec],
 
 
 def _release(clients: dict[str, Client], remote: list[tuple[int, Segment]]) -> None:
-    from rpcnode.client import RPCError
-
     for k, seg in remote:
         client = clients[seg.device]
         if client.connected:
@@ -346,7 +348,6 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
     """The network itself when the placement keeps everything local, else a DistributedNet over the workers.
     The plan is checked against each worker's memory (its -m, or the cluster file's, or --device-mem) with the
     KV cache of the whole context counted, before any tensor is sent."""
-    from rpcnode.client import Client
 
     cluster = _cluster(opts)
     rules = rules_from_options(opts, cluster)
@@ -361,7 +362,6 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
                                                                     reply_floor=opts.rpc_timeout,
                                                                     probe_timeout=opts.rpc_probe_timeout)
                 reported[f"RPC[{ep}]"] = client.device_info().mem_total_bytes
-        from engine.cuda.local import local_gpus
 
         cuda = local_gpus(rules)
         devices = devices_for(rules.rpc, capacities_from_options(opts, cluster, reported), cuda)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from engine.errors import ModelFileError
@@ -41,8 +42,6 @@ class TensorInfo:
 
     @property
     def qtype_name(self) -> str:
-        import gguf
-
         return gguf.GGMLQuantizationType(self.qtype).name
 
 
@@ -111,8 +110,6 @@ class GGUFFile:
         self._data = np.frombuffer(self._map, dtype=np.uint8)
 
     def _parse(self) -> None:
-        import gguf
-
         cur = _Cursor(self._map)
         cur.take(4)  # the magic, checked when the file was opened
         version = cur.scalar("<I")
@@ -175,7 +172,6 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """The tensor's data as a view of the memory map: float32/float16 arrays of the logical shape for
         F32/F16, otherwise uint8 with the last axis in bytes (the `gguf` reader's convention)."""
-        import gguf
 
         info = self.tensors.get(name)
         if info is None:

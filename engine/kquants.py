@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import gguf
 import numpy as np
 
 QK_K = 256
@@ -22,8 +23,6 @@ _SYMMETRIC_SEARCH = np.linspace(-0.9, 0.9, 7, dtype=np.float32)
 
 
 def _qtype_name(qtype: str | int) -> str:
-    import gguf
-
     if isinstance(qtype, str):
         return qtype.upper()
     return gguf.GGMLQuantizationType(qtype).name

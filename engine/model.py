@@ -12,11 +12,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from engine.architectures import load_network
+from engine.chat_template import apply_chat_template
+from engine.distributed import distribute
 from engine.errors import IkctlError
+from engine.generate import generate
 from engine.gguf_file import GGUFFile
 from engine.kernels import activations
 from engine.kv_cache import CACHE_TYPES, KVCache
 from engine.threads import compute_threads
+from engine.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -83,15 +87,11 @@ class Model:
 
     def __init__(self, path: Path, gguf: GGUFFile, options: Options,
                  progress: Callable[[Any], None] | None = None) -> None:
-        from engine.tokenizer import Tokenizer
-
         self.path = path
         self.gguf = gguf
         self.options = options
         self.net = load_network(gguf, options.mla, options.amb << 20)
         if options.placed:
-            from engine.distributed import distribute
-
             self.net = distribute(self.net, gguf, options, progress)
         self.tokenizer = Tokenizer.from_gguf(gguf)
 
@@ -168,13 +168,10 @@ class Model:
         return bool(self.gguf.get("tokenizer.chat_template", ""))
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        from engine.chat_template import apply_chat_template
-
         return apply_chat_template(self.gguf, self.tokenizer, messages, add_generation_prompt)
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[Any]:
         """Stream generated tokens; see engine.generate.generate for the keyword arguments."""
-        from engine.generate import generate
 
         return generate(self, prompt, **kwargs)
 

@@ -14,6 +14,7 @@ import numpy as np
 def array_module(a: Any) -> Any:
     """numpy for host arrays, cupy for CuPy device arrays."""
     if type(a).__module__.startswith("cupy"):
+        # cupy: optional, loaded only where a GPU is used
         import cupy
 
         return cupy

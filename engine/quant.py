@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from functools import cache
 
+import gguf
 import numpy as np
 
+from engine import kernels
 from engine.errors import ModelFileError
 
 # Rows dequantized at once by the generic path: bounds the float32 scratch to ~16 MiB per tile.
@@ -26,22 +28,13 @@ def use_kernels(enabled: bool) -> None:
 def _fast(qtype: int) -> bool:
     if not _use_kernels:
         return False
-    from engine import kernels
 
     return kernels.supports(qtype)
 
 
 @cache
-def _gguf():
-    import gguf
-
-    return gguf
-
-
-@cache
 def can_dequantize(qtype: int) -> bool:
     """Whether the gguf package can decode this type (probed once on one zero block)."""
-    gguf = _gguf()
     t = gguf.GGMLQuantizationType(qtype)
     nbytes = gguf.GGML_QUANT_SIZES[t][1]
     if t in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -54,7 +47,7 @@ def can_dequantize(qtype: int) -> bool:
 
 
 def qtype_name(qtype: int) -> str:
-    return _gguf().GGMLQuantizationType(qtype).name
+    return gguf.GGMLQuantizationType(qtype).name
 
 
 class QTensor:
@@ -81,7 +74,7 @@ class QTensor:
     def from_array(cls, name: str, array: np.ndarray) -> QTensor:
         """Wrap a float32 array (used for derived weights and tests)."""
         a = np.ascontiguousarray(array, dtype=np.float32)
-        return cls(name, a, _gguf().GGMLQuantizationType.F32, a.shape)
+        return cls(name, a, gguf.GGMLQuantizationType.F32, a.shape)
 
     @property
     def qtype_name(self) -> str:
@@ -89,7 +82,7 @@ class QTensor:
 
     @property
     def is_float32(self) -> bool:
-        return self.qtype == _gguf().GGMLQuantizationType.F32
+        return self.qtype == gguf.GGMLQuantizationType.F32
 
     @property
     def nbytes(self) -> int:
@@ -102,8 +95,6 @@ class QTensor:
     def dequantize(self) -> np.ndarray:
         """The whole tensor as float32 (for small tensors and tests; big ones go through matmul_t)."""
         if _fast(self.qtype) and not self.is_float32 and len(self.shape) >= 1:
-            from engine import kernels
-
             rows = int(np.prod(self.shape[:-1], dtype=np.int64))
             return kernels.dequantize_rows(self.data, self.qtype, (rows, self.shape[-1])).reshape(self.shape)
         return self._decode(self.data).reshape(self.shape)
@@ -115,8 +106,6 @@ class QTensor:
             raise ValueError(f"row ids {index.min()}..{index.max()} do not fit the {self.shape[0]} rows of {self.name}")
         raw = self.data[index]
         if _fast(self.qtype) and not self.is_float32:
-            from engine import kernels
-
             return kernels.dequantize_rows(raw, self.qtype, (len(index), self.shape[-1]))
         return self._decode(raw).reshape(len(index), self.shape[-1])
 
@@ -127,8 +116,6 @@ class QTensor:
         if self.is_float32:
             return x @ self.data.T
         if _fast(self.qtype):
-            from engine import kernels
-
             return kernels.matmul_t(self.data, self.qtype, (R, C), x)
         out = np.empty((x.shape[0], R), dtype=np.float32)
         step = max(1, _TILE_ELEMENTS // C)
@@ -140,13 +127,10 @@ class QTensor:
     def gather_matmul_t(self, experts: np.ndarray, x: np.ndarray) -> np.ndarray:
         """For a stacked 3-D W [E, R, C]: row n of the result is x[n] @ W[experts[n]].T; x [N, C] -> [N, R]."""
         if _fast(self.qtype):
-            from engine import kernels
-
             return kernels.gather_matvec(self.data, self.qtype, self.shape, experts, x)  # type: ignore[arg-type]
         return np.concatenate([self[int(e)].matmul_t(x[n : n + 1]) for n, e in enumerate(experts)], axis=0)
 
     def _decode(self, raw: np.ndarray) -> np.ndarray:
-        gguf = _gguf()
         if self.qtype == gguf.GGMLQuantizationType.F32:
             return np.asarray(raw, dtype=np.float32)
         if self.qtype == gguf.GGMLQuantizationType.F16:

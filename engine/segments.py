@@ -10,10 +10,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import gguf
 import numpy as np
 
 from engine.architectures import REGISTRY, ModelConfig, of_config
 from engine.config import RopeConfig, shape_problem
+from engine.cuda import require
+from engine.cuda import tensors as cuda_tensors
 from engine.errors import IkctlError
 from engine.forward_pass import Op
 from engine.kernels import MATVEC_MAX_T, TILE_BYTES, activations, drop_tile_scratch
@@ -312,7 +315,6 @@ def _tensor_ref(key: str, value: Any) -> TensorRef:
 
 def qtensor_from_bytes(name: str, raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> QTensor:
     """A QTensor over a flat uint8 array, in GGUFFile.raw's layout (float types shaped, others bytes per row)."""
-    import gguf
 
     t = gguf.GGMLQuantizationType(qtype)
     block, type_bytes = gguf.GGML_QUANT_SIZES[t]
@@ -359,11 +361,9 @@ class SegmentRunner:
             if not arch.on_gpu:
                 raise ProgramError(f"{arch.name} layers cannot run on a GPU yet (CUDA runs deepseek2 models); keep "
                                    "them on the CPU or on CPU workers")
-            from engine.cuda import require  # cupy: loaded only where a GPU runs the segment
-            from engine.cuda.tensors import upload_getter
 
             xp = require(cuda_device)
-            getter = upload_getter(get, cuda_device)
+            getter = cuda_tensors.upload_getter(get, cuda_device)
         with self._on_device():
             self.net: Any = arch.network.from_parts(program.cfg, getter, program.ops, program.mla,
                                                     program.amb_bytes, xp)
@@ -437,6 +437,7 @@ class SegmentRunner:
     def _on_device(self) -> Any:
         if self.cuda_device is None:
             return contextlib.nullcontext()
+        # cupy: optional, loaded only where a GPU is used
         import cupy
 
         return cupy.cuda.Device(self.cuda_device)

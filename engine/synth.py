@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import gguf
 import numpy as np
 
 from engine.synth_tensors import (  # noqa: F401  (part of this module's interface)
@@ -188,8 +189,6 @@ PRESETS = {"refs": SynthSpec(), "default": DEFAULT_SPEC, "bench": BENCH_SPEC, "v
 
 
 def _add_metadata(w: gguf.GGUFWriter, s: SynthSpec) -> None:
-    import gguf
-
     w.add_name(s.name)
     w.add_file_type(gguf.LlamaFileType[_FILE_TYPES.get(s.dtype, "MOSTLY_" + s.dtype)])
     if s.dtype not in ("F32", "F16", "BF16"):
@@ -250,7 +249,6 @@ def _add_metadata(w: gguf.GGUFWriter, s: SynthSpec) -> None:
 
 def write_model(path: str | os.PathLike[str], spec: SynthSpec) -> Path:
     """Write the model to `path` (atomically: a temp file beside it, renamed when complete) and return it."""
-    import gguf
 
     path = Path(path)
     plan = [(t, tensor_qtype(spec, t)) for t in tensor_plan(spec)]

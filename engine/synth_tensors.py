@@ -9,6 +9,7 @@ from __future__ import annotations
 import zlib
 from typing import TYPE_CHECKING, NamedTuple
 
+import gguf
 import numpy as np
 
 from engine import kquants
@@ -102,7 +103,6 @@ def tensor_values(s: SynthSpec, t: TensorPlan) -> np.ndarray:
 
 def tensor_qtype(s: SynthSpec, t: TensorPlan) -> str:
     """The GGML type name for a tensor: norms, biases and the router stay F32 (as llama.cpp keeps them)."""
-    import gguf
 
     if len(t.shape) == 1 or t.name.endswith("ffn_gate_inp.weight"):
         return "F32"
@@ -117,7 +117,6 @@ def tensor_qtype(s: SynthSpec, t: TensorPlan) -> str:
 
 def encode(values: np.ndarray, qtype: str) -> np.ndarray:
     """Values in the on-disk encoding of `qtype` (float arrays for F32/F16, uint8 blocks otherwise)."""
-    import gguf
 
     if qtype == "F32":
         return np.ascontiguousarray(values, dtype=np.float32)
@@ -129,7 +128,5 @@ def encode(values: np.ndarray, qtype: str) -> np.ndarray:
 
 
 def encoded_bytes(shape: tuple[int, ...], qtype: str) -> int:
-    import gguf
-
     block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
     return int(np.prod(shape[:-1])) * shape[-1] // block * type_bytes

@@ -10,6 +10,9 @@ from functools import cache
 from typing import Any
 
 from llvmlite import binding as llvm
+from threadpoolctl import ThreadpoolController
+
+from engine import kernels
 
 # OpenBLAS's cores with AVX-512 kernels (its DYNAMIC_ARCH names, as threadpoolctl reports them).
 _AVX512_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
@@ -18,7 +21,6 @@ _AVX512_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
 @cache
 def _blas_pools() -> Any:
     """threadpoolctl's view of the loaded BLAS libraries, found once (the search costs ~1 ms per call)."""
-    from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
 
@@ -70,7 +72,6 @@ def compute_threads(threads: int | None, n_tokens: int) -> Iterator[None]:
     at N_KV 384). Prefill gives BLAS the threads and decodes weight tiles on the calling thread, so the two pools
     never spin against each other (2 threads each ran 7x slower than 1). numba keeps its count per calling thread.
     """
-    from engine import kernels
 
     before = kernels.get_threads()
     decode = n_tokens <= kernels.MATVEC_MAX_T

@@ -11,7 +11,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.cuda import available
+from engine.cuda.devices import parse_device
+from engine.errors import IkctlError
+from engine.placement import PlacementError, parse_size
+from rpcnode.protocol import is_loopback
+from rpcnode.server import serve
 from rpcnode.token_file import TokenFileError, read_token_file
+from rpcnode.worker import Config, StartError
 
 DEFAULT_PORT = 50052
 
@@ -55,10 +62,6 @@ def read_token(path: str) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> object:
-    from engine.placement import PlacementError, parse_size
-    from rpcnode.protocol import is_loopback
-    from rpcnode.worker import Config
-
     if args.token_file is None and not is_loopback(args.host):
         raise SystemExit(f"rpcnode: error: binding to {args.host} needs --token-file (anyone on the network could "
                          "otherwise use this worker); bind to 127.0.0.1 for a local worker")
@@ -86,9 +89,6 @@ def config_from_args(args: argparse.Namespace) -> object:
 
 def cuda_device(text: str) -> int | None:
     """--device as a CUDA index (None: cpu), checked now: a missing CuPy or GPU is one line, before listening."""
-    from engine.cuda import available
-    from engine.cuda.devices import parse_device
-    from engine.errors import IkctlError
 
     try:
         index = parse_device(text)
@@ -107,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
     # on cores of its own should spin (every layer here: 0.98x local with the default, 0.93x with 1000), so
     # `GOMP_SPINCOUNT=300000 ikctl rpcnode ...` there. Before libgomp loads; the user's value wins.
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-    from rpcnode.server import serve
-    from rpcnode.worker import StartError
 
     cfg = config_from_args(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="rpcnode: %(message)s")

@@ -7,6 +7,8 @@ import os
 import struct
 from typing import NamedTuple
 
+import gguf
+
 _MAGIC = b"GGUF"
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _INT_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
@@ -114,8 +116,6 @@ def _tensor_info(r: _Reader) -> tuple[str, list[int], int, int]:
 
 
 def _entry(info: tuple[str, list[int], int, int], start: int, file_bytes: int) -> TableEntry | None:
-    import gguf
-
     name, ne, type_id, offset = info
     try:
         block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]

@@ -20,9 +20,23 @@ from typing import Any
 import numpy as np
 import psutil
 
+from engine import kernels
+from engine.cuda import CudaUnavailable, require
+from engine.cuda import kernels as cuda_kernels
+from engine.cuda.devices import list_devices
+from engine.errors import IkctlError
+from engine.segments import (
+    ProgramError,
+    SegmentRunner,
+    ordered_state,
+    parse_program,
+    program_host_bytes,
+    program_kv_bytes,
+)
+from engine.synth import cache_dir
+from engine.threads import compute_threads
 from rpcnode import protocol as P
-from rpcnode.cache import CacheError, DigestMismatch, DiskFailed, DiskFull, TensorCache
-from rpcnode.cache_writer import Writer
+from rpcnode.cache import CacheError, DigestMismatch, DiskFailed, DiskFull, TensorCache, Writer
 from rpcnode.model_index import ModelIndex
 
 log = logging.getLogger("rpcnode")
@@ -77,8 +91,6 @@ class Config:
 
 def _gpu(index: int) -> Any:
     """engine.cuda.devices.CudaDevice `index`; CudaUnavailable (an IkctlError) without CuPy or that GPU."""
-    from engine.cuda import CudaUnavailable, require
-    from engine.cuda.devices import list_devices
 
     require(index)
     found = [d for d in list_devices() if d.index == index]
@@ -95,8 +107,6 @@ class Worker:
     """State shared by all connections: held tensors, segments, counters; compute holds the compute lock."""
 
     def __init__(self, cfg: Config) -> None:
-        from engine.synth import cache_dir
-
         self.cfg = cfg
         root = cfg.cache_dir or cache_dir() / "rpcnode-cache"
         index = ModelIndex(cfg.models, root / "local-models.json") if cfg.models else None
@@ -140,25 +150,19 @@ class Worker:
         OpenMP team, which must not run at once."""
         with self.compute_lock:
             if not getattr(self._set_threads, "done", False):
-                from engine import kernels
-
                 kernels.set_threads(self.threads)
                 self._set_threads.done = True
             yield
 
     def _warm_up(self) -> None:
         try:
-            self._import_engine()
+            self._compile_cuda_kernels()
         finally:
             self.compute_lock.release()
 
-    def _import_engine(self) -> None:
-        # import the engine (and its compiled kernels) now, not during the first model load
-        import engine.segments  # noqa: F401
-
-        if self.gpu is not None:  # compile the CUDA kernels now (NVRTC takes seconds; CuPy caches them on disk)
-            from engine.cuda import kernels as cuda_kernels
-
+    def _compile_cuda_kernels(self) -> None:
+        """Now, not during the first model load (NVRTC takes seconds; CuPy caches them on disk)."""
+        if self.gpu is not None:
             try:
                 cuda_kernels.function("dq_q8_0", self.gpu.index)
             except Exception:
@@ -172,6 +176,7 @@ class Worker:
         """(total, free) bytes of this worker's GPU as the driver reports them now; (0, 0) on a CPU worker."""
         if self.gpu is None:
             return 0, 0
+        # cupy: optional, loaded only where a GPU is used
         import cupy
 
         with cupy.cuda.Device(self.gpu.index):
@@ -302,9 +307,6 @@ class Worker:
 
     # ---- segments -----------------------------------------------------------------------------------------------
     def define(self, m: P.DefineSegment) -> P.DefineReply:
-        from engine.errors import IkctlError
-        from engine.segments import SegmentRunner, parse_program, program_host_bytes, program_kv_bytes
-
         records = [(r.op, dict(r.args)) for r in m.ops]
         sid = m.segment_id
         with self._define_lock:  # one runner built at a time: what it allocates was charged first
@@ -345,9 +347,6 @@ class Worker:
 
     def run(self, m: P.RunSegment, payload: memoryview) -> tuple[P.RunReply, list[Any]]:
         """Run a segment; the caller holds `computing()`."""
-        from engine.errors import IkctlError
-        from engine.segments import ProgramError, ordered_state
-        from engine.threads import compute_threads
 
         runner = self.segment(m.segment_id)
         arrays = P.unpack_arrays(m.sections, payload)

@@ -25,6 +25,7 @@ def _first_line(e: BaseException) -> str:
 def device_count() -> tuple[int, str | None]:
     """(number of CUDA devices, None) or (0, the reason there are none)."""
     try:
+        # cupy: optional, loaded only where a GPU is used
         import cupy
     except ImportError:
         return 0, f"CuPy is not installed ({INSTALL_HINT})"
@@ -52,6 +53,7 @@ def require(device: int = 0) -> Any:
     why = available(device)
     if why is not None:
         raise CudaUnavailable(why)
+    # cupy: optional, loaded only where a GPU is used
     import cupy
 
     return cupy

@@ -29,6 +29,7 @@ def list_devices() -> list[CudaDevice]:
     n, _ = device_count()
     if n == 0:
         return []
+    # cupy: optional, loaded only where a GPU is used
     import cupy
 
     out = []

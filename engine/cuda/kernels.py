@@ -325,6 +325,7 @@ def function(name: str, device: int) -> Any:
     fn = _functions.get((name, device))
     if fn is not None:
         return fn
+    # cupy: optional, loaded only where a GPU is used
     import cupy
 
     with _lock, cupy.cuda.Device(device):

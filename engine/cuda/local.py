@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.cuda.devices import planner_devices
 from engine.placement import Device, PlacementRules, Segment
 from engine.segments import Program, SegmentRunner, TensorRef, op_tensor_names
 
@@ -23,8 +24,6 @@ def local_gpus(rules: PlacementRules) -> list[Device]:
     """This machine's GPUs as placement devices when the flags can place anything on one (-ngl, or an -ot rule
     naming CUDA<n>); else none, and the GPUs are not queried (that creates a CUDA context on each)."""
     if rules.n_gpu_layers > 0 or any(is_cuda(r.device) for r in rules.override_tensor):
-        from engine.cuda.devices import planner_devices
-
         return planner_devices()
     return []
 

@@ -32,6 +32,7 @@ _GEMM_DEFAULT = -1
 
 
 def _cupy() -> Any:
+    # cupy: optional, loaded only where a GPU is used
     import cupy
 
     return cupy
@@ -39,6 +40,7 @@ def _cupy() -> Any:
 
 def _cublas() -> Any:
     """CuPy's cuBLAS binding (loads libcublas on first use)."""
+    # cupy: optional, loaded only where a GPU is used
     from cupy_backends.cuda.libs import cublas
 
     return cublas
@@ -210,6 +212,7 @@ def gemm_f16(x16: Any, w16_ptr: int, rows: int, out: Any, r0: int) -> None:
 
     Row-major arrays are column-major transposes, so cuBLAS computes out'(rows x T) = op_T(W') (rows x C) @ X'
     (C x T) with W' = W16 as C x rows (lda C), X' = x16 as C x T (ldb C) and out' at column r0 of ldc R."""
+    # cupy: optional, loaded only where a GPU is used
     import cupy
 
     T, C = x16.shape

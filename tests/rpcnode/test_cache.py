@@ -20,6 +20,7 @@ import pytest
 from engine.gguf_file import GGUFFile
 from engine.synth import SynthSpec, write_model
 from rpcnode import cache as cache_mod
+from rpcnode import cache_files, model_index
 from rpcnode.cache import CacheFull, DigestMismatch, DiskFull, TensorCache
 from rpcnode.digest import digest_of
 from rpcnode.gguf_table import read_tensor_table
@@ -346,11 +347,9 @@ def test_local_model_bytes_changed_in_place_are_caught(tmp_path: Path) -> None:
 
 def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count every BLAKE3 hash the cache, its file maps, its writers and the model index compute from now on."""
-    from rpcnode import cache_files, cache_writer, model_index
-
     calls: list[int] = []
     real = digest_of
-    for module in (cache_mod, cache_files, cache_writer, model_index):
+    for module in (cache_mod, cache_files, model_index):
         monkeypatch.setattr(module, "digest_of", lambda b: calls.append(1) or real(b))
     return calls
 
