@@ -12,6 +12,7 @@ from typing import Any
 from engine.atomic_file import write_atomic
 from engine.errors import IkctlError
 from engine.synth import cache_dir
+from rpcnode.protocol import rpc_device
 
 FORMAT_VERSION = 1
 
@@ -40,7 +41,7 @@ class ClusterWorker:
     @property
     def device_name(self) -> str:
         """Its name in placement rules: RPC[host:port]."""
-        return f"RPC[{self.endpoint}]"
+        return rpc_device(self.endpoint)
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,11 @@ from engine.placement import (
     plan,
     tensor_layer,
 )
+from engine.placement_rules import device_kind
 from engine.rope import table_bytes
 from engine.segments import OP_BYTES, PROGRAM_BASE_BYTES, TensorRef, op_tensor_names, ordered_state, segment_records
 from rpcnode.client import Client, OfferSpec, RPCError
+from rpcnode.protocol import rpc_device
 from rpcnode.token_file import TokenFileError, read_token_file
 
 if TYPE_CHECKING:
@@ -105,9 +107,9 @@ def ask_capacities(endpoints: Sequence[str], tokens: Mapping[str, str], default_
     for ep in endpoints:
         try:
             with Client.connect(ep, tokens.get(ep, default_token), timeout=timeout) as client:
-                reported[f"RPC[{ep}]"] = client.device_info().mem_total_bytes
+                reported[rpc_device(ep)] = client.device_info().mem_total_bytes
         except (OSError, RPCError) as e:  # refused, unreachable, a wrong token or protocol
-            unasked[f"RPC[{ep}]"] = (str(e).splitlines() or [type(e).__name__])[0]
+            unasked[rpc_device(ep)] = (str(e).splitlines() or [type(e).__name__])[0]
     return reported, unasked
 
 
@@ -203,11 +205,11 @@ class DistributedNet:
         # Segment ids are random per load so that two models (or coordinators) sharing a worker do not replace
         # each other's programs; KV sequence ids likewise.
         base = secrets.randbelow(1 << 31)
-        on_worker = [k for k, s in enumerate(self.segments) if s.device != CPU and not s.device.startswith("CUDA")]
+        on_worker = [k for k, s in enumerate(self.segments) if s.device != CPU and device_kind(s.device) != "cuda"]
         self.remote = [(base + k, self.segments[k]) for k in on_worker]
         self.segment_ids = {k: base + k for k in on_worker}
         self.gpu: dict[int, Any] = {}  # segment index -> SegmentRunner on a GPU of this machine (engine.cuda)
-        if any(s.device.startswith("CUDA") for s in self.segments):
+        if any(device_kind(s.device) == "cuda" for s in self.segments):
             self.gpu = gpu_runners(gguf, self.cfg, self.segments, opts, context_size(self.cfg, opts))
         self.load_stats = LoadStats()
         self._seq_ids = itertools.count(secrets.randbelow(1 << 31))
@@ -357,11 +359,11 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
         reported = {}
         with _rpc():
             for ep in rules.rpc:
-                client = clients[f"RPC[{ep}]"] = Client.connect(ep, tokens.get(ep, default_token),
+                client = clients[rpc_device(ep)] = Client.connect(ep, tokens.get(ep, default_token),
                                                                     poll_ms=opts.rpc_poll,
                                                                     reply_floor=opts.rpc_timeout,
                                                                     probe_timeout=opts.rpc_probe_timeout)
-                reported[f"RPC[{ep}]"] = client.device_info().mem_total_bytes
+                reported[rpc_device(ep)] = client.device_info().mem_total_bytes
 
         cuda = local_gpus(rules)
         devices = devices_for(rules.rpc, capacities_from_options(opts, cluster, reported), cuda)

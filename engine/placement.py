@@ -18,6 +18,7 @@ from engine.placement_rules import (  # noqa: F401  (re-exported: callers import
     OverrideRule,
     PlacementError,
     PlacementRules,
+    device_kind,
     device_name,
     devices_for,
     parse_device_mem,
@@ -27,6 +28,7 @@ from engine.placement_rules import (  # noqa: F401  (re-exported: callers import
     parse_size,
     parse_tensor_split,
 )
+from rpcnode.protocol import rpc_device
 
 OP_PARTS = ("embd", "attn", "ffn", "moe_experts", "output")
 
@@ -204,7 +206,7 @@ def _records(tensors: Iterable[TensorLike | tuple[str, int]]) -> list[tuple[str,
 def _offload_devices(devices: Sequence[Device], rules: PlacementRules) -> list[Device]:
     """llama.cpp's model device list: RPC devices first, in --rpc order, then local GPUs (src/llama.cpp)."""
     by_name = {d.name: d for d in devices}
-    rpc_names = [f"RPC[{ep}]" for ep in rules.rpc]
+    rpc_names = [rpc_device(ep) for ep in rules.rpc]
     missing = [n for n in rpc_names if n not in by_name]
     if missing:
         raise PlacementError(f"--rpc lists {missing[0][4:-1]} but no device {missing[0]} was given")
@@ -246,7 +248,7 @@ def _validate(records: list[tuple[str, int]], n_layers: int, devices: Sequence[D
         raise PlacementError(f"-ngl {rules.n_gpu_layers} must be >= 0 (use a large number such as 99 for all layers)")
     for k, rule in enumerate(rules.override_tensor, 1):
         if rule.device not in names:
-            hint = " (add its endpoint to --rpc)" if rule.device.startswith("RPC[") else ""
+            hint = " (add its endpoint to --rpc)" if device_kind(rule.device) == "rpc" else ""
             raise PlacementError(f"-ot rule {k} ({rule}): unknown device {rule.device}{hint}; devices here: "
                                  f"{', '.join(names)}")
     seen: set[str] = set()
@@ -324,7 +326,7 @@ def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices
                 kv_per_device[dev] += kv_bytes_per_layer
     program_per_device = {d.name: 0 for d in devices}
     for _layer, dev in {(tensor_layer(n), device_of[n]) for n, _ in records}:
-        if dev.startswith("RPC["):  # workers charge them to -m; this process's own are its business
+        if device_kind(dev) == "rpc":  # workers charge them to -m; this process's own are its business
             program_per_device[dev] += program_bytes_per_layer
     placement = Placement(tuple(devices), n_layers, device_of, reason_of, dict(records), bytes_per_device,
                           tuple(_warnings(rules, offload, used, bytes_per_device)), kv_per_device,

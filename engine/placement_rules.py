@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from engine.errors import IkctlError
+from rpcnode.protocol import rpc_device
 
 DeviceKind = Literal["cpu", "rpc", "cuda"]
 
@@ -88,7 +89,7 @@ def device_name(text: str) -> str:
     if m["index"] not in ("", "0"):
         raise PlacementError(f"'{text}': an ikctl worker owns one device; start one rpcnode per device and "
                              f"name it RPC[{m['endpoint']}]")
-    return f"RPC[{parse_endpoint(m['endpoint'])}]"
+    return rpc_device(parse_endpoint(m['endpoint']))
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,14 @@ class Device:
         expected = {"cpu": "CPU", "rpc": "RPC[host:port]", "cuda": "CUDA<n>"}.get(self.kind)
         if expected is None:
             raise PlacementError(f"device {self.name}: kind '{self.kind}' is not cpu, rpc or cuda")
-        if device_name(self.name) != self.name or _kind_of(self.name) != self.kind:
+        if device_name(self.name) != self.name or device_kind(self.name) != self.kind:
             raise PlacementError(f"a {self.kind} device is named {expected}, not '{self.name}'")
         if self.capacity_bytes is not None and self.capacity_bytes < 0:
             raise PlacementError(f"device {self.name}: capacity {self.capacity_bytes} bytes is negative")
 
 
-def _kind_of(name: str) -> DeviceKind:
+def device_kind(name: str) -> DeviceKind:
+    """What a device name (CPU, CUDA<n>, RPC[host:port]; see device_name) names."""
     return "cpu" if name == CPU else "rpc" if name.startswith("RPC") else "cuda"
 
 
@@ -214,7 +216,7 @@ def devices_for(rpc: Sequence[str], capacities: Mapping[str, int] | None = None,
                 cuda: Sequence[Device] = ()) -> list[Device]:
     """CPU, one device per --rpc endpoint, then the local CUDA devices (engine.cuda.devices.planner_devices: their
     free memory as capacity), with the capacities given (e.g. by --device-mem) taking precedence."""
-    devices = [Device(CPU, "cpu"), *(Device(f"RPC[{ep}]", "rpc") for ep in rpc), *cuda]
+    devices = [Device(CPU, "cpu"), *(Device(rpc_device(ep), "rpc") for ep in rpc), *cuda]
     caps = dict(capacities or {})
     names = [d.name for d in devices]
     unknown = [n for n in caps if n not in names]

@@ -44,6 +44,10 @@ class ProgramError(IkctlError):
     """A segment program the worker cannot run (bad records, missing tensors, unsupported architecture)."""
 
 
+class UnknownSequence(ProgramError):
+    """Tokens that do not continue a sequence this segment holds (evicted, or never started here)."""
+
+
 # ---- the model config as flat scalars (DefineSegment args hold scalars only) -------------------------------
 
 
@@ -421,7 +425,7 @@ class SegmentRunner:
         cache = self._caches.get(seq_id)
         if cache is None:
             if pos_start:
-                raise ProgramError(f"sequence {seq_id} is unknown here but the tokens start at position {pos_start} "
+                raise UnknownSequence(f"sequence {seq_id} is unknown here but the tokens start at position {pos_start} "
                                    f"(a segment keeps {MAX_SEQUENCES} sequences, fewer when -m is short: the least "
                                    "recently used makes room)")
             cache = self._caches[seq_id] = self._new_cache()
@@ -431,7 +435,8 @@ class SegmentRunner:
         if pos_start < cache.n_past:  # the coordinator went back (a truncate it did not tell us about)
             cache.truncate(pos_start)
         elif pos_start > cache.n_past:
-            raise ProgramError(f"sequence {seq_id} holds {cache.n_past} positions; tokens cannot start at {pos_start}")
+            raise UnknownSequence(f"sequence {seq_id} holds {cache.n_past} positions; tokens cannot start at "
+                                  f"{pos_start}")
         return cache
 
     def _on_device(self) -> Any:

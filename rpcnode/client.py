@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from rpcnode import protocol as P
+from rpcnode.protocol import rpc_device
 
 CHUNK_BYTES = 16 << 20  # upload chunk size (the protocol's recommendation)
 CONNECT_TIMEOUT_S = 10.0
@@ -74,7 +75,7 @@ class Client:
                  timeout: float = CALL_TIMEOUT_S, run_timeout: float = RUN_TIMEOUT_S, poll_ms: float = 0.0,
                  reply_floor: float = REPLY_FLOOR_S, probe_timeout: float = PROBE_TIMEOUT_S) -> None:
         self.host, self.port = host, int(port)
-        self.label = f"RPC[{host}:{port}]"
+        self.label = rpc_device(f"{host}:{port}")
         self.timeout, self.run_timeout = timeout, run_timeout
         self.reply_floor, self.probe_timeout = reply_floor, probe_timeout
         self._session = False  # handshake done: waits past reply_floor probe the worker
@@ -404,5 +405,5 @@ def wait_until_up(endpoint: str, timeout: float = 10.0) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise WorkerGone(f"RPC[{endpoint}]: not reachable after {timeout:g} s") from None
+                raise WorkerGone(f"{rpc_device(endpoint)}: not reachable after {timeout:g} s") from None
             time.sleep(0.05)

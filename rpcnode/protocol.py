@@ -81,6 +81,11 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Message)
 
 
+def rpc_device(endpoint: str) -> str:
+    """The device name of the worker at host:port, as llama.cpp's -ot and --device-mem write it."""
+    return f"RPC[{endpoint}]"
+
+
 def kind_of(message: Message) -> Kind:
     """The header kind for a message (its struct tag)."""
     return Kind(type(message).__struct_config__.tag)

@@ -26,8 +26,8 @@ from engine.cuda import kernels as cuda_kernels
 from engine.cuda.devices import list_devices
 from engine.errors import IkctlError
 from engine.segments import (
-    ProgramError,
     SegmentRunner,
+    UnknownSequence,
     ordered_state,
     parse_program,
     program_host_bytes,
@@ -363,7 +363,7 @@ class Worker:
             with compute_threads(self.threads, m.n_tokens):
                 out = runner.run(m.seq_id, m.pos_start, m.n_tokens, state)
         except IkctlError as e:  # an unknown sequence, a full context
-            code = E.UNKNOWN_SEQUENCE if isinstance(e, ProgramError) and "sequence" in str(e) else E.BAD_PROGRAM
+            code = E.UNKNOWN_SEQUENCE if isinstance(e, UnknownSequence) else E.BAD_PROGRAM
             raise fail(code, f"segment {m.segment_id}: {e}") from None
         except (KeyError, ValueError, IndexError) as e:
             raise fail(E.BAD_ARRAY, f"segment {m.segment_id}: inputs do not fit its ops ({e!r:.200})") from None

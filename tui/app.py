@@ -22,7 +22,9 @@ from engine.distributed import read_token
 from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
 from engine.placement import PlacementRules, parse_device_mem
+from engine.placement_rules import device_kind
 from engine.synth import cache_dir
+from rpcnode.protocol import rpc_device
 from tui.host_board import HostBoard
 from tui.inventory import Host, load_hosts
 from tui.local_workers import LocalWorkers
@@ -256,8 +258,8 @@ def app_from_args(args: argparse.Namespace) -> IkctlApp:
         if _nothing_given(args):  # the demo: every layer on the workers, split evenly, so Live shows them busy
             ngl, ts = 99, ",".join("1" for _ in started)
     rules = PlacementRules.from_flags(args.override_tensor, ngl, ts, rpc)
-    in_plan = {f"RPC[{ep}]" for ep in rules.rpc}
-    capacities = {d: c for d, c in capacities.items() if d in in_plan or not d.startswith("RPC")}
+    in_plan = {rpc_device(ep) for ep in rules.rpc}
+    capacities = {d: c for d, c in capacities.items() if d in in_plan or device_kind(d) != "rpc"}
     options: dict[str, Any] = {}
     if args.threads:
         options["threads"] = args.threads

@@ -25,6 +25,7 @@ from engine.synth import default_model_path
 from engine.threads import blas_note
 from rpcnode.__main__ import add_arguments as add_rpcnode_arguments
 from rpcnode.__main__ import run as run_rpcnode
+from rpcnode.protocol import rpc_device
 from tui.bench_results import save_json
 from tui.hosts import add_arguments as add_hosts_arguments
 from tui.hosts import run as run_hosts
@@ -299,8 +300,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # --device-mem; a worker that cannot be asked is said so, and planned with what the files give
     given = {**capacities, **dict(parse_device_mem(t) for t in args.device_mem)}
     tokens, default_token = worker_tokens(Options(), cluster)
-    reported, unasked = ask_capacities([ep for ep in rules.rpc if f"RPC[{ep}]" not in given], tokens, default_token)
-    capacities = {**reported, **{d: c for d, c in capacities.items() if d in {f"RPC[{ep}]" for ep in rules.rpc}}}
+    reported, unasked = ask_capacities([ep for ep in rules.rpc if rpc_device(ep) not in given], tokens, default_token)
+    capacities = {**reported, **{d: c for d, c in capacities.items() if d in {rpc_device(ep) for ep in rules.rpc}}}
     devices = devices_for(rules.rpc, {**capacities, **dict(parse_device_mem(t) for t in args.device_mem)},
                           local_gpus(rules))
     f = GGUFFile(resolve_model_path(args.model))  # the header only: tensor data stays unread in the map

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from engine.cluster import Cluster, ClusterWorker, read_cluster, write_cluster
 from engine.errors import IkctlError
+from rpcnode.protocol import rpc_device
 from tui.formatting import size_flag
 from tui.inventory import Host
 from tui.launch import launch_host
@@ -267,6 +268,6 @@ def without_workers(flags: PlanFlags, endpoints: Iterable[str]) -> PlanFlags:
     so in the plan's error)."""
     gone = set(endpoints)
     rpc = [e.strip() for e in flags.rpc.split(",") if e.strip() and e.strip() not in gone]
-    devices = {f"RPC[{ep}]" for ep in gone}
+    devices = {rpc_device(ep) for ep in gone}
     mem = [item for item in flags.device_mem_items() if item.rpartition("=")[0] not in devices]
     return replace(flags, rpc=",".join(rpc), device_mem=" ".join(mem))

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from engine.placement import Placement, tensor_layer
+from engine.placement_rules import device_kind
 
 KINDS = ("attn", "router", "experts", "shexp", "dense")
 KIND_TITLES = {"attn": "attention", "router": "router", "experts": "experts", "shexp": "shared experts",
@@ -74,10 +75,10 @@ def device_tags(devices: Sequence[str]) -> dict[str, str]:
     """Short cell labels: CPU, R1, R2... for RPC workers in --rpc order, G0, G1 for CUDA devices."""
     tags, n_rpc = {}, 0
     for name in devices:
-        if name.startswith("RPC"):
+        if device_kind(name) == "rpc":
             n_rpc += 1
             tags[name] = f"R{n_rpc}"
-        elif name.startswith("CUDA"):
+        elif device_kind(name) == "cuda":
             tags[name] = f"G{name[4:]}"
         else:
             tags[name] = name

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 
 from engine.errors import IkctlError
+from rpcnode.protocol import rpc_device
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
@@ -41,7 +42,7 @@ class LocalWorker:
 
     @property
     def device(self) -> str:
-        return f"RPC[{self.endpoint}]"
+        return rpc_device(self.endpoint)
 
     @property
     def pid(self) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from rpcnode.client import Client, RPCError
-from rpcnode.protocol import Telemetry
+from rpcnode.protocol import Telemetry, rpc_device
 
 HISTORY = 60  # samples kept per worker: a minute at the default interval
 INTERVAL_S = 1.0
@@ -90,7 +90,7 @@ class WorkerStatus:
     @property
     def device(self) -> str:
         """Its name in placement rules."""
-        return f"RPC[{self.endpoint}]"
+        return rpc_device(self.endpoint)
 
     @property
     def is_gpu(self) -> bool:

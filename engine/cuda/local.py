@@ -9,6 +9,7 @@ import numpy as np
 
 from engine.cuda.devices import planner_devices
 from engine.placement import Device, PlacementRules, Segment
+from engine.placement_rules import device_kind
 from engine.segments import Program, SegmentRunner, TensorRef, op_tensor_names
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def is_cuda(device: str) -> bool:
-    return device.startswith("CUDA")
+    return device_kind(device) == "cuda"
 
 
 def local_gpus(rules: PlacementRules) -> list[Device]:

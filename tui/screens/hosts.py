@@ -14,6 +14,7 @@ from textual.coordinate import Coordinate
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from rpcnode.protocol import rpc_device
 from tui.formatting import printable
 from tui.host_board import LOG_LINES, HostBoard, WorkerEntry, host_cells
 from tui.inventory import Host
@@ -171,7 +172,7 @@ class HostsScreen(Screen[None]):
             return
         entries: list[WorkerEntry] = event.entries
         tokens = {e.endpoint: e.launched.token for e in entries if e.launched is not None}
-        capacities = {f"RPC[{e.endpoint}]": e.launched.mem_bytes for e in entries if e.launched is not None}
+        capacities = {rpc_device(e.endpoint): e.launched.mem_bytes for e in entries if e.launched is not None}
         self.post_message(WorkersChanged([e.endpoint for e in entries], [], tokens, capacities))
         where = f"; `ikctl stop --cluster {self.board.cluster_file}` stops them" \
             if self.board.cluster_file and tokens else ""

@@ -10,6 +10,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
+from rpcnode.protocol import rpc_device
 from tui.layer_map import device_tags
 from tui.link_stats import LinkMonitor
 from tui.shared_model import SharedModel
@@ -59,7 +60,7 @@ class LiveScreen(Screen[None]):
         links = self.links.update(self.shared.model if self.shared is not None else None)
         for ep in [ep for ep in self.panels if ep not in latest]:
             self.panels.pop(ep).remove()
-        names = [f"RPC[{ep}]" for ep in latest]
+        names = [rpc_device(ep) for ep in latest]
         tags, colors = device_tags(names), device_colors(["CPU", *names])
         container = self.query_one("#live-panels", VerticalScroll)
         for ep, status in latest.items():

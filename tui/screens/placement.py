@@ -18,6 +18,7 @@ from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
 from engine.placement import Placement, PlacementError
 from engine.synth import default_model_path
+from rpcnode.protocol import rpc_device
 from tui.formatting import format_bytes
 from tui.host_board import with_workers, without_workers
 from tui.messages import FlagsEdited, HeaderFailed, HeaderLoaded, LoadProgressed, PlanApplied, WorkFailed
@@ -100,7 +101,7 @@ class PlacementScreen(Screen[None]):
     def planning_flags(self) -> PlanFlags:
         """The flags with the reported capacities of the workers in --rpc that --device-mem does not name."""
         try:
-            devices = {f"RPC[{ep}]" for ep in self.flags.rules().rpc}
+            devices = {rpc_device(ep) for ep in self.flags.rules().rpc}
         except PlacementError:
             return self.flags  # the plan reports the bad flag
         return with_workers(self.flags, [], {d: n for d, n in self.reported.items() if d in devices})
