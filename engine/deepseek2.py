@@ -240,8 +240,9 @@ class DeepSeek2:
         """Apply one op to the pass state in place: "x" the hidden state [T, D]; between a MoE layer's ffn and
         moe_experts ops also "h" (normed input), "idx"/"w" (routing) and "shared" (shared experts' output);
         "ids" before embd; "n_out" (rows of logits wanted) before output, which leaves only "logits".
-        defer_shared: the ffn op leaves the shared experts to the caller (shared_experts), who runs them while a
-        worker runs the routed ones."""
+        defer_shared: the ffn op leaves the shared experts to the caller, whose "shared_experts" op runs them while
+        a worker runs the routed ones; "moe_combine" then adds the worker's "y". These two run only here: a
+        worker's program holds OP_PARTS alone."""
         i, part = op
         c = self.cfg
         if part == "embd":
@@ -257,8 +258,14 @@ class DeepSeek2:
         elif part == "moe_experts":
             L = self.layers[i]
             assert L.experts is not None
-            y = moe_ffn(state.pop("h"), state.pop("idx"), state.pop("w"), *L.experts)
-            self.finish_moe(state, y)
+            state["y"] = moe_ffn(state.pop("h"), state.pop("idx"), state.pop("w"), *L.experts)
+            self._moe_combine(state)
+        elif part == "shared_experts":  # local only: while a worker runs this layer's routed experts
+            L = self.layers[i]
+            if L.shared is not None:
+                state["shared"] = swiglu(state["h"], *L.shared)
+        elif part == "moe_combine":  # local only: a worker's routed experts came back as "y"
+            self._moe_combine(state)
         else:
             raise ValueError(f"unknown op {op}")
 
@@ -274,15 +281,11 @@ class DeepSeek2:
         if L.shared is not None and shared:
             state["shared"] = swiglu(h, *L.shared)
 
-    def shared_experts(self, i: int, h: np.ndarray) -> np.ndarray | None:
-        """Layer i's shared experts on its normed input h (None: it has none)."""
-        L = self.layers[i]
-        return swiglu(h, *L.shared) if L.shared is not None else None
-
     @staticmethod
-    def finish_moe(state: dict[str, np.ndarray], y: np.ndarray) -> None:
-        """Add the routed experts' output y (+ the shared experts') to the residual; without a
-        residual in the state (an expert-only remote segment) leave y as "y" for the caller."""
+    def _moe_combine(state: State) -> None:
+        """Add the routed experts' output "y" (+ the shared experts') to the residual; without a residual in the
+        state (an expert-only remote segment) leave y as "y" for the coordinator's moe_combine."""
+        y = state.pop("y")
         if "shared" in state:
             y = y + state.pop("shared")
         if "x" in state:

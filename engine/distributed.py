@@ -259,7 +259,6 @@ class DistributedNet:
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens: local segments in place, each remote one in one round trip; logits as DeepSeek2."""
         positions, state = begin(ids, cache, all_logits)
-        pos0, T = int(positions[0]), len(positions)
         seq_id = getattr(cache, "seq_id", 0)
         for k, seg in enumerate(self.segments):
             if seg.device == CPU:
@@ -267,7 +266,7 @@ class DistributedNet:
                 for op in seg.ops:
                     self.local.run_op(op, state, positions, cache, defer_shared=overlap and op == seg.ops[-1])
             else:
-                self._run_remote(k, seg, state, pos0, T, seq_id)
+                self._run_remote(k, seg, state, positions, cache, seq_id)
         return np.array(finish(cache, positions, state))  # a copy: the reply's buffer is read-only
 
     def _overlaps(self, k: int) -> bool:
@@ -275,8 +274,9 @@ class DistributedNet:
         seg = self.segments[k]
         return k not in self.gpu and seg.device != CPU and len(seg.ops) == 1 and seg.ops[0][1] == "moe_experts"
 
-    def _run_remote(self, k: int, seg: Segment, state: dict[str, np.ndarray], pos0: int, T: int,
-                    seq_id: int) -> None:
+    def _run_remote(self, k: int, seg: Segment, state: dict[str, np.ndarray], positions: np.ndarray,
+                    cache: KVCache, seq_id: int) -> None:
+        pos0, T = int(positions[0]), len(positions)
         send = _inputs(seg, state)
         if k in self.gpu:  # a GPU of this machine: in-process, host arrays in and out as over the wire
             out = self.gpu[k].run(seq_id, pos0, T, {n: state[n] for n in send})
@@ -287,16 +287,14 @@ class DistributedNet:
                 try:
                     if self._overlaps(k) and "shared" not in state:
                         # the shared experts run here while the worker runs the routed ones: both machines busy
-                        shared = self.local.shared_experts(seg.ops[0][0], state["h"])
-                        if shared is not None:
-                            state["shared"] = shared
+                        self.local.run_op((seg.ops[0][0], "shared_experts"), state, positions, cache)
                 finally:
                     out = client.finish_segment(request)
         for n in send:
             state.pop(n, None)
-        if "y" in out:  # an expert-only segment: the residual and the shared experts stayed here
-            self.local.finish_moe(state, out.pop("y"))
         state.update(out)
+        if "y" in out:  # an expert-only segment: the residual and the shared experts stayed here
+            self.local.run_op((seg.ops[-1][0], "moe_combine"), state, positions, cache)
 
 
 def _progress_reporter(device: str, specs: Sequence[OfferSpec],
