@@ -6,6 +6,8 @@ arrays: "ids" and "n_out" (rows of logits wanted) at the start, "x" [T, D] the h
 layers add "h", "idx", "w" and "shared" between their ffn and moe_experts ops), "logits" alone at the end.
 An architecture's `run_op` applies one op; the local network runs all of them here, a distributed one hands
 runs of them (segments) to the device holding their weights, and a worker runs its segment's ops the same way.
+A coordinator whose worker holds a layer's routed experts alone also runs that layer's "shared_experts" (while
+the worker computes) and "moe_combine" (adding the worker's "y"); no worker program holds those two.
 """
 
 from __future__ import annotations
