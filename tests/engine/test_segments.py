@@ -15,6 +15,7 @@ from engine.placement import layer_ops
 from engine.segments import (
     ProgramError,
     SegmentRunner,
+    UnknownSequence,
     config_args,
     config_from_args,
     parse_program,
@@ -64,6 +65,10 @@ def test_program_records_round_trip_and_refusals() -> None:
         parse_program([("config", {**records[0][1], "cache_type": "q4_0"}), *records[1:]])
     with pytest.raises(ProgramError, match="layer 99"):
         parse_program([records[0], ("attn", {"layer": 99})])
+    moe = next(i for i, part in ops if part == "moe_experts")
+    for part in ("shared_experts", "moe_combine"):  # the coordinator's own parts: never a worker's
+        with pytest.raises(ProgramError, match=f"bad op record '{part}'"):
+            parse_program([records[0], (part, {"layer": moe})])
     with pytest.raises(ProgramError, match="digest, ggml_type"):
         parse_program([records[0], ("attn", {"layer": 0, "t.x": ["d", "q"]})])
     with pytest.raises(ProgramError, match="model config"):
@@ -109,9 +114,9 @@ def test_a_runner_over_every_op_equals_the_forward_pass(yarn_model: Path) -> Non
     step = model.eval([7], cache)
     out = runner.run(1, len(ids), 1, {"x": model.net.token_embd.rows(np.asarray([7])), "n_out": np.asarray(1)})
     assert np.array_equal(out["logits"], step)
-    with pytest.raises(ProgramError, match="cannot start at 40"):
+    with pytest.raises(UnknownSequence, match="cannot start at 40"):  # the worker's UNKNOWN_SEQUENCE
         runner.run(1, 40, 1, {"x": x[:1], "n_out": np.asarray(1)})
-    with pytest.raises(ProgramError, match="unknown here"):
+    with pytest.raises(UnknownSequence, match="unknown here"):
         runner.run(2, 3, 1, {"x": x[:1], "n_out": np.asarray(1)})
     assert runner.kv("truncate", 1, 2) == 2 and runner.kv("clear", 1, 0) == 0
 
