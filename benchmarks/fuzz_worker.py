@@ -104,7 +104,6 @@ def cpu_name() -> str:
 
 def legit_logits(model_path: Path, endpoint: str) -> tuple[np.ndarray, str]:
     """A legitimate client's logits; if what the fuzz left held fills -m (OUT_OF_MEMORY), after freeing it."""
-
     try:
         return logits_through(model_path, endpoint), "as the fuzz left it"
     except RPCError as e:

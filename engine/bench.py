@@ -120,8 +120,6 @@ def host_info() -> dict[str, Any]:
 
 
 def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int, kernels: bool = True) -> dict[str, Any]:
-
-
     try:
         pkg = version("ikctl")
     except PackageNotFoundError:

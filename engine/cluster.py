@@ -65,7 +65,6 @@ class Cluster:
 
 def default_cluster_path() -> Path:
     """Where `ikctl launch` writes without -o: the ikctl cache dir's cluster.json."""
-
     return cache_dir() / "cluster.json"
 
 

@@ -57,7 +57,6 @@ class WorkerError(IkctlError):
 @contextmanager
 def _rpc() -> Iterator[None]:
     """Turn the client's errors into IkctlError (the CLI prints those as one line)."""
-
     try:
         yield
     except RPCError as e:
@@ -89,7 +88,6 @@ def rules_from_options(opts: Options, cluster: Cluster | None = None) -> Placeme
 def capacities_from_options(opts: Options, cluster: Cluster | None, reported: Mapping[str, int]) -> dict[str, int]:
     """Device capacities to plan against: what the connected workers report, then the cluster file's, then
     --device-mem."""
-
     caps = dict(reported)
     if cluster is not None:
         # --rpc may name only some of the cluster's workers
@@ -102,7 +100,6 @@ def ask_capacities(endpoints: Sequence[str], tokens: Mapping[str, str], default_
                    timeout: float = 10.0) -> tuple[dict[str, int], dict[str, str]]:
     """What each worker reports as its memory, asked as a load asks it (`ikctl plan` plans against the same
     numbers as `ikctl run`): ({device: bytes}, {device: why it could not be asked})."""
-
     reported, unasked = {}, {}
     for ep in endpoints:
         try:
@@ -123,7 +120,6 @@ def worker_tokens(opts: Options, cluster: Cluster | None) -> tuple[dict[str, str
 
 def kv_bytes_per_layer(cfg: Any, opts: Options) -> int:
     """One layer's KV cache for the whole context in the -ctk type: what a worker holding the layer must reserve."""
-
     return row_bytes(cfg.cache_widths(opts.mla), opts.cache_type_k) * context_size(cfg, opts)
 
 
@@ -205,7 +201,7 @@ class DistributedNet:
         # Segment ids are random per load so that two models (or coordinators) sharing a worker do not replace
         # each other's programs; KV sequence ids likewise.
         base = secrets.randbelow(1 << 31)
-        on_worker = [k for k, s in enumerate(self.segments) if s.device != CPU and device_kind(s.device) != "cuda"]
+        on_worker = [k for k, s in enumerate(self.segments) if device_kind(s.device) == "rpc"]
         self.remote = [(base + k, self.segments[k]) for k in on_worker]
         self.segment_ids = {k: base + k for k in on_worker}
         self.gpu: dict[int, Any] = {}  # segment index -> SegmentRunner on a GPU of this machine (engine.cuda)
@@ -348,7 +344,6 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
     """The network itself when the placement keeps everything local, else a DistributedNet over the workers.
     The plan is checked against each worker's memory (its -m, or the cluster file's, or --device-mem) with the
     KV cache of the whole context counted, before any tensor is sent."""
-
     cluster = _cluster(opts)
     rules = rules_from_options(opts, cluster)
     tokens, default_token = worker_tokens(opts, cluster)

@@ -172,7 +172,6 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """The tensor's data as a view of the memory map: float32/float16 arrays of the logical shape for
         F32/F16, otherwise uint8 with the last axis in bytes (the `gguf` reader's convention)."""
-
         info = self.tensors.get(name)
         if info is None:
             raise ModelFileError(f"{self.path}: tensor '{name}' is missing from the file")

@@ -172,7 +172,6 @@ class Model:
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[Any]:
         """Stream generated tokens; see engine.generate.generate for the keyword arguments."""
-
         return generate(self, prompt, **kwargs)
 
 

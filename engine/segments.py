@@ -319,7 +319,6 @@ def _tensor_ref(key: str, value: Any) -> TensorRef:
 
 def qtensor_from_bytes(name: str, raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> QTensor:
     """A QTensor over a flat uint8 array, in GGUFFile.raw's layout (float types shaped, others bytes per row)."""
-
     t = gguf.GGMLQuantizationType(qtype)
     block, type_bytes = gguf.GGML_QUANT_SIZES[t]
     count = int(np.prod(shape, dtype=np.int64))
@@ -365,7 +364,6 @@ class SegmentRunner:
             if not arch.on_gpu:
                 raise ProgramError(f"{arch.name} layers cannot run on a GPU yet (CUDA runs deepseek2 models); keep "
                                    "them on the CPU or on CPU workers")
-
             xp = require(cuda_device)
             getter = cuda_tensors.upload_getter(get, cuda_device)
         with self._on_device():
@@ -425,9 +423,9 @@ class SegmentRunner:
         cache = self._caches.get(seq_id)
         if cache is None:
             if pos_start:
-                raise UnknownSequence(f"sequence {seq_id} is unknown here but the tokens start at position {pos_start} "
-                                   f"(a segment keeps {MAX_SEQUENCES} sequences, fewer when -m is short: the least "
-                                   "recently used makes room)")
+                raise UnknownSequence(f"sequence {seq_id} is unknown here but the tokens start at position "
+                                      f"{pos_start} (a segment keeps {MAX_SEQUENCES} sequences, fewer when -m is "
+                                      "short: the least recently used makes room)")
             cache = self._caches[seq_id] = self._new_cache()
             while len(self._caches) > MAX_SEQUENCES:
                 self._caches.popitem(last=False)

@@ -249,7 +249,6 @@ def _add_metadata(w: gguf.GGUFWriter, s: SynthSpec) -> None:
 
 def write_model(path: str | os.PathLike[str], spec: SynthSpec) -> Path:
     """Write the model to `path` (atomically: a temp file beside it, renamed when complete) and return it."""
-
     path = Path(path)
     plan = [(t, tensor_qtype(spec, t)) for t in tensor_plan(spec)]
     w = gguf.GGUFWriter(None, ARCH)

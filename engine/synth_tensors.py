@@ -103,7 +103,6 @@ def tensor_values(s: SynthSpec, t: TensorPlan) -> np.ndarray:
 
 def tensor_qtype(s: SynthSpec, t: TensorPlan) -> str:
     """The GGML type name for a tensor: norms, biases and the router stay F32 (as llama.cpp keeps them)."""
-
     if len(t.shape) == 1 or t.name.endswith("ffn_gate_inp.weight"):
         return "F32"
     name = s.dtype
@@ -117,7 +116,6 @@ def tensor_qtype(s: SynthSpec, t: TensorPlan) -> str:
 
 def encode(values: np.ndarray, qtype: str) -> np.ndarray:
     """Values in the on-disk encoding of `qtype` (float arrays for F32/F16, uint8 blocks otherwise)."""
-
     if qtype == "F32":
         return np.ascontiguousarray(values, dtype=np.float32)
     if qtype == "F16":

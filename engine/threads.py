@@ -21,7 +21,6 @@ _AVX512_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
 @cache
 def _blas_pools() -> Any:
     """threadpoolctl's view of the loaded BLAS libraries, found once (the search costs ~1 ms per call)."""
-
     return ThreadpoolController()
 
 
@@ -72,7 +71,6 @@ def compute_threads(threads: int | None, n_tokens: int) -> Iterator[None]:
     at N_KV 384). Prefill gives BLAS the threads and decodes weight tiles on the calling thread, so the two pools
     never spin against each other (2 threads each ran 7x slower than 1). numba keeps its count per calling thread.
     """
-
     before = kernels.get_threads()
     decode = n_tokens <= kernels.MATVEC_MAX_T
     kernels.set_threads((threads or before) if decode else 1)

@@ -89,7 +89,6 @@ def config_from_args(args: argparse.Namespace) -> object:
 
 def cuda_device(text: str) -> int | None:
     """--device as a CUDA index (None: cpu), checked now: a missing CuPy or GPU is one line, before listening."""
-
     try:
         index = parse_device(text)
     except IkctlError as e:

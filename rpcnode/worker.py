@@ -91,7 +91,6 @@ class Config:
 
 def _gpu(index: int) -> Any:
     """engine.cuda.devices.CudaDevice `index`; CudaUnavailable (an IkctlError) without CuPy or that GPU."""
-
     require(index)
     found = [d for d in list_devices() if d.index == index]
     if not found:
@@ -347,7 +346,6 @@ class Worker:
 
     def run(self, m: P.RunSegment, payload: memoryview) -> tuple[P.RunReply, list[Any]]:
         """Run a segment; the caller holds `computing()`."""
-
         runner = self.segment(m.segment_id)
         arrays = P.unpack_arrays(m.sections, payload)
         state = {spec.name: arr for spec, arr in zip(m.sections, arrays, strict=True)}
