@@ -4,15 +4,17 @@ Legend: T new tokens, D hidden. An op is (layer, part): (-1, "embd"), per layer 
 with routed experts, "moe_experts", then (n_layers, "output"). The pass state is a dict of host or device
 arrays: "ids" and "n_out" (rows of logits wanted) at the start, "x" [T, D] the hidden state between ops (MoE
 layers add "h", "idx", "w" and "shared" between their ffn and moe_experts ops), "logits" alone at the end.
-An architecture's `run_op` applies one op; the local network runs all of them here, a distributed one hands
-runs of them (segments) to the device holding their weights, and a worker runs its segment's ops the same way.
+An architecture's `run_op` applies one op. An Executor runs segments (runs of consecutive ops) where their weights
+are: `Here` on this process's network, engine.executors' `OnGpu` and `OnWorker` on a GPU of this machine and on a
+worker; a local pass is one segment Here, a distributed one hands each segment to its device's executor.
 A coordinator whose worker holds a layer's routed experts alone also runs that layer's "shared_experts" (while
 the worker computes) and "moe_combine" (adding the worker's "y"); no worker program holds those two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -20,7 +22,40 @@ from engine.kv_cache import KVCache
 
 Op = tuple[int, str]  # (layer, part)
 State = dict[str, np.ndarray]
-RunOp = Callable[[Op, State, np.ndarray, KVCache], None]
+RunOp = Callable[..., None]  # (op, state, positions, cache, defer_shared=False): an architecture's run_op
+
+
+class Executor(Protocol):
+    """Runs a pass's segments where their weights are. `run(k, ...)` applies segment k's ops to the state in place
+    (for the tokens at `positions` of sequence `seq_id`, whose rows here are in `cache`); `kv` clears or truncates
+    a sequence's rows held elsewhere; `close` lets go of what the executor holds."""
+
+    def run(self, k: int, state: State, positions: np.ndarray, cache: KVCache, seq_id: int) -> None: ...
+
+    def kv(self, op: str, seq_id: int, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Here:
+    """Segments on this process's network; their KV rows are the pass's own cache. A segment in `defer_shared`
+    leaves its last MoE layer's shared experts to the next segment's executor (a worker's routed experts alone:
+    the coordinator computes them while the worker computes)."""
+
+    def __init__(self, run_op: RunOp, segments: Mapping[int, Sequence[Op]], defer_shared: Container[int] = ()) -> None:
+        self.run_op, self.segments, self.defer_shared = run_op, segments, defer_shared
+
+    def run(self, k: int, state: State, positions: np.ndarray, cache: KVCache, seq_id: int) -> None:
+        ops = self.segments[k]
+        for op in ops[:-1]:
+            self.run_op(op, state, positions, cache)
+        self.run_op(ops[-1], state, positions, cache, defer_shared=k in self.defer_shared)
+
+    def kv(self, op: str, seq_id: int, n: int) -> None:
+        """Nothing to do: the pass's cache is cleared and truncated by its owner."""
+
+    def close(self) -> None:
+        """Nothing held beyond the network."""
 
 
 def model_ops(n_layers: int, layer_parts: Callable[[int], tuple[str, ...]]) -> list[Op]:
@@ -42,9 +77,15 @@ def finish(cache: KVCache, positions: np.ndarray, state: State) -> np.ndarray:
     return state["logits"]
 
 
-def run_local(run_op: RunOp, ops: Iterable[Op], ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
-    """A whole pass on this device: logits [T, V] if all_logits else [1, V] (the last token)."""
+def run_pass(steps: Iterable[tuple[int, Executor]], ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+    """One pass: each segment k on its executor in order; logits [T, V] if all_logits else [1, V] (the last token)."""
     positions, state = begin(ids, cache, all_logits)
-    for op in ops:
-        run_op(op, state, positions, cache)
+    seq_id = getattr(cache, "seq_id", 0)
+    for k, executor in steps:
+        executor.run(k, state, positions, cache, seq_id)
     return finish(cache, positions, state)
+
+
+def run_local(run_op: RunOp, ops: Sequence[Op], ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+    """A whole pass on this process's network: one segment Here."""
+    return run_pass([(0, Here(run_op, {0: ops}))], ids, cache, all_logits)
