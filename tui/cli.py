@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-no-cnv", "--no-conversation", dest="chat", action="store_false",
                      help="use the prompt as raw text instead of wrapping it in the model's chat template")
     add_placement_flags(run)
+    run.set_defaults(handler=cmd_run)
     bench = sub.add_parser("bench", help="sweep benchmark: PP and TG speed as the context fills (llama-sweep-bench)")
     add_model_flags(bench)
     bench.set_defaults(ctx_size=2048)
@@ -65,22 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--generic", action="store_true",
                        help="use the generic dequantize-then-BLAS path instead of the fused kernels (a baseline)")
     add_placement_flags(bench)
+    bench.set_defaults(handler=cmd_bench)
     rpcnode = sub.add_parser("rpcnode", help="start a worker owning this machine's CPU or one GPU (for --rpc on a "
                              "coordinator)")
     add_rpcnode_arguments(rpcnode)
+    rpcnode.set_defaults(handler=run_rpcnode)
     plan = sub.add_parser("plan", help="show where every tensor would go and the bytes per device, loading nothing")
     add_model_flags(plan)  # -c, -ctk and -mla size the KV cache counted on each layer's device
     add_placement_flags(plan, polling=False)
     plan.add_argument("-v", "--verbose", action="store_true", help="also print every tensor's device and rule")
+    plan.set_defaults(handler=cmd_plan)
     hosts = sub.add_parser("hosts", help="probe SSH hosts: reachable or why not, OS, cores, RAM, GPUs, ikctl version")
     add_hosts_arguments(hosts)
-    hosts.set_defaults(run_hosts=run_hosts)
+    hosts.set_defaults(handler=run_hosts)
     launch = sub.add_parser("launch", help="start rpcnode workers on SSH hosts and write a cluster file")
     _add_launch_flags(launch)
+    launch.set_defaults(handler=cmd_launch)
     sub.add_parser("app", help="open the terminal app (what bare `ikctl` does in a terminal); `ikctl app -h`")
     stop = sub.add_parser("stop", help="stop the workers of a cluster file")
     stop.add_argument("--cluster", metavar="FILE", required=True, help="the cluster file `ikctl launch` wrote")
     _add_ssh_flags(stop, known_hosts_default="the one each worker was launched with, as the cluster file says")
+    stop.set_defaults(handler=cmd_stop)
     return parser
 
 
@@ -278,10 +284,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 1
 
 
-def cmd_rpcnode(args: argparse.Namespace) -> int:
-    return run_rpcnode(args)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if (not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))) and sys.stdout.isatty():
@@ -300,8 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"run": cmd_run, "bench": cmd_bench, "plan": cmd_plan, "rpcnode": cmd_rpcnode,
-                "hosts": lambda a: a.run_hosts(a), "launch": cmd_launch, "stop": cmd_stop}[args.command](args)
+        return args.handler(args)
     except IkctlError as e:
         print(f"ikctl: error: {e}", file=sys.stderr)
         return 1
