@@ -34,6 +34,8 @@ from tui.launch import HEADER as LAUNCH_HEADER
 from tui.launch import LaunchOptions, launch_all, log_tails
 from tui.launch import format_table as format_rows
 from tui.launch import table_rows as launch_rows
+from tui.server.main import ServeOptions, run_server
+from tui.server.main import add_arguments as add_serve_arguments
 from tui.ssh import SSHOptions, SSHTransport
 from tui.stop import HEADER as STOP_HEADER
 from tui.stop import stop_workers
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--generic", action="store_true",
                        help="use the generic dequantize-then-BLAS path instead of the fused kernels (a baseline)")
     _add_placement_flags(bench)
+    _add_serve_command(sub)
     rpcnode = sub.add_parser("rpcnode", help="start a worker owning this machine's CPU or one GPU (for --rpc on a "
                              "coordinator)")
     add_rpcnode_arguments(rpcnode)
@@ -372,6 +375,20 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 1
 
 
+# ---- ikctl serve (issue 15): run's model and placement flags plus the server's; the server lives in tui/server/
+def _add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="serve the model over HTTP: OpenAI's and llama-server's API, "
+                           "continuous batching (like llama-server)")
+    _add_model_flags(serve)
+    _add_placement_flags(serve)
+    add_serve_arguments(serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    path = resolve_model_path(args.model)
+    return run_server(ServeOptions.from_args(args), path, lambda: load_model(path, **model_options(args)))
+
+
 def cmd_rpcnode(args: argparse.Namespace) -> int:
     return run_rpcnode(args)
 
@@ -394,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"run": cmd_run, "bench": cmd_bench, "plan": cmd_plan, "rpcnode": cmd_rpcnode,
+        return {"run": cmd_run, "bench": cmd_bench, "plan": cmd_plan, "rpcnode": cmd_rpcnode, "serve": cmd_serve,
                 "hosts": lambda a: a.run_hosts(a), "launch": cmd_launch, "stop": cmd_stop}[args.command](args)
     except IkctlError as e:
         print(f"ikctl: error: {e}", file=sys.stderr)
