@@ -138,6 +138,18 @@ async def chat_completions(request: Request) -> Response:
     return await _complete(request, gen, reply, p)
 
 
+async def apply_template(request: Request) -> Response:
+    """llama-server's POST /apply-template: the prompt a chat request would run, not run."""
+    state: ServerState = request.app.state.serve
+    model, _ = state.loaded()
+    p = parse_chat(await _json(request))
+    try:
+        prompt = await asyncio.to_thread(model.apply_chat_template, p.messages, True, p.tools)
+    except IkctlError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    return JSONResponse({"prompt": prompt})
+
+
 async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.serve
     model, scheduler = state.loaded()
@@ -325,6 +337,7 @@ def make_app(state: ServerState, write: Callable[[str], None] = log.info) -> ASG
         Route("/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/completions", completions, methods=["POST"]),
+        Route("/apply-template", apply_template, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/models", list_models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
