@@ -22,12 +22,12 @@ def render(stats: SchedulerStats, workers: Sequence[WorkerTraffic], requests_tot
     out: list[str] = []
 
     def metric(name: str, kind: str, help: str, samples: Sequence[tuple[str, float]]) -> None:
-        out.append(f"# HELP {PREFIX}{name} {help}")
-        out.append(f"# TYPE {PREFIX}{name} {kind}")
-        suffix = "_total" if kind == "counter" else ""
+        full = PREFIX + name + ("_total" if kind == "counter" else "")  # text format 0.0.4 names the sample
+        out.append(f"# HELP {full} {help}")
+        out.append(f"# TYPE {full} {kind}")
         for worker, value in samples:
             labels = f'{{worker="{_escape(worker)}"}}' if worker else ""
-            out.append(f"{PREFIX}{name}{suffix}{labels} {value:.17g}")
+            out.append(f"{full}{labels} {value:.17g}")
 
     def one(name: str, kind: str, help: str, value: float) -> None:
         metric(name, kind, help, [("", value)])
