@@ -312,6 +312,9 @@ class Scheduler:
         job, cache = slot.job, slot.cache
         assert job is not None and cache is not None
         r = job.ticket.request
+        if r.max_tokens == 0:  # the prompt was read (its usage counts), nothing is generated
+            self._finish(slot, "length")
+            return
         token = job.sampler(logits)
         if token in self._eog:
             self._finish(slot, "stop")

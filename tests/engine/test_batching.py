@@ -151,6 +151,12 @@ def test_stop_string_across_tokens(model: Model, running: list[Scheduler]) -> No
     assert isinstance(end, Finished) and end.reason == "stop"
 
 
+def test_max_tokens_zero_reads_the_prompt_and_generates_nothing(model: Model, running: list[Scheduler]) -> None:
+    c = run_all(start(model, running, 1), [GenerationRequest(PROMPTS[1], max_tokens=0, sampler=GREEDY)])[0]
+    end = c.end
+    assert isinstance(end, Finished) and (end.prompt_tokens, end.completion_tokens, c.text) == (11, 0, "")
+
+
 def test_prompts_that_cannot_run_are_refused(model: Model) -> None:
     s = Scheduler(model, 1, 1)
     with pytest.raises(PromptTooLong, match="context holds 128"):
