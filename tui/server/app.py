@@ -87,7 +87,8 @@ class Generation:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
     async def events(self, request: Request | None = None) -> AsyncIterator[Event]:
-        """Until Finished or Failed; with `request`, ends early (and frees the slot) when its client goes away."""
+        """Until Finished or Failed; with `request`, ends early (and frees the slot or the queue place) when its
+        client goes away, within DISCONNECT_POLL_S."""
         try:
             while True:
                 try:
@@ -205,7 +206,7 @@ def _stream(request: Request, gen: Generation, reply: Reply, p: ChatParams | Com
         if reply.chat:
             yield sse(reply.chunk({"role": "assistant", "content": ""}))
         text, sent = "", 0
-        async for event in gen.events():
+        async for event in gen.events(request):  # also while queued: a client gone is noticed without a token sent
             if isinstance(event, TextDelta):
                 if names is None:
                     yield delta(event.text)
