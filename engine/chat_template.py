@@ -23,9 +23,10 @@ _RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexEr
                   ZeroDivisionError, RecursionError)
 
 
-def apply_chat_template(f: GGUFFile, tok: Tokenizer, messages: Messages, add_generation_prompt: bool) -> str:
+def apply_chat_template(f: GGUFFile, tok: Tokenizer, messages: Messages, add_generation_prompt: bool,
+                        tools: list[dict[str, Any]] | None = None) -> str:
     """The prompt text for `messages` ({"role", "content"} dicts), to be encoded with special=True and
-    add_bos=tok.add_bos.
+    add_bos=tok.add_bos. `tools` (OpenAI function specs) reach the template as Hugging Face passes them.
 
     A leading BOS that the template writes itself is dropped when the tokenizer adds one, as llama.cpp's
     common_chat_templates_apply does, so the prompt never starts with two.
@@ -36,7 +37,7 @@ def apply_chat_template(f: GGUFFile, tok: Tokenizer, messages: Messages, add_gen
         return _FALLBACKS[_fallback_name(f, tok)](messages, add_generation_prompt)
     bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
     eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
-    text = _render(str(source), messages, add_generation_prompt, bos, eos)
+    text = render_template(str(source), messages, add_generation_prompt, bos, eos, tools)
     if tok.add_bos and bos and text.startswith(bos):
         text = text[len(bos) :]
     return text
@@ -50,14 +51,16 @@ def _check_messages(messages: Messages) -> None:
             raise IkctlError(f"chat message {i} must be a dict with a string 'role' (and 'content')")
 
 
-def _render(source: str, messages: Messages, add_generation_prompt: bool, bos: str, eos: str) -> str:
+def render_template(source: str, messages: Messages, add_generation_prompt: bool, bos: str, eos: str,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+    """A Jinja chat template's text, rendered in transformers' environment."""
     try:
         return _compile(source).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos,
             eos_token=eos,
-            tools=None,
+            tools=tools or None,
             documents=None,
         )
     except _RENDER_ERRORS as e:

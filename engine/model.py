@@ -151,6 +151,11 @@ class Model:
                     self.net.forward(chunk, cache, all_logits=False)
         return np.concatenate(outs, axis=0) if all_logits else outs[-1]
 
+    def eval_batch(self, items: Sequence[tuple[Sequence[int], KVCache]]) -> list[np.ndarray]:
+        """Per (new token ids, that sequence's cache): the float32 logits [n_vocab] of its last new token."""
+        # replaced by the batched pass (branch batch)
+        return [self.eval(ids, cache)[-1] for ids, cache in items]
+
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 [len(token_ids), n_vocab]: logits at every position of a fresh sequence."""
         cache = self.new_cache(max(self.n_ctx, len(token_ids)))
@@ -167,8 +172,9 @@ class Model:
     def has_chat_template(self) -> bool:
         return bool(self.gguf.get("tokenizer.chat_template", ""))
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return apply_chat_template(self.gguf, self.tokenizer, messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        return apply_chat_template(self.gguf, self.tokenizer, messages, add_generation_prompt, tools)
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[Any]:
         """Stream generated tokens; see engine.generate.generate for the keyword arguments."""

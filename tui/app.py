@@ -38,6 +38,8 @@ from tui.screens.generate import GenerateScreen
 from tui.screens.hosts import HostsScreen
 from tui.screens.live import LiveScreen
 from tui.screens.placement import PlacementScreen
+from tui.screens.serve import ServeScreen
+from tui.server.watch import DEFAULT_URL
 from tui.shared_model import SharedModel
 from tui.telemetry import TelemetryMonitor
 
@@ -60,6 +62,7 @@ COMMANDS = (
     ("Bench: stop", "Stop the running sweep", BenchScreen, "stop"),
     ("Bench: save JSON", "Write settings and rows like `ikctl bench --json`", BenchScreen, "save_json"),
     ("Live: pause or resume", "Freeze the panels to read them (polling goes on)", LiveScreen, "pause"),
+    ("Show serve", "A running `ikctl serve`: slots, queue, requests/s, tokens/s (F6)", None, "switch_mode('serve')"),
     ("Hosts: probe again", "Probe every host: reachable, CPU, RAM, GPUs", HostsScreen, "probe"),
     ("Hosts: launch workers", "Start workers on the selected host", HostsScreen, "launch"),
     ("Hosts: stop workers", "Stop the selected host's workers", HostsScreen, "stop_host"),
@@ -79,12 +82,14 @@ class IkctlApp(App[None]):
         Binding("f3", "switch_mode('bench')", "Bench", show=False),
         Binding("f4", "switch_mode('live')", "Live", show=False),
         Binding("f5", "switch_mode('hosts')", "Hosts", show=False),
+        Binding("f6", "switch_mode('serve')", "Serve", show=False),
     ]
 
     def __init__(self, model_path: str | None = None, flags: PlanFlags | None = None,
                  model_options: Mapping[str, Any] | None = None, start_mode: str = "placement",
                  tokens: Mapping[str, str] | None = None, local: LocalWorkers | None = None,
-                 board: HostBoard | None = None, monitor: TelemetryMonitor | None = None) -> None:
+                 board: HostBoard | None = None, monitor: TelemetryMonitor | None = None,
+                 serve_url: str = DEFAULT_URL) -> None:
         super().__init__()
         flags = flags or PlanFlags()
         self.model_path = model_path
@@ -101,6 +106,7 @@ class IkctlApp(App[None]):
         self.add_mode("live", lambda: LiveScreen(self.monitor, shared=self.shared))
         self.board = board or HostBoard((), local)
         self.add_mode("hosts", lambda: HostsScreen(self.board, self.monitor))
+        self.add_mode("serve", lambda: ServeScreen(serve_url))
 
     def on_mount(self) -> None:
         try:
@@ -186,7 +192,7 @@ def make_app(model_path: str | None = None, rules: PlacementRules | None = None,
              capacities: Mapping[str, int] | None = None, model_options: Mapping[str, Any] | None = None,
              start_mode: str = "placement", tokens: Mapping[str, str] | None = None,
              local: LocalWorkers | None = None, board: HostBoard | None = None,
-             monitor: TelemetryMonitor | None = None) -> IkctlApp:
+             monitor: TelemetryMonitor | None = None, serve_url: str = DEFAULT_URL) -> IkctlApp:
     """The app for a model (None: the embedded default), starting from these placement rules and capacities.
 
     model_options are load_model keywords (threads, ctx_size); tokens are per worker endpoint; `local` are workers
@@ -199,7 +205,7 @@ def make_app(model_path: str | None = None, rules: PlacementRules | None = None,
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     return IkctlApp(model_path, PlanFlags.from_rules(rules, capacities), model_options, start_mode, tokens, local,
-                    board, monitor)
+                    board, monitor, serve_url)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -211,6 +217,9 @@ def _parser() -> argparse.ArgumentParser:
                    "not with --cluster")
     p.add_argument("--local", type=int, default=None, metavar="N",
                    help="start N workers on this machine, owned by the app (default: 2 when nothing else is given)")
+    p.add_argument("--serve", metavar="URL", default=DEFAULT_URL,
+                   help=f"the `ikctl serve --metrics` the Serve screen (F6) watches (default: {DEFAULT_URL}; its key "
+                   "from $IKCTL_API_KEY)")
     return p
 
 
@@ -252,7 +261,8 @@ def app_from_args(args: argparse.Namespace) -> IkctlApp:
     defaults = Options()
     options = {k: v for k, v in model_options(args).items() if v != getattr(defaults, k)}  # what the user set
     board = HostBoard(hosts, local, cluster_file=cluster_file)
-    return make_app(args.model, rules, capacities, options, tokens=spec.tokens, local=local, board=board)
+    return make_app(args.model, rules, capacities, options, tokens=spec.tokens, local=local, board=board,
+                    serve_url=args.serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,6 +36,8 @@ from tui.launch import HEADER as LAUNCH_HEADER
 from tui.launch import LaunchOptions, launch_all, log_tails
 from tui.launch import format_table as format_rows
 from tui.launch import table_rows as launch_rows
+from tui.server.main import ServeOptions, run_server
+from tui.server.main import add_arguments as add_serve_arguments
 from tui.ssh import SSHOptions, SSHTransport
 from tui.stop import HEADER as STOP_HEADER
 from tui.stop import stop_workers
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use the generic dequantize-then-BLAS path instead of the fused kernels (a baseline)")
     add_placement_flags(bench)
     bench.set_defaults(handler=cmd_bench)
+    _add_serve_command(sub)
     rpcnode = sub.add_parser("rpcnode", help="start a worker owning this machine's CPU or one GPU (for --rpc on a "
                              "coordinator)")
     add_rpcnode_arguments(rpcnode)
@@ -282,6 +285,21 @@ def cmd_stop(args: argparse.Namespace) -> int:
     print(f"\nikctl: {len(left)} of {len(results)} workers may still run; {path} now lists only those (run "
           "`ikctl stop` again)", file=sys.stderr)
     return 1
+
+
+# ---- ikctl serve (issue 15): run's model and placement flags plus the server's; the server lives in tui/server/
+def _add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="serve the model over HTTP: OpenAI's and llama-server's API, "
+                           "continuous batching (like llama-server)")
+    add_model_flags(serve)
+    add_placement_flags(serve)
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    path = resolve_model_path(args.model)
+    return run_server(ServeOptions.from_args(args), path, lambda: load_model(path, **load_options(args)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
