@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from engine.errors import IkctlError
 from engine.sampling import SamplerParams
 
 ROLES = ("system", "user", "assistant", "tool", "ipython", "developer")
 
 
-class ApiError(Exception):
+class ApiError(IkctlError):
     """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,

@@ -8,13 +8,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from engine.errors import IkctlError
 from tui.server.metrics import ServeRates, ServeSample, parse
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 KEY_ENV = "IKCTL_API_KEY"
 
 
-class WatchError(Exception):
+class WatchError(IkctlError):
     """The server could not be read; the message says why and what to do, in one line."""
 
 
