@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import secrets
@@ -18,7 +17,8 @@ from engine.cluster import read_cluster
 from engine.cuda.local import gpu_runners, local_gpus
 from engine.digests import model_digests
 from engine.errors import IkctlError
-from engine.forward_pass import begin, finish
+from engine.executors import OnGpu, OnWorker, expert_only
+from engine.forward_pass import Executor, Here, run_pass
 from engine.gguf_file import TensorInfo
 from engine.kv_cache import KVCache, row_bytes
 from engine.placement import (
@@ -34,7 +34,7 @@ from engine.placement import (
 )
 from engine.placement_rules import device_kind
 from engine.rope import table_bytes
-from engine.segments import OP_BYTES, PROGRAM_BASE_BYTES, TensorRef, op_tensor_names, ordered_state, segment_records
+from engine.segments import MAX_SEQUENCES, OP_BYTES, PROGRAM_BASE_BYTES, TensorRef, op_tensor_names, segment_records
 from rpcnode.client import Client, OfferSpec, RPCError
 from rpcnode.protocol import rpc_device
 from rpcnode.token_file import TokenFileError, read_token_file
@@ -207,10 +207,30 @@ class DistributedNet:
         self.gpu: dict[int, Any] = {}  # segment index -> SegmentRunner on a GPU of this machine (engine.cuda)
         if any(device_kind(s.device) == "cuda" for s in self.segments):
             self.gpu = gpu_runners(gguf, self.cfg, self.segments, opts, context_size(self.cfg, opts))
+        self.executors = self._executors()
+        self.steps = [(k, self.executors[s.device]) for k, s in enumerate(self.segments)]
         self.load_stats = LoadStats()
         self._seq_ids = itertools.count(secrets.randbelow(1 << 31))
-        self._closer = weakref.finalize(self, _release, dict(clients), list(self.remote))
+        self._closer = weakref.finalize(self, _close, list(self.executors.values()))
         self._load(gguf, opts, progress)
+
+    def _executors(self) -> dict[str, Executor]:
+        """One executor per device: Here for this process's CPU, OnGpu for this machine's GPUs, OnWorker each."""
+        by_device: dict[str, dict[int, Segment]] = {}
+        for k, seg in enumerate(self.segments):
+            by_device.setdefault(seg.device, {})[k] = seg
+        defer = {k - 1 for k in self.segment_ids if expert_only(self.segments[k])}
+        run_op = self.local.run_op
+        executors: dict[str, Executor] = {}
+        for device, segs in by_device.items():
+            if device == CPU:
+                executors[device] = Here(run_op, {k: s.ops for k, s in segs.items()}, defer)
+            elif device_kind(device) == "cuda":
+                executors[device] = OnGpu({k: self.gpu[k] for k in segs}, segs, run_op)
+            else:
+                executors[device] = OnWorker(self.clients[device], {k: self.segment_ids[k] for k in segs}, segs,
+                                             run_op)
+        return executors
 
     # ---- loading ----------------------------------------------------------------------------------------------
     def _load(self, gguf: GGUFFile, opts: Options, progress: Callable[[LoadProgress], None] | None) -> None:
@@ -246,51 +266,25 @@ class DistributedNet:
         return RemoteKVCache(self, n_ctx, cache_type, next(self._seq_ids))
 
     def kv_op(self, op: str, seq_id: int, n: int) -> None:
-        for runner in self.gpu.values():
-            runner.kv(op, seq_id, n)
         with _rpc():
-            for client in self.clients.values():
-                client.kv_op(op, seq_id, n)
+            for executor in self.executors.values():
+                executor.kv(op, seq_id, n)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run T new tokens: local segments in place, each remote one in one round trip; logits as DeepSeek2."""
-        positions, state = begin(ids, cache, all_logits)
-        seq_id = getattr(cache, "seq_id", 0)
-        for k, seg in enumerate(self.segments):
-            if seg.device == CPU:
-                overlap = k + 1 < len(self.segments) and self._overlaps(k + 1)
-                for op in seg.ops:
-                    self.local.run_op(op, state, positions, cache, defer_shared=overlap and op == seg.ops[-1])
-            else:
-                self._run_remote(k, seg, state, positions, cache, seq_id)
-        return np.array(finish(cache, positions, state))  # a copy: the reply's buffer is read-only
+        """Run T new tokens: each segment on its device's executor, a worker's in one round trip; logits as
+        DeepSeek2's."""
+        with _rpc():
+            logits = run_pass(self.steps, [(ids, cache)], all_logits)
+        return np.array(logits)  # a copy: the reply's buffer is read-only
 
-    def _overlaps(self, k: int) -> bool:
-        """Segment k is a worker's routed experts alone: the caller computes the shared experts meanwhile."""
-        seg = self.segments[k]
-        return k not in self.gpu and seg.device != CPU and len(seg.ops) == 1 and seg.ops[0][1] == "moe_experts"
-
-    def _run_remote(self, k: int, seg: Segment, state: dict[str, np.ndarray], positions: np.ndarray,
-                    cache: KVCache, seq_id: int) -> None:
-        pos0, T = int(positions[0]), len(positions)
-        send = _inputs(seg, state)
-        if k in self.gpu:  # a GPU of this machine: in-process, host arrays in and out as over the wire
-            out = self.gpu[k].run(seq_id, pos0, T, {n: state[n] for n in send})
-        else:
-            client = self.clients[seg.device]
-            with _rpc():
-                request = client.start_segment(self.segment_ids[k], pos0, T, [(n, state[n]) for n in send], seq_id)
-                try:
-                    if self._overlaps(k) and "shared" not in state:
-                        # the shared experts run here while the worker runs the routed ones: both machines busy
-                        self.local.run_op((seg.ops[0][0], "shared_experts"), state, positions, cache)
-                finally:
-                    out = client.finish_segment(request)
-        for n in send:
-            state.pop(n, None)
-        state.update(out)
-        if "y" in out:  # an expert-only segment: the residual and the shared experts stayed here
-            self.local.run_op((seg.ops[-1][0], "moe_combine"), state, positions, cache)
+    def forward_batch(self, items: Sequence[tuple[np.ndarray, KVCache]]) -> np.ndarray:
+        """One pass over several sequences (new token ids, own cache each), each remote segment in one round trip
+        for all of them (MAX_SEQUENCES at most: a worker keeps no more per segment, so more take further passes);
+        each one's last logits [N, V]."""
+        with _rpc():
+            parts = [run_pass(self.steps, items[a : a + MAX_SEQUENCES])
+                     for a in range(0, len(items), MAX_SEQUENCES)]
+        return np.concatenate(parts)  # a copy: the replies' buffers are read-only
 
 
 def _progress_reporter(device: str, specs: Sequence[OfferSpec],
@@ -308,31 +302,9 @@ def _progress_reporter(device: str, specs: Sequence[OfferSpec],
     return on_tensor
 
 
-def _release(clients: dict[str, Client], remote: list[tuple[int, Segment]]) -> None:
-    for k, seg in remote:
-        client = clients[seg.device]
-        if client.connected:
-            client.timeout = 2.0  # at exit or on garbage collection: never wait long for a worker
-            with contextlib.suppress(RPCError, OSError):
-                client.free(k)
-    for c in clients.values():
-        c.close()
-
-
-def _inputs(seg: Segment, state: dict[str, np.ndarray]) -> list[str]:
-    """The state a remote segment needs, in wire order: expert-only segments get the routed input only."""
-    first = seg.ops[0][1]
-    if first == "embd":
-        names = ["ids"]
-    elif first == "moe_experts" and len(seg.ops) == 1:
-        names = ["h", "idx", "w"]
-    elif first == "moe_experts":
-        names = [n for n in ("x", "h", "idx", "w", "shared") if n in state]
-    else:
-        names = ["x"]
-    if any(p == "output" for _, p in seg.ops):
-        names.append("n_out")
-    return [n for n, _ in ordered_state({n: state[n] for n in names})]
+def _close(executors: list[Executor]) -> None:
+    for executor in executors:
+        executor.close()
 
 
 def _reader(gguf: GGUFFile, name: str) -> Any:

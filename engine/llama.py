@@ -27,7 +27,7 @@ from engine.deepseek2 import (
     required,
 )
 from engine.errors import ModelFileError
-from engine.forward_pass import Op, State, model_ops, run_batch, run_local
+from engine.forward_pass import Op, State, model_ops, run_local
 from engine.gguf_file import GGUFFile
 from engine.kv_cache import KVCache
 from engine.moe import swiglu
@@ -159,11 +159,11 @@ class Llama:
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens after the cached ones; logits [T, V] if all_logits else [1, V] (last token)."""
-        return run_local(self.run_op, self.ops(), ids, cache, all_logits)
+        return run_local(self.run_op, self.ops(), [(ids, cache)], all_logits)
 
     def forward_batch(self, items: Sequence[tuple[np.ndarray, KVCache]]) -> np.ndarray:
         """One pass over several sequences (new token ids, own cache each): each one's last logits [N, V]."""
-        return run_batch(self.run_op, self.ops(), items)
+        return run_local(self.run_op, self.ops(), items)
 
     def run_op(self, op: Op, state: State, positions: np.ndarray,
                cache: KVCache | Batch | None, defer_shared: bool = False) -> None:
