@@ -184,7 +184,7 @@ def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.distributed import TOKEN_ENV, TOKEN_FILE_ENV
+    from engine.placement_spec import TOKEN_ENV, TOKEN_FILE_ENV
     from engine.synth import bench_model
 
     path = bench_model(args.dir, args.dtype)

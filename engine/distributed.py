@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.cluster import read_cluster
 from engine.cuda.local import gpu_runners, local_gpus
 from engine.digests import model_digests
-from engine.errors import IkctlError
 from engine.executors import OnGpu, OnWorker, expert_only
 from engine.forward_pass import Executor, Here, run_pass
 from engine.gguf_file import TensorInfo
@@ -24,98 +20,38 @@ from engine.kv_cache import KVCache, row_bytes
 from engine.placement import (
     CPU,
     Placement,
-    PlacementRules,
     Segment,
     devices_for,
     layer_ops,
-    parse_device_mem,
     plan,
     tensor_layer,
 )
 from engine.placement_rules import device_kind
+from engine.placement_spec import PlacementSpec, placement_spec
 from engine.rope import table_bytes
 from engine.segments import MAX_SEQUENCES, OP_BYTES, PROGRAM_BASE_BYTES, TensorRef, op_tensor_names, segment_records
 from rpcnode.client import Client, OfferSpec, RPCError
 from rpcnode.protocol import rpc_device
-from rpcnode.token_file import TokenFileError, read_token_file
 
 if TYPE_CHECKING:
-    from engine.cluster import Cluster
     from engine.deepseek2 import DeepSeek2
     from engine.gguf_file import GGUFFile
     from engine.llama import Llama
     from engine.model import Options
-    from rpcnode.client import Client, OfferSpec
-
-TOKEN_ENV, TOKEN_FILE_ENV = "IKCTL_RPC_TOKEN", "IKCTL_RPC_TOKEN_FILE"
 
 
-class WorkerError(IkctlError):
-    """A worker refused a request or died; the message names it (RPC[host:port])."""
-
-
-@contextmanager
-def _rpc() -> Iterator[None]:
-    """Turn the client's errors into IkctlError (the CLI prints those as one line)."""
-    try:
-        yield
-    except RPCError as e:
-        raise WorkerError(str(e)) from None
-
-
-def _texts(value: str | Sequence[str]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _cluster(opts: Options) -> Cluster | None:
-    if not opts.cluster:
-        return None
-
-    return read_cluster(opts.cluster)
-
-
-def rules_from_options(opts: Options, cluster: Cluster | None = None) -> PlacementRules:
-    """The placement flags of Options, as strings or lists (as a script or the CLI passes them); a cluster file's
-    endpoints stand for --rpc when --rpc is not given."""
-    rpc = opts.rpc if isinstance(opts.rpc, str) else ",".join(opts.rpc)
-    if not rpc and cluster is not None:
-        rpc = ",".join(cluster.endpoints())
-    ts = opts.tensor_split
-    ts_text = ts if isinstance(ts, str) or ts is None else ",".join(str(v) for v in ts)
-    return PlacementRules.from_flags(_texts(opts.override_tensor), opts.n_gpu_layers, ts_text or None, rpc or None)
-
-
-def capacities_from_options(opts: Options, cluster: Cluster | None, reported: Mapping[str, int]) -> dict[str, int]:
-    """Device capacities to plan against: what the connected workers report, then the cluster file's, then
-    --device-mem."""
-    caps = dict(reported)
-    if cluster is not None:
-        # --rpc may name only some of the cluster's workers
-        caps.update((d, c) for d, c in cluster.capacities().items() if d in reported)
-    caps.update(parse_device_mem(t) for t in _texts(opts.device_mem))
-    return caps
-
-
-def ask_capacities(endpoints: Sequence[str], tokens: Mapping[str, str], default_token: str | None,
+def ask_capacities(endpoints: Sequence[str], spec: PlacementSpec,
                    timeout: float = 10.0) -> tuple[dict[str, int], dict[str, str]]:
     """What each worker reports as its memory, asked as a load asks it (`ikctl plan` plans against the same
     numbers as `ikctl run`): ({device: bytes}, {device: why it could not be asked})."""
     reported, unasked = {}, {}
     for ep in endpoints:
         try:
-            with Client.connect(ep, tokens.get(ep, default_token), timeout=timeout) as client:
+            with Client.connect(ep, spec.token_for(ep), timeout=timeout) as client:
                 reported[rpc_device(ep)] = client.device_info().mem_total_bytes
         except (OSError, RPCError) as e:  # refused, unreachable, a wrong token or protocol
             unasked[rpc_device(ep)] = (str(e).splitlines() or [type(e).__name__])[0]
     return reported, unasked
-
-
-def worker_tokens(opts: Options, cluster: Cluster | None) -> tuple[dict[str, str], str | None]:
-    """(token per endpoint, the token for any other endpoint): rpc_token=, the cluster file, then the environment."""
-    per_endpoint = dict(cluster.tokens()) if cluster is not None else {}
-    if isinstance(opts.rpc_token, Mapping):
-        return {**per_endpoint, **opts.rpc_token}, read_token()
-    return per_endpoint, opts.rpc_token or read_token()
 
 
 def kv_bytes_per_layer(cfg: Any, opts: Options) -> int:
@@ -138,17 +74,6 @@ def program_bytes_per_layer(cfg: Any, opts: Options, tensors: Iterable[TensorInf
 
 def context_size(cfg: Any, opts: Options) -> int:
     return opts.ctx_size or int(cfg.context_length)
-
-
-def read_token() -> str | None:
-    """The shared worker token from $IKCTL_RPC_TOKEN_FILE (a file) or $IKCTL_RPC_TOKEN; None if neither is set."""
-    path = os.environ.get(TOKEN_FILE_ENV)
-    if path:
-        try:
-            return read_token_file(path)
-        except TokenFileError as e:
-            raise IkctlError(f"${TOKEN_FILE_ENV}: {e}") from None
-    return os.environ.get(TOKEN_ENV) or None
 
 
 @dataclass(frozen=True)
@@ -245,17 +170,16 @@ class DistributedNet:
                                                                                              self.cfg.n_layers))
             specs = [OfferSpec(digests[n], gguf.tensors[n].n_bytes, gguf.tensors[n].qtype,
                                list(reversed(gguf.tensors[n].shape)), n, _reader(gguf, n)) for n in names]
-            with _rpc():
-                before = client.counters.tensor_bytes_sent
-                result = client.offer(specs, _progress_reporter(device, specs, progress) if progress else None)
-                self.load_stats.tensors_offered += len(specs)
-                self.load_stats.tensors_uploaded += sum(v == "uploaded" for v in result.values())
-                self.load_stats.bytes_uploaded += client.counters.tensor_bytes_sent - before
-                for k, s in segs:
-                    records = segment_records(self.cfg, s.ops, refs, mla=opts.mla, amb_bytes=opts.amb << 20,
-                                              cache_type=opts.cache_type_k, n_ctx=n_ctx,
-                                              model=gguf.path.name, int8=not opts.float_activations)
-                    client.define_segment(k, records)
+            before = client.counters.tensor_bytes_sent
+            result = client.offer(specs, _progress_reporter(device, specs, progress) if progress else None)
+            self.load_stats.tensors_offered += len(specs)
+            self.load_stats.tensors_uploaded += sum(v == "uploaded" for v in result.values())
+            self.load_stats.bytes_uploaded += client.counters.tensor_bytes_sent - before
+            for k, s in segs:
+                records = segment_records(self.cfg, s.ops, refs, mla=opts.mla, amb_bytes=opts.amb << 20,
+                                          cache_type=opts.cache_type_k, n_ctx=n_ctx,
+                                          model=gguf.path.name, int8=not opts.float_activations)
+                client.define_segment(k, records)
 
     def close(self) -> None:
         """Drop this model's segment programs and KV caches on the workers (they keep the tensors) and disconnect."""
@@ -266,24 +190,20 @@ class DistributedNet:
         return RemoteKVCache(self, n_ctx, cache_type, next(self._seq_ids))
 
     def kv_op(self, op: str, seq_id: int, n: int) -> None:
-        with _rpc():
-            for executor in self.executors.values():
-                executor.kv(op, seq_id, n)
+        for executor in self.executors.values():
+            executor.kv(op, seq_id, n)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens: each segment on its device's executor, a worker's in one round trip; logits as
         DeepSeek2's."""
-        with _rpc():
-            logits = run_pass(self.steps, [(ids, cache)], all_logits)
+        logits = run_pass(self.steps, [(ids, cache)], all_logits)
         return np.array(logits)  # a copy: the reply's buffer is read-only
 
     def forward_batch(self, items: Sequence[tuple[np.ndarray, KVCache]]) -> np.ndarray:
         """One pass over several sequences (new token ids, own cache each), each remote segment in one round trip
         for all of them (MAX_SEQUENCES at most: a worker keeps no more per segment, so more take further passes);
         each one's last logits [N, V]."""
-        with _rpc():
-            parts = [run_pass(self.steps, items[a : a + MAX_SEQUENCES])
-                     for a in range(0, len(items), MAX_SEQUENCES)]
+        parts = [run_pass(self.steps, items[a : a + MAX_SEQUENCES]) for a in range(0, len(items), MAX_SEQUENCES)]
         return np.concatenate(parts)  # a copy: the replies' buffers are read-only
 
 
@@ -316,22 +236,19 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
     """The network itself when the placement keeps everything local, else a DistributedNet over the workers.
     The plan is checked against each worker's memory (its -m, or the cluster file's, or --device-mem) with the
     KV cache of the whole context counted, before any tensor is sent."""
-    cluster = _cluster(opts)
-    rules = rules_from_options(opts, cluster)
-    tokens, default_token = worker_tokens(opts, cluster)
+    spec = placement_spec(opts)
+    rules = spec.rules
     clients: dict[str, Client] = {}
     try:
         reported = {}
-        with _rpc():
-            for ep in rules.rpc:
-                client = clients[rpc_device(ep)] = Client.connect(ep, tokens.get(ep, default_token),
-                                                                    poll_ms=opts.rpc_poll,
-                                                                    reply_floor=opts.rpc_timeout,
-                                                                    probe_timeout=opts.rpc_probe_timeout)
-                reported[rpc_device(ep)] = client.device_info().mem_total_bytes
+        for ep in rules.rpc:
+            client = clients[rpc_device(ep)] = Client.connect(ep, spec.token_for(ep),
+                                                              poll_ms=opts.rpc_poll, reply_floor=opts.rpc_timeout,
+                                                              probe_timeout=opts.rpc_probe_timeout)
+            reported[rpc_device(ep)] = client.device_info().mem_total_bytes
 
         cuda = local_gpus(rules)
-        devices = devices_for(rules.rpc, capacities_from_options(opts, cluster, reported), cuda)
+        devices = devices_for(rules.rpc, spec.capacities(reported), cuda)
         placement = plan(gguf.tensors.values(), int(net.cfg.n_layers), devices, rules,
                          kv_bytes_per_layer=kv_bytes_per_layer(net.cfg, opts),
                          program_bytes_per_layer=program_bytes_per_layer(net.cfg, opts, gguf.tensors.values()))

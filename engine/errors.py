@@ -1,11 +1,8 @@
-"""The one exception type a user sees: a single line naming the problem and what to do."""
+"""The one exception hierarchy a user sees (rooted at rpcnode.errors.IkctlError); the engine's own kinds."""
 
+from rpcnode.errors import IkctlError
 
-class IkctlError(Exception):
-    """An error caused by input (a file, a flag, a host) that the user can fix.
-
-    The message is one line; the CLI prints it as `error: <message>` with no traceback.
-    """
+__all__ = ["IkctlError", "ModelFileError"]
 
 
 class ModelFileError(IkctlError):

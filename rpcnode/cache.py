@@ -30,6 +30,7 @@ from rpcnode.cache_files import (
     temp_path,
 )
 from rpcnode.digest import PARALLEL_BYTES, byte_view, check_digest, digest_of
+from rpcnode.errors import IkctlError
 
 if TYPE_CHECKING:
     from rpcnode.model_index import ModelIndex
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 
-class CacheError(Exception):
+class CacheError(IkctlError):
     """The cache refused an operation; the message says why. The tensor itself is still usable from memory."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from rpcnode import protocol as P
+from rpcnode.errors import IkctlError
 from rpcnode.protocol import rpc_device
 
 CHUNK_BYTES = 16 << 20  # upload chunk size (the protocol's recommendation)
@@ -28,7 +29,7 @@ PROBE_TIMEOUT_S = 20.0
 DEADLINE_FACTOR = 10.0
 
 
-class RPCError(Exception):
+class RPCError(IkctlError):
     """A worker refused a request or died; the message starts with the worker's name, RPC[host:port]."""
 
     def __init__(self, message: str, code: int | None = None) -> None:

@@ -20,6 +20,7 @@ from typing import Literal, NamedTuple
 import msgspec
 import numpy as np
 
+from rpcnode.errors import IkctlError
 from rpcnode.messages import *  # noqa: F403  (the messages are this module's interface too: P.Hello)
 from rpcnode.messages import (
     MAX_DIMS,
@@ -48,7 +49,7 @@ NONCE_BYTES = 32
 MAC_BYTES = 32
 
 
-class ProtocolError(Exception):
+class ProtocolError(IkctlError):
     """Anything malformed on the wire; `fatal` means the stream is out of sync and must be closed."""
 
     def __init__(self, code: ErrorCode, message: str, *, fatal: bool = False) -> None:

@@ -6,10 +6,12 @@ import os
 import stat
 from pathlib import Path
 
+from rpcnode.errors import IkctlError
+
 MIN_TOKEN_CHARS = 16  # a shorter shared secret is guessable from outside (the HMAC challenge allows retries)
 
 
-class TokenFileError(ValueError):
+class TokenFileError(IkctlError):
     """A token file that must not be used; the message names the file and what to do."""
 
 

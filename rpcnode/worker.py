@@ -24,7 +24,6 @@ from engine import kernels
 from engine.cuda import CudaUnavailable, require
 from engine.cuda import kernels as cuda_kernels
 from engine.cuda.devices import list_devices
-from engine.errors import IkctlError
 from engine.segments import (
     KVOutOfMemory,
     SegmentRunner,
@@ -39,6 +38,7 @@ from engine.synth import cache_dir
 from engine.threads import compute_threads
 from rpcnode import protocol as P
 from rpcnode.cache import CacheError, DigestMismatch, DiskFailed, DiskFull, TensorCache, Writer
+from rpcnode.errors import IkctlError
 from rpcnode.model_index import ModelIndex
 
 log = logging.getLogger("rpcnode")
@@ -100,7 +100,7 @@ def _gpu(index: int) -> Any:
     return found[0]
 
 
-class StartError(Exception):
+class StartError(IkctlError):
     """The worker cannot start (before it listens); the message is its one-line reason."""
 
 
@@ -330,6 +330,8 @@ class Worker:
                     self._kv[sid], self._programs[sid] = kv, host
                 runner = SegmentRunner(program, self.held.get, cuda_device=self.cfg.cuda_device)
             except (IkctlError, ValueError, KeyError) as e:  # engine errors about shapes/types are ValueErrors too
+                if isinstance(e, P.ProtocolError):  # refused above with its own code, before anything was charged
+                    raise
                 with self.lock:
                     if sid not in self.segments:
                         self._kv.pop(sid, None)
@@ -367,6 +369,8 @@ class Worker:
         except KVOutOfMemory as e:
             raise fail(E.OUT_OF_MEMORY, f"segment {m.segment_id}: {e}") from None
         except IkctlError as e:  # an unknown sequence, a full context
+            if isinstance(e, P.ProtocolError):  # refused above with its own code (no memory for the run)
+                raise
             code = E.UNKNOWN_SEQUENCE if isinstance(e, UnknownSequence) else E.BAD_PROGRAM
             raise fail(code, f"segment {m.segment_id}: {e}") from None
         except (KeyError, ValueError, IndexError) as e:

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,14 +18,15 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
-from engine.cluster import read_cluster
-from engine.distributed import read_token
 from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
-from engine.placement import PlacementRules, parse_device_mem
+from engine.model import Options
+from engine.placement import PlacementRules
 from engine.placement_rules import device_kind
+from engine.placement_spec import placement_spec, read_token
 from engine.synth import cache_dir
 from rpcnode.protocol import rpc_device
+from tui.flags import add_model_flags, add_placement_flags, model_options, placement_options
 from tui.host_board import HostBoard
 from tui.inventory import Host, load_hosts
 from tui.local_workers import LocalWorkers
@@ -203,22 +205,12 @@ def make_app(model_path: str | None = None, rules: PlacementRules | None = None,
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ikctl", description="The ikctl terminal app. With nothing given: the embedded "
                                 "model and two local workers on loopback, its layers split across them.")
-    p.add_argument("-m", "--model", help="GGUF model file (default: the embedded deepseek2 model)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--cluster", metavar="FILE", help="the workers of a cluster file `ikctl launch` wrote")
-    where.add_argument("--hosts", metavar="FILE", help="hosts file: probe the hosts, launch workers on Hosts (F5)")
+    add_model_flags(p)
+    add_placement_flags(p)
+    p.add_argument("--hosts", metavar="FILE", help="hosts file: probe the hosts, launch workers on Hosts (F5); "
+                   "not with --cluster")
     p.add_argument("--local", type=int, default=None, metavar="N",
                    help="start N workers on this machine, owned by the app (default: 2 when nothing else is given)")
-    p.add_argument("--rpc", metavar="SERVERS", help="comma-separated host:port of rpcnode workers")
-    p.add_argument("-ot", "--override-tensor", dest="override_tensor", action="append", default=[],
-                   metavar="REGEX=DEV", help="tensor override rule (repeatable)")
-    p.add_argument("-ngl", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=0, metavar="N")
-    p.add_argument("-ts", "--tensor-split", metavar="SPLIT")
-    p.add_argument("--device-mem", action="append", default=[], metavar="DEV=SIZE")
-    p.add_argument("-t", "--threads", type=int, default=None, help="compute threads for generate and bench")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size of the loaded model (default 4096)")
-    p.add_argument("--float-activations", action="store_true",
-                   help="float32 activations instead of integer-quantized ones (exact, slower), as `ikctl run`")
     return p
 
 
@@ -231,44 +223,36 @@ def app_from_args(args: argparse.Namespace) -> IkctlApp:
     """The app for parsed arguments; starts the local workers it is to own. IkctlError on bad input."""
     if args.model:  # a missing or broken file is one line here, before any worker starts
         GGUFFile(args.model)
-    rpc, capacities, tokens = args.rpc, {}, {}
+    if args.cluster and args.hosts:
+        raise IkctlError("--cluster and --hosts both name the workers; give one (Hosts (F5) launches workers of a "
+                         "hosts file, a cluster file lists running ones)")
+    # flags first, so that a typo is reported before any worker starts
+    spec = placement_spec(Options(**placement_options(args)))  # type: ignore[arg-type]
     hosts: tuple[Host, ...] = ()
-    cluster_file: Path | None = None
-    if args.cluster:
-        cluster_file = Path(args.cluster).expanduser()
-        cluster = read_cluster(cluster_file)
-        rpc = rpc or ",".join(cluster.endpoints())
-        capacities, tokens = cluster.capacities(), cluster.tokens()
+    cluster_file = Path(args.cluster).expanduser() if args.cluster else None
     if args.hosts:
         hosts = load_hosts(args.hosts)
         # workers launched here are listed in a file of the app's own, so that `ikctl stop --cluster` (or the next
         # `ikctl --hosts`) finds them; `ikctl launch`'s default cluster file is left alone
         cluster_file = cache_dir() / "tui-cluster.json"
-    ngl, ts = args.n_gpu_layers, args.tensor_split
-    # flags first, so that a typo is reported before any worker starts
-    PlacementRules.from_flags(args.override_tensor, ngl, ts, rpc)
-    capacities.update(parse_device_mem(t) for t in args.device_mem)
+    rules = spec.rules
     n_local = args.local if args.local is not None else (2 if _nothing_given(args) else 0)
     local = None
     if n_local > 0:
         local = LocalWorkers()
         print(f"ikctl: starting {n_local} local worker{'s' * (n_local != 1)} on loopback…", file=sys.stderr)
         started = local.start(n_local)
-        rpc = ",".join([*([rpc] if rpc else []), *(w.endpoint for w in started)])
+        rpc = [*rules.rpc, *(w.endpoint for w in started)]
+        ngl, ts = rules.n_gpu_layers, rules.tensor_split
         if _nothing_given(args):  # the demo: every layer on the workers, split evenly, so Live shows them busy
-            ngl, ts = 99, ",".join("1" for _ in started)
-    rules = PlacementRules.from_flags(args.override_tensor, ngl, ts, rpc)
+            ngl, ts = 99, [1.0 for _ in started]
+        rules = replace(rules, rpc=rpc, n_gpu_layers=ngl, tensor_split=ts)
     in_plan = {rpc_device(ep) for ep in rules.rpc}
-    capacities = {d: c for d, c in capacities.items() if d in in_plan or device_kind(d) != "rpc"}
-    options: dict[str, Any] = {}
-    if args.threads:
-        options["threads"] = args.threads
-    if args.ctx_size is not None:
-        options["ctx_size"] = args.ctx_size
-    if args.float_activations:
-        options["float_activations"] = True
+    capacities = {d: c for d, c in spec.given_capacities.items() if d in in_plan or device_kind(d) != "rpc"}
+    defaults = Options()
+    options = {k: v for k, v in model_options(args).items() if v != getattr(defaults, k)}  # what the user set
     board = HostBoard(hosts, local, cluster_file=cluster_file)
-    return make_app(args.model, rules, capacities, options, tokens=tokens, local=local, board=board)
+    return make_app(args.model, rules, capacities, options, tokens=spec.tokens, local=local, board=board)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

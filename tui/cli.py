@@ -15,11 +15,12 @@ from engine.bench import RULE as SWEEP_RULE
 from engine.bench import bench_settings, sweep, sweep_steps, worker_traffic
 from engine.cluster import Cluster, default_cluster_path, read_cluster, write_cluster
 from engine.cuda.local import local_gpus
-from engine.distributed import ask_capacities, kv_bytes_per_layer, program_bytes_per_layer, worker_tokens
+from engine.distributed import ask_capacities, kv_bytes_per_layer, program_bytes_per_layer
 from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
 from engine.model import Options
-from engine.placement import PlacementRules, devices_for, format_bytes, format_table, parse_device_mem, plan
+from engine.placement import devices_for, format_bytes, format_table, plan
+from engine.placement_spec import placement_spec
 from engine.quant import use_kernels
 from engine.synth import default_model_path
 from engine.threads import blas_note
@@ -27,6 +28,7 @@ from rpcnode.__main__ import add_arguments as add_rpcnode_arguments
 from rpcnode.__main__ import run as run_rpcnode
 from rpcnode.protocol import rpc_device
 from tui.bench_results import save_json
+from tui.flags import add_model_flags, add_placement_flags, add_sampling_flags, load_options
 from tui.hosts import add_arguments as add_hosts_arguments
 from tui.hosts import run as run_hosts
 from tui.inventory import load_hosts, with_identity
@@ -40,63 +42,6 @@ from tui.stop import stop_workers
 from tui.stop import table_rows as stop_rows
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and context")
-    g.add_argument("-m", "--model", help="GGUF model file (default: the embedded deepseek2 model, generated once)")
-    g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (0 = the model's)")
-    g.add_argument("-ctk", "--cache-type-k", default="f16", choices=["f16", "f32", "q8_0"], help="KV cache type")
-    g.add_argument("-mla", "--mla-use", dest="mla", type=int, default=3, choices=[0, 1, 2, 3],
-                   help="MLA mode: 0 naive K/V cache, 1/2 absorbed, 3 naive prefill + absorbed decode")
-    g.add_argument("-amb", "--attn-max-batch", dest="amb", type=int, default=256,
-                   help="MiB cap on the attention score scratch (long contexts run in chunks)")
-    g.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
-    g.add_argument("-ub", "--ubatch-size", type=int, default=512, help="tokens per forward pass in prefill")
-    g.add_argument("--float-activations", action="store_true",
-                   help="multiply the weights with float32 activations instead of int8-quantized ones (as "
-                   "llama.cpp does): exact up to float32 rounding, slower; workers follow the coordinator")
-
-
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1 = until EOS)")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy)")
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--min-p", type=float, default=0.05)
-    g.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1 = random)")
-
-
-def _add_placement_flags(p: argparse.ArgumentParser, polling: bool = True) -> None:
-    g = p.add_argument_group("placement (llama.cpp's flags, same meaning)")
-    g.add_argument("--rpc", metavar="SERVERS",
-                   help="comma-separated host:port of rpcnode workers (in -ts order, before local GPUs)")
-    g.add_argument("-ot", "--override-tensor", dest="override_tensor", action="append", default=[],
-                   metavar="REGEX=DEV", help="tensors whose name REGEX matches go to DEV (CPU, RPC[host:port], "
-                   "CUDA0...); repeatable, the first matching rule wins")
-    g.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=0, metavar="N",
-                   help="offload the last N repeating layers (and the output layer when N > layers) to the "
-                   "RPC/GPU devices (default: 0, all on CPU)")
-    g.add_argument("-ts", "--tensor-split", metavar="SPLIT",
-                   help="proportions of the offloaded layers per RPC/GPU device, e.g. 3,1 (default: by capacity)")
-    g.add_argument("--device-mem", action="append", default=[], metavar="DEV=SIZE",
-                   help="plan against this capacity, e.g. RPC[10.0.0.2:50052]=48GiB (repeatable)")
-    g.add_argument("--cluster", metavar="FILE",
-                   help="workers from a cluster file of `ikctl launch`: their endpoints stand for --rpc (unless "
-                   "given), each with its own token, their memory as capacities")
-    if not polling:  # `plan` runs nothing
-        return
-    g.add_argument("--rpc-poll", dest="rpc_poll", type=float, default=10.0, metavar="MS",
-                   help="spin up to MS milliseconds for a worker's reply instead of sleeping (a sleeping core wakes "
-                   "0.1-0.3 ms late, every round trip); never for workers on this machine (default 10; 0: never)")
-    g.add_argument("--rpc-timeout", dest="rpc_timeout", type=float, default=10.0, metavar="S",
-                   help="wait S seconds for a worker's reply (or 10x its fastest time for the tokens at hand, if "
-                   "more) before probing it on a second connection; a busy worker answers and is waited for "
-                   "(default 10)")
-    g.add_argument("--rpc-probe-timeout", dest="rpc_probe_timeout", type=float, default=20.0, metavar="S",
-                   help="a worker that answers neither its request nor a probe within S seconds is frozen (stopped, "
-                   "or its host gone): the run ends with an error naming it (default 20)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ikctl", description=__doc__, epilog="Bare `ikctl` (no command, or only flags such as -m MODEL --rpc …) "
@@ -104,33 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
         "`ikctl app -h` lists its flags.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="generate text from a prompt (like llama-cli)")
-    _add_model_flags(run)
-    _add_sampling_flags(run)
+    add_model_flags(run)
+    add_sampling_flags(run)
     run.add_argument("-p", "--prompt", default="Once upon a time", help="the prompt")
     run.add_argument("-sys", "--system-prompt", default=None, help="system message (chat mode)")
     run.add_argument("-no-cnv", "--no-conversation", dest="chat", action="store_false",
                      help="use the prompt as raw text instead of wrapping it in the model's chat template")
-    _add_placement_flags(run)
+    add_placement_flags(run)
     bench = sub.add_parser("bench", help="sweep benchmark: PP and TG speed as the context fills (llama-sweep-bench)")
-    _add_model_flags(bench)
+    add_model_flags(bench)
     bench.set_defaults(ctx_size=2048)
     bench.add_argument("-n", "--n-gen", type=int, default=None, help="tokens generated per step (default: ub/4)")
     bench.add_argument("--json", metavar="FILE", help="write settings and rows (sweep-bench JSONL keys) to FILE")
     bench.add_argument("-s", "--seed", type=int, default=0, help="seed of the random token ids")
     bench.add_argument("--generic", action="store_true",
                        help="use the generic dequantize-then-BLAS path instead of the fused kernels (a baseline)")
-    _add_placement_flags(bench)
+    add_placement_flags(bench)
     rpcnode = sub.add_parser("rpcnode", help="start a worker owning this machine's CPU or one GPU (for --rpc on a "
                              "coordinator)")
     add_rpcnode_arguments(rpcnode)
     plan = sub.add_parser("plan", help="show where every tensor would go and the bytes per device, loading nothing")
-    plan.add_argument("-m", "--model", help="GGUF model file (default: the embedded deepseek2 model, generated once)")
-    plan.add_argument("-c", "--ctx-size", type=int, default=4096,
-                      help="context size whose KV cache counts on each layer's device (0 = the model's)")
-    plan.add_argument("-ctk", "--cache-type-k", default="f16", choices=["f16", "f32", "q8_0"], help="KV cache type")
-    plan.add_argument("-mla", "--mla-use", dest="mla", type=int, default=3, choices=[0, 1, 2, 3],
-                      help="MLA mode (0 caches per-head K/V, the others the latent)")
-    _add_placement_flags(plan, polling=False)
+    add_model_flags(plan)  # -c, -ctk and -mla size the KV cache counted on each layer's device
+    add_placement_flags(plan, polling=False)
     plan.add_argument("-v", "--verbose", action="store_true", help="also print every tensor's device and rule")
     hosts = sub.add_parser("hosts", help="probe SSH hosts: reachable or why not, OS, cores, RAM, GPUs, ikctl version")
     add_hosts_arguments(hosts)
@@ -177,32 +117,6 @@ def _add_launch_flags(p: argparse.ArgumentParser) -> None:
                    help="trust and record the key of a host missing from known_hosts (a changed key is still refused)")
 
 
-def model_options(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "ctx_size": args.ctx_size,
-        "cache_type_k": args.cache_type_k,
-        "mla": args.mla,
-        "amb": args.amb,
-        "threads": args.threads,
-        "ubatch_size": args.ubatch_size,
-        "float_activations": args.float_activations,
-        **placement_options(args),
-    }
-
-
-def placement_options(args: argparse.Namespace) -> dict[str, object]:
-    """--rpc/--cluster/-ot/-ngl/-ts as load_model keywords (absent on subcommands without placement flags)."""
-    if getattr(args, "rpc", None) is None and not getattr(args, "override_tensor", None) \
-            and not getattr(args, "n_gpu_layers", 0) and getattr(args, "tensor_split", None) is None \
-            and getattr(args, "cluster", None) is None:
-        return {}
-    return {"rpc": args.rpc or (), "override_tensor": args.override_tensor, "n_gpu_layers": args.n_gpu_layers,
-            "tensor_split": args.tensor_split, "device_mem": getattr(args, "device_mem", []),
-            "cluster": getattr(args, "cluster", None), "rpc_poll": getattr(args, "rpc_poll", 10.0),
-            "rpc_timeout": getattr(args, "rpc_timeout", 10.0),
-            "rpc_probe_timeout": getattr(args, "rpc_probe_timeout", 20.0)}
-
-
 def resolve_model_path(path: str | None) -> str:
     if path:
         return path
@@ -218,7 +132,7 @@ def _note_blas() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    model = load_model(resolve_model_path(args.model), **model_options(args))
+    model = load_model(resolve_model_path(args.model), **load_options(args))
     prompt = args.prompt
     if args.system_prompt is not None and not args.chat:
         raise IkctlError("-sys has no effect with -no-cnv (the prompt goes to the model as raw text); put the "
@@ -261,7 +175,7 @@ def _progress(done: int, total: int) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.generic:
         use_kernels(False)
-    model = load_model(resolve_model_path(args.model), **model_options(args))
+    model = load_model(resolve_model_path(args.model), **load_options(args))
     _note_blas()
     n_ctx = model.n_ctx
     n_gen = args.n_gen if args.n_gen is not None else max(1, args.ubatch_size // 4)
@@ -290,23 +204,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     # flags first, so that a typo is reported before the embedded model is generated
-    rpc, capacities, cluster = args.rpc, {}, None
-    if args.cluster:
-        cluster = read_cluster(args.cluster)
-        rpc = rpc or ",".join(cluster.endpoints())
-        capacities = cluster.capacities()
-    rules = PlacementRules.from_flags(args.override_tensor, args.n_gpu_layers, args.tensor_split, rpc)
-    # as a load does: what the workers report, then the cluster file's (of the workers planned on), then
-    # --device-mem; a worker that cannot be asked is said so, and planned with what the files give
-    given = {**capacities, **dict(parse_device_mem(t) for t in args.device_mem)}
-    tokens, default_token = worker_tokens(Options(), cluster)
-    reported, unasked = ask_capacities([ep for ep in rules.rpc if rpc_device(ep) not in given], tokens, default_token)
-    capacities = {**reported, **{d: c for d, c in capacities.items() if d in {rpc_device(ep) for ep in rules.rpc}}}
-    devices = devices_for(rules.rpc, {**capacities, **dict(parse_device_mem(t) for t in args.device_mem)},
-                          local_gpus(rules))
+    opts = Options(**load_options(args)).validated()  # type: ignore[arg-type]
+    spec = placement_spec(opts)
+    rules = spec.rules
+    # as a load does: what the workers report, overridden by what is given (the cluster file's, --device-mem); a
+    # worker that cannot be asked is said so, and planned with what is given
+    reported, unasked = ask_capacities([ep for ep in rules.rpc if rpc_device(ep) not in spec.given_capacities], spec)
+    devices = devices_for(rules.rpc, spec.capacities(reported), local_gpus(rules))
     f = GGUFFile(resolve_model_path(args.model))  # the header only: tensor data stays unread in the map
     n_layers = int(f.get(f"{f.architecture}.block_count"))
-    opts = Options(ctx_size=args.ctx_size, cache_type_k=args.cache_type_k, mla=args.mla).validated()
     cfg = model_config(f)
     placement = plan(f.tensors.values(), n_layers, devices, rules, kv_bytes_per_layer=kv_bytes_per_layer(cfg, opts),
                      program_bytes_per_layer=program_bytes_per_layer(cfg, opts, f.tensors.values()))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from engine.cuda.local import local_gpus
+from engine.model import Options
 from engine.placement import (
     Device,
     Placement,
@@ -14,9 +16,9 @@ from engine.placement import (
     PlacementRules,
     TensorLike,
     devices_for,
-    parse_device_mem,
     plan,
 )
+from engine.placement_spec import PlacementSpec, placement_spec
 from tui.formatting import size_flag
 
 
@@ -67,15 +69,27 @@ class PlanFlags:
         except ValueError:
             raise PlacementError(f"-ngl '{text}' is not a whole number (e.g. -ngl 99)") from None
 
+    def options(self, tokens: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The fields as load_model keywords (with the workers' tokens per endpoint, when given)."""
+        out: dict[str, Any] = {"rpc": self.rpc.strip(), "override_tensor": self.ot_lines(), "n_gpu_layers": self.ngl(),
+                               "tensor_split": self.tensor_split.strip() or None,
+                               "device_mem": self.device_mem_items()}
+        if tokens:
+            out["rpc_token"] = dict(tokens)
+        return out
+
+    def spec(self, tokens: Mapping[str, str] | None = None) -> PlacementSpec:
+        """The fields as a placement spec, built as a load builds it; a bad field is one PlacementError line."""
+        return placement_spec(Options(**self.options(tokens)))
+
     def rules(self) -> PlacementRules:
-        return PlacementRules.from_flags(self.ot_lines(), self.ngl(), self.tensor_split.strip() or None,
-                                         self.rpc.strip() or None)
+        return self.spec().rules
 
     def device_mem_items(self) -> list[str]:
         return self.device_mem.replace(",", " ").split()
 
     def capacities(self) -> dict[str, int]:
-        return dict(parse_device_mem(t) for t in self.device_mem_items())
+        return dict(self.spec().given_capacities)
 
     def devices(self, rules: PlacementRules) -> list[Device]:
         return devices_for(rules.rpc, self.capacities(), local_gpus(rules))

@@ -38,14 +38,8 @@ def load_options(flags: PlanFlags, options: Mapping[str, Any], tokens: Mapping[s
     """load_model keywords for these placement flags on top of `options` (threads, ctx_size...).
 
     The flags are parsed here first, so a typo is the same one-line PlacementError as in the form."""
-    flags.rules()
-    flags.capacities()
-    out: dict[str, Any] = {**options, "rpc": flags.rpc.strip(), "override_tensor": flags.ot_lines(),
-                           "n_gpu_layers": flags.ngl(), "tensor_split": flags.tensor_split.strip() or None,
-                           "device_mem": flags.device_mem_items()}
-    if tokens:
-        out["rpc_token"] = dict(tokens)
-    return out
+    flags.spec()
+    return {**options, **flags.options(tokens)}
 
 
 def is_distributed(model: Any) -> bool:

@@ -22,14 +22,13 @@ from engine.config import DeepSeek2Config
 from engine.digests import model_digests
 from engine.distributed import (
     DistributedNet,
-    WorkerError,
     kv_bytes_per_layer,
     program_bytes_per_layer,
-    rules_from_options,
 )
 from engine.gguf_file import GGUFFile
 from engine.model import Options
 from engine.placement import PlacementError, devices_for, layer_ops, plan
+from engine.placement_spec import placement_spec
 from engine.segments import parse_program, program_host_bytes, segment_records
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
@@ -475,7 +474,7 @@ def test_sigkill_during_generation_names_the_worker(workers: Callable[..., Worke
     killer = threading.Timer(0.5, w.kill)
     killer.start()
     t0 = time.monotonic()
-    with pytest.raises(WorkerError, match=rf"RPC\[{w.endpoint}\]"):
+    with pytest.raises(RPCError, match=rf"RPC\[{w.endpoint}\]"):
         for k in range(400):
             model.eval([k % 200], cache)
             if time.monotonic() - t0 > 30:
@@ -488,7 +487,7 @@ def _worker_need(model_path: Path, ctx_size: int, **flags: object) -> tuple[int,
     """(weight bytes, KV bytes, program bytes) the planner puts on the one worker for these flags."""
     f = GGUFFile(model_path)
     opts = Options(ctx_size=ctx_size, **flags)  # type: ignore[arg-type]
-    rules = rules_from_options(opts)
+    rules = placement_spec(opts).rules
     cfg = DeepSeek2Config.from_gguf(f)
     p = plan(f.tensors.values(), cfg.n_layers, devices_for(rules.rpc), rules,
              kv_bytes_per_layer=kv_bytes_per_layer(cfg, opts),
@@ -513,7 +512,7 @@ def test_kv_cache_counts_against_worker_memory(workers: Callable[..., WorkerProc
     with pytest.raises(PlacementError, match=r"weights \+ .* KV cache for -c"):
         load_model(synth_model, ctx_size=4096, **flags)
     # ...and so does the worker, when told it has more memory than it does
-    with pytest.raises(WorkerError, match=rf"OUT_OF_MEMORY.*KV cache for 4096 positions \(f32, {kv_4096} bytes\)"):
+    with pytest.raises(RPCError, match=rf"OUT_OF_MEMORY.*KV cache for 4096 positions \(f32, {kv_4096} bytes\)"):
         load_model(synth_model, ctx_size=4096, device_mem=[f"{w.device}=1GiB"], **flags)
 
 

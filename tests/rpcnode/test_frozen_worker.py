@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 
 from engine import IkctlError, load_model
-from engine.distributed import WorkerError
 from engine.synth import SynthSpec, write_model
 from rpcnode import client as client_module
-from rpcnode.client import Client, WorkerGone, probe
+from rpcnode.client import Client, RPCError, WorkerGone, probe
 from tests.rpcnode.conftest import WorkerProc
 
 PROMPT = [1, 5, 9, 20, 33, 7, 100, 3, 42, 11]
@@ -91,7 +90,7 @@ def test_a_frozen_worker_is_named_within_its_deadline(workers: Callable[..., Wor
     freezer = stop_after(w, 0.3)
     try:
         t0 = time.monotonic()
-        with pytest.raises(WorkerError) as err:
+        with pytest.raises(RPCError) as err:
             for k in range(400):
                 model.eval([k % 200], cache)
                 assert time.monotonic() - t0 < 30, "the worker was never stopped mid-generation"

@@ -18,7 +18,6 @@ import pytest
 
 from engine import load_model
 from engine.config import DeepSeek2Config
-from engine.distributed import WorkerError
 from engine.gguf_file import GGUFFile
 from engine.segments import MAX_AMB_BYTES, parse_program, segment_records
 from engine.synth import SynthSpec, write_model
@@ -123,7 +122,7 @@ def test_kv_caches_of_every_sequence_count(workers: Callable[..., WorkerProc], s
     with Client.connect(w.endpoint) as c:
         t = c.telemetry()
     assert t.kv_bytes == kv and t.mem_free_bytes == 0
-    with pytest.raises(WorkerError, match=r"UNKNOWN_SEQUENCE.*unknown here"):
+    with pytest.raises(RPCError, match=r"UNKNOWN_SEQUENCE.*unknown here"):
         model.eval([3], first)
     model.eval([3], second)  # the sequence that kept its cache goes on
 
@@ -264,7 +263,7 @@ def test_a_runs_scratch_is_charged_before_it_runs(workers: Callable[..., WorkerP
     try:
         model.eval(tokens, model.new_cache(4096))
         refusal = ""
-    except WorkerError as e:
+    except RPCError as e:
         refusal = str(e)
     peak = _peak_rss(w)
     assert peak < 64 * MiB + 700 * MiB, f"peak RSS {peak / MiB:.0f} MiB"  # -m + process, receive and scratch pools
@@ -316,7 +315,7 @@ def test_a_prefills_attention_scratch_stays_within_what_is_counted(workers: Call
         tokens = [int(t) for t in np.random.default_rng(n).integers(1, 200, n)]
         try:
             model.eval(tokens, model.new_cache(n))
-        except WorkerError as e:
+        except RPCError as e:
             assert n > 2048 and "OUT_OF_MEMORY" in str(e) and f"a run of {n} tokens" in str(e), str(e)
         finally:
             model.net.close()

@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import IkctlError, load_model
-from engine.distributed import WorkerError
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
 from rpcnode.client import Client, RPCError
@@ -78,7 +77,7 @@ def test_second_client_beyond_memory_gets_out_of_memory(workers: Callable[..., W
     size = small_model.stat().st_size
     w = workers("-m", str(int(size * 1.2)))
     first = load_model(small_model, rpc=w.endpoint, n_gpu_layers=99, ctx_size=64)
-    with pytest.raises(WorkerError, match=rf"RPC\[{w.endpoint}\]: OUT_OF_MEMORY: .*needs \d+ bytes, \d+ of \d+ free"):
+    with pytest.raises(RPCError, match=rf"RPC\[{w.endpoint}\]: OUT_OF_MEMORY: .*needs \d+ bytes, \d+ of \d+ free"):
         load_model(other_model, rpc=w.endpoint, n_gpu_layers=99, ctx_size=64)
     cache = first.new_cache(32)
     first.eval([1, 2, 3], cache)  # the first client is unaffected
