@@ -424,7 +424,7 @@ class SegmentRunner:
         the worker's memory limit leaves), dropping this segment's least recently used other sequences while it
         does not (as a new sequence beyond MAX_SEQUENCES drops one); the bytes kv_accounted_bytes will come to. One
         sequence always fits once it is alone, as one sequence's whole context was reserved when the segment was
-        defined; several may not: KVOutOfMemory then (nothing has grown; others may have been dropped)."""
+        defined; several may not: KVOutOfMemory then, with nothing grown or dropped."""
         if not self._attn_layers:
             return self.kv_accounted_bytes
         batch = {s.seq_id for s in seqs}
@@ -433,22 +433,23 @@ class SegmentRunner:
             cache = self._caches.get(s.seq_id)
             start = 0 if cache is None else min(s.pos_start, cache.n_past)
             after += (cache or self._new_cache()).nbytes_holding(start + s.n_tokens)
-        new = len(batch - set(self._caches))
-        others = [s for s in self._caches if s not in batch]  # least recently used first
-        while others and len(self._caches) + new > MAX_SEQUENCES:  # _cache drops the oldest to make room
-            del self._caches[others.pop(0)]
         before = self.kv_accounted_bytes
+        others = [s for s in self._caches if s not in batch]  # least recently used first
 
-        def need() -> int:
-            kept = sum(c.nbytes for s, c in self._caches.items() if s not in batch)
+        def need(dropped: int) -> int:
+            kept = sum(self._caches[s].nbytes for s in others[dropped:])
             return max(self.kv_reserved_bytes, kept + after) - before
 
-        while need() > free_bytes and others:
-            del self._caches[others.pop(0)]
-        if need() > free_bytes:
-            raise KVOutOfMemory(f"the KV caches of {len(seqs)} sequences need {need()} bytes more, {free_bytes} "
-                                "free; run fewer sequences at once, lower -c, use -ctk q8_0, or raise -m")
-        return before + need()
+        if need(len(others)) > free_bytes:  # not even alone: refused before anything is dropped
+            raise KVOutOfMemory(f"the KV caches of {len(seqs)} sequences need {need(len(others))} bytes more, "
+                                f"{free_bytes} free; run fewer sequences at once, lower -c, use -ctk q8_0, or raise -m")
+        new = len(batch - set(self._caches))
+        dropped = max(0, len(self._caches) + new - MAX_SEQUENCES)  # as _cache drops the oldest to make room
+        while need(dropped) > free_bytes:
+            dropped += 1
+        for s in others[:dropped]:
+            del self._caches[s]
+        return before + need(dropped)
 
     def _cache(self, seq_id: int, pos_start: int) -> KVCache:
         """The sequence's cache, checked by _check_continues: a new one at position 0 (the least recently used goes
