@@ -21,7 +21,7 @@ from engine.gguf_file import GGUFFile
 from engine.kernels import MATVEC_MAX_T, takes_int8
 from engine.kv_cache import KVCache
 from engine.moe import Router, moe_ffn, route, swiglu
-from engine.ops import rms_norm
+from engine.ops import array_module, rms_norm
 from engine.quant import QTensor
 from engine.rope import RopeTable, apply_rope
 
@@ -89,6 +89,7 @@ def output_op(state: dict[str, Any], output: QTensor, output_norm: Any, eps: flo
     if np.ndim(n_out) != 0:  # from a peer: int() of a 1-element array is a TypeError, not a refusal
         raise ValueError(f"n_out must be one number, got an array of shape {list(np.shape(n_out))}")
     rows = batch.out_rows(int(n_out))
+    rows = rows if isinstance(rows, slice) else array_module(x).asarray(rows)  # a GPU array takes device indices
     state.clear()
     state["logits"] = output.matmul_t(rms_norm(x[rows], output_norm, eps))
 
