@@ -6,13 +6,14 @@ r kv_lora_rank, E experts, K experts per token.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from engine.attention import causal_attention
+from engine.batch import Batch, Span, as_batch
 from engine.config import GATING_SOFTMAX, DeepSeek2Config
 from engine.errors import ModelFileError
 from engine.forward_pass import Op, State, model_ops, run_local
@@ -20,7 +21,7 @@ from engine.gguf_file import GGUFFile
 from engine.kernels import MATVEC_MAX_T, takes_int8
 from engine.kv_cache import KVCache
 from engine.moe import Router, moe_ffn, route, swiglu
-from engine.ops import rms_norm
+from engine.ops import array_module, rms_norm
 from engine.quant import QTensor
 from engine.rope import RopeTable, apply_rope
 
@@ -80,15 +81,17 @@ def required(get: Getter, name: str, where: str = "") -> QTensor:
     return t
 
 
-def output_op(state: dict[str, Any], output: QTensor, output_norm: Any, eps: float) -> None:
-    """The output op on a pass state: logits of the last "n_out" rows of "x", and nothing else left."""
+def output_op(state: dict[str, Any], output: QTensor, output_norm: Any, eps: float, batch: Batch) -> None:
+    """The output op on a pass state: logits of each sequence's last "n_out" rows of "x" (one sequence after
+    another), and nothing else left."""
     x = state.pop("x")
     n_out = state.pop("n_out")
     if np.ndim(n_out) != 0:  # from a peer: int() of a 1-element array is a TypeError, not a refusal
         raise ValueError(f"n_out must be one number, got an array of shape {list(np.shape(n_out))}")
-    n_out = min(max(int(n_out), 1), x.shape[0])
+    rows = batch.out_rows(int(n_out))
+    rows = rows if isinstance(rows, slice) else array_module(x).asarray(rows)  # a GPU array takes device indices
     state.clear()
-    state["logits"] = output.matmul_t(rms_norm(x[x.shape[0] - n_out :], output_norm, eps))
+    state["logits"] = output.matmul_t(rms_norm(x[rows], output_norm, eps))
 
 
 def parts_by_layer(ops: Iterable[tuple[int, str]]) -> dict[int, set[str]]:
@@ -233,26 +236,31 @@ class DeepSeek2:
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens after the cached ones; logits [T, V] if all_logits else [1, V] (last token)."""
-        return run_local(self.run_op, self.ops(), ids, cache, all_logits)
+        return run_local(self.run_op, self.ops(), [(ids, cache)], all_logits)
+
+    def forward_batch(self, items: Sequence[tuple[np.ndarray, KVCache]]) -> np.ndarray:
+        """One pass over several sequences (new token ids, own cache each): each one's last logits [N, V]."""
+        return run_local(self.run_op, self.ops(), items)
 
     def run_op(self, op: Op, state: State, positions: np.ndarray,
-               cache: KVCache | None, defer_shared: bool = False) -> None:
+               cache: KVCache | Batch | None, defer_shared: bool = False) -> None:
         """Apply one op to the pass state in place: "x" the hidden state [T, D]; between a MoE layer's ffn and
         moe_experts ops also "h" (normed input), "idx"/"w" (routing) and "shared" (shared experts' output);
         "ids" before embd; "n_out" (rows of logits wanted) before output, which leaves only "logits".
         defer_shared: the ffn op leaves the shared experts to the caller, whose "shared_experts" op runs them while
         a worker runs the routed ones; "moe_combine" then adds the worker's "y". These two run only here: a
-        worker's program holds OP_PARTS alone."""
+        worker's program holds OP_PARTS alone. `positions` [T] and `cache` (the pass's one sequence's cache, or a
+        Batch of sequences with a cache each: engine.batch) place the rows."""
         i, part = op
         c = self.cfg
         if part == "embd":
             state["x"] = self.token_embd.rows(state.pop("ids"))
         elif part == "output":
-            output_op(state, self.output, self.output_norm, c.rms_norm_eps)
+            output_op(state, self.output, self.output_norm, c.rms_norm_eps, as_batch(cache, len(positions)))
         elif part == "attn":
             L, x = self.layers[i], state["x"]
-            assert cache is not None
-            state["x"] = x + self._attention(i, L, rms_norm(x, L.attn_norm, c.rms_norm_eps), positions, cache)
+            batch = as_batch(cache, len(positions))
+            state["x"] = x + self._attention(i, L, rms_norm(x, L.attn_norm, c.rms_norm_eps), positions, batch)
         elif part == "ffn":
             self._ffn_op(self.layers[i], state, shared=not defer_shared)
         elif part == "moe_experts":
@@ -325,7 +333,9 @@ class DeepSeek2:
         ids = np.tile(np.arange(H, dtype=np.int64), T)
         return heads.gather_matmul_t(ids, x.reshape(T * H, C)).reshape(T, H, R)
 
-    def _attention(self, i: int, L: Layer, h: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+    def _attention(self, i: int, L: Layer, h: np.ndarray, positions: np.ndarray, batch: Batch) -> np.ndarray:
+        """h [T, D] -> [T, D]: the projections run over all rows at once; each sequence's cache and attention core
+        its own (batch.spans), one sequence at a time (so one sequence's cache is read as float32 at once)."""
         c, xp = self.cfg, self.xp
         T = h.shape[0]
         H, dn, dr, dv, r = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
@@ -341,40 +351,100 @@ class DeepSeek2:
         q_pe = apply_rope(xp.ascontiguousarray(q[..., dn:]), cos, sin)  # [T, H, dr]
         k_pe = apply_rope(xp.ascontiguousarray(kv[:, r:]), cos, sin)  # [T, dr], one head shared by all
         q_nope = q[..., :dn]
-        pos0 = int(positions[0])
-        S = pos0 + T
+        o = xp.empty((T, H, dv), np.float32)
         if self.mla == 0:  # cache decompressed per-head K and V (llama.cpp's legacy MHA path)
             wk, wv = self.kv_weights(i, L)
             k_nope = (latent @ wk.reshape(H * dn, r).T).reshape(T, H, dn)
             k = xp.concatenate([k_nope, xp.broadcast_to(k_pe[:, None, :], (T, H, dr))], axis=-1)
-            cache.write(i, "k", pos0, k.reshape(T, -1))
-            cache.write(i, "v", pos0, latent @ wv.reshape(H * dv, r).T)
-            k_all = cache.read(i, "k", S).reshape(S, H, dn + dr)
-            v_all = cache.read(i, "v", S).reshape(S, H, dv)
+            v = latent @ wv.reshape(H * dv, r).T  # [T, H * dv]
             q_full = xp.concatenate([q_nope, q_pe], -1)
-            o = causal_attention(q_full, k_all, v_all, positions, c.kq_scale, self.amb_bytes)
-        else:
-            cache.write(i, "ckv", pos0, xp.concatenate([latent, k_pe], axis=-1))
-            ckv = cache.read(i, "ckv", S)  # [S, r + dr]
-            if self.mla == 3 and T > 1:  # prefill: decompress K/V from the latent cache (fewer FLOPs)
-                wk, wv = self.kv_weights(i, L)
-                lat = ckv[:, :r]
-                k_nope = (lat @ wk.reshape(H * dn, r).T).reshape(S, H, dn)
-                k_all = xp.concatenate([k_nope, xp.broadcast_to(ckv[:, None, r:], (S, H, dr))], axis=-1)
-                v_all = (lat @ wv.reshape(H * dv, r).T).reshape(S, H, dv)
-                o = causal_attention(
-                    xp.concatenate([q_nope, q_pe], -1), k_all, v_all, positions, c.kq_scale, self.amb_bytes
-                )
-            else:  # absorbed: attention is an MQA over [c | k_pe] rows; V is c itself
-                q_abs = self._per_head(L.k_b, q_nope)  # [T, H, r]
-                if q_abs is None:
-                    wk, _ = self.kv_weights(i, L)
-                    q_abs = xp.matmul(q_nope.transpose(1, 0, 2), wk).transpose(1, 0, 2)
-                o_lat = causal_attention(
-                    xp.concatenate([q_abs, q_pe], -1), ckv, ckv[:, :r], positions, c.kq_scale, self.amb_bytes
-                )  # [T, H, r]
-                o = self._per_head(L.v_b, o_lat)  # [T, H, dv]
-                if o is None:
-                    _, wv = self.kv_weights(i, L)
-                    o = xp.matmul(o_lat.transpose(1, 0, 2), wv.transpose(0, 2, 1)).transpose(1, 0, 2)
+            for s in batch.spans:
+                _write(i, s, int(positions[s.start]), {"k": k[s.rows].reshape(s.n, -1), "v": v[s.rows]})
+                o[s.rows] = self._mha(i, s, q_full[s.rows], positions[s.rows])
+            return L.wo.matmul_t(o.reshape(T, H * dv))
+        ckv_new = xp.concatenate([latent, k_pe], axis=-1)  # [T, r + dr]
+        for s in batch.spans:
+            _write(i, s, int(positions[s.start]), {"ckv": ckv_new[s.rows]})
+        # mla 3: a sequence's prompt chunk decompresses K/V from its latent cache (fewer FLOPs than absorbed); decode
+        # steps (and every step of mla 1/2) attend absorbed
+        decompress = [self.mla == 3 and s.n > 1 for s in batch.spans]
+        weights = self.kv_weights(i, L) if any(decompress) else None  # decoded once for the pass
+        for s, d in zip(batch.spans, decompress, strict=True):
+            if d:
+                assert weights is not None
+                q_full = xp.concatenate([q_nope[s.rows], q_pe[s.rows]], -1)
+                o[s.rows] = self._decompressed(i, s, q_full, positions[s.rows], weights)
+        absorbed = [s for s, d in zip(batch.spans, decompress, strict=True) if not d]
+        if absorbed:
+            rows = batch.rows_where([not d for d in decompress])
+            rows = rows if isinstance(rows, slice) else xp.asarray(rows)
+            o[rows] = self._absorbed(i, L, q_nope[rows], q_pe[rows], absorbed, positions, weights)
         return L.wo.matmul_t(o.reshape(T, H * dv))
+
+    def _mha(self, i: int, s: Span, q: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """mla 0: one sequence's queries q [n, H, dn + dr] over its per-head K/V rows -> [n, H, dv]."""
+        c = self.cfg
+        S = int(positions[-1]) + 1
+        k_all = _read(i, s, "k", S).reshape(S, c.n_heads, -1)
+        v_all = _read(i, s, "v", S).reshape(S, c.n_heads, c.v_head_dim)
+        return causal_attention(q, k_all, v_all, positions, c.kq_scale, self.amb_bytes)
+
+    def _decompressed(self, i: int, s: Span, q: np.ndarray, positions: np.ndarray,
+                      weights: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """mla 3 prefill: one sequence's queries q [n, H, dn + dr] over K/V decompressed from its latent rows."""
+        c, xp = self.cfg, self.xp
+        H, dn, dr, dv, r = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        wk, wv = weights
+        S = int(positions[-1]) + 1
+        ckv = _read(i, s, "ckv", S)  # [S, r + dr]
+        lat = ckv[:, :r]
+        k_nope = (lat @ wk.reshape(H * dn, r).T).reshape(S, H, dn)
+        k_all = xp.concatenate([k_nope, xp.broadcast_to(ckv[:, None, r:], (S, H, dr))], axis=-1)
+        v_all = (lat @ wv.reshape(H * dv, r).T).reshape(S, H, dv)
+        return causal_attention(q, k_all, v_all, positions, c.kq_scale, self.amb_bytes)
+
+    def _latent(self, i: int, s: Span, q: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Absorbed: one sequence's queries q [n, H, r + dr] over its latent rows [S, r + dr] (an MQA whose V is the
+        latent itself) -> [n, H, r]."""
+        S = int(positions[-1]) + 1
+        ckv = _read(i, s, "ckv", S)
+        return causal_attention(q, ckv, ckv[:, : self.cfg.kv_lora_rank], positions, self.cfg.kq_scale,
+                                self.amb_bytes)
+
+    def _absorbed(self, i: int, L: Layer, q_nope: np.ndarray, q_pe: np.ndarray, spans: Sequence[Span],
+                  positions: np.ndarray, weights: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """Absorbed attention of the sequences `spans`, whose rows follow each other in q_nope [Ta, H, dn] and q_pe
+        [Ta, H, dr] -> [Ta, H, dv]: Wk and Wv multiply all rows at once, each sequence attends over its own latent
+        rows. `weights`: Wk/Wv if the pass decoded them already."""
+        xp = self.xp
+        q_abs = self._per_head(L.k_b, q_nope)  # [Ta, H, r]
+        if q_abs is None:
+            weights = weights or self.kv_weights(i, L)
+            q_abs = xp.matmul(q_nope.transpose(1, 0, 2), weights[0]).transpose(1, 0, 2)
+        q_cat = xp.concatenate([q_abs, q_pe], -1)  # [Ta, H, r + dr]
+        if len(spans) == 1:  # one sequence, as a pass always was: no copy into a buffer
+            o_lat = self._latent(i, spans[0], q_cat, positions[spans[0].rows])
+        else:
+            o_lat = xp.empty((*q_abs.shape,), np.float32)
+            a = 0
+            for s in spans:
+                o_lat[a : a + s.n] = self._latent(i, s, q_cat[a : a + s.n], positions[s.rows])
+                a += s.n
+        o = self._per_head(L.v_b, o_lat)  # [Ta, H, dv]
+        if o is None:
+            _, wv = weights or self.kv_weights(i, L)
+            o = xp.matmul(o_lat.transpose(1, 0, 2), wv.transpose(0, 2, 1)).transpose(1, 0, 2)
+        return o
+
+
+def _write(i: int, s: Span, pos0: int, new: dict[str, np.ndarray]) -> None:
+    """A sequence's new rows of layer i's cache streams, at pos0.. of its cache."""
+    assert s.cache is not None, "an attention op needs a KV cache"
+    for name, rows in new.items():
+        s.cache.write(i, name, pos0, rows)
+
+
+def _read(i: int, s: Span, name: str, n: int) -> np.ndarray:
+    """A sequence's first n rows of layer i's stream `name`, as float32."""
+    assert s.cache is not None
+    return s.cache.read(i, name, n)

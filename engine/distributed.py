@@ -29,7 +29,7 @@ from engine.placement import (
 from engine.placement_rules import device_kind
 from engine.placement_spec import PlacementSpec, placement_spec
 from engine.rope import table_bytes
-from engine.segments import OP_BYTES, PROGRAM_BASE_BYTES, TensorRef, op_tensor_names, segment_records
+from engine.segments import MAX_SEQUENCES, OP_BYTES, PROGRAM_BASE_BYTES, TensorRef, op_tensor_names, segment_records
 from rpcnode.client import Client, OfferSpec, RPCError
 from rpcnode.protocol import rpc_device
 
@@ -196,8 +196,15 @@ class DistributedNet:
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens: each segment on its device's executor, a worker's in one round trip; logits as
         DeepSeek2's."""
-        logits = run_pass(self.steps, ids, cache, all_logits)
+        logits = run_pass(self.steps, [(ids, cache)], all_logits)
         return np.array(logits)  # a copy: the reply's buffer is read-only
+
+    def forward_batch(self, items: Sequence[tuple[np.ndarray, KVCache]]) -> np.ndarray:
+        """One pass over several sequences (new token ids, own cache each), each remote segment in one round trip
+        for all of them (MAX_SEQUENCES at most: a worker keeps no more per segment, so more take further passes);
+        each one's last logits [N, V]."""
+        parts = [run_pass(self.steps, items[a : a + MAX_SEQUENCES]) for a in range(0, len(items), MAX_SEQUENCES)]
+        return np.concatenate(parts)  # a copy: the replies' buffers are read-only
 
 
 def _progress_reporter(device: str, specs: Sequence[OfferSpec],

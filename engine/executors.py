@@ -1,5 +1,6 @@
 """The executors of a distributed pass beyond this process's CPU (engine.forward_pass.Here): a GPU of this machine
-and a worker. Both take a segment's inputs out of the pass state and put its outputs back, as over the wire."""
+and a worker. Both take a segment's inputs out of the pass state and put its outputs back, as over the wire; a
+pass of several sequences runs there in one call (one round trip), each sequence named by its cache's seq_id."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from engine.batch import Batch
 from engine.forward_pass import RunOp, State
-from engine.kv_cache import KVCache
 from engine.placement import Segment
-from engine.segments import SegmentRunner, ordered_state
+from engine.segments import SegmentRunner, SeqRun, ordered_state
 from rpcnode.client import Client, RPCError
 
 
@@ -36,14 +37,20 @@ def segment_inputs(seg: Segment, state: State) -> list[str]:
     return [n for n, _ in ordered_state({n: state[n] for n in names})]
 
 
+def seq_runs(positions: np.ndarray, batch: Batch) -> list[SeqRun]:
+    """The pass's sequences as a runner elsewhere knows them: the seq_id of each one's cache (0 for a cache that
+    has none), its first position and token count."""
+    return [SeqRun(getattr(s.cache, "seq_id", 0), int(positions[s.start]), s.n) for s in batch.spans]
+
+
 def take_outputs(seg: Segment, state: State, sent: list[str], out: Mapping[str, np.ndarray], coordinator: RunOp,
-                 positions: np.ndarray, cache: KVCache) -> None:
+                 positions: np.ndarray, batch: Batch) -> None:
     """Replace what a segment was sent by what it returned; routed experts' "y" joins the residual here."""
     for n in sent:
         state.pop(n, None)
     state.update(out)
     if "y" in out:
-        coordinator((seg.ops[-1][0], "moe_combine"), state, positions, cache)
+        coordinator((seg.ops[-1][0], "moe_combine"), state, positions, batch)
 
 
 class OnGpu:
@@ -54,11 +61,11 @@ class OnGpu:
                  coordinator: RunOp) -> None:
         self.runners, self.segments, self.coordinator = runners, segments, coordinator
 
-    def run(self, k: int, state: State, positions: np.ndarray, cache: KVCache, seq_id: int) -> None:
+    def run(self, k: int, state: State, positions: np.ndarray, batch: Batch) -> None:
         seg = self.segments[k]
         send = segment_inputs(seg, state)
-        out = self.runners[k].run(seq_id, int(positions[0]), len(positions), {n: state[n] for n in send})
-        take_outputs(seg, state, send, out, self.coordinator, positions, cache)
+        out = self.runners[k].run_batch(seq_runs(positions, batch), {n: state[n] for n in send})
+        take_outputs(seg, state, send, out, self.coordinator, positions, batch)
 
     def kv(self, op: str, seq_id: int, n: int) -> None:
         for runner in self.runners.values():
@@ -76,17 +83,17 @@ class OnWorker:
                  coordinator: RunOp) -> None:
         self.client, self.segment_ids, self.segments, self.coordinator = client, segment_ids, segments, coordinator
 
-    def run(self, k: int, state: State, positions: np.ndarray, cache: KVCache, seq_id: int) -> None:
+    def run(self, k: int, state: State, positions: np.ndarray, batch: Batch) -> None:
         seg = self.segments[k]
         send = segment_inputs(seg, state)
-        request = self.client.start_segment(self.segment_ids[k], int(positions[0]), len(positions),
-                                            [(n, state[n]) for n in send], seq_id)
+        request = self.client.start_segment(self.segment_ids[k], seq_runs(positions, batch),
+                                            [(n, state[n]) for n in send])
         try:
             if expert_only(seg) and "shared" not in state:  # both machines busy
-                self.coordinator((seg.ops[0][0], "shared_experts"), state, positions, cache)
+                self.coordinator((seg.ops[0][0], "shared_experts"), state, positions, batch)
         finally:
             out = self.client.finish_segment(request)
-        take_outputs(seg, state, send, out, self.coordinator, positions, cache)
+        take_outputs(seg, state, send, out, self.coordinator, positions, batch)
 
     def kv(self, op: str, seq_id: int, n: int) -> None:
         self.client.kv_op(op, seq_id, n)

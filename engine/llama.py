@@ -7,13 +7,14 @@ G = H / Hkv query heads per kv head, hd head dim, V vocabulary.
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from engine.attention import causal_attention, decode_attention
+from engine.batch import Batch, Span, as_batch
 from engine.config import LlamaConfig
 from engine.deepseek2 import (
     Getter,
@@ -158,24 +159,28 @@ class Llama:
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens after the cached ones; logits [T, V] if all_logits else [1, V] (last token)."""
-        return run_local(self.run_op, self.ops(), ids, cache, all_logits)
+        return run_local(self.run_op, self.ops(), [(ids, cache)], all_logits)
+
+    def forward_batch(self, items: Sequence[tuple[np.ndarray, KVCache]]) -> np.ndarray:
+        """One pass over several sequences (new token ids, own cache each): each one's last logits [N, V]."""
+        return run_local(self.run_op, self.ops(), items)
 
     def run_op(self, op: Op, state: State, positions: np.ndarray,
-               cache: KVCache | None, defer_shared: bool = False) -> None:
+               cache: KVCache | Batch | None, defer_shared: bool = False) -> None:
         """Apply one op to the pass state in place, as DeepSeek2.run_op: "x" the hidden state [T, D]; "ids" before
-        embd; "n_out" (rows of logits wanted) before output, which leaves only "logits". No shared experts here,
-        so defer_shared changes nothing."""
+        embd; "n_out" (rows of logits wanted per sequence) before output, which leaves only "logits"; `positions`
+        and `cache` (one cache or a Batch) place the rows. No shared experts here, so defer_shared changes nothing."""
         i, part = op
         eps = self.cfg.rms_norm_eps
         if part == "embd":
             state["x"] = self.token_embd.rows(state.pop("ids"))
         elif part == "output":
-            output_op(state, self.output, self.output_norm, eps)
+            output_op(state, self.output, self.output_norm, eps, as_batch(cache, len(positions)))
         elif part == "attn":
             L, x = self.layers[i], state["x"]
-            assert cache is not None
             cos, sin = self.rope.cos_sin(positions)
-            state["x"] = x + self._attention(i, L, rms_norm(x, L.attn_norm, eps), positions, cos, sin, cache)
+            batch = as_batch(cache, len(positions))
+            state["x"] = x + self._attention(i, L, rms_norm(x, L.attn_norm, eps), positions, cos, sin, batch)
         elif part == "ffn":
             L, x = self.layers[i], state["x"]
             state["x"] = x + swiglu(rms_norm(x, L.ffn_norm, eps), *L.ffn)
@@ -190,31 +195,43 @@ class Llama:
         positions: np.ndarray,  # [T]
         cos: np.ndarray,
         sin: np.ndarray,
-        cache: KVCache,
+        batch: Batch,
     ) -> np.ndarray:  # [T, D]
+        """Projections over all rows at once; each sequence's cache and attention its own (batch.spans)."""
         c = self.cfg
         T = h.shape[0]
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         q = rope_head(L.wq.matmul_t(h).reshape(T, H, hd), c.rope.n_rot, cos, sin)
-        k = rope_head(L.wk.matmul_t(h).reshape(T, Hkv, hd), c.rope.n_rot, cos, sin)
-        pos0 = int(positions[0])
-        S = pos0 + T
-        cache.write(i, "k", pos0, k.reshape(T, Hkv * hd))
-        cache.write(i, "v", pos0, L.wv.matmul_t(h))
+        k = rope_head(L.wk.matmul_t(h).reshape(T, Hkv, hd), c.rope.n_rot, cos, sin).reshape(T, Hkv * hd)
+        v = L.wv.matmul_t(h)  # [T, Hkv * hd]
+        o = np.empty((T, H, hd), np.float32)
+        for s in batch.spans:
+            assert s.cache is not None, "an attention op needs a KV cache"
+            pos0 = int(positions[s.start])
+            s.cache.write(i, "k", pos0, k[s.rows])
+            s.cache.write(i, "v", pos0, v[s.rows])
+            o[s.rows] = self._attend(i, s, q[s.rows], positions[s.rows])
+        return L.wo.matmul_t(o.reshape(T, H * hd))
+
+    def _attend(self, i: int, s: Span, q: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One sequence's queries q [n, H, hd] over its cached rows -> [n, H, hd]."""
+        c = self.cfg
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        assert s.cache is not None
+        S = int(positions[-1]) + 1
         scale = 1.0 / math.sqrt(hd)
-        k_rows, v_rows = cache.stored(i, "k", S), cache.stored(i, "v", S)
-        if T == 1 and k_rows is not None and v_rows is not None and isinstance(k_rows, np.ndarray):
+        k_rows, v_rows = s.cache.stored(i, "k", S), s.cache.stored(i, "v", S)
+        if s.n == 1 and k_rows is not None and v_rows is not None and isinstance(k_rows, np.ndarray):
             # decode on the host: one kernel reads the f16/f32 cache in place (NumPy would convert all of it)
-            o = decode_attention(q[0], k_rows, v_rows, Hkv, scale)
-            return L.wo.matmul_t(o.reshape(1, H * hd))
-        k_all = cache.read(i, "k", S).reshape(S, Hkv, hd)
-        v_all = cache.read(i, "v", S).reshape(S, Hkv, hd)
+            return decode_attention(q[0], k_rows, v_rows, Hkv, scale)[None]
+        k_all = s.cache.read(i, "k", S).reshape(S, Hkv, hd)
+        v_all = s.cache.read(i, "v", S).reshape(S, Hkv, hd)
         # GQA: query head j*G + g reads kv head j (llama.cpp's mapping); each group is an MQA over one
         # shared key head, which avoids materialising G copies of the cache.
         G = H // Hkv
-        o = np.empty((T, H, hd), np.float32)
+        o = np.empty((s.n, H, hd), np.float32)
         for j in range(Hkv):
             o[:, j * G : (j + 1) * G] = causal_attention(
                 q[:, j * G : (j + 1) * G], k_all[:, j], v_all[:, j], positions, scale, self.amb_bytes
             )
-        return L.wo.matmul_t(o.reshape(T, H * hd))
+        return o

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from engine.architectures import load_network
+from engine.batch import micro_batches
 from engine.chat_template import apply_chat_template
 from engine.distributed import distribute
 from engine.errors import IkctlError
@@ -80,6 +81,8 @@ class Network(Protocol):
     def new_cache(self, n_ctx: int, cache_type: str) -> KVCache: ...
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray: ...
+
+    def forward_batch(self, items: Sequence[tuple[np.ndarray, KVCache]]) -> np.ndarray: ...
 
 
 class Model:
@@ -152,9 +155,48 @@ class Model:
         return np.concatenate(outs, axis=0) if all_logits else outs[-1]
 
     def eval_batch(self, items: Sequence[tuple[Sequence[int], KVCache]]) -> list[np.ndarray]:
-        """Per (new token ids, that sequence's cache): the float32 logits [n_vocab] of its last new token."""
-        # replaced by the batched pass (branch batch)
-        return [self.eval(ids, cache)[-1] for ids, cache in items]
+        """Append each item's tokens to its own cache, all items in the same forward passes: every weight is read
+        once per pass for all their rows, and only attention runs per sequence. The logits of each item's last
+        token, float32 [n_vocab], in item order.
+
+        Passes hold at most `ubatch_size` rows: the items' tokens are packed in item order, each pass taking from
+        each item as many of its next tokens as it has room for (engine.batch.micro_batches), so a prompt longer
+        than that goes in chunks. The inputs are checked first: a bad item changes no cache."""
+        work = self._batch_items(items)
+        passes = micro_batches([len(ids) for ids, _ in work], self.options.ubatch_size)
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(work)
+        rows = min(sum(len(ids) for ids, _ in work), self.options.ubatch_size)
+        with compute_threads(self.options.threads, rows), activations(not self.options.float_activations):
+            for pieces in passes:
+                logits = self.net.forward_batch([(work[k][0][a:b], work[k][1]) for k, a, b in pieces])
+                for row, (k, _, b) in enumerate(pieces):
+                    if b == len(work[k][0]):
+                        out[k] = np.array(logits[row])  # its own copy: a row of a reply's buffer is read-only
+        return out
+
+    def _batch_items(self, items: Sequence[tuple[Sequence[int], KVCache]]) -> list[tuple[np.ndarray, KVCache]]:
+        """eval_batch's items checked (non-empty, ids in the vocabulary, caches distinct with room for the tokens)
+        as (int64 ids, cache)."""
+        if len(items) == 0:
+            raise IkctlError("eval_batch needs at least one (token ids, cache) item")
+        work, seen = [], {}
+        for k, (token_ids, cache) in enumerate(items):
+            ids = np.asarray(token_ids, dtype=np.int64)
+            if ids.ndim != 1 or len(ids) == 0:
+                raise IkctlError(f"eval_batch item {k}: needs a non-empty list of token ids")
+            if ids.min() < 0 or ids.max() >= self.n_vocab:
+                bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
+                raise IkctlError(f"eval_batch item {k}: token id {bad} is outside the vocabulary "
+                                 f"(0..{self.n_vocab - 1})")
+            if id(cache) in seen:
+                raise IkctlError(f"eval_batch items {seen[id(cache)]} and {k} share one KV cache; each sequence "
+                                 "needs its own (model.new_cache())")
+            seen[id(cache)] = k
+            if cache.n_past + len(ids) > cache.n_ctx:
+                raise IkctlError(f"eval_batch item {k}: context is full: {cache.n_past} cached + {len(ids)} new "
+                                 f"tokens exceed the context size {cache.n_ctx}; raise -c/--ctx-size")
+            work.append((ids, cache))
+        return work
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 [len(token_ids), n_vocab]: logits at every position of a fresh sequence."""

@@ -8,12 +8,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
 
 from engine.architectures import REGISTRY, ModelConfig, of_config
+from engine.batch import Batch, batch_positions
 from engine.config import RopeConfig, shape_problem
 from engine.cuda import require
 from engine.cuda import tensors as cuda_tensors
@@ -33,7 +34,9 @@ TensorRef = tuple[str, int, tuple[int, ...]]  # digest, GGML type, NumPy shape
 STATE_ORDER = ("x", "h", "ids", "logits", "y", "idx", "w", "shared", "n_out")
 # The entries a GPU segment keeps on its device (token ids, routing and counts stay host arrays).
 DEVICE_STATE = frozenset({"x", "h", "y", "shared"})
-MAX_SEQUENCES = 8  # KV caches a worker keeps per segment; the least recently used one goes beyond this
+# KV caches a worker keeps per segment, the least recently used one goes beyond this; also the most sequences one
+# run may hold (as many as the decode kernels take rows in one read of the weights: engine.kernels.MATVEC_MAX_T)
+MAX_SEQUENCES = 16
 # A worker's cap on a program's attention score scratch (-amb): a peer's value would size it unbounded. Attention
 # runs in query chunks of this size, so a lower cap changes the speed of a long prefill, never its results.
 MAX_AMB_BYTES = 1 << 30
@@ -46,6 +49,19 @@ class ProgramError(IkctlError):
 
 class UnknownSequence(ProgramError):
     """Tokens that do not continue a sequence this segment holds (evicted, or never started here)."""
+
+
+class KVOutOfMemory(IkctlError):
+    """A run's sequences' KV caches would grow past what the worker's memory limit leaves, even alone."""
+
+
+class SeqRun(NamedTuple):
+    """One sequence's rows of a run: its id, the position of its first new token, its count of new tokens. A run's
+    sequences' rows follow each other in its arrays, in the order of its SeqRuns."""
+
+    seq_id: int
+    pos_start: int
+    n_tokens: int
 
 
 # ---- the model config as flat scalars (DefineSegment args hold scalars only) -------------------------------
@@ -372,15 +388,18 @@ class SegmentRunner:
         self._attn_layers = {i for i, p in program.ops if p == "attn"}
         self._caches: OrderedDict[int, KVCache] = OrderedDict()
 
-    def scratch_bytes(self, pos_start: int, n_tokens: int, n_out: int) -> int:
-        """run_scratch_bytes for a run of n_tokens at pos_start (attending over pos_start + n_tokens positions)."""
+    def scratch_bytes(self, seqs: Sequence[SeqRun], n_out: int) -> int:
+        """run_scratch_bytes for a run of these sequences: all their rows go through each op at once, attention
+        runs one sequence at a time (so the longest one's keys count), each keeps n_out rows of logits."""
         p = self.program
-        n_keys = min(pos_start + n_tokens, p.n_ctx) if self._attn_layers else 0
-        # Wk/Wv are decoded for the call unless a decode step of the absorbed path multiplies by attn_k_b/attn_v_b
-        # in their encoding
-        absorbed = n_tokens == 1 and p.mla != 0 and p.int8 and self.cuda_device is None and \
-            any(n.endswith("attn_k_b.weight") for n in p.tensors)
-        return run_scratch_bytes(p, n_tokens, n_keys, n_out, kv_decode=not absorbed)
+        n_tokens = sum(s.n_tokens for s in seqs)
+        n_keys = max(min(s.pos_start + s.n_tokens, p.n_ctx) for s in seqs) if self._attn_layers else 0
+        # Wk/Wv are decoded for the call unless all rows are decode steps of the absorbed path, few enough to
+        # multiply by attn_k_b/attn_v_b in their encoding
+        absorbed = max(s.n_tokens for s in seqs) == 1 and n_tokens <= MATVEC_MAX_T and p.mla != 0 and p.int8 and \
+            self.cuda_device is None and any(n.endswith("attn_k_b.weight") for n in p.tensors)
+        out_rows = sum(min(max(n_out, 1), s.n_tokens) for s in seqs)
+        return run_scratch_bytes(p, n_tokens, n_keys, out_rows, kv_decode=not absorbed)
 
     def _new_cache(self) -> KVCache:
         cache = self.net.new_cache(self.program.n_ctx, self.program.cache_type)
@@ -388,53 +407,62 @@ class SegmentRunner:
         cache.layers = [layer if i in self._attn_layers else {} for i, layer in enumerate(cache.layers)]
         return cache
 
-    def kv_grows(self, seq_id: int, pos_start: int, n_tokens: int) -> bool:
-        """Whether `run` would allocate KV rows (a new sequence, or one past its capacity): most steps do not."""
-        cache = self._caches.get(seq_id)
-        if not self._attn_layers or (cache is None and pos_start):
+    def kv_grows(self, seqs: Sequence[SeqRun]) -> bool:
+        """Whether `run_batch` would allocate KV rows (a new sequence, or one past its capacity): most steps do not."""
+        if not self._attn_layers:
             return False
-        return cache is None or cache.nbytes_holding(min(pos_start, cache.n_past) + n_tokens) > cache.nbytes
+        for s in seqs:
+            cache = self._caches.get(s.seq_id)
+            if cache is None and not s.pos_start:
+                return True
+            if cache is not None and cache.nbytes_holding(min(s.pos_start, cache.n_past) + s.n_tokens) > cache.nbytes:
+                return True
+        return False
 
-    def fit_kv(self, seq_id: int, pos_start: int, n_tokens: int, free_bytes: int) -> int:
-        """Before `run`: make the growth of this sequence's KV cache fit in `free_bytes` (what the worker's memory
-        limit leaves), dropping this segment's least recently used other sequences while it does not (as the
-        ninth sequence drops one); the bytes kv_accounted_bytes will come to. It always fits once the sequence is
-        alone, as one sequence's whole context was reserved when the segment was defined."""
+    def fit_kv(self, seqs: Sequence[SeqRun], free_bytes: int) -> int:
+        """Before `run_batch` (its sequences checked): make the growth of their KV caches fit in `free_bytes` (what
+        the worker's memory limit leaves), dropping this segment's least recently used other sequences while it
+        does not (as a new sequence beyond MAX_SEQUENCES drops one); the bytes kv_accounted_bytes will come to. One
+        sequence always fits once it is alone, as one sequence's whole context was reserved when the segment was
+        defined; several may not: KVOutOfMemory then, with nothing grown or dropped."""
         if not self._attn_layers:
             return self.kv_accounted_bytes
-        cache = self._caches.get(seq_id)
-        if cache is None and pos_start:  # run refuses it
-            return self.kv_accounted_bytes
-        start = 0 if cache is None else min(pos_start, cache.n_past)
-        after = (cache or self._new_cache()).nbytes_holding(start + n_tokens)
-        if cache is None and len(self._caches) >= MAX_SEQUENCES:  # _cache drops the oldest to make room
-            self._caches.popitem(last=False)
+        batch = {s.seq_id for s in seqs}
+        after = 0
+        for s in seqs:
+            cache = self._caches.get(s.seq_id)
+            start = 0 if cache is None else min(s.pos_start, cache.n_past)
+            after += (cache or self._new_cache()).nbytes_holding(start + s.n_tokens)
         before = self.kv_accounted_bytes
+        others = [s for s in self._caches if s not in batch]  # least recently used first
 
-        def need() -> int:
-            others = sum(c.nbytes for s, c in self._caches.items() if s != seq_id)
-            return max(self.kv_reserved_bytes, others + after) - before
+        def need(dropped: int) -> int:
+            kept = sum(self._caches[s].nbytes for s in others[dropped:])
+            return max(self.kv_reserved_bytes, kept + after) - before
 
-        while need() > free_bytes and any(s != seq_id for s in self._caches):
-            del self._caches[next(s for s in self._caches if s != seq_id)]
-        return before + need()
+        if need(len(others)) > free_bytes:  # not even alone: refused before anything is dropped
+            raise KVOutOfMemory(f"the KV caches of {len(seqs)} sequences need {need(len(others))} bytes more, "
+                                f"{free_bytes} free; run fewer sequences at once, lower -c, use -ctk q8_0, or raise -m")
+        new = len(batch - set(self._caches))
+        dropped = max(0, len(self._caches) + new - MAX_SEQUENCES)  # as _cache drops the oldest to make room
+        while need(dropped) > free_bytes:
+            dropped += 1
+        for s in others[:dropped]:
+            del self._caches[s]
+        return before + need(dropped)
 
     def _cache(self, seq_id: int, pos_start: int) -> KVCache:
+        """The sequence's cache, checked by _check_continues: a new one at position 0 (the least recently used goes
+        beyond MAX_SEQUENCES; never one of the run's, which were all used just now), or one cut back to pos_start."""
+        self._check_continues(SeqRun(seq_id, pos_start, 0))
         cache = self._caches.get(seq_id)
         if cache is None:
-            if pos_start:
-                raise UnknownSequence(f"sequence {seq_id} is unknown here but the tokens start at position "
-                                      f"{pos_start} (a segment keeps {MAX_SEQUENCES} sequences, fewer when -m is "
-                                      "short: the least recently used makes room)")
             cache = self._caches[seq_id] = self._new_cache()
             while len(self._caches) > MAX_SEQUENCES:
                 self._caches.popitem(last=False)
         self._caches.move_to_end(seq_id)
         if pos_start < cache.n_past:  # the coordinator went back (a truncate it did not tell us about)
             cache.truncate(pos_start)
-        elif pos_start > cache.n_past:
-            raise UnknownSequence(f"sequence {seq_id} holds {cache.n_past} positions; tokens cannot start at "
-                                  f"{pos_start}")
         return cache
 
     def _on_device(self) -> Any:
@@ -445,37 +473,67 @@ class SegmentRunner:
 
         return cupy.cuda.Device(self.cuda_device)
 
-    def check_inputs(self, n_tokens: int, state: Mapping[str, np.ndarray]) -> None:
-        """ValueError unless n_tokens names the rows of every per-token array and fits the context, and the
-        arrays have the model's widths (before anything is sized by them, the run's scratch estimate included)."""
+    def check_inputs(self, seqs: Sequence[SeqRun], state: Mapping[str, np.ndarray]) -> None:
+        """Before anything is sized by a peer's run (the scratch estimate included): ValueError unless it names 1 to
+        MAX_SEQUENCES distinct sequences, each of at least one token within the context, whose tokens are the rows
+        of every per-token array, and the arrays have the model's widths; UnknownSequence unless each sequence
+        starts a new one here (at position 0) or continues (or goes back in) one this segment holds."""
+        if not 1 <= len(seqs) <= MAX_SEQUENCES:
+            raise ValueError(f"a run holds 1 to {MAX_SEQUENCES} sequences, not {len(seqs)}")
+        if len({s.seq_id for s in seqs}) != len(seqs):
+            raise ValueError(f"a run names sequence {_repeated([s.seq_id for s in seqs])} twice")
+        n_tokens = sum(s.n_tokens for s in seqs)
         rows = {k: int(v.shape[0]) for k, v in state.items() if k != "n_out" and getattr(v, "ndim", 0) >= 1}
         if len(rows) < len(state) - ("n_out" in state):
             raise ValueError(f"{', '.join(sorted(set(state) - set(rows) - {'n_out'}))} must have a row per token")
-        if not 1 <= n_tokens <= self.program.n_ctx or any(r != n_tokens for r in rows.values()):
-            raise ValueError(f"{n_tokens} tokens do not fit the arrays' rows {rows} or the context of "
-                             f"{self.program.n_ctx}")
+        if any(r != n_tokens for r in rows.values()):
+            raise ValueError(f"{n_tokens} tokens do not fit the arrays' rows {rows}")
+        n_ctx = self.program.n_ctx
+        for s in seqs:
+            if s.n_tokens < 1 or s.pos_start + s.n_tokens > n_ctx:
+                raise ValueError(f"sequence {s.seq_id}: {s.n_tokens} tokens at position {s.pos_start} do not fit "
+                                 f"the context of {n_ctx}")
         self._check_widths(state)
+        if self._attn_layers:
+            for s in seqs:
+                self._check_continues(s)
+
+    def _check_continues(self, s: SeqRun) -> None:
+        cache = self._caches.get(s.seq_id)
+        if cache is None and s.pos_start:
+            raise UnknownSequence(f"sequence {s.seq_id} is unknown here but the tokens start at position "
+                                  f"{s.pos_start} (a segment keeps {MAX_SEQUENCES} sequences, fewer when -m is "
+                                  "short: the least recently used makes room)")
+        if cache is not None and s.pos_start > cache.n_past:
+            raise UnknownSequence(f"sequence {s.seq_id} holds {cache.n_past} positions; tokens cannot start at "
+                                  f"{s.pos_start}")
 
     def run(self, seq_id: int, pos_start: int, n_tokens: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the ops on the pass state (see DeepSeek2.run_op) for tokens at pos_start..; the state after.
+        """run_batch for one sequence's tokens at pos_start.."""
+        return self.run_batch([SeqRun(seq_id, pos_start, n_tokens)], state)
 
-        The token count comes from a peer: it must name the rows of every per-token array and fit the context,
-        checked before anything is sized by it (ValueError otherwise)."""
-        self.check_inputs(n_tokens, state)
+    def run_batch(self, seqs: Sequence[SeqRun], state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the ops on the pass state (see DeepSeek2.run_op) for the sequences' tokens, their rows one sequence
+        after another; the state after. The sequences come from a peer: check_inputs refuses them (ValueError,
+        UnknownSequence) before anything is sized by them."""
+        self.check_inputs(seqs, state)
         with self._on_device(), activations(self.program.int8):
-            cache = self._cache(seq_id, pos_start) if self._attn_layers else None
-            if cache is not None:
-                cache.reserve(n_tokens)
-            positions = np.arange(pos_start, pos_start + n_tokens)
+            caches = [self._cache(s.seq_id, s.pos_start) if self._attn_layers else None for s in seqs]
+            for cache, s in zip(caches, seqs, strict=True):
+                if cache is not None:
+                    cache.reserve(s.n_tokens)
+            positions = batch_positions([s.pos_start for s in seqs], [s.n_tokens for s in seqs])
+            batch = Batch.of(caches, [s.n_tokens for s in seqs])
             xp = self.net.xp
             state = {k: xp.asarray(v) if k in DEVICE_STATE else v for k, v in state.items()}
             try:
                 for op in self.program.ops:
-                    self.net.run_op(op, state, positions, cache)
+                    self.net.run_op(op, state, positions, batch)
             finally:
                 drop_tile_scratch()  # counted for this run only (run_scratch_bytes)
-            if cache is not None:
-                cache.advance(n_tokens)
+            for cache, s in zip(caches, seqs, strict=True):
+                if cache is not None:
+                    cache.advance(s.n_tokens)
             return {k: to_host(v) for k, v in state.items()} if xp is not np else state
 
     def _check_widths(self, state: Mapping[str, np.ndarray]) -> None:
@@ -517,6 +575,10 @@ class SegmentRunner:
     def kv_accounted_bytes(self) -> int:
         """What the worker's memory limit counts for this segment's caches."""
         return max(self.kv_reserved_bytes, self.kv_bytes)
+
+
+def _repeated(values: Sequence[int]) -> int:
+    return next(v for k, v in enumerate(values) if v in values[:k])
 
 
 def ordered_state(state: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:

@@ -80,6 +80,7 @@ class Client:
         self.timeout, self.run_timeout = timeout, run_timeout
         self.reply_floor, self.probe_timeout = reply_floor, probe_timeout
         self._session = False  # handshake done: waits past reply_floor probe the worker
+        self.minor = 0  # the session's minor version: min(ours, the worker's)
         # the fastest run so far: seconds outside the worker's compute (network, overheads) and compute per token
         self._fastest: tuple[float, float] | None = None
         self.counters = Counters()
@@ -267,6 +268,7 @@ class Client:
         nonce = P.make_challenge() if token else b""
         hello = self._call(P.Hello(client=name[:256], want_auth=token is not None, nonce=nonce), P.HelloReply)
         self.server = hello.server
+        self.minor = min(P.PROTOCOL_MINOR, hello.minor)
         if not hello.auth_required:
             if token:
                 self._broken("does not ask for authentication although a token was given (a different worker?)")
@@ -333,14 +335,21 @@ class Client:
     def run_segment(self, segment_id: int, pos_start: int, n_tokens: int, arrays: Sequence[tuple[str, np.ndarray]],
                     seq_id: int = 0) -> dict[str, np.ndarray]:
         """One round trip: named arrays in (the hidden state first), the segment's named arrays out."""
-        return self.finish_segment(self.start_segment(segment_id, pos_start, n_tokens, arrays, seq_id))
+        return self.finish_segment(self.start_segment(segment_id, [(seq_id, pos_start, n_tokens)], arrays))
 
-    def start_segment(self, segment_id: int, pos_start: int, n_tokens: int, arrays: Sequence[tuple[str, np.ndarray]],
-                      seq_id: int = 0) -> int:
-        """Send a RunSegment and return at once (the caller computes meanwhile); finish_segment gets the reply."""
+    def start_segment(self, segment_id: int, seqs: Sequence[tuple[int, int, int]],
+                      arrays: Sequence[tuple[str, np.ndarray]]) -> int:
+        """Send a RunSegment and return at once (the caller computes meanwhile); finish_segment gets the reply.
+        seqs: each sequence's (seq_id, pos_start, n_tokens), its rows following the previous one's in the arrays.
+        One sequence goes in the 1.0 form; several need a worker speaking 1.1."""
+        spans = [P.SeqSpan(seq_id=i, pos_start=p, n_tokens=n) for i, p, n in seqs]
+        if len(spans) > 1 and self.minor < 1:
+            raise RPCError(f"{self.label}: the worker speaks protocol {P.PROTOCOL_MAJOR}.{self.minor}; running "
+                           "several sequences in one pass needs 1.1 (update ikctl there)")
+        first, n_tokens = spans[0], sum(s.n_tokens for s in spans)
         specs, parts = P.pack_arrays(arrays)
-        msg = P.RunSegment(segment_id=segment_id, seq_id=seq_id, pos_start=pos_start, n_tokens=n_tokens,
-                           sections=specs)
+        msg = P.RunSegment(segment_id=segment_id, seq_id=first.seq_id, pos_start=first.pos_start, n_tokens=n_tokens,
+                           sections=specs, seqs=spans if len(spans) > 1 else [])
         self.counters.runs += 1
         self._run_started = time.perf_counter()
         self._run_tokens = max(1, n_tokens)

@@ -13,6 +13,7 @@ from msgspec import Meta
 
 __all__ = [
     "MAX_DIMS",
+    "MAX_RUN_SEQUENCES",
     "PROTOCOL_MAJOR",
     "PROTOCOL_MINOR",
     "U16",
@@ -46,6 +47,7 @@ __all__ = [
     "RunReply",
     "RunSegment",
     "Scalar",
+    "SeqSpan",
     "Shape",
     "Telemetry",
     "TelemetryRequest",
@@ -55,8 +57,9 @@ __all__ = [
 ]
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1  # 1.1: RunSegment.seqs (several sequences in one run)
 MAX_DIMS = 8  # hard cap in the schema; Limits.max_dims may only be lower
+MAX_RUN_SEQUENCES = 64  # hard cap in the schema on RunSegment.seqs; a worker may take fewer
 
 
 class Kind(IntEnum):
@@ -220,12 +223,23 @@ class DefineReply(_Message, tag=int(Kind.DEFINE_REPLY), kw_only=True):
     n_ops: U32
 
 
+class SeqSpan(msgspec.Struct, frozen=True, kw_only=True):
+    """One sequence's rows of a batched run: its id, the position of its first new token, its token count."""
+
+    seq_id: U32
+    pos_start: U64
+    n_tokens: U32
+
+
 class RunSegment(_Message, tag=int(Kind.RUN_SEGMENT), kw_only=True):
     segment_id: U32
     seq_id: U32 = 0
     pos_start: U64
     n_tokens: U32
     sections: Annotated[list[ArraySpec], Meta(max_length=16)]  # sections[0] is the hidden state (T × n_embd)
+    # since 1.1: several sequences, their rows one after another (n_tokens is their sum); empty: the one sequence
+    # seq_id at pos_start
+    seqs: Annotated[list[SeqSpan], Meta(max_length=MAX_RUN_SEQUENCES)] = []
 
 
 class RunReply(_Message, tag=int(Kind.RUN_REPLY), kw_only=True):

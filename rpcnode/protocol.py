@@ -200,6 +200,8 @@ def check_message(message: Message, payload_len: int, limits: Limits = DEFAULT_L
         end = sections_layout(message.sections, limits)[-1][1] if message.sections else 0
         if end != payload_len:
             raise ProtocolError(ErrorCode.BAD_ARRAY, f"sections need {end} payload bytes, frame has {payload_len}")
+    if isinstance(message, RunSegment) and message.seqs:
+        _check_seqs(message)
     elif isinstance(message, OfferTensor):
         _check_shape(message.shape, limits, (1 << 63) - 1)  # a whole expert stack passes 2**31 elements; int64 holds it
         if message.nbytes > limits.max_tensor_bytes:
@@ -208,6 +210,18 @@ def check_message(message: Message, payload_len: int, limits: Limits = DEFAULT_L
     elif isinstance(message, UploadTensor) and message.offset + payload_len > limits.max_tensor_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"upload reaches byte {message.offset + payload_len}, limit is "
                             f"{limits.max_tensor_bytes}")
+
+
+def _check_seqs(m: RunSegment) -> None:
+    """A batched run's sequences: distinct, their token counts summing to the run's."""
+    total = sum(s.n_tokens for s in m.seqs)
+    if total != m.n_tokens:
+        raise ProtocolError(ErrorCode.BAD_METADATA, f"the sequences' token counts sum to {total}, n_tokens is "
+                            f"{m.n_tokens}")
+    ids = [s.seq_id for s in m.seqs]
+    if len(set(ids)) != len(ids):
+        twice = next(v for k, v in enumerate(ids) if v in ids[:k])
+        raise ProtocolError(ErrorCode.BAD_METADATA, f"sequence {twice} appears twice in one run")
 
 
 async def read_frame(reader: asyncio.StreamReader, limits: Limits = DEFAULT_LIMITS,

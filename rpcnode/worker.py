@@ -25,7 +25,9 @@ from engine.cuda import CudaUnavailable, require
 from engine.cuda import kernels as cuda_kernels
 from engine.cuda.devices import list_devices
 from engine.segments import (
+    KVOutOfMemory,
     SegmentRunner,
+    SeqRun,
     UnknownSequence,
     ordered_state,
     parse_program,
@@ -347,21 +349,25 @@ class Worker:
         return runner
 
     def run(self, m: P.RunSegment, payload: memoryview) -> tuple[P.RunReply, list[Any]]:
-        """Run a segment; the caller holds `computing()`."""
+        """Run a segment for one sequence or several (m.seqs); the caller holds `computing()`."""
         runner = self.segment(m.segment_id)
+        seqs = [SeqRun(s.seq_id, s.pos_start, s.n_tokens) for s in m.seqs] or \
+            [SeqRun(m.seq_id, m.pos_start, m.n_tokens)]
         arrays = P.unpack_arrays(m.sections, payload)
         state = {spec.name: arr for spec, arr in zip(m.sections, arrays, strict=True)}
         if "n_out" in state:
             state["n_out"] = np.asarray(state["n_out"])
         t0 = time.perf_counter()
         try:
-            runner.check_inputs(m.n_tokens, state)
-            self._charge_scratch(runner, m, state)
-            if runner.kv_grows(m.seq_id, m.pos_start, m.n_tokens):  # charged to -m before they grow
+            runner.check_inputs(seqs, state)  # everything from the peer, before anything is sized by it
+            self._charge_scratch(runner, m, seqs, state)
+            if runner.kv_grows(seqs):  # each sequence's KV rows charged to -m before they grow
                 with self.lock:
-                    self._kv[m.segment_id] = runner.fit_kv(m.seq_id, m.pos_start, m.n_tokens, self.mem_free)
+                    self._kv[m.segment_id] = runner.fit_kv(seqs, self.mem_free)
             with compute_threads(self.threads, m.n_tokens):
-                out = runner.run(m.seq_id, m.pos_start, m.n_tokens, state)
+                out = runner.run_batch(seqs, state)
+        except KVOutOfMemory as e:
+            raise fail(E.OUT_OF_MEMORY, f"segment {m.segment_id}: {e}") from None
         except IkctlError as e:  # an unknown sequence, a full context
             if isinstance(e, P.ProtocolError):  # refused above with its own code (no memory for the run)
                 raise
@@ -379,7 +385,7 @@ class Worker:
         specs, parts = P.pack_arrays(ordered_state(out))
         return P.RunReply(segment_id=m.segment_id, seq_id=m.seq_id, compute_seconds=dt, sections=specs), parts
 
-    def _charge_scratch(self, runner: Any, m: P.RunSegment, state: dict[str, Any]) -> None:
+    def _charge_scratch(self, runner: Any, m: P.RunSegment, seqs: list[SeqRun], state: dict[str, Any]) -> None:
         """Count the run's scratch before it exists (engine.segments.run_scratch_bytes, an upper bound): beyond
         SCRATCH_POOL_BYTES against -m, or OUT_OF_MEMORY. The caller sets scratch_over back to 0 after the run."""
         n_out = state.get("n_out")
@@ -387,14 +393,15 @@ class Worker:
             n_out = int(n_out) if n_out is not None and np.ndim(n_out) == 0 else m.n_tokens
         except (TypeError, ValueError, OverflowError):  # run refuses it
             n_out = m.n_tokens
-        need = runner.scratch_bytes(m.pos_start, m.n_tokens, n_out)
+        need = runner.scratch_bytes(seqs, n_out)
         with self.lock:
             over = max(0, need - SCRATCH_POOL_BYTES)
             if over > self.mem_free:
-                raise fail(E.OUT_OF_MEMORY, f"segment {m.segment_id}: a run of {m.n_tokens} tokens at position "
-                           f"{m.pos_start} needs up to {need} bytes of scratch, {SCRATCH_POOL_BYTES} beyond -m and "
-                           f"{over} of -m, which has {self.mem_free} of {self.mem_total} bytes free; send fewer "
-                           "tokens per run (-ub) on the coordinator, or raise -m")
+                where = f"at position {seqs[0].pos_start}" if len(seqs) == 1 else f"in {len(seqs)} sequences"
+                raise fail(E.OUT_OF_MEMORY, f"segment {m.segment_id}: a run of {m.n_tokens} tokens {where} needs up "
+                           f"to {need} bytes of scratch, {SCRATCH_POOL_BYTES} beyond -m and {over} of -m, which has "
+                           f"{self.mem_free} of {self.mem_total} bytes free; send fewer tokens per run (-ub) on the "
+                           "coordinator, or raise -m")
             self.scratch_over = over
 
     def kv(self, m: P.KVOp) -> P.KVReply:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from engine import load_model
+from engine.batch import as_batch
 from engine.deepseek2 import DeepSeek2
 from engine.gguf_file import GGUFFile
 from engine.moe import route
@@ -67,7 +68,7 @@ def test_layer1_intermediates(name: str, ids: list[int]) -> None:
     L = net.layers[1]
     h = rms_norm(x1, L.attn_norm, net.cfg.rms_norm_eps)
     assert np.abs(h - np.load(inter / "attn_norm-1.npy")).max() <= 1e-4
-    x_attn = x1 + net._attention(1, L, h, positions, cache)
+    x_attn = x1 + net._attention(1, L, h, positions, as_batch(cache, len(ids)))
     h2 = rms_norm(x_attn, L.ffn_norm, net.cfg.rms_norm_eps)
     idx, w = route(net.router, L.gate_inp.matmul_t(h2), L.probs_bias)
     ref_idx = np.load(inter / "ffn_moe_topk-1.npy")
