@@ -14,8 +14,10 @@ from pathlib import Path
 import uvicorn
 
 from engine.batching import Scheduler
+from engine.distributed import remote_segments
 from engine.errors import IkctlError
 from engine.model import Model
+from engine.segments import MAX_SEQUENCES
 from rpcnode.protocol import is_loopback
 from rpcnode.token_file import TokenFileError, read_token_file
 from tui.server.app import ServerConfig, ServerState, make_app
@@ -106,6 +108,9 @@ def run_server(opts: ServeOptions, model_path: str, load: Callable[[], Model]) -
         t0 = time.perf_counter()
         try:
             model = load()
+            if remote_segments(model.net) and opts.parallel > MAX_SEQUENCES:
+                raise IkctlError(f"-np {opts.parallel}: a worker keeps the KV caches of {MAX_SEQUENCES} sequences per "
+                                 f"segment; give -np {MAX_SEQUENCES} or fewer with layers on workers")
             scheduler = Scheduler(model, opts.parallel, opts.max_queue)
         except IkctlError as e:
             failure.append(str(e))
