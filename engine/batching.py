@@ -45,6 +45,7 @@ class GenerationRequest:
     sampler: SamplerParams = field(default_factory=SamplerParams)
     stop: tuple[str, ...] = ()
     special: bool = False  # render control tokens in the text (tool-call markers are control tokens in some files)
+    ignore_eos: bool = False  # llama-server's: an end-of-generation token is sampled past (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ class Scheduler:
             self._finish(slot, "length")
             return
         token = job.sampler(logits)
-        if token in self._eog:
+        if token in self._eog and not r.ignore_eos:
             self._finish(slot, "stop")
             return
         job.n_gen += 1

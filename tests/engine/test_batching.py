@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,18 @@ def test_prompts_that_cannot_run_are_refused(model: Model) -> None:
         s.submit(GenerationRequest(tuple([5] * 128)), Collector())
     with pytest.raises(Exception, match="outside the vocabulary"):
         s.submit(GenerationRequest((10**6,)), Collector())
+
+
+def test_ignore_eos_generates_past_the_end(smollm2_path: Path, running: list[Scheduler]) -> None:
+    """llama-server's ignore_eos: a real chat model that ends its answer early goes on to max_tokens."""
+    smol = load_model(smollm2_path, ctx_size=256, threads=1)
+    prompt = smol.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+    ids = tuple(smol.tokenize(prompt, special=True, add_bos=smol.tokenizer.add_bos))
+    s = start(smol, running, slots=1)
+    ended, forced = run_all(s, [GenerationRequest(ids, 48, GREEDY), GenerationRequest(ids, 48, GREEDY,
+                                                                                      ignore_eos=True)])
+    short, full = ended.end, forced.end
+    assert isinstance(short, Finished) and isinstance(full, Finished)
+    assert short.reason == "stop" and short.completion_tokens < 48
+    assert full.reason == "length" and full.completion_tokens == 48
+    assert forced.text.startswith(ended.text)

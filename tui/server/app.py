@@ -119,7 +119,7 @@ async def _json(request: Request) -> Any:
 
 
 def _generation_request(ids: list[int], s: Sampling, special: bool) -> GenerationRequest:
-    return GenerationRequest(tuple(ids), s.max_tokens, s.params, s.stop, special)
+    return GenerationRequest(tuple(ids), s.max_tokens, s.params, s.stop, special, s.ignore_eos)
 
 
 async def chat_completions(request: Request) -> Response:

@@ -32,6 +32,7 @@ class Sampling:
     params: SamplerParams
     max_tokens: int  # -1: until end of generation or a full context
     stop: tuple[str, ...]
+    ignore_eos: bool = False  # llama-server's field: generate past end-of-generation tokens
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def sampling(body: dict[str, Any]) -> Sampling:
                            top_p=_number(body, "top_p", 0.95, 0.0, 1.0, lo_open=True),
                            min_p=_number(body, "min_p", 0.05, 0.0, 1.0),
                            seed=seed if seed is not None and seed >= 0 else -1)
-    return Sampling(params, -1 if max_tokens is None else max_tokens, _stop(body))
+    return Sampling(params, -1 if max_tokens is None else max_tokens, _stop(body), _flag(body, "ignore_eos"))
 
 
 def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
