@@ -146,3 +146,27 @@ def releasable(text: str) -> int:
     if found:
         return min(found)
     return len(text) - partial_suffix(text, MARKERS)
+
+
+class ToolCallStream:
+    """A reply streamed while tool calls in it are held back until they can be parsed whole: `feed` returns the
+    content that can go out now, `end` the content still held and the calls."""
+
+    def __init__(self, tool_names: Collection[str]) -> None:
+        self.tool_names, self.text, self.sent = tool_names, "", 0
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        n = releasable(self.text)
+        if n <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent : n], n
+        return out
+
+    def end(self) -> tuple[str, tuple[ToolCall, ...]]:
+        parsed = parse_tool_calls(self.text, self.tool_names)
+        if not parsed.tool_calls:
+            return self.text[self.sent :], ()
+        # the content parsed out of the whole reply, less what was streamed already
+        held = self.text[: self.sent]
+        return (parsed.content[self.sent :] if parsed.content.startswith(held) else ""), parsed.tool_calls

@@ -10,7 +10,15 @@ import json
 from pathlib import Path
 
 from engine.chat_template import render_template
-from engine.tool_calls import DS_CALLS_BEGIN, parse_tool_calls, releasable
+from engine.tool_calls import (
+    DS_CALLS_BEGIN,
+    MARKERS,
+    PYTHON_TAG,
+    ToolCall,
+    ToolCallStream,
+    parse_tool_calls,
+    releasable,
+)
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -104,3 +112,32 @@ def test_releasable_holds_back_what_may_be_a_call() -> None:
     assert releasable("Sure." + DS_CALLS_BEGIN + "<｜tool▁call▁begin｜>") == len("Sure.")
     assert releasable('  {"name": "get_weather"') == 0  # Llama's JSON call
     assert releasable("Code: <|python_tag|>print(1)") == len("Code: ")
+
+
+def _streamed(text: str, size: int, names: list[str]) -> tuple[list[str], str, tuple[ToolCall, ...]]:
+    """The reply fed `size` characters at a time (as tokens arrive): what went out as it came, the rest, calls."""
+    stream = ToolCallStream(names)
+    out = [stream.feed(text[i : i + size]) for i in range(0, len(text), size)]
+    rest, calls = stream.end()
+    return out, rest, calls
+
+
+def test_a_streamed_reply_holds_tool_calls_back_whatever_the_token_boundaries() -> None:
+    v31 = render_template(template("deepseek-v3.1.jinja"), [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [openai_call("get_weather", {"city": "Paris"})]},
+    ], False, BOS, EOS)
+    replies = [
+        v31[v31.index("</think>") + len("</think>") : v31.rindex(EOS)],
+        assistant_turn(template("deepseek-r1.jinja"), [openai_call("get_weather", {"city": "Oslo"})],
+                       "<｜Assistant｜>", EOS),
+        "Running it." + PYTHON_TAG + '{"name": "get_weather", "parameters": {"city": "Rome"}}',
+        "No call here, just <｜tool words and {braces}.",
+    ]
+    for text in replies:
+        whole = parse_tool_calls(text, ["get_weather"])
+        for size in range(1, len(text) + 1):
+            out, rest, calls = _streamed(text, size, ["get_weather"])
+            assert "".join(out) + rest == whole.content, (text, size)
+            assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole.tool_calls]
+            assert not any(m in "".join(out) for m in MARKERS)  # no marker ever reaches the client as text

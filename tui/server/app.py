@@ -23,7 +23,7 @@ from engine.batching import Event, Failed, Finished, GenerationRequest, PromptTo
 from engine.bench import worker_traffic
 from engine.errors import IkctlError
 from engine.model import Model
-from engine.tool_calls import ToolCall, parse_tool_calls, releasable
+from engine.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
 from tui.server import metrics
 from tui.server.requests import ApiError, ChatParams, CompletionParams, Sampling, parse_chat, parse_completion
 from tui.server.responses import Reply, sse
@@ -205,28 +205,20 @@ def _stream(request: Request, gen: Generation, reply: Reply, p: ChatParams | Com
         request.state.log = "client went away"
         if reply.chat:
             yield sse(reply.chunk({"role": "assistant", "content": ""}))
-        text, sent = "", 0
+        held = ToolCallStream(names) if names is not None else None  # tool calls go out whole, at the end
         async for event in gen.events(request):  # also while queued: a client gone is noticed without a token sent
             if isinstance(event, TextDelta):
-                if names is None:
-                    yield delta(event.text)
-                    continue
-                text += event.text  # tool calls are held back until they can be parsed whole
-                n = releasable(text)
-                if n > sent:
-                    yield delta(text[sent:n])
-                    sent = n
+                out = held.feed(event.text) if held is not None else event.text
+                if out:
+                    yield delta(out)
             elif isinstance(event, Failed):
                 request.state.log = f"failed: {event.message}"
                 yield sse(_failure(event).body())
                 return
             else:
                 calls: tuple[ToolCall, ...] = ()
-                if names is not None:
-                    parsed = parse_tool_calls(text, names)
-                    calls = parsed.tool_calls
-                    rest = parsed.content[sent:] if calls and parsed.content.startswith(text[:sent]) else ""
-                    rest = rest if calls else text[sent:]
+                if held is not None:
+                    rest, calls = held.end()
                     if rest:
                         yield delta(rest)
                     if calls:
