@@ -301,7 +301,7 @@ def main() -> int:
         return 1
     args.rtt = [float(v) for v in args.rtt.split(",") if v.strip()]
     if args.dir is None:
-        from engine.synth import cache_dir
+        from engine.user_cache import cache_dir
 
         args.dir = cache_dir() / "rpc-bench"
     args.dir.mkdir(parents=True, exist_ok=True)

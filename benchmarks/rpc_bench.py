@@ -156,7 +156,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     if args.dir is None:
-        from engine.synth import cache_dir
+        from engine.user_cache import cache_dir
 
         args.dir = cache_dir() / "rpc-bench"
     args.dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from engine.atomic_file import write_atomic
 from engine.errors import IkctlError
-from engine.synth import cache_dir
+from engine.user_cache import cache_dir
 from rpcnode.protocol import rpc_device
 
 FORMAT_VERSION = 1

@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.atomic_file import write_atomic
 from engine.gguf_file import GGUFFile
-from engine.synth import cache_dir
+from engine.user_cache import cache_dir
 
 # The digest of a tensor is BLAKE3-256 of its exact bytes in the file, as 64 lowercase hex characters: the key
 # of the workers' content-addressed cache (rpcnode.cache checks the same format).

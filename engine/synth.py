@@ -35,6 +35,7 @@ from engine.synth_tensors import (  # noqa: F401  (part of this module's interfa
     tensor_values,
 )
 from engine.synth_vocab import BOS_TEXT, EOS_TEXT, Vocab, bpe_merges, byte_tokens, make_vocab  # noqa: F401
+from engine.user_cache import cache_dir
 
 if TYPE_CHECKING:
     import gguf
@@ -269,14 +270,6 @@ def write_model(path: str | os.PathLike[str], spec: SynthSpec) -> Path:
         w.close()
         tmp.unlink(missing_ok=True)
     return path
-
-
-def cache_dir() -> Path:
-    """$IKCTL_CACHE, else $XDG_CACHE_HOME/ikctl, else ~/.cache/ikctl."""
-    if os.environ.get("IKCTL_CACHE"):
-        return Path(os.environ["IKCTL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ikctl"
 
 
 def spec_digest(spec: SynthSpec) -> str:

@@ -34,8 +34,8 @@ from engine.segments import (
     program_host_bytes,
     program_kv_bytes,
 )
-from engine.synth import cache_dir
 from engine.threads import compute_threads
+from engine.user_cache import cache_dir
 from rpcnode import protocol as P
 from rpcnode.cache import CacheError, DigestMismatch, DiskFailed, DiskFull, TensorCache, Writer
 from rpcnode.errors import IkctlError

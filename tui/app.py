@@ -24,7 +24,7 @@ from engine.model import Options
 from engine.placement import PlacementRules
 from engine.placement_rules import device_kind
 from engine.placement_spec import placement_spec, read_token
-from engine.synth import cache_dir
+from engine.user_cache import cache_dir
 from rpcnode.protocol import rpc_device
 from tui.flags import add_model_flags, add_placement_flags, model_options, placement_options
 from tui.host_board import HostBoard

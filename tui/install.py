@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import IkctlError
-from engine.synth import cache_dir
+from engine.user_cache import cache_dir
 from tui.inventory import Host
 from tui.probe import HostFacts, shell_path
 from tui.ssh import HostError, Session

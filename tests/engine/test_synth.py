@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from engine import synth
+from engine import synth, user_cache
 from engine.config import GATING_SIGMOID, GATING_SOFTMAX, DeepSeek2Config
 from engine.deepseek2 import DeepSeek2
 from engine.gguf_file import GGUFFile
@@ -302,10 +302,10 @@ def test_default_model_path_generates_once(tmp_path: Path, monkeypatch: pytest.M
 def test_cache_dir_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IKCTL_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert synth.cache_dir() == tmp_path / "ikctl"
+    assert user_cache.cache_dir() == tmp_path / "ikctl"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert synth.cache_dir() == tmp_path / "home" / ".cache" / "ikctl"
+    assert user_cache.cache_dir() == tmp_path / "home" / ".cache" / "ikctl"
 
 
 def test_bench_spec_is_a_small_v2_lite() -> None:
