@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +31,7 @@ from tui.host_board import HostBoard
 from tui.inventory import Host, load_hosts
 from tui.local_workers import LocalWorkers
 from tui.messages import SwitchTo, WorkersChanged, WorkFailed
+from tui.modes import MODES
 from tui.plan_flags import PlanFlags
 from tui.screens.bench import BenchScreen
 from tui.screens.confirm import Confirm
@@ -45,13 +46,7 @@ from tui.telemetry import TelemetryMonitor
 
 # (title, help, screen class or None for the app, action) — one command palette entry per action
 COMMANDS = (
-    ("Show placement", "The tensor map, memory bars and placement flags (F1)", None, "switch_mode('placement')"),
-    ("Show generate", "Prompt and streaming transcript (F2)", None, "switch_mode('generate')"),
-    ("Show bench", "Sweep benchmark table and plot (F3)", None, "switch_mode('bench')"),
-    ("Show live", "Each worker's memory, busy %, network and cache, updated every second (F4)", None,
-     "switch_mode('live')"),
-    ("Show hosts", "Hosts with probe results; launch and stop workers, read their logs (F5)", None,
-     "switch_mode('hosts')"),
+    *((f"Show {m.name}", f"{m.help} ({m.key.upper()})", None, f"switch_mode('{m.name}')") for m in MODES),
     ("Placement: apply plan", "Load the model with these flags; a load bar per worker", PlacementScreen,
      "apply_plan"),
     ("Placement: reset flags", "Back to the flags the app started with", PlacementScreen, "reset_flags"),
@@ -62,7 +57,6 @@ COMMANDS = (
     ("Bench: stop", "Stop the running sweep", BenchScreen, "stop"),
     ("Bench: save JSON", "Write settings and rows like `ikctl bench --json`", BenchScreen, "save_json"),
     ("Live: pause or resume", "Freeze the panels to read them (polling goes on)", LiveScreen, "pause"),
-    ("Show serve", "A running `ikctl serve`: slots, queue, requests/s, tokens/s (F6)", None, "switch_mode('serve')"),
     ("Hosts: probe again", "Probe every host: reachable, CPU, RAM, GPUs", HostsScreen, "probe"),
     ("Hosts: launch workers", "Start workers on the selected host", HostsScreen, "launch"),
     ("Hosts: stop workers", "Stop the selected host's workers", HostsScreen, "stop_host"),
@@ -70,19 +64,14 @@ COMMANDS = (
 
 
 class IkctlApp(App[None]):
-    """Five modes, each a screen that keeps its state while hidden. The app owns what they share: the loaded model,
-    the telemetry monitor and the local workers it started."""
+    """Its modes (tui.modes), each a screen that keeps its state while hidden. The app owns what they share: the
+    loaded model, the telemetry monitor and the local workers it started."""
 
     CSS_PATH = "app.tcss"
     TITLE = "ikctl"
     # the mode tabs already say F1-F5, so the footer keeps its width for the screen's own keys (80 columns)
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("f1", "switch_mode('placement')", "Placement", show=False),
-        Binding("f2", "switch_mode('generate')", "Generate", show=False),
-        Binding("f3", "switch_mode('bench')", "Bench", show=False),
-        Binding("f4", "switch_mode('live')", "Live", show=False),
-        Binding("f5", "switch_mode('hosts')", "Hosts", show=False),
-        Binding("f6", "switch_mode('serve')", "Serve", show=False),
+        Binding(m.key, f"switch_mode('{m.name}')", m.title, show=False) for m in MODES
     ]
 
     def __init__(self, model_path: str | None = None, flags: PlanFlags | None = None,
@@ -100,13 +89,17 @@ class IkctlApp(App[None]):
         self.monitor = monitor or TelemetryMonitor()
         self.watched = list(dict.fromkeys(flags.rules().rpc if flags.rpc.strip() else ()))
         self.placement = PlacementScreen(model_path, flags, self.shared, self.monitor)
-        self.add_mode("placement", lambda: self.placement)
-        self.add_mode("generate", lambda: GenerateScreen(self.shared))
-        self.add_mode("bench", lambda: BenchScreen(self.shared))
-        self.add_mode("live", lambda: LiveScreen(self.monitor, shared=self.shared))
         self.board = board or HostBoard((), local)
-        self.add_mode("hosts", lambda: HostsScreen(self.board, self.monitor))
-        self.add_mode("serve", lambda: ServeScreen(serve_url))
+        screens: dict[str, Callable[[], Screen[Any]]] = {
+            "placement": lambda: self.placement,
+            "generate": lambda: GenerateScreen(self.shared),
+            "bench": lambda: BenchScreen(self.shared),
+            "live": lambda: LiveScreen(self.monitor, shared=self.shared),
+            "hosts": lambda: HostsScreen(self.board, self.monitor),
+            "serve": lambda: ServeScreen(serve_url),
+        }
+        for m in MODES:
+            self.add_mode(m.name, screens[m.name])
 
     def on_mount(self) -> None:
         try:

@@ -5,16 +5,14 @@ from __future__ import annotations
 from textual.widgets import Tab, Tabs
 
 from tui.messages import SwitchTo
-
-MODES = (("placement", "Placement F1"), ("generate", "Generate F2"), ("bench", "Bench F3"), ("live", "Live F4"),
-         ("hosts", "Hosts F5"))
+from tui.modes import MODES
 
 
 class ModeTabs(Tabs):
     """Tabs for every mode with `mode` active."""
 
     def __init__(self, mode: str) -> None:
-        super().__init__(*(Tab(title, id=f"tab-{name}") for name, title in MODES), active=f"tab-{mode}")
+        super().__init__(*(Tab(m.label, id=f"tab-{m.name}") for m in MODES if m.tab), active=f"tab-{mode}")
         self.mode = mode
         self.can_focus = False  # keyboard users switch with F1-F5; focus stays in the form
 
