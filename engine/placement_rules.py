@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from engine.errors import IkctlError
+from rpcnode.endpoint import Endpoint, EndpointError
 from rpcnode.protocol import rpc_device
 
 DeviceKind = Literal["cpu", "rpc", "cuda"]
 
 CPU = "CPU"
-_ENDPOINT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?):(?P<port>\d{1,5})")
 _RPC_NAME = re.compile(r"RPC(?P<index>\d*)\[(?P<endpoint>[^\[\]]*)\]")
 _CUDA_NAME = re.compile(r"CUDA\d+")
 _SIZE = re.compile(r"(?P<value>\d+(?:\.\d*)?)\s*(?P<unit>[A-Za-z]*)")
@@ -35,18 +35,15 @@ class PlacementError(IkctlError):
 
 
 
-def parse_endpoint(text: str) -> str:
-    """`host:port` checked (a port in 1..65535; IPv6 hosts in brackets), returned stripped."""
-    text = text.strip()
-    m = _ENDPOINT.fullmatch(text)
-    if m is None:
-        raise PlacementError(f"'{text}' is not host:port (e.g. 192.168.1.20:50052)")
-    if not 0 < int(m["port"]) < 65536:
-        raise PlacementError(f"'{text}': port {m['port']} is not in 1..65535")
-    return text
+def parse_endpoint(text: str) -> Endpoint:
+    """`host:port` checked (a port in 1..65535; IPv6 hosts in brackets), stripped; a PlacementError if not."""
+    try:
+        return Endpoint(text)
+    except EndpointError as e:
+        raise PlacementError(str(e)) from None
 
 
-def parse_rpc(text: str) -> list[str]:
+def parse_rpc(text: str) -> list[Endpoint]:
     """`--rpc h1:p1,h2:p2` as endpoints, in order (the order -ts indexes)."""
     items = [s.strip() for s in text.split(",")]
     if not text.strip() or not all(items):
@@ -195,11 +192,11 @@ class PlacementRules:
     override_tensor: Sequence[OverrideRule] = ()
     n_gpu_layers: int = 0
     tensor_split: Sequence[float] | None = None
-    rpc: Sequence[str] = ()
+    rpc: Sequence[Endpoint] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "override_tensor", tuple(self.override_tensor))
-        object.__setattr__(self, "rpc", tuple(self.rpc))
+        object.__setattr__(self, "rpc", tuple(Endpoint(e) for e in self.rpc))
         if self.tensor_split is not None:
             object.__setattr__(self, "tensor_split", tuple(self.tensor_split))
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from rpcnode import protocol as P
+from rpcnode.endpoint import Endpoint
 from rpcnode.errors import IkctlError
 from rpcnode.protocol import rpc_device
 
@@ -101,8 +102,8 @@ class Client:
     @classmethod
     def connect(cls, endpoint: str, token: str | None = None, **kwargs: Any) -> Client:
         """`host:port` (IPv6 hosts in brackets) -> an authenticated client."""
-        host, _, port = endpoint.rpartition(":")
-        return cls(host.strip("[]"), int(port), token, **kwargs)
+        ep = Endpoint(endpoint)
+        return cls(ep.host, ep.port, token, **kwargs)
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
     def _connect(self, timeout: float) -> socket.socket:
@@ -407,11 +408,11 @@ def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> str | None:
 
 def wait_until_up(endpoint: str, timeout: float = 10.0) -> None:
     """Poll until a TCP connection to the endpoint succeeds (a worker just started); RPCError on timeout."""
-    host, _, port = endpoint.rpartition(":")
+    ep = Endpoint(endpoint)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+            socket.create_connection((ep.host, ep.port), timeout=1.0).close()
             return
         except OSError:
             if time.monotonic() > deadline:

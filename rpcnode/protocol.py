@@ -20,6 +20,7 @@ from typing import Literal, NamedTuple
 import msgspec
 import numpy as np
 
+from rpcnode.endpoint import Endpoint
 from rpcnode.errors import IkctlError
 from rpcnode.messages import *  # noqa: F403  (the messages are this module's interface too: P.Hello)
 from rpcnode.messages import (
@@ -84,7 +85,7 @@ _DECODER = msgspec.msgpack.Decoder(Message)
 
 def rpc_device(endpoint: str) -> str:
     """The device name of the worker at host:port, as llama.cpp's -ot and --device-mem write it."""
-    return f"RPC[{endpoint}]"
+    return Endpoint(endpoint).device
 
 
 def kind_of(message: Message) -> Kind:

@@ -154,7 +154,8 @@ def test_the_packages_import_in_one_direction() -> None:
     for module, targets in edges.items():
         if module.startswith("engine"):
             assert {t for t in targets if t.startswith("rpcnode")} <= {"rpcnode.client", "rpcnode.protocol",
-                                                                        "rpcnode.token_file", "rpcnode.errors"}, module
+                                                                        "rpcnode.token_file", "rpcnode.errors",
+                                                                        "rpcnode.endpoint"}, module
         if module in ("rpcnode.protocol", "rpcnode.client"):
             assert not any(t.startswith("engine") for t in targets), module
         if not module.startswith("tui"):

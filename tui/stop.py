@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from engine.cluster import ClusterWorker
+from rpcnode.endpoint import Endpoint
 from tui.inventory import Host
 from tui.ssh import HostError, LocalTransport, Session, SSHTransport, Transport, describe_error
 
@@ -44,7 +45,7 @@ class StopResult:
 
 
 def port_of(endpoint: str) -> int:
-    return int(endpoint.rpartition(":")[2])
+    return Endpoint(endpoint).port
 
 
 def stop_command(workers: Iterable[ClusterWorker]) -> str:
