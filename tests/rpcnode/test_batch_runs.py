@@ -20,7 +20,7 @@ from rpcnode import protocol as P
 from rpcnode.client import Client, RPCError
 from tests.engine.test_batch import PROMPTS, alone, batched
 from tests.rpcnode.conftest import WorkerProc
-from tests.rpcnode.test_distributed import _worker_need
+from tests.rpcnode.test_hostile_peers import one_context_worker
 
 CTX = 256
 
@@ -166,15 +166,7 @@ def test_a_batchs_kv_growth_is_charged_and_refused_past_m(workers: Callable[...,
     """-m holds the weights and one sequence's whole context (256 positions, the rows a new cache takes at once):
     two new sequences in one run would need two, and are refused, keeping the one the worker holds; alone, each
     new sequence takes the least recently used one's room, as single runs always have."""
-    weights, kv, programs = _worker_need(synth_model, CTX, rpc="127.0.0.1:1", n_gpu_layers=99, cache_type_k="f32")
-    flags = {"ctx_size": CTX, "n_gpu_layers": 99, "cache_type_k": "f32"}
-    roomy = workers("-m", str(weights + kv + programs))  # the plan is an upper bound: find its slack
-    loaded = load_model(synth_model, rpc=roomy.endpoint, **flags)
-    with Client.connect(roomy.endpoint) as c:
-        slack = c.telemetry().mem_free_bytes
-    loaded.net.close()
-    w = workers("-m", str(weights + kv + programs - slack))
-    model = load_model(synth_model, rpc=w.endpoint, device_mem=[f"{w.device}=1GiB"], **flags)
+    w, model, kv = one_context_worker(workers, synth_model, CTX)
     held = model.new_cache()
     model.eval(PROMPTS[0], held)
     a, b = model.new_cache(), model.new_cache()

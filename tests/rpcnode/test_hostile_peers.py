@@ -19,6 +19,7 @@ import pytest
 from engine import load_model
 from engine.config import DeepSeek2Config
 from engine.gguf_file import GGUFFile
+from engine.model import Model
 from engine.segments import MAX_AMB_BYTES, parse_program, segment_records
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
@@ -102,19 +103,26 @@ def test_declared_payloads_are_charged_to_memory_not_allocated(workers: Callable
     assert "Traceback" not in w.log_text()
 
 
-def test_kv_caches_of_every_sequence_count(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
-    """-m holds the weights and one sequence's whole context: a second sequence used to get a second cache past
-    -m; now it takes the room of the least recently used one, which the worker then no longer knows."""
-    weights, kv, programs = _worker_need(synth_model, 256, rpc="127.0.0.1:1", n_gpu_layers=99,
-                                         cache_type_k="f32")
-    flags = {"ctx_size": 256, "n_gpu_layers": 99, "cache_type_k": "f32"}
+def one_context_worker(workers: Callable[..., WorkerProc], synth_model: Path,
+                       ctx: int) -> tuple[WorkerProc, Model, int]:
+    """A worker whose -m holds every layer's weights and one sequence's whole context (f32 KV) and no more, the
+    model loaded on it (planned past that, so that the worker's own limit is what refuses), and that context's
+    KV bytes."""
+    weights, kv, programs = _worker_need(synth_model, ctx, rpc="127.0.0.1:1", n_gpu_layers=99, cache_type_k="f32")
+    flags = {"ctx_size": ctx, "n_gpu_layers": 99, "cache_type_k": "f32"}
     roomy = workers("-m", str(weights + kv + programs))  # the plan is an upper bound: find its slack
     loaded = load_model(synth_model, rpc=roomy.endpoint, **flags)
     with Client.connect(roomy.endpoint) as c:
         slack = c.telemetry().mem_free_bytes
     loaded.net.close()
     w = workers("-m", str(weights + kv + programs - slack))
-    model = load_model(synth_model, rpc=w.endpoint, device_mem=[f"{w.device}=1GiB"], **flags)  # past the plan
+    return w, load_model(synth_model, rpc=w.endpoint, device_mem=[f"{w.device}=1GiB"], **flags), kv
+
+
+def test_kv_caches_of_every_sequence_count(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
+    """-m holds the weights and one sequence's whole context: a second sequence used to get a second cache past
+    -m; now it takes the room of the least recently used one, which the worker then no longer knows."""
+    w, model, kv = one_context_worker(workers, synth_model, 256)
     first, second = model.new_cache(256), model.new_cache(256)
     want = load_model(synth_model, ctx_size=256, cache_type_k="f32").logits(PROMPT)[-1:]
     assert np.allclose(model.eval(PROMPT, first), want, rtol=1e-5, atol=1e-5)
