@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,6 +74,15 @@ def rows_of(slices: Sequence[slice]) -> Rows:
 def batch_positions(starts: Sequence[int], counts: Sequence[int]) -> np.ndarray:
     """Each row's position in its own sequence: starts[k], starts[k] + 1, ... for counts[k] rows."""
     return np.concatenate([np.arange(p, p + n) for p, n in zip(starts, counts, strict=True)]).astype(np.int64)
+
+
+class SeqRun(NamedTuple):
+    """One sequence's rows of a run: its id, the position of its first new token, its count of new tokens. A run's
+    sequences' rows follow each other in its arrays, in the order of its SeqRuns."""
+
+    seq_id: int
+    pos_start: int
+    n_tokens: int
 
 
 Piece = tuple[int, int, int]  # (item, first token, end token): one item's tokens in one pass

@@ -13,8 +13,7 @@ import numpy as np
 
 from engine.cuda.local import gpu_runners, local_gpus
 from engine.digests import model_digests
-from engine.executors import OnGpu, OnWorker, expert_only
-from engine.forward_pass import Executor, Here, run_pass
+from engine.forward_pass import Executor, Here, OnGpu, OnWorker, expert_only, run_pass
 from engine.gguf_file import TensorInfo
 from engine.kv_cache import KVCache, row_bytes
 from engine.placement import (

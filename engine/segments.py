@@ -8,13 +8,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import gguf
 import numpy as np
 
 from engine.architectures import REGISTRY, ModelConfig, of_config
-from engine.batch import Batch, batch_positions
+from engine.batch import Batch, SeqRun, batch_positions
 from engine.config import RopeConfig, shape_problem
 from engine.cuda import require
 from engine.cuda import tensors as cuda_tensors
@@ -30,8 +30,6 @@ from engine.rope import table_bytes
 Scalar = str | int | float | bool
 Record = tuple[str, dict[str, Any]]  # (op name, args): what rpcnode.client turns into protocol OpRecords
 TensorRef = tuple[str, int, tuple[int, ...]]  # digest, GGML type, NumPy shape
-# Pass-state entries in the order they travel as payload sections: the hidden state (or what stands for it) first.
-STATE_ORDER = ("x", "h", "ids", "logits", "y", "idx", "w", "shared", "n_out")
 # The entries a GPU segment keeps on its device (token ids, routing and counts stay host arrays).
 DEVICE_STATE = frozenset({"x", "h", "y", "shared"})
 # KV caches a worker keeps per segment, the least recently used one goes beyond this; also the most sequences one
@@ -53,15 +51,6 @@ class UnknownSequence(ProgramError):
 
 class KVOutOfMemory(IkctlError):
     """A run's sequences' KV caches would grow past what the worker's memory limit leaves, even alone."""
-
-
-class SeqRun(NamedTuple):
-    """One sequence's rows of a run: its id, the position of its first new token, its count of new tokens. A run's
-    sequences' rows follow each other in its arrays, in the order of its SeqRuns."""
-
-    seq_id: int
-    pos_start: int
-    n_tokens: int
 
 
 # ---- the model config as flat scalars (DefineSegment args hold scalars only) -------------------------------
@@ -581,7 +570,3 @@ def _repeated(values: Sequence[int]) -> int:
     return next(v for k, v in enumerate(values) if v in values[:k])
 
 
-def ordered_state(state: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-    """State entries in wire order (STATE_ORDER, then any others by name)."""
-    rank = {k: i for i, k in enumerate(STATE_ORDER)}
-    return sorted(state.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))

@@ -21,15 +21,15 @@ import numpy as np
 import psutil
 
 from engine import kernels
+from engine.batch import SeqRun
 from engine.cuda import CudaUnavailable, require
 from engine.cuda import kernels as cuda_kernels
 from engine.cuda.devices import list_devices
+from engine.forward_pass import ordered_state
 from engine.segments import (
     KVOutOfMemory,
     SegmentRunner,
-    SeqRun,
     UnknownSequence,
-    ordered_state,
     parse_program,
     program_host_bytes,
     program_kv_bytes,

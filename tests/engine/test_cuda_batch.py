@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from engine import load_model
+from engine.batch import SeqRun
 from engine.gguf_file import GGUFFile
 from engine.placement import layer_ops
-from engine.segments import SeqRun
 from tests.engine.test_batch import DEEPSEEK2_ATOL, alone, batched
 from tests.engine.test_cuda_backend import SPEC, _runner, model_path, stand_in  # noqa: F401  (fixtures)
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from engine import load_model
-from engine.executors import segment_inputs
+from engine.forward_pass import segment_inputs
 from engine.segments import MAX_SEQUENCES
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
