@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from rpc_bench import start_worker, stop  # noqa: E402
 
-from engine.placement import parse_size  # noqa: E402
+from engine.byte_sizes import parse_size  # noqa: E402
 from engine.synth import SynthSpec, write_model  # noqa: E402
 from rpcnode.client import Client, RPCError  # noqa: E402
 from tests.rpcnode.fuzz_campaign import PROMPT, Plan, logits_through, run_campaign  # noqa: E402

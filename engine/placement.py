@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
+from engine.byte_sizes import format_bytes
 from engine.forward_pass import Op
 from engine.placement_rules import (  # noqa: F401  (re-exported: callers import the planner's inputs from here)
     CPU,
@@ -25,7 +26,6 @@ from engine.placement_rules import (  # noqa: F401  (re-exported: callers import
     parse_endpoint,
     parse_override,
     parse_rpc,
-    parse_size,
     parse_tensor_split,
 )
 from rpcnode.protocol import rpc_device
@@ -351,16 +351,6 @@ def _warnings(rules: PlacementRules, offload: Sequence[Device], used: set[int],
 
 
 # ---- display -----------------------------------------------------------------------------------------------
-
-
-def format_bytes(n_bytes: int) -> str:
-    """Binary units, one decimal: `812.4 MiB`."""
-    value = float(n_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{n_bytes} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _ranges(layers: Sequence[int]) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from engine.byte_sizes import SizeError, parse_size
 from engine.errors import IkctlError
 from rpcnode.endpoint import Endpoint, EndpointError
 from rpcnode.protocol import rpc_device
@@ -17,10 +18,6 @@ DeviceKind = Literal["cpu", "rpc", "cuda"]
 CPU = "CPU"
 _RPC_NAME = re.compile(r"RPC(?P<index>\d*)\[(?P<endpoint>[^\[\]]*)\]")
 _CUDA_NAME = re.compile(r"CUDA\d+")
-_SIZE = re.compile(r"(?P<value>\d+(?:\.\d*)?)\s*(?P<unit>[A-Za-z]*)")
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "ki": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mi": 1 << 20,
-          "mib": 1 << 20, "mb": 10**6, "g": 1 << 30, "gi": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40,
-          "ti": 1 << 40, "tib": 1 << 40, "tb": 10**12}
 
 
 class PlacementError(IkctlError):
@@ -165,15 +162,6 @@ def parse_override(text: str) -> list[OverrideRule]:
         rest = rest[m.end():]
 
 
-def parse_size(text: str) -> int:
-    """`512MiB`, `8G`, `1.5GiB`, `1000000`: K/M/G/T and KiB... are powers of 1024, KB/MB... of 1000."""
-    m = _SIZE.fullmatch(text.strip())
-    unit = _UNITS.get(m["unit"].lower()) if m else None
-    if m is None or unit is None:
-        raise PlacementError(f"'{text}' is not a size (e.g. 512MiB, 24GiB, 1000000)")
-    return int(float(m["value"]) * unit)
-
-
 def parse_device_mem(text: str) -> tuple[str, int]:
     """`--device-mem DEV=SIZE`, e.g. `RPC[10.0.0.2:50052]=48GiB`: a capacity to plan against offline."""
     dev, eq, size = text.rpartition("=")
@@ -181,7 +169,7 @@ def parse_device_mem(text: str) -> tuple[str, int]:
         raise PlacementError(f"--device-mem '{text}' needs DEV=SIZE (e.g. RPC[127.0.0.1:50052]=512MiB)")
     try:
         return device_name(dev), parse_size(size)
-    except PlacementError as e:
+    except (PlacementError, SizeError) as e:
         raise PlacementError(f"--device-mem '{text}': {e}") from None
 
 

@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.byte_sizes import SizeError, parse_size
 from engine.cuda import available
 from engine.cuda.devices import parse_device
 from engine.errors import IkctlError
-from engine.placement import PlacementError, parse_size
 from rpcnode.protocol import is_loopback
 from rpcnode.server import serve
 from rpcnode.token_file import TokenFileError, read_token_file
@@ -68,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> object:
     try:
         mem = parse_size(args.mem) if args.mem else None
         cache_limit = parse_size(args.cache_limit)
-    except PlacementError as e:
+    except SizeError as e:
         raise SystemExit(f"rpcnode: error: {e}") from None
     if args.threads is not None and args.threads <= 0:
         raise SystemExit(f"rpcnode: error: -t {args.threads} must be positive")

@@ -13,13 +13,14 @@ from engine.architectures import model_config
 from engine.bench import HEADER as SWEEP_HEADER
 from engine.bench import RULE as SWEEP_RULE
 from engine.bench import bench_settings, sweep, sweep_steps, worker_traffic
+from engine.byte_sizes import format_bytes
 from engine.cluster import Cluster, default_cluster_path, read_cluster, write_cluster
 from engine.cuda.local import local_gpus
 from engine.distributed import ask_capacities, kv_bytes_per_layer, program_bytes_per_layer
 from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
 from engine.model import Options
-from engine.placement import devices_for, format_bytes, format_table, plan
+from engine.placement import devices_for, format_table, plan
 from engine.placement_spec import placement_spec
 from engine.quant import use_kernels
 from engine.synth import default_model_path

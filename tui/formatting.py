@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from engine.placement import format_bytes as _engine_format_bytes
+from engine.byte_sizes import format_bytes as _engine_format_bytes
 
 # Thresholds on the used fraction: below WARN_AT is OK, from CRIT_AT on is critical.
 WARN_AT = 0.75

@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from engine.byte_sizes import parse_size
 from engine.errors import IkctlError
-from engine.placement import parse_size
 
 DEFAULT_PORT_RANGE = (50052, 50151)
 _DEVICE = re.compile(r"cpu|cuda\d+")

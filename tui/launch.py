@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from engine.byte_sizes import format_bytes
 from engine.cluster import Cluster, ClusterWorker
-from engine.placement import format_bytes
 from rpcnode.client import Client
 from tui.install import install
 from tui.inventory import Host

@@ -20,13 +20,11 @@ from engine.placement import (
     PlacementError,
     PlacementRules,
     devices_for,
-    format_bytes,
     format_table,
     layer_ops,
     op_part,
     parse_device_mem,
     parse_override,
-    parse_size,
     plan,
 )
 from tests.refs import V3
@@ -194,14 +192,6 @@ def test_parse_override_lists_and_regexes() -> None:
         OverrideRule.parse("exps=RPC1[h:1]")
 
 
-@pytest.mark.parametrize(("text", "n_bytes"), [
-    ("512MiB", 512 << 20), ("8G", 8 << 30), ("1.5GiB", 3 << 29), ("1000000", 10**6), ("2 GB", 2 * 10**9),
-    ("64k", 65536),
-])
-def test_parse_size(text: str, n_bytes: int) -> None:
-    assert parse_size(text) == n_bytes
-
-
 def test_device_mem() -> None:
     assert parse_device_mem("RPC[127.0.0.1:50052]=512MiB") == ("RPC[127.0.0.1:50052]", 512 << 20)
     assert parse_device_mem("CPU=64GiB") == ("CPU", 64 << 30)
@@ -221,11 +211,6 @@ def test_op_parts_of_deepseek_tensors() -> None:
     assert op_part("blk.3.ffn_down_shexp.weight") == "ffn"
     assert op_part("blk.3.ffn_down_exps.weight") == "moe_experts"
     assert op_part("blk.3.nextn.eh_proj.weight") is None
-
-
-def test_format_bytes() -> None:
-    assert [format_bytes(n) for n in (0, 1023, 1024, 851_863_142, 3 << 30)] == [
-        "0 B", "1023 B", "1.0 KiB", "812.4 MiB", "3.0 GiB"]
 
 
 def test_format_table() -> None:

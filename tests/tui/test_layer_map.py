@@ -80,7 +80,7 @@ def test_flags_round_trip_rules() -> None:
     ((1 << 30) - 1, "1023.9MiB"), (5 << 40, "5TiB"),
 ])
 def test_size_flag_is_human_and_never_claims_more(n: int, text: str) -> None:
-    from engine.placement import parse_size
+    from engine.byte_sizes import parse_size
     from tui.formatting import size_flag
 
     assert size_flag(n) == text
