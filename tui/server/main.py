@@ -87,6 +87,15 @@ def _say(text: str) -> None:
     print(f"ikctl serve: {text}", file=sys.stderr, flush=True)
 
 
+def _warm_up(model: Model) -> None:
+    """A two-token prompt and a decode step before the first request: the first use of a kernel in a process loads
+    or compiles it, and the first pass touches the mapped weights; the first user should not wait for that."""
+    cache = model.new_cache(8)
+    model.eval([0, 0], cache)
+    model.eval([0], cache)
+    cache.clear()
+
+
 def run_server(opts: ServeOptions, model_path: str, load: Callable[[], Model]) -> int:
     """Listen at once (so /health answers 503 while loading), load the model, serve until interrupted."""
     if not 1 <= opts.parallel <= 64:
@@ -111,6 +120,7 @@ def run_server(opts: ServeOptions, model_path: str, load: Callable[[], Model]) -
             if remote_segments(model.net) and opts.parallel > MAX_SEQUENCES:
                 raise IkctlError(f"-np {opts.parallel}: a worker keeps the KV caches of {MAX_SEQUENCES} sequences per "
                                  f"segment; give -np {MAX_SEQUENCES} or fewer with layers on workers")
+            _warm_up(model)
             scheduler = Scheduler(model, opts.parallel, opts.max_queue)
         except IkctlError as e:
             failure.append(str(e))
