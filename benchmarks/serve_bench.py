@@ -159,7 +159,7 @@ def main() -> None:
             port = free_port()
             cmd = [args.peer, "-m", str(model), "-np", str(slots), "-t", str(args.threads), "-c",
                    str(args.ctx * slots), "--port", str(port), "-cb", *shlex.split(args.peer_args)]
-            procs.append(start(cmd, tmp / "peer.log"))
+            procs.append(start(cmd, tmp / "peer.log", tmp))  # its llama.log lands there too
             servers[Path(args.peer).name] = f"http://127.0.0.1:{port}", procs[-1]
         for url, proc in servers.values():
             wait_healthy(url, proc)
