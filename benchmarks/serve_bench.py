@@ -157,7 +157,7 @@ def main() -> None:
         servers["ikctl serve"] = f"http://127.0.0.1:{port}", procs[-1]
         if args.peer:
             port = free_port()
-            cmd = [args.peer, "-m", str(model), "-np", str(slots), "-t", str(args.threads), "-c",
+            cmd = [args.peer, "-m", str(model.resolve()), "-np", str(slots), "-t", str(args.threads), "-c",
                    str(args.ctx * slots), "--port", str(port), "-cb", *shlex.split(args.peer_args)]
             procs.append(start(cmd, tmp / "peer.log", tmp))  # its llama.log lands there too
             servers[Path(args.peer).name] = f"http://127.0.0.1:{port}", procs[-1]
