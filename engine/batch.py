@@ -109,8 +109,3 @@ def micro_batches(lengths: Sequence[int], ubatch: int, max_sequences: int | None
         todo = [item for item in todo if item[1] < item[2]]
     return passes
 
-
-def as_batch(kv: KVCache | Batch | None, n_rows: int) -> Batch:
-    """A run_op's sequences: a Batch as given; a cache (or None, a segment without attention) is the pass's one
-    sequence of all n_rows rows."""
-    return kv if isinstance(kv, Batch) else Batch((Span(kv, 0, n_rows),))

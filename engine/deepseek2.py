@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from engine.attention import causal_attention
-from engine.batch import Batch, Span, as_batch
+from engine.batch import Batch, Span
 from engine.config import GATING_SOFTMAX, DeepSeek2Config
 from engine.errors import ModelFileError
 from engine.forward_pass import Op, State, model_ops, run_local
@@ -243,23 +243,22 @@ class DeepSeek2:
         return run_local(self.run_op, self.ops(), items)
 
     def run_op(self, op: Op, state: State, positions: np.ndarray,
-               cache: KVCache | Batch | None, defer_shared: bool = False) -> None:
+               batch: Batch, defer_shared: bool = False) -> None:
         """Apply one op to the pass state in place: "x" the hidden state [T, D]; between a MoE layer's ffn and
         moe_experts ops also "h" (normed input), "idx"/"w" (routing) and "shared" (shared experts' output);
         "ids" before embd; "n_out" (rows of logits wanted) before output, which leaves only "logits".
         defer_shared: the ffn op leaves the shared experts to the caller, whose "shared_experts" op runs them while
         a worker runs the routed ones; "moe_combine" then adds the worker's "y". These two run only here: a
-        worker's program holds OP_PARTS alone. `positions` [T] and `cache` (the pass's one sequence's cache, or a
-        Batch of sequences with a cache each: engine.batch) place the rows."""
+        worker's program holds OP_PARTS alone. `positions` [T] and `batch` (the pass's sequences, a cache each:
+        engine.batch) place the rows."""
         i, part = op
         c = self.cfg
         if part == "embd":
             state["x"] = self.token_embd.rows(state.pop("ids"))
         elif part == "output":
-            output_op(state, self.output, self.output_norm, c.rms_norm_eps, as_batch(cache, len(positions)))
+            output_op(state, self.output, self.output_norm, c.rms_norm_eps, batch)
         elif part == "attn":
             L, x = self.layers[i], state["x"]
-            batch = as_batch(cache, len(positions))
             state["x"] = x + self._attention(i, L, rms_norm(x, L.attn_norm, c.rms_norm_eps), positions, batch)
         elif part == "ffn":
             self._ffn_op(self.layers[i], state, shared=not defer_shared)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine.attention import causal_attention, decode_attention
-from engine.batch import Batch, Span, as_batch
+from engine.batch import Batch, Span
 from engine.config import LlamaConfig
 from engine.deepseek2 import (
     Getter,
@@ -166,20 +166,19 @@ class Llama:
         return run_local(self.run_op, self.ops(), items)
 
     def run_op(self, op: Op, state: State, positions: np.ndarray,
-               cache: KVCache | Batch | None, defer_shared: bool = False) -> None:
+               batch: Batch, defer_shared: bool = False) -> None:
         """Apply one op to the pass state in place, as DeepSeek2.run_op: "x" the hidden state [T, D]; "ids" before
         embd; "n_out" (rows of logits wanted per sequence) before output, which leaves only "logits"; `positions`
-        and `cache` (one cache or a Batch) place the rows. No shared experts here, so defer_shared changes nothing."""
+        and `batch` place the rows. No shared experts here, so defer_shared changes nothing."""
         i, part = op
         eps = self.cfg.rms_norm_eps
         if part == "embd":
             state["x"] = self.token_embd.rows(state.pop("ids"))
         elif part == "output":
-            output_op(state, self.output, self.output_norm, eps, as_batch(cache, len(positions)))
+            output_op(state, self.output, self.output_norm, eps, batch)
         elif part == "attn":
             L, x = self.layers[i], state["x"]
             cos, sin = self.rope.cos_sin(positions)
-            batch = as_batch(cache, len(positions))
             state["x"] = x + self._attention(i, L, rms_norm(x, L.attn_norm, eps), positions, cos, sin, batch)
         elif part == "ffn":
             L, x = self.layers[i], state["x"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine import load_model
-from engine.batch import as_batch
+from engine.batch import Batch
 from engine.deepseek2 import DeepSeek2
 from engine.gguf_file import GGUFFile
 from engine.moe import route
@@ -56,19 +56,20 @@ def test_layer1_intermediates(name: str, ids: list[int]) -> None:
     cache = net.new_cache(64, "f32")
     positions = np.arange(len(ids))
     cache.reserve(len(ids))
+    batch = Batch.of([cache], [len(ids)])
     x0 = net.token_embd.rows(np.array(ids))
 
     def layer(i: int, x: np.ndarray) -> np.ndarray:  # the layer's ops, as a forward pass runs them
         state = {"x": x}
         for op in (op for op in net.ops() if op[0] == i):
-            net.run_op(op, state, positions, cache)
+            net.run_op(op, state, positions, batch)
         return state["x"]
 
     x1 = layer(0, x0)
     L = net.layers[1]
     h = rms_norm(x1, L.attn_norm, net.cfg.rms_norm_eps)
     assert np.abs(h - np.load(inter / "attn_norm-1.npy")).max() <= 1e-4
-    x_attn = x1 + net._attention(1, L, h, positions, as_batch(cache, len(ids)))
+    x_attn = x1 + net._attention(1, L, h, positions, batch)
     h2 = rms_norm(x_attn, L.ffn_norm, net.cfg.rms_norm_eps)
     idx, w = route(net.router, L.gate_inp.matmul_t(h2), L.probs_bias)
     ref_idx = np.load(inter / "ffn_moe_topk-1.npy")
