@@ -135,12 +135,7 @@ class Model:
 
     def eval(self, token_ids: Sequence[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Append tokens to the cache in micro-batches of `ubatch_size`; logits of all or of the last token."""
-        ids = np.asarray(token_ids, dtype=np.int64)
-        if ids.ndim != 1 or len(ids) == 0:
-            raise IkctlError("eval needs a non-empty list of token ids")
-        if ids.min() < 0 or ids.max() >= self.n_vocab:
-            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
-            raise IkctlError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+        ids = self._token_ids(token_ids, "eval needs a non-empty list of token ids")
         ub = self.options.ubatch_size
         outs = []
         int8 = not self.options.float_activations
@@ -174,6 +169,16 @@ class Model:
                         out[k] = np.array(logits[row])  # its own copy: a row of a reply's buffer is read-only
         return out
 
+    def _token_ids(self, token_ids: Sequence[int], empty: str, where: str = "") -> np.ndarray:
+        """Token ids as int64, refused (IkctlError) when empty or outside the vocabulary."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise IkctlError(empty)
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
+            raise IkctlError(f"{where}token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+        return ids
+
     def _batch_items(self, items: Sequence[tuple[Sequence[int], KVCache]]) -> list[tuple[np.ndarray, KVCache]]:
         """eval_batch's items checked (non-empty, ids in the vocabulary, caches distinct with room for the tokens)
         as (int64 ids, cache)."""
@@ -181,13 +186,8 @@ class Model:
             raise IkctlError("eval_batch needs at least one (token ids, cache) item")
         work, seen = [], {}
         for k, (token_ids, cache) in enumerate(items):
-            ids = np.asarray(token_ids, dtype=np.int64)
-            if ids.ndim != 1 or len(ids) == 0:
-                raise IkctlError(f"eval_batch item {k}: needs a non-empty list of token ids")
-            if ids.min() < 0 or ids.max() >= self.n_vocab:
-                bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
-                raise IkctlError(f"eval_batch item {k}: token id {bad} is outside the vocabulary "
-                                 f"(0..{self.n_vocab - 1})")
+            where = f"eval_batch item {k}: "
+            ids = self._token_ids(token_ids, f"{where}needs a non-empty list of token ids", where)
             if id(cache) in seen:
                 raise IkctlError(f"eval_batch items {seen[id(cache)]} and {k} share one KV cache; each sequence "
                                  "needs its own (model.new_cache())")
