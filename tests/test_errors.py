@@ -10,7 +10,7 @@ from engine.errors import IkctlError
 from tests.test_imports import MODULES
 
 # control flow inside one module, never seen outside it
-PRIVATE = {"engine.gguf_file._Truncated", "rpcnode.server._TimedOut"}
+PRIVATE = {"engine.gguf_file._Truncated", "rpcnode.worker._TimedOut"}
 
 
 def _defined_exceptions() -> list[type[BaseException]]:
