@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from engine.errors import ModelFileError
@@ -153,6 +153,11 @@ class DeepSeek2Config:
 
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    def with_expert_count(self, count: int) -> DeepSeek2Config:
+        """The config a worker holding `count` of each layer's experts (a range of a split) runs its segment
+        with: its expert tensors have `count` rows and its expert ids count from its range's first."""
+        return replace(self, n_routed_experts=count)
 
     def layer_parts(self, i: int) -> tuple[str, ...]:
         """Layer i's ops in pass order (engine.forward_pass): routed experts after the router's ffn op."""

@@ -55,10 +55,10 @@ def hash_tensors(gguf: GGUFFile, workers: int | None = None) -> dict[str, str]:
     infos = sorted(gguf.tensors.values(), key=lambda t: -t.n_bytes)
     big = [t.name for t in infos if t.n_bytes >= _BIG_TENSOR]
     small = [t.name for t in infos if t.n_bytes < _BIG_TENSOR]
-    out = {name: _hash(_tensor_bytes(gguf, name), blake3.blake3.AUTO) for name in big}
+    out = {name: _hash(tensor_bytes(gguf, name), blake3.blake3.AUTO) for name in big}
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         # Largest first, so the last tensors to finish are small and no core idles for long at the end.
-        out.update(zip(small, pool.map(lambda n: _hash(_tensor_bytes(gguf, n), 1), small), strict=True))
+        out.update(zip(small, pool.map(lambda n: _hash(tensor_bytes(gguf, n), 1), small), strict=True))
     return {name: out[name] for name in gguf.tensors}
 
 
@@ -67,7 +67,13 @@ def _hash(data: np.ndarray, threads: int) -> str:
     return blake3.blake3(data, max_threads=threads).hexdigest()
 
 
-def _tensor_bytes(gguf: GGUFFile, name: str) -> np.ndarray:
+def hash_bytes(data: np.ndarray) -> str:
+    """The digest of some bytes of a file (a range of a tensor's experts), with all cores."""
+    return _hash(data, blake3.blake3.AUTO)
+
+
+def tensor_bytes(gguf: GGUFFile, name: str) -> np.ndarray:
+    """A tensor's bytes as flat uint8, a view of the memory map."""
     # raw() is a view of the memory map with a float or byte dtype; blake3 wants flat unsigned bytes.
     return gguf.raw(name).reshape(-1).view(np.uint8)
 

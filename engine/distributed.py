@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.cuda.local import gpu_runners, local_gpus
-from engine.digests import model_digests
-from engine.forward_pass import Executor, Here, OnGpu, OnWorker, expert_only, run_pass
+from engine.digests import hash_bytes, model_digests, tensor_bytes
+from engine.forward_pass import Executor, ExpertPart, ExpertsSplit, Here, OnGpu, OnWorker, expert_only, run_pass
 from engine.gguf_file import TensorInfo
 from engine.kv_cache import KVCache, row_bytes
 from engine.placement import (
     CPU,
+    ExpertSlice,
     Placement,
+    PlacementError,
     Segment,
     devices_for,
     layer_ops,
@@ -123,27 +125,42 @@ class DistributedNet:
         self.segments = placement.segments(layer_ops(gguf.tensors, local.cfg.n_layers))
         self.local_attn = {i for s in self.segments if s.device == CPU for i, p in s.ops if p == "attn"}
         # Segment ids are random per load so that two models (or coordinators) sharing a worker do not replace
-        # each other's programs; KV sequence ids likewise.
-        base = secrets.randbelow(1 << 31)
-        on_worker = [k for k, s in enumerate(self.segments) if device_kind(s.device) == "rpc"]
-        self.remote = [(base + k, self.segments[k]) for k in on_worker]
-        self.segment_ids = {k: base + k for k in on_worker}
+        # each other's programs; KV sequence ids likewise. Segment k is base + k on every worker holding a part.
+        self.base = secrets.randbelow(1 << 31)
+        if any(device_kind(x.device) == "cuda" for s in self.segments for x in s.experts):
+            raise PlacementError("experts split over several devices run on CPUs and workers; a local GPU cannot "
+                                 "hold a range of them yet: give the GPU whole expert tensors with its own -ot rule")
+        # what each worker runs: whole segments, and its range of each split layer's experts
+        self.remote = sorted([(self.base + k, s) for k, s in enumerate(self.segments)
+                              if not s.experts and device_kind(s.device) == "rpc"]
+                             + [(self.base + k, Segment(x.device, s.ops, (x,))) for k, s in enumerate(self.segments)
+                                for x in s.experts if device_kind(x.device) == "rpc"], key=lambda r: r[0])
+        old = sorted({s.device for _, s in self.remote if s.experts and clients[s.device].minor < 2})
+        if old:
+            raise RPCError(f"{old[0]} speaks protocol 1.{clients[old[0]].minor}; splitting experts over workers "
+                           "needs 1.2 (update ikctl there)")
         self.gpu: dict[int, Any] = {}  # segment index -> SegmentRunner on a GPU of this machine (engine.cuda)
         if any(device_kind(s.device) == "cuda" for s in self.segments):
             self.gpu = gpu_runners(gguf, self.cfg, self.segments, opts, context_size(self.cfg, opts))
-        self.executors = self._executors()
-        self.steps = [(k, self.executors[s.device]) for k, s in enumerate(self.segments)]
+        self.executors, self.steps = self._executors()
         self.load_stats = LoadStats()
         self._seq_ids = itertools.count(secrets.randbelow(1 << 31))
         self._closer = weakref.finalize(self, _close, list(self.executors.values()))
         self._load(gguf, opts, progress)
 
-    def _executors(self) -> dict[str, Executor]:
-        """One executor per device: Here for this process's CPU, OnGpu for this machine's GPUs, OnWorker each."""
+    def _executors(self) -> tuple[dict[str, Executor], list[tuple[int, Executor]]]:
+        """One executor per device (Here for this process's CPU, OnGpu for this machine's GPUs, OnWorker each),
+        ExpertsSplit for the split layers; and the executor of each segment in pass order."""
         by_device: dict[str, dict[int, Segment]] = {}
         for k, seg in enumerate(self.segments):
-            by_device.setdefault(seg.device, {})[k] = seg
-        defer = {k - 1 for k in self.segment_ids if expert_only(self.segments[k])}
+            if not seg.experts:
+                by_device.setdefault(seg.device, {})[k] = seg
+        for segment_id, seg in self.remote:  # a worker's ranges of split layers: it frees them at close
+            by_device.setdefault(seg.device, {})[segment_id - self.base] = seg
+        split = {k: s for k, s in enumerate(self.segments) if s.experts}
+        # the segment before a worker's experts (or a split layer's) leaves the shared experts to run meanwhile
+        defer = {k - 1 for k, s in enumerate(self.segments)
+                 if s.experts or (expert_only(s) and device_kind(s.device) == "rpc")}
         run_op = self.local.run_op
         executors: dict[str, Executor] = {}
         for device, segs in by_device.items():
@@ -152,30 +169,33 @@ class DistributedNet:
             elif device_kind(device) == "cuda":
                 executors[device] = OnGpu({k: self.gpu[k] for k in segs}, segs, run_op)
             else:
-                executors[device] = OnWorker(self.clients[device], {k: self.segment_ids[k] for k in segs}, segs,
-                                             run_op)
-        return executors
+                executors[device] = OnWorker(self.clients[device], {k: self.base + k for k in segs}, segs, run_op)
+        parts = {k: [ExpertPart(x.first, x.count, self.clients.get(x.device), self.base + k) for x in s.experts]
+                 for k, s in split.items()}
+        experts_split = ExpertsSplit(parts, split, run_op)
+        steps = [(k, experts_split if s.experts else executors[s.device]) for k, s in enumerate(self.segments)]
+        return executors, steps
 
     # ---- loading ----------------------------------------------------------------------------------------------
     def _load(self, gguf: GGUFFile, opts: Options, progress: Callable[[LoadProgress], None] | None) -> None:
         if not self.clients:  # only local GPUs: nothing to offer, no digests to compute
             return
         digests = model_digests(gguf)
-        refs: dict[str, TensorRef] = {n: (digests[n], t.qtype, t.shape) for n, t in gguf.tensors.items()}
         n_ctx = context_size(self.cfg, opts)
         for device, client in self.clients.items():
             segs = [(k, s) for k, s in self.remote if s.device == device]
-            names = dict.fromkeys(n for _, s in segs for op in s.ops for n in op_tensor_names(gguf.tensors, op,
-                                                                                             self.cfg.n_layers))
-            specs = [OfferSpec(digests[n], gguf.tensors[n].n_bytes, gguf.tensors[n].qtype,
-                               list(reversed(gguf.tensors[n].shape)), n, _reader(gguf, n)) for n in names]
+            held = {n: tensor_part(gguf, n, s.experts[0] if s.experts else None, digests[n]) for _, s in segs
+                    for op in s.ops for n in op_tensor_names(gguf.tensors, op, self.cfg.n_layers)}
+            specs = [spec for spec, _ in held.values()]
             before = client.counters.tensor_bytes_sent
             result = client.offer(specs, _progress_reporter(device, specs, progress) if progress else None)
             self.load_stats.tensors_offered += len(specs)
             self.load_stats.tensors_uploaded += sum(v == "uploaded" for v in result.values())
             self.load_stats.bytes_uploaded += client.counters.tensor_bytes_sent - before
+            refs = {n: ref for n, (_, ref) in held.items()}
             for k, s in segs:
-                records = segment_records(self.cfg, s.ops, refs, mla=opts.mla, amb_bytes=opts.amb << 20,
+                cfg = self.cfg.with_expert_count(s.experts[0].count) if s.experts else self.cfg
+                records = segment_records(cfg, s.ops, refs, mla=opts.mla, amb_bytes=opts.amb << 20,
                                           cache_type=opts.cache_type_k, n_ctx=n_ctx,
                                           model=gguf.path.name, int8=not opts.float_activations)
                 client.define_segment(k, records)
@@ -226,8 +246,17 @@ def _close(executors: list[Executor]) -> None:
         executor.close()
 
 
-def _reader(gguf: GGUFFile, name: str) -> Any:
-    return lambda: gguf.raw(name).reshape(-1).view(np.uint8)
+def tensor_part(gguf: GGUFFile, name: str, part: ExpertSlice | None, digest: str) -> tuple[OfferSpec, TensorRef]:
+    """What a worker is offered for a tensor (whose digest is given), or for its range of experts of a split
+    expert tensor (bytes [first, stop) x one expert's, hashed here), and how its segment program names it."""
+    t = gguf.tensors[name]
+    shape, a, b = t.shape, 0, t.n_bytes
+    if part is not None:
+        per = t.n_bytes // t.shape[0]
+        shape, a, b = (part.count, *t.shape[1:]), part.first * per, part.stop * per
+        digest = hash_bytes(tensor_bytes(gguf, name)[a:b])
+    spec = OfferSpec(digest, b - a, t.qtype, list(reversed(shape)), name, lambda: tensor_bytes(gguf, name)[a:b])
+    return spec, (digest, t.qtype, tuple(shape))
 
 
 def distribute(net: Any, gguf: GGUFFile, opts: Options,
@@ -250,8 +279,9 @@ def distribute(net: Any, gguf: GGUFFile, opts: Options,
         devices = devices_for(rules.rpc, spec.capacities(reported), cuda)
         placement = plan(gguf.tensors.values(), int(net.cfg.n_layers), devices, rules,
                          kv_bytes_per_layer=kv_bytes_per_layer(net.cfg, opts),
-                         program_bytes_per_layer=program_bytes_per_layer(net.cfg, opts, gguf.tensors.values()))
-        remote = {d for d in placement.device_of.values() if d != CPU}
+                         program_bytes_per_layer=program_bytes_per_layer(net.cfg, opts, gguf.tensors.values()),
+                         n_experts=gguf.expert_count)
+        remote = placement.devices_used() - {CPU}
         if not remote:
             for c in clients.values():
                 c.close()

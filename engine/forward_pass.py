@@ -11,18 +11,23 @@ are: `Here` on this process's network, `OnGpu` and `OnWorker` on a GPU of this m
 local pass is one segment Here, a distributed one hands each segment to its device's executor.
 A coordinator whose worker holds a layer's routed experts alone also runs that layer's "shared_experts" (while
 the worker computes) and "moe_combine" (adding the worker's "y"); no worker program holds those two.
+`ExpertsSplit` runs a layer whose routed experts are split over several devices: every device holding an expert
+that some row picked computes those rows' part at the same time, and the coordinator adds the parts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from engine.batch import Batch, SeqRun, batch_positions
 from engine.kv_cache import KVCache
+from engine.moe import NO_EXPERT
 from rpcnode.client import Client, RPCError
 
 if TYPE_CHECKING:  # both import this module
@@ -212,3 +217,106 @@ class OnWorker:
                 with contextlib.suppress(RPCError, OSError):
                     self.client.free(segment_id)
         self.client.close()
+
+
+# ---- a layer's routed experts split over devices (expert parallel) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One device's share of a split layer, experts [first, first + count): on a worker (its client, and the id of
+    the segment holding its range there, whose expert ids count from `first`), or here (client None: this
+    process's network holds the whole expert tensors)."""
+
+    first: int
+    count: int
+    client: Client | None = None
+    segment_id: int = 0
+
+
+def part_rows(part: ExpertPart, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows that picked at least one of the part's experts, and their idx with every other expert NO_EXPERT
+    (a worker's ids counted from its first expert)."""
+    mine = (idx >= part.first) & (idx < part.first + part.count)
+    rows = np.flatnonzero(mine.any(axis=1))
+    shift = part.first if part.client is not None else 0
+    return rows, np.where(mine[rows], idx[rows] - shift, NO_EXPERT)
+
+
+def rows_seqs(rows: np.ndarray, positions: np.ndarray, batch: Batch) -> list[SeqRun]:
+    """The pass's sequences as seq_runs names them, each with only its rows among `rows` (sorted); sequences with
+    none left out. Expert ops read no cache: the counts only have to match the rows sent."""
+    out = []
+    for s in batch.spans:
+        n = int(np.count_nonzero((rows >= s.start) & (rows < s.start + s.n)))
+        if n:
+            out.append(SeqRun(getattr(s.cache, "seq_id", 0), int(positions[s.start]), n))
+    return out
+
+
+class ExpertsSplit:
+    """Segments of one MoE layer's routed experts split over devices (engine.placement.ExpertSlice). Each device
+    holding an expert that some row picked gets those rows at once (a worker one RunSegment); devices with none are
+    not contacted. Meanwhile this process runs the shared experts and its own part; the parts (float64 sums, which
+    add exactly: the result is the one device's) are then added and joined to the residual (moe_combine).
+    `phase_seconds` sums the time from sending the hidden state to holding every part."""
+
+    def __init__(self, parts: Mapping[int, Sequence[ExpertPart]], segments: Mapping[int, Segment],
+                 coordinator: RunOp) -> None:
+        self.parts, self.segments, self.coordinator = parts, segments, coordinator
+        self.phase_seconds, self.runs = 0.0, 0
+
+    def run(self, k: int, state: State, positions: np.ndarray, batch: Batch) -> None:
+        layer = self.segments[k].ops[0][0]
+        h, idx = state["h"], state["idx"]
+        wide = state["w"].astype(np.float64)  # float64 weights ask each part for its unrounded sum (engine.moe)
+        t0 = time.perf_counter()
+        chosen = [(part, *part_rows(part, idx)) for part in self.parts[k]]
+        chosen = [(part, rows, ids) for part, rows, ids in chosen if len(rows)]
+        sent: list[tuple[Client, int]] = []
+        ys: dict[int, np.ndarray] = {}
+        try:
+            for part, rows, ids in chosen:
+                if part.client is not None:
+                    sent.append((part.client, part.client.start_segment(
+                        part.segment_id, rows_seqs(rows, positions, batch), [("h", h[rows]), ("idx", ids),
+                                                                             ("w", wide[rows])])))
+            if "shared" not in state:  # every device busy
+                self.coordinator((layer, "shared_experts"), state, positions, batch)
+            for n, (part, rows, ids) in enumerate(chosen):
+                if part.client is None:
+                    here = {"h": h[rows], "idx": ids, "w": wide[rows]}
+                    self.coordinator((layer, "moe_experts"), here, positions, batch)
+                    ys[n] = here["y"]
+        finally:
+            replies = _finish_all(sent)
+        self.phase_seconds += time.perf_counter() - t0
+        self.runs += 1
+        remote = iter(replies)
+        y = np.zeros(h.shape, dtype=np.float64)
+        for n, (part, rows, _) in enumerate(chosen):
+            y[rows] += ys[n] if part.client is None else next(remote)["y"]
+        for name in ("h", "idx", "w"):
+            state.pop(name)
+        state["y"] = y.astype(np.float32)  # the float64 parts add exactly: the sum one device would make
+        self.coordinator((layer, "moe_combine"), state, positions, batch)
+
+    def kv(self, op: str, seq_id: int, n: int) -> None:
+        """Nothing: expert segments keep no cache."""
+
+    def close(self) -> None:
+        """The workers' executors (OnWorker) free these segments with their own."""
+
+
+def _finish_all(sent: Sequence[tuple[Client, int]]) -> list[dict[str, np.ndarray]]:
+    """Every sent request's reply, in order; when one fails the others are still received (their connections
+    stay in step) before the first error is raised."""
+    replies, error = [], None
+    for client, request in sent:
+        try:
+            replies.append(client.finish_segment(request))
+        except (RPCError, OSError) as e:
+            error = error or e
+    if error is not None:
+        raise error
+    return replies

@@ -157,6 +157,11 @@ class GGUFFile:
         return str(self.get("general.architecture", ""))
 
     @property
+    def expert_count(self) -> int:
+        """Routed experts per MoE layer (0: a dense model); what expert tensors split over devices divide."""
+        return int(self.get(f"{self.architecture}.expert_count", 0))
+
+    @property
     def file_bytes(self) -> int:
         return len(self._map)
 

@@ -15,6 +15,8 @@ from engine.quant import QTensor
 
 # Up to this many tokens, experts run as gathered (token, expert) pairs rather than grouped by expert.
 GATHER_MAX_TOKENS = 2
+# An idx entry naming no expert here: a token's other experts sit on other devices (experts split by -ot).
+NO_EXPERT = -1
 
 
 @dataclass(frozen=True)
@@ -74,27 +76,42 @@ def moe_ffn(
     down_exps: QTensor,  # [E, D, F]
 ) -> np.ndarray:  # [T, D]
     """Sum of the selected experts' SwiGLU outputs; tokens are grouped by expert so each expert is read once.
-    x may be a device array (idx and weights are host arrays from `route`); only selected experts are read."""
+    x may be a device array (idx and weights are host arrays from `route`); only selected experts are read.
+
+    Each expert's weighted output is rounded to float32 and the K of a token are added in float64, which is exact
+    for float32 terms (unless they differ by ~2^26 in size), so the sum does not depend on their order or grouping:
+    a layer's experts split over devices (entries NO_EXPERT add nothing: each device sums its own) add up to
+    the same float32 result. float64 weights (a split layer's part) return that sum unrounded, float64."""
     xp = array_module(x)
     T, K = idx.shape
     E = gate_exps.shape[0]
-    if idx.size and (idx.min() < 0 or idx.max() >= E):  # routing from a peer: a negative id must not wrap around
+    if idx.size and (idx.min() < NO_EXPERT or idx.max() >= E):  # routing from a peer: no id may wrap around
         raise ValueError(f"expert ids {idx.min()}..{idx.max()} do not fit {E} experts")
+    w32 = xp.asarray(weights, dtype=np.float32)
     if T <= GATHER_MAX_TOKENS:  # decode: all (token, expert) pairs in one kernel launch per matrix
         pairs = idx.ravel()
-        xs = xp.repeat(x, K, axis=0)  # [T*K, D]
-        act = silu(gate_exps.gather_matmul_t(pairs, xs)) * up_exps.gather_matmul_t(pairs, xs)  # [T*K, F]
-        y = down_exps.gather_matmul_t(pairs, act)  # [T*K, D]
-        return (y * xp.asarray(weights).reshape(-1, 1)).reshape(T, K, -1).sum(axis=1)
-    out = xp.zeros_like(x, dtype=np.float32)
-    w_dev = xp.asarray(weights.ravel())
-    flat = idx.ravel()
-    order = np.argsort(flat, kind="stable")
-    experts, starts = np.unique(flat[order], return_index=True)
-    bounds = [*starts[1:], len(order)]
-    for e, a, b in zip(experts, starts, bounds, strict=True):
-        sel = order[a:b]  # positions in the flattened [T*K] assignment
-        tok = xp.asarray(sel // K)
-        y = swiglu(x[tok], gate_exps[int(e)], up_exps[int(e)], down_exps[int(e)])
-        out[tok] += y * w_dev[xp.asarray(sel)][:, None]  # a token picks an expert at most once: no repeated index
-    return out
+        every = not (pairs == NO_EXPERT).any()
+        keep = slice(None) if every else np.flatnonzero(pairs != NO_EXPERT)
+        rows = keep if every else xp.asarray(keep)
+        xs = xp.repeat(x, K, axis=0)[rows]  # [pairs, D]
+        act = silu(gate_exps.gather_matmul_t(pairs[keep], xs)) * up_exps.gather_matmul_t(pairs[keep], xs)
+        y = down_exps.gather_matmul_t(pairs[keep], act) * w32.reshape(-1, 1)[rows]  # [pairs, D]
+        if not every:  # the pairs of other devices add zeros
+            y, kept = xp.zeros((T * K, y.shape[1]), dtype=np.float32), y
+            y[rows] = kept
+        out = y.reshape(T, K, -1).sum(axis=1, dtype=np.float64)
+    else:
+        out = xp.zeros(x.shape, dtype=np.float64)
+        w_dev = w32.ravel()
+        flat = idx.ravel()
+        order = np.argsort(flat, kind="stable")
+        experts, starts = np.unique(flat[order], return_index=True)
+        bounds = [*starts[1:], len(order)]
+        for e, a, b in zip(experts, starts, bounds, strict=True):
+            if e == NO_EXPERT:
+                continue
+            sel = order[a:b]  # positions in the flattened [T*K] assignment
+            tok = xp.asarray(sel // K)
+            y = swiglu(x[tok], gate_exps[int(e)], up_exps[int(e)], down_exps[int(e)])
+            out[tok] += y * w_dev[xp.asarray(sel)][:, None]  # a token picks an expert at most once: no repeated index
+    return out if weights.dtype == np.float64 else out.astype(np.float32)

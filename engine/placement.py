@@ -94,11 +94,45 @@ def layer_ops(names: Iterable[str], n_layers: int) -> list[Op]:
 
 
 @dataclass(frozen=True)
+class ExpertSlice:
+    """Experts [first, first + count) of a layer's expert tensors, held by one device."""
+
+    device: str
+    first: int
+    count: int
+
+    @property
+    def stop(self) -> int:
+        return self.first + self.count
+
+
+def split_experts(n_experts: int, devices: Sequence[str], shares: Sequence[float] | None = None,
+                  ) -> tuple[ExpertSlice, ...]:
+    """Contiguous expert ranges in device order, sized by the shares (even without them): range i ends at
+    round(n_experts * (shares up to i) / total). Every device gets at least one expert."""
+    weights = [float(w) for w in shares] if shares else [1.0] * len(devices)
+    total, acc, bounds = sum(weights), 0.0, [0]
+    for w in weights:
+        acc += w
+        bounds.append(round(n_experts * acc / total))
+    slices = tuple(ExpertSlice(d, a, b - a) for d, a, b in zip(devices, bounds, bounds[1:], strict=False))
+    empty = next((s.device for s in slices if s.count < 1), None)
+    if empty is not None:
+        how = "shares " + ",".join(f"{w:g}" for w in weights) if shares else "an even split"
+        raise PlacementError(f"{n_experts} experts over {len(devices)} devices by {how} leave {empty} none; "
+                             "list fewer devices or give it a larger share")
+    return slices
+
+
+@dataclass(frozen=True)
 class Segment:
-    """Consecutive ops whose weights sit on one device: one round trip when the device is remote."""
+    """Consecutive ops whose weights sit on one device: one round trip when the device is remote. A layer's
+    routed experts split over several devices are a segment of their own, `experts` naming each device's range
+    (`device` is then the first of them)."""
 
     device: str
     ops: tuple[Op, ...]
+    experts: tuple[ExpertSlice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,14 +149,25 @@ class Placement:
     kv_bytes_per_device: dict[str, int] = field(default_factory=dict)  # the KV cache of the -c context
     # what a worker's segment programs keep besides weights and KV (engine.segments.program_host_bytes)
     program_bytes_per_device: dict[str, int] = field(default_factory=dict)
+    # expert tensors split over several devices (device_of names the first): each device's range
+    experts_of: dict[str, tuple[ExpertSlice, ...]] = field(default_factory=dict)
 
     def need_bytes(self, device: str) -> int:
         """Weights, KV cache and segment programs: what the device must hold."""
         return (self.bytes_per_device.get(device, 0) + self.kv_bytes_per_device.get(device, 0)
                 + self.program_bytes_per_device.get(device, 0))
 
+    def devices_of(self, name: str) -> tuple[str, ...]:
+        """The devices holding a tensor (several for split experts)."""
+        split = self.experts_of.get(name)
+        return tuple(s.device for s in split) if split else (self.device_of[name],)
+
     def tensors_on(self, device: str) -> list[str]:
-        return [n for n, d in self.device_of.items() if d == device]
+        """Tensors with bytes on the device (split expert tensors on each device holding a range)."""
+        return [n for n in self.device_of if device in self.devices_of(n)]
+
+    def devices_used(self) -> set[str]:
+        return {d for n in self.device_of for d in self.devices_of(n)}
 
     def layers_of(self, device: str) -> list[int]:
         """Repeating layers with at least one tensor on the device."""
@@ -134,7 +179,9 @@ class Placement:
             raise PlacementError(f"no tensor named '{name}' in this plan")
         reason = self.reason_of[name]
         how = f"by {reason}" if reason.startswith("rule ") else f"({reason})"
-        return f"{name} → {self.device_of[name]} {how}"
+        split = self.experts_of.get(name)
+        where = ", ".join(f"{_expert_range(s)} on {s.device}" for s in split) if split else self.device_of[name]
+        return f"{name} → {where} {how}"
 
     def overflows(self) -> list[tuple[str, int, int]]:
         """(device, need_bytes, capacity_bytes) for each device whose known capacity is exceeded."""
@@ -174,11 +221,22 @@ class Placement:
         for layer, part in ops:
             names = weights.get((None if part in ("embd", "output") else layer, part), [])
             device = self._op_device((layer, part), names)
-            if out and out[-1].device == device:
+            split = self._op_split((layer, part), names)
+            if split:
+                out.append(Segment(device, ((layer, part),), split))
+            elif out and out[-1].device == device and not out[-1].experts:
                 out[-1] = Segment(device, (*out[-1].ops, (layer, part)))
             else:
                 out.append(Segment(device, ((layer, part),)))
         return out
+
+    def _op_split(self, op: Op, names: list[str]) -> tuple[ExpertSlice, ...]:
+        """The expert ranges of an op whose expert tensors are split (all alike), else ()."""
+        splits = {self.experts_of.get(n, ()) for n in names}
+        if len(splits) > 1:
+            raise PlacementError(f"op (layer {op[0]}, {op[1]}): its expert tensors are split differently "
+                                 f"({', '.join(names)}); split them with one -ot rule")
+        return splits.pop() if splits else ()
 
     def _op_device(self, op: Op, names: list[str]) -> str:
         layer, part = op
@@ -186,6 +244,8 @@ class Placement:
             raise PlacementError(f"op {op}: part '{part}' is not one of {', '.join(OP_PARTS)}")
         if not names:
             raise PlacementError(f"op (layer {layer}, {part}) has no weights in this model")
+        if all(n in self.experts_of for n in names):
+            return self.device_of[names[0]]
         devices = {self.device_of[n] for n in names}
         if len(devices) > 1:
             first = {self.device_of[n]: n for n in reversed(names)}
@@ -247,10 +307,11 @@ def _validate(records: list[tuple[str, int]], n_layers: int, devices: Sequence[D
     if rules.n_gpu_layers < 0:
         raise PlacementError(f"-ngl {rules.n_gpu_layers} must be >= 0 (use a large number such as 99 for all layers)")
     for k, rule in enumerate(rules.override_tensor, 1):
-        if rule.device not in names:
-            hint = " (add its endpoint to --rpc)" if device_kind(rule.device) == "rpc" else ""
-            raise PlacementError(f"-ot rule {k} ({rule}): unknown device {rule.device}{hint}; devices here: "
-                                 f"{', '.join(names)}")
+        for device in rule.devices:
+            if device not in names:
+                hint = " (add its endpoint to --rpc)" if device_kind(device) == "rpc" else ""
+                raise PlacementError(f"-ot rule {k} ({rule}): unknown device {device}{hint}; devices here: "
+                                     f"{', '.join(names)}")
     seen: set[str] = set()
     for name, n_bytes in records:
         layer = tensor_layer(name)
@@ -265,7 +326,7 @@ def _validate(records: list[tuple[str, int]], n_layers: int, devices: Sequence[D
 
 def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices: Sequence[Device],
          rules: PlacementRules, check_capacity: bool = True, kv_bytes_per_layer: int = 0,
-         program_bytes_per_layer: int = 0) -> Placement:
+         program_bytes_per_layer: int = 0, n_experts: int = 0) -> Placement:
     """Place every tensor, as llama.cpp's load_tensors would (src/llama-model.cpp):
 
     1. the first -ot rule whose regex the name matches (std::regex_search) decides;
@@ -274,8 +335,9 @@ def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices
        offload devices (RPC first, then GPUs): layer il goes to the first device whose cumulative -ts
        split point is > (il - first offloaded layer) / offloaded count;
     4. else CPU.
-    Each layer's KV cache (kv_bytes_per_layer: the whole -c context) counts on the device of its attention, and
-    program_bytes_per_layer on each worker holding a part of the layer.
+    A rule naming several devices splits the expert tensors it matches along their first axis (n_experts) over
+    them (split_experts). Each layer's KV cache (kv_bytes_per_layer: the whole -c context) counts on the device of
+    its attention, and program_bytes_per_layer on each worker holding a part of the layer.
     With check_capacity, a device whose known capacity is exceeded is a PlacementError.
     """
     records = _records(tensors)
@@ -298,14 +360,16 @@ def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices
             return CPU, f"-ngl {ngl} ≤ {n_layers} layers: output layer stays on CPU"
         return CPU, f"-ngl {ngl} offloads layers {first}-{n_layers - 1}: {what} stays on CPU"
 
-    device_of, reason_of, used = {}, {}, set()
+    device_of, reason_of, used, experts_of = {}, {}, set(), {}
     for name, _ in records:
         rule_no = next((k for k, r in enumerate(rules.override_tensor, 1) if r.matches(name)), None)
         layer, stem = tensor_layer(name), _stem(name)
         if rule_no is not None:
             rule = rules.override_tensor[rule_no - 1]
             used.add(rule_no)
-            dev, reason = rule.device, f"rule {rule_no} (-ot {rule})"
+            dev, reason = rule.devices[0], f"rule {rule_no} (-ot {rule})"
+            if rule.split:
+                experts_of[name] = _split_rule(rule_no, rule, name, n_experts)
         elif layer is not None:
             dev, reason = layer_place(layer, f"layer {layer}")
         elif stem in _OUTPUT_STEMS:
@@ -317,7 +381,10 @@ def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices
         device_of[name], reason_of[name] = dev, reason
     bytes_per_device = {d.name: 0 for d in devices}
     for name, n_bytes in records:
-        bytes_per_device[device_of[name]] += n_bytes
+        for s in experts_of.get(name, ()):
+            bytes_per_device[s.device] += n_bytes // n_experts * s.count  # an expert's bytes: a whole share
+        if name not in experts_of:
+            bytes_per_device[device_of[name]] += n_bytes
     kv_per_device = {d.name: 0 for d in devices}
     if kv_bytes_per_layer:
         attn_device = {tensor_layer(n): device_of[n] for n, _ in records if op_part(n) == "attn"}
@@ -325,15 +392,33 @@ def plan(tensors: Iterable[TensorLike | tuple[str, int]], n_layers: int, devices
             if layer is not None:
                 kv_per_device[dev] += kv_bytes_per_layer
     program_per_device = {d.name: 0 for d in devices}
-    for _layer, dev in {(tensor_layer(n), device_of[n]) for n, _ in records}:
+    held = {(tensor_layer(n), s.device) for n, _ in records
+            for s in experts_of.get(n, (ExpertSlice(device_of[n], 0, 1),))}
+    for _layer, dev in held:
         if device_kind(dev) == "rpc":  # workers charge them to -m; this process's own are its business
             program_per_device[dev] += program_bytes_per_layer
     placement = Placement(tuple(devices), n_layers, device_of, reason_of, dict(records), bytes_per_device,
                           tuple(_warnings(rules, offload, used, bytes_per_device)), kv_per_device,
-                          program_per_device)
+                          program_per_device, experts_of)
     if check_capacity:
         placement.check_capacity()
     return placement
+
+
+def _split_rule(rule_no: int, rule: OverrideRule, name: str, n_experts: int) -> tuple[ExpertSlice, ...]:
+    if op_part(name) != "moe_experts":
+        raise PlacementError(f"-ot rule {rule_no} ({rule}) splits tensors over {len(rule.devices)} devices, which "
+                             f"only expert tensors (ffn_*_exps) can be; {name} is not one: narrow the regex")
+    if n_experts < 1:
+        raise PlacementError(f"-ot rule {rule_no} ({rule}): {name} has no expert count to split")
+    try:
+        return split_experts(n_experts, rule.devices, rule.shares)
+    except PlacementError as e:
+        raise PlacementError(f"-ot rule {rule_no} ({rule}): {e}") from None
+
+
+def _expert_range(s: ExpertSlice) -> str:
+    return f"expert {s.first}" if s.count == 1 else f"experts {s.first}-{s.stop - 1}"
 
 
 def _warnings(rules: PlacementRules, offload: Sequence[Device], used: set[int],

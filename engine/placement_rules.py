@@ -109,16 +109,47 @@ def device_kind(name: str) -> DeviceKind:
     return "cpu" if name == CPU else "rpc" if name.startswith("RPC") else "cuda"
 
 
+_DEVICE = r"(?:CPU|CUDA\d+|RPC\d*\[[^\[\]]*\])"
+_SHARE = rf"({_DEVICE})(?::([^,=\[\]]*))?"  # a device, and its share of a split with `:W`
+_DEVICE_LIST = re.compile(rf"{_SHARE}(?:,{_SHARE})*")
+
+
+def parse_shares(text: str) -> tuple[tuple[str, ...], tuple[float, ...] | None]:
+    """`DEV` or `DEV1,DEV2[,...]` with optional `:W` shares (`RPC[a:50052]:3,RPC[b:50052]:1`): the devices and
+    their weights (None when no share is given: an even split)."""
+    devices, weights = [], []
+    for m in re.finditer(_SHARE, text):
+        devices.append(device_name(m[1]))
+        if m[2] is not None:
+            try:
+                w = float(m[2])
+            except ValueError:
+                raise PlacementError(f"'{m[0]}': the share after ':' must be a number (e.g. RPC[a:50052]:3)") from None
+            if not math.isfinite(w) or w <= 0:
+                raise PlacementError(f"'{m[0]}': a device's share must be a finite number > 0")
+            weights.append(w)
+    if weights and len(weights) != len(devices):
+        raise PlacementError(f"'{text}': give every device a share (DEV:W) or none (an even split)")
+    dup = next((d for k, d in enumerate(devices) if d in devices[:k]), None)
+    if dup is not None:
+        raise PlacementError(f"'{text}' lists {dup} twice")
+    return tuple(devices), tuple(weights) if weights else None
+
+
 @dataclass(frozen=True)
 class OverrideRule:
     """One `-ot REGEX=DEV`: tensors whose name the regex finds (std::regex_search semantics) go to DEV.
 
-    Python's `re` stands in for std::regex's ECMAScript grammar; they agree on what -ot patterns use
-    (`.`, `\\.`, `[0-9]`, `(a|b)`, `{m,n}`, anchors)."""
+    `REGEX=DEV1,DEV2[,...]` splits expert tensors (ffn_*_exps) along the expert axis over the devices: evenly, or
+    by the shares given as `DEV:W` (ikctl's extension: llama.cpp places a tensor on one device). Python's `re`
+    stands in for std::regex's ECMAScript grammar; they agree on what -ot patterns use (`.`, `\\.`, `[0-9]`,
+    `(a|b)`, `{m,n}`, anchors)."""
 
     pattern: str
-    device: str
+    device: str  # as written: one device, or the split's list
     regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    devices: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    shares: tuple[float, ...] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.pattern:
@@ -128,15 +159,31 @@ class OverrideRule:
         except re.error as e:
             raise PlacementError(f"-ot '{self}': '{self.pattern}' is not a valid regex ({e})") from None
         try:
-            device = device_name(self.device)
+            if _DEVICE_LIST.fullmatch(self.device) is None:
+                device_name(self.device)  # names what is wrong with it
+                raise PlacementError(f"'{self.device}' is not a device or a list of devices")
+            devices, shares = parse_shares(self.device)
         except PlacementError as e:
             raise PlacementError(f"-ot '{self}': {e}") from None
-        object.__setattr__(self, "device", device)
+        text = devices[0] if len(devices) == 1 and shares is None else ",".join(
+            d + (f":{w:g}" if shares else "") for d, w in zip(devices, shares or [0.0] * len(devices), strict=True))
+        object.__setattr__(self, "device", text)
         object.__setattr__(self, "regex", regex)
+        object.__setattr__(self, "devices", devices)
+        object.__setattr__(self, "shares", shares)
+
+    @property
+    def split(self) -> bool:
+        """Whether the rule splits expert tensors over several devices."""
+        return len(self.devices) > 1
 
     @classmethod
     def parse(cls, text: str) -> OverrideRule:
-        """One `REGEX=DEV`; split at the last `=` (device names have none), so the regex may hold `=`."""
+        """One `REGEX=DEV`; split at the `=` before the device list (device names have none), so the regex may
+        hold `=`."""
+        m = re.fullmatch(rf"(.+)=((?:{_DEVICE_LIST.pattern}))", text)
+        if m is not None:
+            return cls(m[1], m[2])
         pattern, eq, dev = text.rpartition("=")
         if not eq:
             raise PlacementError(f"-ot '{text}' needs REGEX=DEV (e.g. -ot exps=CPU)")
@@ -151,10 +198,10 @@ class OverrideRule:
 
 def parse_override(text: str) -> list[OverrideRule]:
     """One -ot value. Like llama.cpp it may list several rules (`a=CPU,b=RPC[h:p]`); a comma splits only
-    after a complete `=DEV`, so regexes such as `blk\\.[0-9]{1,2}\\.` keep their commas."""
+    after a complete `=DEV` (or `=DEV1,DEV2` list), so regexes such as `blk\\.[0-9]{1,2}\\.` keep their commas."""
     rules, rest = [], text
     while True:
-        m = re.match(r"(.+?=(?:CPU|CUDA\d+|RPC\d*\[[^\[\]]*\])),(?=.+=)", rest)
+        m = re.match(rf"(.+?=(?:{_DEVICE_LIST.pattern})),(?=.+=)", rest)
         if m is None:
             rules.append(OverrideRule.parse(rest))
             return rules

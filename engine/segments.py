@@ -22,6 +22,7 @@ from engine.errors import IkctlError
 from engine.forward_pass import Op
 from engine.kernels import MATVEC_MAX_T, TILE_BYTES, activations, drop_tile_scratch
 from engine.kv_cache import CACHE_TYPES, KVCache, row_bytes
+from engine.moe import NO_EXPERT
 from engine.ops import to_host
 from engine.placement import op_part, tensor_layer
 from engine.quant import QTensor
@@ -538,7 +539,7 @@ class SegmentRunner:
         idx = state.get("idx")
         if idx is not None and idx.shape[1] > 1 and idx.size:
             ordered = np.sort(np.asarray(idx), axis=1)
-            if (ordered[:, 1:] == ordered[:, :-1]).any():
+            if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != NO_EXPERT)).any():
                 raise ValueError("idx names an expert twice for one token")
 
     def kv(self, op: str, seq_id: int, n: int) -> int:

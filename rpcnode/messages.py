@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 1  # 1.1: RunSegment.seqs (several sequences in one run)
+PROTOCOL_MINOR = 2  # 1.1: RunSegment.seqs (several sequences in one run); 1.2: expert id -1 (split experts)
 MAX_DIMS = 8  # hard cap in the schema; Limits.max_dims may only be lower
 MAX_RUN_SEQUENCES = 64  # hard cap in the schema on RunSegment.seqs; a worker may take fewer
 
@@ -125,7 +125,7 @@ Name = Annotated[str, Meta(max_length=256)]
 Text = Annotated[str, Meta(max_length=4096)]
 Nonce = Annotated[bytes, Meta(max_length=64)]
 Shape = Annotated[list[U64], Meta(max_length=MAX_DIMS)]
-DType = Literal["f32", "f16", "i32", "i64", "u8"]
+DType = Literal["f32", "f16", "i32", "i64", "u8", "f64"]  # f64 since 1.2
 Scalar = str | int | float | bool
 ArgValue = Scalar | Annotated[list[Scalar], Meta(max_length=65536)]
 

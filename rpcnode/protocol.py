@@ -315,7 +315,7 @@ def set_nodelay(conn: socket.socket | asyncio.StreamWriter) -> None:
 # --- arrays in the payload ---
 _DTYPES: dict[str, np.dtype] = {
     "f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i32": np.dtype("<i4"), "i64": np.dtype("<i8"),
-    "u8": np.dtype("<u1"),
+    "u8": np.dtype("<u1"), "f64": np.dtype("<f8"),  # f64 since 1.2: a split layer's partial sums
 }
 _NAMES = {(dt.kind, dt.itemsize): name for name, dt in _DTYPES.items()}  # any byte order packs as little-endian
 

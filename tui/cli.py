@@ -225,7 +225,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     n_layers = int(f.get(f"{f.architecture}.block_count"))
     cfg = model_config(f)
     placement = plan(f.tensors.values(), n_layers, devices, rules, kv_bytes_per_layer=kv_bytes_per_layer(cfg, opts),
-                     program_bytes_per_layer=program_bytes_per_layer(cfg, opts, f.tensors.values()))
+                     program_bytes_per_layer=program_bytes_per_layer(cfg, opts, f.tensors.values()),
+                     n_experts=f.expert_count)
     total = sum(t.n_bytes for t in f.tensors.values())
     print(f"model: {f.path.name} ({f.architecture}, {n_layers} layers, {len(f.tensors)} tensors, "
           f"{format_bytes(total)})")

@@ -24,16 +24,18 @@ from tui.formatting import size_flag
 
 @dataclass(frozen=True)
 class ModelHeader:
-    """What planning needs from a GGUF header: tensor names and sizes, and the layer count."""
+    """What planning needs from a GGUF header: tensor names and sizes, the layer and routed expert counts."""
 
     name: str
     arch: str
     n_layers: int
     tensors: tuple[tuple[str, int], ...]
+    n_experts: int = 0
 
     @classmethod
-    def from_tensors(cls, name: str, arch: str, n_layers: int, tensors: Sequence[TensorLike]) -> ModelHeader:
-        return cls(name, arch, n_layers, tuple((t.name, t.n_bytes) for t in tensors))
+    def from_tensors(cls, name: str, arch: str, n_layers: int, tensors: Sequence[TensorLike],
+                     n_experts: int = 0) -> ModelHeader:
+        return cls(name, arch, n_layers, tuple((t.name, t.n_bytes) for t in tensors), n_experts)
 
     @property
     def total_bytes(self) -> int:
@@ -97,7 +99,8 @@ class PlanFlags:
     def plan(self, header: ModelHeader, check_capacity: bool = True) -> Placement:
         """The plan, or a PlacementError naming the bad flag (or, when checking, the device that overflows)."""
         rules = self.rules()
-        return plan(header.tensors, header.n_layers, self.devices(rules), rules, check_capacity=check_capacity)
+        return plan(header.tensors, header.n_layers, self.devices(rules), rules, check_capacity=check_capacity,
+                    n_experts=header.n_experts)
 
     def command_line(self, model: str | None = None) -> str:
         """The `ikctl plan` command that gives the same plan, for copying into a terminal."""

@@ -36,7 +36,8 @@ def read_header(model_path: str | None) -> ModelHeader:
     """Only the GGUF header: tensor data stays unread in the map (the default model is made on first use)."""
     f = GGUFFile(model_path or default_model_path())
     n_layers = int(f.get(f"{f.architecture}.block_count"))
-    return ModelHeader.from_tensors(Path(f.path).name, f.architecture, n_layers, list(f.tensors.values()))
+    return ModelHeader.from_tensors(Path(f.path).name, f.architecture, n_layers, list(f.tensors.values()),
+                                    f.expert_count)
 
 
 class PlacementScreen(Screen[None]):
