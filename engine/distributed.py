@@ -250,12 +250,14 @@ def tensor_part(gguf: GGUFFile, name: str, part: ExpertSlice | None, digest: str
     """What a worker is offered for a tensor (whose digest is given), or for its range of experts of a split
     expert tensor (bytes [first, stop) x one expert's, hashed here), and how its segment program names it."""
     t = gguf.tensors[name]
-    shape, a, b = t.shape, 0, t.n_bytes
-    if part is not None:
-        per = t.n_bytes // t.shape[0]
-        shape, a, b = (part.count, *t.shape[1:]), part.first * per, part.stop * per
-        digest = hash_bytes(tensor_bytes(gguf, name)[a:b])
-    spec = OfferSpec(digest, b - a, t.qtype, list(reversed(shape)), name, lambda: tensor_bytes(gguf, name)[a:b])
+    if part is None:
+        spec = OfferSpec(digest, t.n_bytes, t.qtype, list(reversed(t.shape)), name, lambda: tensor_bytes(gguf, name))
+        return spec, (digest, t.qtype, t.shape)
+    per = t.n_bytes // t.shape[0]
+    shape, a, b = (part.count, *t.shape[1:]), part.first * per, part.stop * per
+    whole, digest = digest, hash_bytes(tensor_bytes(gguf, name)[a:b])
+    spec = OfferSpec(digest, b - a, t.qtype, list(reversed(shape)), name, lambda: tensor_bytes(gguf, name)[a:b],
+                     part_of=whole, part_offset=a)
     return spec, (digest, t.qtype, tuple(shape))
 
 

@@ -141,11 +141,16 @@ class TensorCache:
         self._count("hits")
         return arr
 
-    def lookup(self, digest: str, nbytes: int | None = None, name: str | None = None) -> np.ndarray | None:
-        """`get`, else the same bytes from a local GGUF file under --models (never copied into the cache)."""
+    def lookup(self, digest: str, nbytes: int | None = None, name: str | None = None, part_of: str | None = None,
+               part_offset: int = 0) -> np.ndarray | None:
+        """`get`, else the same bytes from a local GGUF file under --models (never copied into the cache): the
+        tensor itself, or with part_of the nbytes at part_offset of the tensor whose digest that is (a range of a
+        split expert tensor)."""
         arr = self.get(digest)
         if arr is not None or self.models is None:
             return arr
+        if part_of is not None:
+            return self._lookup_part(digest, nbytes, name, part_of, part_offset)
         for _ in range(2):  # a second search after a stale record was dropped hashes the tensors afresh
             found = self.models.find(digest, nbytes=nbytes, name=name)
             if found is None:
@@ -155,6 +160,16 @@ class TensorCache:
                 return arr
             self.models.forget(found.path)
         return None
+
+    def _lookup_part(self, digest: str, nbytes: int | None, name: str | None, part_of: str,
+                     part_offset: int) -> np.ndarray | None:
+        """The range of a local tensor, verified against its own digest like any other bytes; None (upload it)
+        when the tensor is not here or the range is not inside it or not what was offered."""
+        assert self.models is not None
+        found = self.models.find(part_of, name=name)
+        if found is None or nbytes is None or part_offset + nbytes > found.nbytes:
+            return None
+        return self.link_or_read_from(found.path, found.offset + part_offset, nbytes, digest)
 
     def link_or_read_from(
         self, path: str | os.PathLike[str], offset: int, nbytes: int, digest: str

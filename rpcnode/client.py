@@ -52,6 +52,8 @@ class OfferSpec:
     shape: Sequence[int]
     name: str
     data: Callable[[], Any]  # returns a bytes-like object of nbytes (read only on a miss)
+    part_of: str | None = None  # the bytes are part_offset.. of the tensor with this digest (split experts)
+    part_offset: int = 0
 
 
 @dataclass
@@ -297,7 +299,9 @@ class Client:
         `on_tensor(spec, status)` is called after each tensor is settled (for progress bars)."""
         specs = list(specs)
         ids = [self._send(P.OfferTensor(digest=s.digest, nbytes=s.nbytes, ggml_type=s.ggml_type,
-                                        shape=list(s.shape), name=s.name[:256])) for s in specs]
+                                        shape=list(s.shape), name=s.name[:256],
+                                        **({"part_of": s.part_of, "part_offset": s.part_offset}
+                                           if s.part_of and self.minor >= 2 else {}))) for s in specs]
         replies = [self._recv(rid, P.OfferReply, self.timeout) for rid in ids]
         out = {}
         for spec, reply in zip(specs, replies, strict=True):

@@ -194,6 +194,10 @@ class OfferTensor(_Message, tag=int(Kind.OFFER_TENSOR), kw_only=True):
     ggml_type: U32
     shape: Shape
     name: Name = ""
+    # 1.2: the bytes are those at part_offset of the tensor whose digest is part_of (a range of a split expert
+    # tensor), which a worker may find in a GGUF file of its own (--models)
+    part_of: Digest | None = None
+    part_offset: U64 = 0
 
 
 class OfferReply(_Message, tag=int(Kind.OFFER_REPLY), kw_only=True):

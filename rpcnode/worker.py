@@ -264,7 +264,7 @@ class Worker:
         if held is None and m.nbytes > self.mem_free:
             raise fail(E.OUT_OF_MEMORY, f"tensor {m.name or m.digest[:16]} needs {m.nbytes} bytes, {self.mem_free} "
                         f"of {self.mem_total} free (busy with another model? raise -m or free it)")
-        arr = self.cache.lookup(m.digest, m.nbytes, m.name or None)
+        arr = self.cache.lookup(m.digest, m.nbytes, m.name or None, m.part_of, m.part_offset)
         if arr is not None and (arr.nbytes == m.nbytes or held is not None):
             self.held[m.digest] = arr
             self.hits += 1

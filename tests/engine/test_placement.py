@@ -223,3 +223,67 @@ def test_format_table() -> None:
     assert lines[2].split() == ["CPU", "3", "3.0", "MiB", "-", "-", "embd", "0", "output"]
     assert lines[3].split() == ["RPC[127.0.0.1:50052]", "1", "2.0", "MiB", "4.0", "MiB", "50%", "0"]
     assert lines[4].split() == ["total", "4", "5.0", "MiB"]
+
+
+# ---- expert tensors split over devices (-ot REGEX=DEV1,DEV2) ------------------------------------------------------
+
+A, B = "RPC[10.0.0.1:50052]", "RPC[10.0.0.2:50052]"
+SPLIT_RULES = dict(rpc="10.0.0.1:50052,10.0.0.2:50052")
+
+
+def split_plan(ot: str, n_experts: int = 8, **kw: Any) -> Placement:
+    records = [("token_embd.weight", 100), ("output.weight", 100), ("blk.0.attn_q.weight", 10),
+               ("blk.0.ffn_gate_inp.weight", 4), *((f"blk.0.ffn_{p}_exps.weight", 80 * n_experts)
+                                                   for p in ("gate", "up", "down"))]
+    rules = PlacementRules.from_flags([ot], **SPLIT_RULES)
+    return plan(records, 1, devices_for(rules.rpc, kw.pop("capacities", None)), rules, n_experts=n_experts, **kw)
+
+
+def test_a_rule_with_several_devices_splits_experts_evenly() -> None:
+    p = split_plan(f"exps={A},{B}")
+    name = "blk.0.ffn_up_exps.weight"
+    assert [(s.device, s.first, s.count) for s in p.experts_of[name]] == [(A, 0, 4), (B, 4, 4)]
+    assert p.devices_of(name) == (A, B)
+    assert p.bytes_per_device[A] == p.bytes_per_device[B] == 3 * 80 * 4
+    assert name in p.tensors_on(A) and name in p.tensors_on(B)
+    assert p.explain(name) == f"{name} → experts 0-3 on {A}, experts 4-7 on {B} by rule 1 (-ot exps={A},{B})"
+    segs = p.segments(layer_ops(p.device_of, 1))
+    split = [s for s in segs if s.experts]
+    assert len(split) == 1 and split[0].ops == ((0, "moe_experts"),)
+
+
+def test_shares_size_the_ranges_and_cpu_may_hold_one() -> None:
+    p = split_plan(f"exps=CPU:1,{A}:3,{B}:4", n_experts=16)
+    assert [(s.device, s.first, s.count) for s in p.experts_of["blk.0.ffn_gate_exps.weight"]] == [
+        ("CPU", 0, 2), (A, 2, 6), (B, 8, 8)]
+    assert p.devices_used() == {"CPU", A, B}
+
+
+def test_split_ranges_count_against_capacities() -> None:
+    with pytest.raises(PlacementError, match=re.escape(B)):
+        split_plan(f"exps={A}:1,{B}:3", capacities={B: 3 * 80 * 5})  # B takes 6 experts of 8
+    split_plan(f"exps={A}:1,{B}:1", capacities={B: 3 * 80 * 5})  # 4 of 8 fit
+
+
+@pytest.mark.parametrize("ot, needle", [
+    (f"attn={A},{B}", "only expert tensors"),
+    (f"exps={A}:1,{B}", "give every device a share"),
+    (f"exps={A},{A}", "twice"),
+    (f"exps={A}:0,{B}:1", "> 0"),
+    (f"exps={A}:x,{B}:1", "must be a number"),
+])
+def test_bad_splits_are_one_line(ot: str, needle: str) -> None:
+    with pytest.raises(PlacementError, match=needle) as e:
+        split_plan(ot)
+    assert "\n" not in str(e.value)
+
+
+def test_more_devices_than_experts_is_refused() -> None:
+    with pytest.raises(PlacementError, match=r"leave .* none"):
+        split_plan(f"exps=CPU,{A},{B}", n_experts=2)
+
+
+def test_split_rules_read_like_llama_cpp_lists() -> None:
+    rules = parse_override(f"exps={A},{B},attn=CPU")
+    assert [(r.pattern, r.devices, r.shares) for r in rules] == [("exps", (A, B), None), ("attn", ("CPU",), None)]
+    assert str(OverrideRule.parse(f"exps={A}:3,{B}:1")) == f"exps={A}:3,{B}:1"
