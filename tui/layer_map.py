@@ -36,27 +36,34 @@ def tensor_kind(name: str, moe_layer: bool) -> str | None:
     return "dense" if rest.startswith("ffn_") else "attn"  # other per-layer norms travel with attention
 
 
+# A cell: a device name, the devices a layer's experts are split over (in range order), MIXED, or None.
+Cell = str | tuple[str, ...] | None
+
+
 @dataclass(frozen=True)
 class MapRow:
-    """One row of the map: a label and, per column, a device name, MIXED, or None (no such tensors)."""
+    """One row of the map: a label and, per column, a Cell."""
 
     label: str
-    cells: tuple[str | None, ...]
+    cells: tuple[Cell, ...]
 
 
-def _group_device(devices: set[str]) -> str | None:
+def _group_device(devices: set[str | tuple[str, ...]]) -> Cell:
     if not devices:
         return None
     return devices.pop() if len(devices) == 1 else MIXED
 
 
-def build_rows(device_of: Mapping[str, str], n_layers: int) -> list[MapRow]:
-    """embd row, one row per layer (columns KINDS), output row; the embd/output cell is the first column."""
+def build_rows(device_of: Mapping[str, str], n_layers: int,
+               split_over: Mapping[str, tuple[str, ...]] | None = None) -> list[MapRow]:
+    """embd row, one row per layer (columns KINDS), output row; the embd/output cell is the first column.
+    split_over: the devices of each expert tensor split over several."""
     moe = {tensor_layer(n) for n in device_of if ".ffn_gate_inp" in n}
-    groups: dict[tuple[int, str], set[str]] = {}
-    embd: set[str] = set()
-    out: set[str] = set()
-    for name, dev in device_of.items():
+    groups: dict[tuple[int, str], set[str | tuple[str, ...]]] = {}
+    embd: set[str | tuple[str, ...]] = set()
+    out: set[str | tuple[str, ...]] = set()
+    for name, one in device_of.items():
+        dev = (split_over or {}).get(name, one)
         layer = tensor_layer(name)
         if layer is None:
             (embd if name.startswith(_EMBD_STEMS) else out).add(dev)
@@ -86,7 +93,8 @@ def device_tags(devices: Sequence[str]) -> dict[str, str]:
 
 
 def placement_rows(placement: Placement) -> list[MapRow]:
-    return build_rows(placement.device_of, placement.n_layers)
+    return build_rows(placement.device_of, placement.n_layers,
+                      {n: placement.devices_of(n) for n in placement.experts_of})
 
 
 def kinds_present(rows: Iterable[MapRow]) -> list[bool]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from engine.placement import PlacementError, PlacementRules
-from tui.layer_map import KINDS, MIXED, build_rows, device_tags, kinds_present, tensor_kind
+from tui.layer_map import KINDS, MIXED, build_rows, device_tags, kinds_present, placement_rows, tensor_kind
 from tui.plan_flags import ModelHeader, PlanFlags
+from tui.widgets.placement_map import render_map
 
 RPC = "RPC[127.0.0.1:50052]"
 TENSORS = [("token_embd.weight", 100), ("output_norm.weight", 1), ("output.weight", 100),
@@ -86,3 +87,12 @@ def test_size_flag_is_human_and_never_claims_more(n: int, text: str) -> None:
     assert size_flag(n) == text
     back = parse_size(text)
     assert back <= n and n - back < max(1, n // 100)
+
+
+def test_experts_split_over_devices_show_each_device() -> None:
+    flags = PlanFlags(override_tensor=f"exps=CPU,{RPC}", rpc="127.0.0.1:50052")
+    header = ModelHeader("m.gguf", "deepseek2", 2, tuple(TENSORS), n_experts=8)
+    rows = placement_rows(flags.plan(header))
+    assert rows[2].cells[KINDS.index("experts")] == ("CPU", RPC)
+    text = render_map(rows, ["CPU", RPC]).plain
+    assert "CPUR1" in text.replace(" ", "")

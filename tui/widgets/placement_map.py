@@ -7,7 +7,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from engine.placement import Placement
-from tui.layer_map import KINDS, MIXED, MapRow, device_tags, placement_rows
+from tui.layer_map import KINDS, MIXED, Cell, MapRow, device_tags, placement_rows
 from tui.widgets.device_colors import MIXED_COLOR, device_colors
 
 CELL = 7
@@ -29,12 +29,19 @@ def render_map(rows: list[MapRow], devices: list[str]) -> Text:
     return out
 
 
-def _append_cell(out: Text, device: str | None, colors: dict[str, str], tags: dict[str, str]) -> None:
+def _append_cell(out: Text, device: Cell, colors: dict[str, str], tags: dict[str, str]) -> None:
     if device is None:
         out.append("·".center(CELL), style="dim")
         return
     if device == MIXED:
         out.append("mix".center(CELL - 1), style=f"bold white on {MIXED_COLOR}")
+    elif isinstance(device, tuple):  # experts split over devices: each tag in its device's colour
+        width, names = CELL - 1, [tags[d] for d in device]
+        if sum(map(len, names)) > width:  # R1..R9 fit; more devices keep their first letters
+            names = [n[: max(1, width // len(names))] for n in names]
+        for d, name in zip(device, names, strict=True):
+            out.append(name, style=f"bold black on {colors[d]}")
+        out.append(" " * max(0, width - sum(map(len, names))) + " ")
     else:
         out.append(tags[device].center(CELL - 1), style=f"bold black on {colors[device]}")
     out.append(" ")  # a gap, so that equal neighbours still read as separate cells

@@ -1,0 +1,201 @@
+"""Experts split over two workers (expert parallel) vs all experts on one, across the emulated gigabit LAN of
+lan_bench.py (issue 16).
+
+    sudo python benchmarks/expert_parallel_bench.py [--rtt 0.4] [-n 32] [--rounds 5] [--phase-reps 200]
+                                                    [--dtype Q8_0] [--dir DIR] [--json OUT]
+
+Two rpcnode workers run in lan_bench's network namespace (1 Gbit/s HTB each way, RTT from delay_proxy.py's hold,
+calibrated on a ping-pong), every process -t 1, polling off (on 2 cores a spinning process takes a core from
+another). The coordinator keeps attention, the dense layer, the router and the shared experts. Two placements of
+the same bench model, loaded once each: `-ot exps=RPC[w1]` (one worker holds every expert) and
+`-ot exps=RPC[w1],RPC[w2]` (experts 0-31 on w1, 32-63 on w2). Measured, the two alternating per round:
+
+- TG: tokens/s of -n decodes after a 16-token prompt, with round trips and bytes on the wire per token;
+- the expert phase: one MoE layer's routed experts for one decoded token (random routing of 6 of 64 experts),
+  from sending the hidden state to holding every partial sum, with the shared experts already computed, so
+  nothing else computes meanwhile (median of --phase-reps calls per round).
+
+Here the coordinator, both workers and the proxy share 2 cores, which caps the end-to-end gain; the expert phase
+shows what the split does to the bytes each machine reads per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from delay_proxy import ProxyProcess  # noqa: E402
+from lan_bench import ADDR_HERE, ADDR_THERE, NS, RATE, Lan, calibrate, in_ns, measure_rtt, preflight  # noqa: E402
+from rpc_bench import start_worker, stop, tg, wire_per_token  # noqa: E402
+
+from engine import load_model  # noqa: E402
+from engine.batch import Batch  # noqa: E402
+from engine.digests import model_digests  # noqa: E402
+from engine.distributed import DistributedNet  # noqa: E402
+from engine.gguf_file import GGUFFile  # noqa: E402
+from engine.placement_spec import TOKEN_ENV, TOKEN_FILE_ENV  # noqa: E402
+from engine.synth import bench_model  # noqa: E402
+from engine.user_cache import cache_dir  # noqa: E402
+
+
+def expert_step(net: DistributedNet) -> tuple[int, Any]:
+    """The first MoE layer's routed-experts segment and its executor."""
+    return next((k, e) for k, e in net.steps if net.segments[k].ops == ((net.segments[k].ops[0][0], "moe_experts"),))
+
+
+def phase_seconds(model: Any, reps: int, seed: int) -> float:
+    """Median seconds of one layer's routed experts for one token, the shared experts' output given."""
+    net = model.net
+    k, executor = expert_step(net)
+    cfg = net.cfg
+    rng = np.random.default_rng(seed)
+    cache = model.new_cache(8)
+    batch, positions = Batch.of([cache], [1]), np.zeros(1, np.int64)
+    times = []
+    for _ in range(reps):
+        state = {"x": np.zeros((1, cfg.hidden_size), np.float32),
+                 "h": rng.standard_normal((1, cfg.hidden_size)).astype(np.float32),
+                 "idx": rng.choice(cfg.n_routed_experts, (1, cfg.n_experts_per_tok), replace=False),
+                 "w": rng.random((1, cfg.n_experts_per_tok)).astype(np.float32),
+                 "shared": np.zeros((1, cfg.hidden_size), np.float32)}
+        t0 = time.perf_counter()
+        executor.run(k, state, positions, batch)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    path = bench_model(args.dir, args.dtype)
+    token_file = args.dir / "ep-bench.token"
+    token_file.write_text(secrets.token_hex(32) + "\n")
+    token_file.chmod(0o600)
+    os.environ[TOKEN_FILE_ENV] = str(token_file)
+    os.environ[TOKEN_ENV] = token_file.read_text().strip()
+    lan = Lan()
+    procs: list[subprocess.Popen[Any]] = []
+    proxy: ProxyProcess | None = None
+    models: list[Any] = []
+    try:
+        lan.up()
+        eps = []
+        for n in (1, 2):
+            worker, ep = start_worker(args.dir / f"ep-cache-{n}", 1, args.dir / f"ep-worker-{n}.log", wrap=in_ns(),
+                                      extra=["--host", ADDR_THERE, "--token-file", str(token_file), "--poll", "0"])
+            procs.append(worker)
+            eps.append(ep)
+        echo = subprocess.Popen(in_ns(sys.executable, str(HERE / "delay_proxy.py"), "echo", "--listen",
+                                      f"{ADDR_THERE}:0"), stdout=subprocess.PIPE, text=True)
+        procs.append(echo)
+        assert echo.stdout is not None
+        echo_ep = echo.stdout.readline().split()[1]
+        proxy = ProxyProcess([(f"{ADDR_HERE}:0", eps[0]), (f"{ADDR_HERE}:0", eps[1]), (f"{ADDR_HERE}:0", echo_ep)])
+        w1, w2, echo_via = proxy.addresses
+        base = measure_rtt(echo_via)["median_ms"]
+        rtt = calibrate(proxy, echo_via, args.rtt, base)
+        print(f"RTT {rtt['median_ms']:.3f} ms (hold {rtt['hold_ms_each_way']:.3f} ms each way)", file=sys.stderr)
+        model_digests(GGUFFile(path))
+        proxy.set_delay(0.0)  # load at full speed, then hold
+        common = dict(threads=1, rpc=f"{w1},{w2}", rpc_poll=0.0)
+        one = load_model(path, override_tensor=[f"exps=RPC[{w1}]"], **common)
+        two = load_model(path, override_tensor=[f"exps=RPC[{w1}],RPC[{w2}]"], **common)
+        models += [one, two]
+        proxy.set_delay(rtt["hold_ms_each_way"] / 1e3)
+        cells: dict[str, dict[str, list[float]]] = {"one worker": {"tg": [], "phase_ms": []},
+                                                    "two workers": {"tg": [], "phase_ms": []}}
+        for r in range(args.rounds):
+            order = [("one worker", one), ("two workers", two)]
+            for name, model in order if r % 2 == 0 else order[::-1]:
+                cells[name]["tg"].append(tg(model, args.n))
+                cells[name]["phase_ms"].append(1e3 * phase_seconds(model, args.phase_reps, r))
+            print(f"  round {r + 1}: " + ", ".join(f"{k} TG {v['tg'][-1]:.2f} t/s, expert phase "
+                                                   f"{v['phase_ms'][-1]:.3f} ms" for k, v in cells.items()),
+                  file=sys.stderr)
+        rows = {}
+        for name, model in (("one worker", one), ("two workers", two)):
+            rows[name] = {"tg_best": max(cells[name]["tg"]), "tg_median": statistics.median(cells[name]["tg"]),
+                          "phase_ms_median": statistics.median(cells[name]["phase_ms"]),
+                          "tg_all": cells[name]["tg"], "phase_ms_all": cells[name]["phase_ms"],
+                          **wire_per_token(model, args.n)}
+        return {"model": path.name, "rate": RATE, "rtt": rtt, "n": args.n, "rounds": args.rounds,
+                "phase_reps": args.phase_reps, "namespace": NS, "rows": rows}
+    finally:
+        for m in models:
+            with contextlib.suppress(Exception):
+                m.net.close()
+        if proxy is not None:
+            proxy.close()
+        for p in reversed(procs):
+            stop(p)
+        lan.down()
+        token_file.unlink(missing_ok=True)
+
+
+def print_table(res: dict[str, Any]) -> None:
+    rows = res["rows"]
+    print(f"model {res['model']}, two workers in namespace {res['namespace']} behind {res['rate']} HTB, RTT "
+          f"{res['rtt']['median_ms']:.3f} ms; every process -t 1, polling off; {res['rounds']} rounds alternating")
+    print()
+    print("| experts on | TG best | TG median | round trips/token | wire/token | expert phase (median) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['tg_best']:.2f} t/s | {r['tg_median']:.2f} t/s | {r['round_trips_per_token']:.1f} | "
+              f"{r['wire_bytes_per_token'] / 1e3:.1f} kB | {r['phase_ms_median']:.3f} ms |")
+    one, two = rows["one worker"], rows["two workers"]
+    print()
+    print(f"two workers / one: TG {two['tg_median'] / one['tg_median']:.2f}x (medians), expert phase "
+          f"{two['phase_ms_median'] / one['phase_ms_median']:.2f}x of one worker's time (goal <= 0.6x)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="Q8_0")
+    p.add_argument("-n", type=int, default=32, help="decoded tokens per TG measurement")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--phase-reps", type=int, default=200, help="expert-phase calls per round")
+    p.add_argument("--rtt", type=float, default=0.4, help="round-trip time to emulate, ms")
+    p.add_argument("--dir", type=Path, default=None, help="model and caches (default: <ikctl cache dir>/rpc-bench)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    why = preflight()
+    if why:
+        print(f"expert_parallel_bench: {why}", file=sys.stderr)
+        return 1
+    args.dir = args.dir or cache_dir() / "rpc-bench"
+    args.dir.mkdir(parents=True, exist_ok=True)
+    for n in (1, 2):
+        shutil.rmtree(args.dir / f"ep-cache-{n}", ignore_errors=True)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        res = run(args)
+    except KeyboardInterrupt:
+        print("expert_parallel_bench: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    print_table(res)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
