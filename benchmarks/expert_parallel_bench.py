@@ -8,10 +8,11 @@ Two rpcnode workers run in lan_bench's network namespace (1 Gbit/s HTB each way,
 calibrated on a ping-pong), every process -t 1, polling off (on 2 cores a spinning process takes a core from
 another). The coordinator keeps attention, the dense layer, the router and the shared experts. Two placements of
 the same bench model, loaded once each: `-ot exps=RPC[w1]` (one worker holds every expert) and
-`-ot exps=RPC[w1],RPC[w2]` (experts 0-31 on w1, 32-63 on w2). Measured, the two alternating per round:
+`-ot exps=RPC[w1],RPC[w2]` (each worker half of each layer's experts), beside the model all here (-t 1).
+Measured, the three alternating per round:
 
 - TG: tokens/s of -n decodes after a 16-token prompt, with round trips and bytes on the wire per token;
-- the expert phase: one MoE layer's routed experts for one decoded token (random routing of 6 of 64 experts),
+- the expert phase: one MoE layer's routed experts for one decoded token (random routing of K of E experts),
   from sending the hidden state to holding every partial sum, with the shared experts already computed, so
   nothing else computes meanwhile (median of --phase-reps calls per round).
 
@@ -113,14 +114,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model_digests(GGUFFile(path))
         proxy.set_delay(0.0)  # load at full speed, then hold
         common = dict(threads=1, rpc=f"{w1},{w2}", rpc_poll=0.0)
+        local = load_model(path, threads=1)
         one = load_model(path, override_tensor=[f"exps=RPC[{w1}]"], **common)
         two = load_model(path, override_tensor=[f"exps=RPC[{w1}],RPC[{w2}]"], **common)
         models += [one, two]
         proxy.set_delay(rtt["hold_ms_each_way"] / 1e3)
         cells: dict[str, dict[str, list[float]]] = {"one worker": {"tg": [], "phase_ms": []},
                                                     "two workers": {"tg": [], "phase_ms": []}}
+        local_tg: list[float] = []
         for r in range(args.rounds):
             order = [("one worker", one), ("two workers", two)]
+            local_tg.append(tg(local, args.n))
             for name, model in order if r % 2 == 0 else order[::-1]:
                 cells[name]["tg"].append(tg(model, args.n))
                 cells[name]["phase_ms"].append(1e3 * phase_seconds(model, args.phase_reps, r))
@@ -133,8 +137,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "phase_ms_median": statistics.median(cells[name]["phase_ms"]),
                           "tg_all": cells[name]["tg"], "phase_ms_all": cells[name]["phase_ms"],
                           **wire_per_token(model, args.n)}
-        return {"model": path.name, "rate": RATE, "rtt": rtt, "n": args.n, "rounds": args.rounds,
-                "phase_reps": args.phase_reps, "namespace": NS, "rows": rows}
+        return {"model": path.name, "model_path": str(path), "rate": RATE, "rtt": rtt, "n": args.n,
+                "rounds": args.rounds, "phase_reps": args.phase_reps, "namespace": NS, "rows": rows,
+                "local_tg_median": statistics.median(local_tg), "local_tg_all": local_tg}
     finally:
         for m in models:
             with contextlib.suppress(Exception):
@@ -150,7 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(res: dict[str, Any]) -> None:
     rows = res["rows"]
     print(f"model {res['model']}, two workers in namespace {res['namespace']} behind {res['rate']} HTB, RTT "
-          f"{res['rtt']['median_ms']:.3f} ms; every process -t 1, polling off; {res['rounds']} rounds alternating")
+          f"{res['rtt']['median_ms']:.3f} ms; every process -t 1, polling off; {res['rounds']} rounds alternating; "
+          f"all local (-t 1): TG {res['local_tg_median']:.2f} t/s (median)")
     print()
     print("| experts on | TG best | TG median | round trips/token | wire/token | expert phase (median) |")
     print("|---|---|---|---|---|---|")

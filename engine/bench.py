@@ -156,11 +156,7 @@ def placement_bytes(model: Model) -> dict[str, int]:
     placement = getattr(model.net, "placement", None)
     if placement is None:
         return {"CPU": model.gguf.file_bytes}
-    out: dict[str, int] = {}
-    for name, t in model.gguf.tensors.items():
-        device = placement.device_of.get(name, "CPU")
-        out[device] = out.get(device, 0) + t.n_bytes
-    return out
+    return {d: n for d, n in placement.bytes_per_device.items() if n}  # split experts: each device's range
 
 
 @dataclass(frozen=True)
