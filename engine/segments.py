@@ -527,8 +527,8 @@ class SegmentRunner:
             return {k: to_host(v) for k, v in state.items()} if xp is not np else state
 
     def _check_widths(self, state: Mapping[str, np.ndarray]) -> None:
-        """Hidden states as wide as the model's, routing of n_experts_per_tok distinct experts per token: the
-        scratch counted before the run (run_scratch_bytes) holds for these widths only."""
+        """Hidden states as wide as the model's, routing of n_experts_per_tok distinct experts per token, float64
+        for w alone: the scratch counted before the run (run_scratch_bytes) holds for these only."""
         c = self.program.cfg
         widths = {"x": c.hidden_size, "h": c.hidden_size, "shared": c.hidden_size, "y": c.hidden_size,
                   "idx": getattr(c, "n_experts_per_tok", 0), "w": getattr(c, "n_experts_per_tok", 0)}
@@ -536,6 +536,9 @@ class SegmentRunner:
             a = state.get(name)
             if a is not None and tuple(a.shape[1:]) != (width,):
                 raise ValueError(f"{name} has shape {list(a.shape)}; the model's rows have {width} values")
+        wide = sorted(k for k, v in state.items() if getattr(v, "dtype", None) == np.float64 and k != "w")
+        if wide:  # the scratch counted holds for 4-byte floats; only a split layer's routing weights are wider
+            raise ValueError(f"{', '.join(wide)} may not be float64 (only w, a split layer's routing weights)")
         idx = state.get("idx")
         if idx is not None and idx.shape[1] > 1 and idx.size:
             ordered = np.sort(np.asarray(idx), axis=1)

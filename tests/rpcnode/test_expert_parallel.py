@@ -137,3 +137,21 @@ def test_split_with_the_worker_reading_its_range_from_its_own_file(workers: Call
     model = load_model(moe_model, rpc=w.endpoint, override_tensor=[f"exps=CPU,{w.device}"])
     assert model.net.load_stats.bytes_uploaded == 0
     assert_identical(run_sequence(model), run_sequence(load_model(moe_model)))
+
+
+def test_a_worker_takes_float64_for_routing_weights_only(workers: Callable[..., WorkerProc], moe_model: Path) -> None:
+    w = workers()
+    model = load_model(moe_model, rpc=w.endpoint, override_tensor=[f"exps=CPU,{w.device}"])
+    segment_id = model.net.remote[0][0]
+    client = model.net.clients[w.device]
+    D, K = model.config.hidden_size, model.config.n_experts_per_tok
+    idx = np.array([[0, 1, 2, 3]])  # ids count from the worker's first expert
+    ok = client.finish_segment(client.start_segment(segment_id, [(1, 0, 1)], [
+        ("h", np.ones((1, D), np.float32)), ("idx", idx), ("w", np.ones((1, K), np.float64))]))
+    assert ok["y"].dtype == np.float64
+    with pytest.raises(RPCError, match=r"BAD_ARRAY.*h may not be float64"):
+        client.finish_segment(client.start_segment(segment_id, [(1, 0, 1)], [
+            ("h", np.ones((1, D), np.float64)), ("idx", idx), ("w", np.ones((1, K), np.float32))]))
+    with pytest.raises(RPCError, match=r"BAD_ARRAY.*do not fit"):  # ids below "no expert here"
+        client.finish_segment(client.start_segment(segment_id, [(1, 0, 1)], [
+            ("h", np.ones((1, D), np.float32)), ("idx", idx - 2), ("w", np.ones((1, K), np.float32))]))
