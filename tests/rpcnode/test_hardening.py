@@ -164,14 +164,15 @@ def test_a_program_naming_a_list_for_its_architecture_is_bad_program(worker: Wor
 def test_ids_past_their_table_are_bad_array_not_wrapped(worker: WorkerProc, sessions: dict[str, list[Request]],
                                                        placement: str, section: str) -> None:
     """Expert ids and token ids index tables on the worker: a negative one must not silently pick the last row
-    (NumPy's indexing would), nor a huge one read past the table."""
+    (NumPy's indexing would), nor a huge one read past the table. (Expert id -1 means "no expert here", protocol
+    1.2: the most negative id refused there is -2.)"""
     run = first(sessions[placement], P.Kind.RUN_SEGMENT)
     specs = [msgspec.convert(x, P.ArraySpec) for x in run.doc["sections"]]
     (a, b), = [ab for spec, ab in zip(specs, P.sections_layout(specs), strict=True) if spec.name == section]
     with Session(worker.endpoint) as s:
         restore(s, sessions[placement])
         assert isinstance(s.ask(run.doc, run.payload), P.RunReply)
-        for v in (-1, -(2**31), 2**31 - 1):
+        for v in (-2 if section == "idx" else -1, -(2**31), 2**31 - 1):
             payload = run.payload[:a] + np.full((b - a) // 8, v, dtype="<i8").tobytes() + run.payload[b:]
             reply = s.ask(run.doc, payload)
             assert_typed(reply, P.ErrorCode.BAD_ARRAY)
