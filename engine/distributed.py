@@ -134,7 +134,6 @@ class DistributedNet:
             self.gpu = gpu_runners(gguf, self.cfg, self.segments, opts, context_size(self.cfg, opts))
         self.executors = self._executors()
         self.steps = [(k, self.executors[s.device]) for k, s in enumerate(self.segments)]
-        self.pipeline = opts.pipeline
         self.load_stats = LoadStats()
         self._seq_ids = itertools.count(secrets.randbelow(1 << 31))
         self._closer = weakref.finalize(self, _close, list(self.executors.values()))
@@ -207,12 +206,13 @@ class DistributedNet:
         parts = [run_pass(self.steps, items[a : a + MAX_SEQUENCES]) for a in range(0, len(items), MAX_SEQUENCES)]
         return np.concatenate(parts)  # a copy: the replies' buffers are read-only
 
-    def forward_passes(self, passes: Sequence[Sequence[Item]], all_logits: bool = False) -> list[np.ndarray]:
-        """Several passes in order (a call's micro-batches), pipelined across the devices (engine.pipeline) unless
-        --no-pipeline: the same logits either way, each pass's as forward_batch's (forward's with all_logits)."""
+    def forward_passes(self, passes: Sequence[Sequence[Item]], all_logits: bool = False,
+                       pipeline: bool = True) -> list[np.ndarray]:
+        """Several passes in order (a call's micro-batches), pipelined across the devices (engine.pipeline) or one
+        after another: the same logits either way, each pass's as forward_batch's (forward's with all_logits)."""
         runs = [[p[a : a + MAX_SEQUENCES] for a in range(0, len(p), MAX_SEQUENCES)] for p in passes]
         flat = [r for rs in runs for r in rs]
-        if self.pipeline and len(flat) > 1:
+        if pipeline and len(flat) > 1:
             logits = iter(run_pipeline(self.steps, flat, all_logits))
         else:
             logits = (run_pass(self.steps, r, all_logits) for r in flat)

@@ -71,7 +71,7 @@ class Options:
         return self
 
 
-RUN_OPTIONS = ("ctx_size", "ubatch_size", "threads")  # options a loaded model can change (Model.with_options)
+RUN_OPTIONS = ("ctx_size", "ubatch_size", "threads", "pipeline")  # options a loaded model can change (with_options)
 
 
 class Network(Protocol):
@@ -100,7 +100,7 @@ class Model:
         self.tokenizer = Tokenizer.from_gguf(gguf)
 
     def with_options(self, **changes: Any) -> Model:
-        """The same loaded weights (and workers) with other run options: ctx_size, ubatch_size, threads.
+        """The same loaded weights (and workers) with other run options: ctx_size, ubatch_size, threads, pipeline.
 
         The workers' KV caches were sized for the context of the load, so a larger one needs a new load."""
         unknown = sorted(set(changes) - set(RUN_OPTIONS))
@@ -142,7 +142,7 @@ class Model:
         int8 = not self.options.float_activations
         with compute_threads(self.options.threads, min(len(ids), ub)), activations(int8):
             if len(chunks) > 1 and isinstance(self.net, DistributedNet):  # pipelined across the devices
-                outs = self.net.forward_passes([[(c, cache)] for c in chunks], all_logits)
+                outs = self.net.forward_passes([[(c, cache)] for c in chunks], all_logits, self.options.pipeline)
             else:
                 outs = [self.net.forward(c, cache, all_logits=all_logits) for c in chunks]
         return np.concatenate(outs, axis=0) if all_logits else outs[-1]
@@ -162,7 +162,7 @@ class Model:
         rows = min(sum(len(ids) for ids, _ in work), self.options.ubatch_size)
         with compute_threads(self.options.threads, rows), activations(not self.options.float_activations):
             if len(passes) > 1 and isinstance(self.net, DistributedNet):  # pipelined across the devices
-                results = self.net.forward_passes(passes)
+                results = self.net.forward_passes(passes, pipeline=self.options.pipeline)
             else:
                 results = [self.net.forward_batch(p) for p in passes]
         for p, logits in zip(pieces, results, strict=True):

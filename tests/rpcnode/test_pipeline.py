@@ -94,9 +94,9 @@ def test_pipelined_passes_are_bitwise_the_sequential_ones_and_local(workers: Cal
                                                                     placement: str, mla: int, cache_type: str) -> None:
     ws = [workers()] if placement == "experts-remote" else [workers(), workers()]
     flags = {"ctx_size": 256, "mla": mla, "cache_type_k": cache_type, "ubatch_size": UB}
-    sequential = load_model(synth_model, **flags, **PLACEMENTS[placement](ws), pipeline=False)
     pipelined = load_model(synth_model, **flags, **PLACEMENTS[placement](ws))
-    assert pipelined.net.pipeline and len(pipelined.net.remote) >= 2
+    sequential = pipelined.with_options(pipeline=False)
+    assert pipelined.options.pipeline and len(pipelined.net.remote) >= 2
     want = prefill_truncate_batch(load_model(synth_model, **flags))
     base = prefill_truncate_batch(sequential)
     got = prefill_truncate_batch(pipelined)
@@ -116,8 +116,9 @@ def test_pipelined_llama_layer_split(workers: Callable[..., WorkerProc], smollm2
              "tensor_split": "1,1"}
     prompt = [int(t) for t in np.random.default_rng(5).integers(1, 49000, 24)]
     want = load_model(smollm2_path, ctx_size=64, ubatch_size=UB).logits(prompt)
-    base = load_model(smollm2_path, **flags, pipeline=False).logits(prompt)
-    got = load_model(smollm2_path, **flags).logits(prompt)
+    pipelined = load_model(smollm2_path, **flags)
+    base = pipelined.with_options(pipeline=False).logits(prompt)
+    got = pipelined.logits(prompt)
     np.testing.assert_array_equal(got, base)
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
 
