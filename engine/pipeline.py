@@ -41,8 +41,10 @@ def run_pipeline(steps: Sequence[Step], passes: Sequence[Sequence[Item]], all_lo
     """Each pass's logits, equal to run_pass's for the passes in order. At most one pass per device is under way
     (enough to keep all of them busy); a sequence's later passes reserve their cache rows after its earlier ones'."""
     window = len({id(ex) for _, ex in steps})
-    todo, flights, logits = deque(passes), list[Flight](), list[np.ndarray]()
+    todo = deque(passes)
+    flights: list[Flight] = []  # passes begun and not finished, oldest first
     waiting: deque[Flight] = deque()  # passes whose run is on a worker, in the order sent
+    logits: list[np.ndarray] = []
     try:
         while todo or flights:
             if todo and len(flights) < window:
