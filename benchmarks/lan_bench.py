@@ -1,6 +1,6 @@
 """Experts on a worker across an emulated gigabit LAN vs local: TG and PP ratios at 0, 0.4 and 1.25 ms RTT (issue 5).
 
-    sudo python benchmarks/lan_bench.py [-t 1] [--worker-threads 1] [-n 32] [--pp 128] [--rounds 3]
+    sudo python benchmarks/lan_bench.py [-t 1] [--worker-threads 1] [-n 32] [--pp 128] [-ub 512] [--rounds 3]
                                         [--rtt 0.4,1.25] [--poll MS] [--dtype Q8_0] [--dir DIR]
                                         [--json OUT]
 
@@ -11,8 +11,9 @@ calibrated so that a ping-pong of small messages through it measures the asked R
 model is loaded through the link once (a cold load: every expert tensor crosses the shaped link) and reused for
 every RTT. One rpcnode worker runs in the namespace with the expert tensors (`-ot exps=RPC[...]`); attention,
 the dense layer and the output stay local. Per RTT, interleaved per round with the local model (all tensors
-here, same threads): TG (tokens/s of -n decodes after a 16-token prompt), PP (tokens/s of one --pp prompt),
-best of --rounds, and the round trips and bytes on the wire per generated token from the client's counters.
+here, same threads): TG (tokens/s of -n decodes after a 16-token prompt), PP (tokens/s of one --pp prompt in
+micro-batches of -ub tokens, remote pipelined and with --no-pipeline), best of --rounds, and the round trips and
+bytes on the wire per generated token from the client's counters.
 The namespace, the link, the worker and the proxy are removed on exit, Ctrl-C included.
 """
 
@@ -120,7 +121,7 @@ def calibrate(proxy: ProxyProcess, echo_via: str, rtt_ms: float, base_ms: float)
 
 def bench_setting(local: Any, remote: Any, args: argparse.Namespace) -> dict[str, Any]:
     """TG and PP of the remote model and of the local one, interleaved per round (best of rounds), and the wire."""
-    best = {"tg_local": 0.0, "tg_remote": 0.0, "pp_local": 0.0, "pp_remote": 0.0}
+    best = {"tg_local": 0.0, "tg_remote": 0.0, "pp_local": 0.0, "pp_remote": 0.0, "pp_remote_no_pipeline": 0.0}
     paired: list[float] = []  # remote over local TG within each round: this host's speed drifts between rounds
     pp_rt = pp_bytes = 0
     for r in range(args.rounds):
@@ -129,12 +130,14 @@ def bench_setting(local: Any, remote: Any, args: argparse.Namespace) -> dict[str
         now["pp_remote"] = pp(remote, args.pp)
         rt1, b1 = wire_totals(remote)
         pp_rt, pp_bytes = rt1 - rt0, b1 - b0
+        now["pp_remote_no_pipeline"] = pp(remote.with_options(pipeline=False), args.pp)
         best = {k: max(v, now[k]) for k, v in best.items()}
         paired.append(now["tg_remote"] / now["tg_local"])
         print(f"  round {r + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in now.items()) + " t/s", file=sys.stderr)
     wire = wire_per_token(remote, args.n)
     return {**best, "tg_ratio": best["tg_remote"] / best["tg_local"], "tg_ratio_median": statistics.median(paired),
             "tg_ratios": paired, "pp_ratio": best["pp_remote"] / best["pp_local"],
+            "pp_ratio_no_pipeline": best["pp_remote_no_pipeline"] / best["pp_local"],
             "tg_extra_ms_per_token": 1e3 / best["tg_remote"] - 1e3 / best["tg_local"],
             "pp_round_trips": pp_rt, "pp_wire_bytes_per_token": pp_bytes / args.pp, **wire}
 
@@ -156,7 +159,8 @@ def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"model {res['model']} ({res['model_bytes'] / 2**20:.0f} MiB), experts on one worker in a network "
           f"namespace across a veth pair shaped to {RATE} (HTB, both ends); coordinator -t {args.threads}, worker "
           f"-t {args.worker_threads}, local -t {args.threads}; TG: -n {args.n} after a {len(res['prompt'])}-token "
-          f"prompt; PP: {args.pp}-token prompt; best of {args.rounds} rounds, local and remote interleaved; polling "
+          f"prompt; PP: {args.pp}-token prompt, -ub {args.ub}; best of {args.rounds} rounds, local and remote "
+          "interleaved; polling "
           f"{args.poll:g} ms both sides")
     print(f"small-message RTT (64 B ping-pong, median [p10-p90]): veth direct {rtts['direct']['median_ms']:.3f} ms, "
           + ", ".join(f"{k} {v['median_ms']:.3f} ms [{v['p10_ms']:.3f}-{v['p90_ms']:.3f}]"
@@ -167,13 +171,15 @@ def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
           f"{res['local_load_s']:.2f} s")
     print()
     print("| link | RTT measured | TG local | TG remote | TG ratio | TG ratio, median of rounds | extra ms/token "
-          "| PP local | PP remote | PP ratio | round trips/token | ms/round trip beyond compute | wire/token |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| PP local | PP remote | PP ratio | PP ratio --no-pipeline | round trips/token | ms/round trip beyond "
+          "compute | wire/token |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in res["settings"]:
         print(f"| {row['name']} | {row['rtt_ms']:.3f} ms | {row['tg_local']:.2f} t/s | {row['tg_remote']:.2f} t/s | "
               f"**{row['tg_ratio']:.2f}x** | **{row['tg_ratio_median']:.2f}x** | {row['tg_extra_ms_per_token']:.2f} | "
               f"{row['pp_local']:.1f} t/s | "
-              f"{row['pp_remote']:.1f} t/s | {row['pp_ratio']:.2f}x | {row['round_trips_per_token']:.0f} | "
+              f"{row['pp_remote']:.1f} t/s | {row['pp_ratio']:.2f}x | {row['pp_ratio_no_pipeline']:.2f}x | "
+              f"{row['round_trips_per_token']:.0f} | "
               f"{row['ms_per_round_trip_beyond_compute']:.3f} | "
               f"{row['wire_bytes_per_token'] / 1e3:.1f} kB |")
     a = ANCHOR
@@ -229,13 +235,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         model_digests(GGUFFile(path))  # hashed once per model file (stored): keep it out of the cold-load time
         t0 = time.perf_counter()
-        local = load_model(path, threads=args.threads)
+        local = load_model(path, threads=args.threads, ubatch_size=args.ub)
         local_load_s = time.perf_counter() - t0
         proxy.set_delay(0.0)
         print(f"cold load through the link (worker {worker_ep} via proxy {ep}) ...", file=sys.stderr)
         t0 = time.perf_counter()
-        remote = load_model(path, threads=args.threads, rpc=ep, override_tensor=[f"exps=RPC[{ep}]"],
-                            rpc_poll=args.poll)
+        remote = load_model(path, threads=args.threads, ubatch_size=args.ub, rpc=ep,
+                            override_tensor=[f"exps=RPC[{ep}]"], rpc_poll=args.poll)
         cold_s = time.perf_counter() - t0
         models.append(remote)
         cold = {"seconds": cold_s, "bytes_uploaded": remote.net.load_stats.bytes_uploaded,
@@ -247,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plan: list[tuple[str, Any, float, float]] = []
         if args.direct:
             # The same worker without the proxy (it holds the tensors already: a quick load): the proxy's own cost.
-            direct = load_model(path, threads=args.threads, rpc=worker_ep,
+            direct = load_model(path, threads=args.threads, ubatch_size=args.ub, rpc=worker_ep,
                                 override_tensor=[f"exps=RPC[{worker_ep}]"], rpc_poll=args.poll)
             models.append(direct)
             plan.append(("veth direct, no proxy", direct, 0.0, rtt["direct"]["median_ms"]))
@@ -261,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             settings.append({"name": name, "rtt_ms": rtt_ms, "hold_ms_each_way": hold * 1e3,
                              **bench_setting(local, model, args)})
         return {"model": path.name, "model_bytes": path.stat().st_size, "threads": args.threads,
-                "worker_threads": args.worker_threads, "n": args.n, "pp": args.pp, "rounds": args.rounds,
+                "worker_threads": args.worker_threads, "n": args.n, "pp": args.pp, "ub": args.ub, "rounds": args.rounds,
                 "prompt": PROMPT, "rate": RATE, "cpu": platform.processor() or platform.machine(),
                 "cores": os.cpu_count(), "rtt": rtt, "cold_load": cold, "local_load_s": local_load_s,
                 "settings": settings, "anchor": {**ANCHOR, "tg_ratio": {str(k): v for k, v in
@@ -285,6 +291,8 @@ def main() -> int:
     p.add_argument("--dtype", default="Q8_0")
     p.add_argument("-n", type=int, default=32, help="decoded tokens per TG measurement")
     p.add_argument("--pp", type=int, default=128, help="prompt tokens per PP measurement")
+    p.add_argument("-ub", "--ubatch-size", dest="ub", type=int, default=512,
+                   help="prompt tokens per micro-batch, here and remote (several make PP pipelined; default 512)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--poll", type=float, default=10.0, metavar="MS",
                    help="the worker's --poll and the coordinator's --rpc-poll (default 10, as in ikctl; 0: sleep)")

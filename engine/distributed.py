@@ -13,9 +13,20 @@ import numpy as np
 
 from engine.cuda.local import gpu_runners, local_gpus
 from engine.digests import hash_bytes, model_digests, tensor_bytes
-from engine.forward_pass import Executor, ExpertPart, ExpertsSplit, Here, OnGpu, OnWorker, expert_only, run_pass
+from engine.forward_pass import (
+    Executor,
+    ExpertPart,
+    ExpertsSplit,
+    Here,
+    Item,
+    OnGpu,
+    OnWorker,
+    expert_only,
+    run_pass,
+)
 from engine.gguf_file import TensorInfo
 from engine.kv_cache import KVCache, row_bytes
+from engine.pipeline import run_pipeline
 from engine.placement import (
     CPU,
     ExpertSlice,
@@ -224,6 +235,18 @@ class DistributedNet:
         each one's last logits [N, V]."""
         parts = [run_pass(self.steps, items[a : a + MAX_SEQUENCES]) for a in range(0, len(items), MAX_SEQUENCES)]
         return np.concatenate(parts)  # a copy: the replies' buffers are read-only
+
+    def forward_passes(self, passes: Sequence[Sequence[Item]], all_logits: bool = False,
+                       pipeline: bool = True) -> list[np.ndarray]:
+        """Several passes in order (a call's micro-batches), pipelined across the devices (engine.pipeline) or one
+        after another: the same logits either way, each pass's as forward_batch's (forward's with all_logits)."""
+        runs = [[p[a : a + MAX_SEQUENCES] for a in range(0, len(p), MAX_SEQUENCES)] for p in passes]
+        flat = [r for rs in runs for r in rs]
+        if pipeline and len(flat) > 1:
+            logits = iter(run_pipeline(self.steps, flat, all_logits))
+        else:
+            logits = (run_pass(self.steps, r, all_logits) for r in flat)
+        return [np.concatenate([next(logits) for _ in rs]) for rs in runs]  # copies: replies' buffers are read-only
 
 
 def _progress_reporter(device: str, specs: Sequence[OfferSpec],

@@ -21,7 +21,7 @@ import contextlib
 import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
@@ -79,12 +79,15 @@ def model_ops(n_layers: int, layer_parts: Callable[[int], tuple[str, ...]]) -> l
     return [(-1, "embd"), *((i, part) for i in range(n_layers) for part in layer_parts(i)), (n_layers, "output")]
 
 
-def begin(items: Sequence[Item], all_logits: bool = False) -> tuple[np.ndarray, Batch, State]:
+def begin(items: Sequence[Item], all_logits: bool = False,
+          ahead: Mapping[int, int] | None = None) -> tuple[np.ndarray, Batch, State]:
     """Reserve the cache rows of each sequence's new tokens: the pass's positions [T], its batch and first state.
-    n_out (logits kept per sequence) is all of its rows with all_logits, else its last."""
+    n_out (logits kept per sequence) is all of its rows with all_logits, else its last. `ahead` (by id of the
+    cache): rows that earlier passes still under way reserved (engine.pipeline), this pass's come after them."""
     ids = [np.asarray(i, dtype=np.int64) for i, _ in items]
     counts = [len(i) for i in ids]
-    starts = [cache.reserve(n) for (_, cache), n in zip(items, counts, strict=True)]
+    ahead = ahead or {}
+    starts = [cache.reserve(n, ahead.get(id(cache), 0)) for (_, cache), n in zip(items, counts, strict=True)]
     n_out = max(counts) if all_logits else 1
     state = {"ids": np.concatenate(ids), "n_out": np.asarray(n_out, dtype=np.int64)}
     return batch_positions(starts, counts), Batch.of([c for _, c in items], counts), state
@@ -185,6 +188,14 @@ class OnGpu:
         """The runners' arrays go with them."""
 
 
+class Sent(NamedTuple):
+    """A segment run sent to a worker: its index, the state entries it took, its request id."""
+
+    k: int
+    inputs: list[str]
+    request: int
+
+
 class OnWorker:
     """A worker's segments, each defined there once under an id: a run is one RunSegment request and one reply.
     While the worker runs a layer's routed experts alone, the coordinator runs that layer's shared experts."""
@@ -194,16 +205,32 @@ class OnWorker:
         self.client, self.segment_ids, self.segments, self.coordinator = client, segment_ids, segments, coordinator
 
     def run(self, k: int, state: State, positions: np.ndarray, batch: Batch) -> None:
-        seg = self.segments[k]
-        send = segment_inputs(seg, state)
+        sent = self.start(k, state, positions, batch)
+        try:
+            self.overlap(sent, state, positions, batch)
+        except BaseException:
+            self.client.drop_runs()
+            raise
+        self.finish(sent, state, positions, batch)
+
+    def start(self, k: int, state: State, positions: np.ndarray, batch: Batch) -> Sent:
+        """Send segment k's run; finish takes its reply."""
+        send = segment_inputs(self.segments[k], state)
         request = self.client.start_segment(self.segment_ids[k], seq_runs(positions, batch),
                                             [(n, state[n]) for n in send])
-        try:
-            if expert_only(seg) and "shared" not in state:  # both machines busy
-                self.coordinator((seg.ops[0][0], "shared_experts"), state, positions, batch)
-        finally:
-            out = self.client.finish_segment(request)
-        take_outputs(seg, state, send, out, self.coordinator, positions, batch)
+        return Sent(k, send, request)
+
+    def overlap(self, sent: Sent, state: State, positions: np.ndarray, batch: Batch) -> None:
+        """The coordinator's share of a sent run, done while the worker computes: the shared experts beside a
+        layer's routed experts alone."""
+        seg = self.segments[sent.k]
+        if expert_only(seg) and "shared" not in state:  # both machines busy
+            self.coordinator((seg.ops[0][0], "shared_experts"), state, positions, batch)
+
+    def finish(self, sent: Sent, state: State, positions: np.ndarray, batch: Batch) -> None:
+        """Wait for a sent run's reply and put its outputs in the state."""
+        out = self.client.finish_segment(sent.request)
+        take_outputs(self.segments[sent.k], state, sent.inputs, out, self.coordinator, positions, batch)
 
     def kv(self, op: str, seq_id: int, n: int) -> None:
         self.client.kv_op(op, seq_id, n)
@@ -300,6 +327,10 @@ class ExpertsSplit:
             state.pop(name)
         state["y"] = y.astype(np.float32)  # the float64 parts add exactly: the sum one device would make
         self.coordinator((layer, "moe_combine"), state, positions, batch)
+
+    def clients(self, k: int) -> list[Client]:
+        """The workers segment k asks."""
+        return [p.client for p in self.parts[k] if p.client is not None]
 
     def kv(self, op: str, seq_id: int, n: int) -> None:
         """Nothing: expert segments keep no cache."""

@@ -123,18 +123,20 @@ class KVCache:
         self.layers = [{name: _Stream(w, cache_type, xp) for name, w in widths.items()} for _ in range(n_layers)]
         self.n_past = 0
 
-    def reserve(self, n_new: int) -> int:
-        """Make room for n_new more positions; returns the first new position."""
-        end = self.n_past + n_new
+    def reserve(self, n_new: int, ahead: int = 0) -> int:
+        """Make room for n_new more positions after `ahead` positions that passes still in flight reserved (their
+        advance comes later); returns the first new position."""
+        first = self.n_past + ahead
+        end = first + n_new
         if end > self.n_ctx:
             raise IkctlError(
-                f"context is full: {self.n_past} cached + {n_new} new tokens exceed the context size "
+                f"context is full: {first} cached + {n_new} new tokens exceed the context size "
                 f"{self.n_ctx}; raise -c/--ctx-size"
             )
         for layer in self.layers:
             for s in layer.values():
                 s.ensure(self._grown(s.capacity, end))
-        return self.n_past
+        return first
 
     def _grown(self, capacity: int, end: int) -> int:
         """A stream's capacity once it holds `end` positions: doubled (at least 256) so that decoding token by

@@ -14,7 +14,7 @@ import numpy as np
 from engine.architectures import load_network
 from engine.batch import micro_batches
 from engine.chat_template import apply_chat_template
-from engine.distributed import distribute
+from engine.distributed import DistributedNet, distribute
 from engine.errors import IkctlError
 from engine.generate import generate
 from engine.gguf_file import GGUFFile
@@ -45,6 +45,7 @@ class Options:
     rpc_timeout: float = 10.0  # --rpc-timeout S: wait at least this long for a worker's reply before probing it
     rpc_probe_timeout: float = 20.0  # --rpc-probe-timeout S: a worker that does not answer a probe by then is frozen
     float_activations: bool = False  # --float-activations: no int8 activation quantization (exact, slower)
+    pipeline: bool = True  # --no-pipeline: a prompt's micro-batches visit the devices one after another
 
     @property
     def placed(self) -> bool:
@@ -70,7 +71,7 @@ class Options:
         return self
 
 
-RUN_OPTIONS = ("ctx_size", "ubatch_size", "threads")  # options a loaded model can change (Model.with_options)
+RUN_OPTIONS = ("ctx_size", "ubatch_size", "threads", "pipeline")  # options a loaded model can change (with_options)
 
 
 class Network(Protocol):
@@ -99,7 +100,7 @@ class Model:
         self.tokenizer = Tokenizer.from_gguf(gguf)
 
     def with_options(self, **changes: Any) -> Model:
-        """The same loaded weights (and workers) with other run options: ctx_size, ubatch_size, threads.
+        """The same loaded weights (and workers) with other run options: ctx_size, ubatch_size, threads, pipeline.
 
         The workers' KV caches were sized for the context of the load, so a larger one needs a new load."""
         unknown = sorted(set(changes) - set(RUN_OPTIONS))
@@ -137,16 +138,13 @@ class Model:
         """Append tokens to the cache in micro-batches of `ubatch_size`; logits of all or of the last token."""
         ids = self._token_ids(token_ids, "eval needs a non-empty list of token ids")
         ub = self.options.ubatch_size
-        outs = []
+        chunks = [ids[a : a + ub] for a in range(0, len(ids), ub)]
         int8 = not self.options.float_activations
         with compute_threads(self.options.threads, min(len(ids), ub)), activations(int8):
-            for a in range(0, len(ids), ub):
-                chunk = ids[a : a + ub]
-                last = a + ub >= len(ids)
-                if all_logits or last:
-                    outs.append(self.net.forward(chunk, cache, all_logits=all_logits))
-                else:
-                    self.net.forward(chunk, cache, all_logits=False)
+            if len(chunks) > 1 and isinstance(self.net, DistributedNet):  # pipelined across the devices
+                outs = self.net.forward_passes([[(c, cache)] for c in chunks], all_logits, self.options.pipeline)
+            else:
+                outs = [self.net.forward(c, cache, all_logits=all_logits) for c in chunks]
         return np.concatenate(outs, axis=0) if all_logits else outs[-1]
 
     def eval_batch(self, items: Sequence[tuple[Sequence[int], KVCache]]) -> list[np.ndarray]:
@@ -158,15 +156,19 @@ class Model:
         each item as many of its next tokens as it has room for (engine.batch.micro_batches), so a prompt longer
         than that goes in chunks. The inputs are checked first: a bad item changes no cache."""
         work = self._batch_items(items)
-        passes = micro_batches([len(ids) for ids, _ in work], self.options.ubatch_size)
+        pieces = micro_batches([len(ids) for ids, _ in work], self.options.ubatch_size)
+        passes = [[(work[k][0][a:b], work[k][1]) for k, a, b in p] for p in pieces]
         out: list[np.ndarray] = [np.empty(0, np.float32)] * len(work)
         rows = min(sum(len(ids) for ids, _ in work), self.options.ubatch_size)
         with compute_threads(self.options.threads, rows), activations(not self.options.float_activations):
-            for pieces in passes:
-                logits = self.net.forward_batch([(work[k][0][a:b], work[k][1]) for k, a, b in pieces])
-                for row, (k, _, b) in enumerate(pieces):
-                    if b == len(work[k][0]):
-                        out[k] = np.array(logits[row])  # its own copy: a row of a reply's buffer is read-only
+            if len(passes) > 1 and isinstance(self.net, DistributedNet):  # pipelined across the devices
+                results = self.net.forward_passes(passes, pipeline=self.options.pipeline)
+            else:
+                results = [self.net.forward_batch(p) for p in passes]
+        for p, logits in zip(pieces, results, strict=True):
+            for row, (k, _, b) in enumerate(p):
+                if b == len(work[k][0]):
+                    out[k] = np.array(logits[row])  # its own copy: a row of a reply's buffer is read-only
         return out
 
     def _token_ids(self, token_ids: Sequence[int], empty: str, where: str = "") -> np.ndarray:

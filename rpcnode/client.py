@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 import time
@@ -72,8 +73,17 @@ class Counters:
     offers_missed: int = 0
 
 
+@dataclass(frozen=True)
+class _Run:
+    """A RunSegment sent and not yet answered: when it was sent and how many tokens it carries."""
+
+    started: float
+    n_tokens: int
+
+
 class Client:
-    """One connection to a worker. Not thread-safe: one request (or pipelined batch) at a time."""
+    """One connection to a worker. Not thread-safe: one request (or pipelined batch) at a time; several runs may be
+    outstanding (start_segment), their replies taken in the order they were sent (finish_segment)."""
 
     def __init__(self, host: str, port: int, token: str | None = None, *, name: str = "ikctl",
                  timeout: float = CALL_TIMEOUT_S, run_timeout: float = RUN_TIMEOUT_S, poll_ms: float = 0.0,
@@ -88,8 +98,7 @@ class Client:
         self._fastest: tuple[float, float] | None = None
         self.counters = Counters()
         self._next_id = 1
-        self._run_started = 0.0
-        self._run_tokens = 1
+        self._runs: dict[int, _Run] = {}  # request id -> run, in the order sent (the worker answers in order)
         self._token, self._name = token, name
         self._waiting = 0  # requests sent and not yet answered
         self._sock = self._connect(CONNECT_TIMEOUT_S)
@@ -124,6 +133,7 @@ class Client:
     def close(self) -> None:
         sock, self._sock = getattr(self, "_sock", None), None
         self._waiting = 0
+        self._runs = {}
         if sock is not None:
             sock.close()
 
@@ -182,7 +192,12 @@ class Client:
         return rid
 
     def _recv(self, rid: int, expect: type, timeout: float, patience: float | None = None) -> Any:
-        assert self._sock is not None
+        return self._recv_frame(rid, expect, timeout, patience).message
+
+    def _recv_frame(self, rid: int, expect: type, timeout: float, patience: float | None = None) -> P.Frame:
+        """The reply to request `rid` (the next one to come: the worker answers in order)."""
+        if self._sock is None:
+            raise WorkerGone(f"{self.label}: the connection is closed")
         self._waiting -= 1
         started = time.monotonic()
         if self._session:
@@ -208,8 +223,7 @@ class Client:
         if h.request_id != rid or not isinstance(msg, expect):
             self._broken(f"answered request {h.request_id} with {type(msg).__name__}, expected {expect.__name__} "
                          f"for request {rid}")
-        self._last_payload = frame.payload
-        return msg
+        return frame
 
     def _write(self, data: P.Payload) -> None:
         """Send all of `data`. A worker that takes no bytes for reply_floor seconds (its buffers are full: it is
@@ -264,6 +278,8 @@ class Client:
         raise WorkerGone(f"{self.label}: worker {what}; check that it is still running")
 
     def _call(self, message: P.Message, expect: type, payload: P.Payload = b"", timeout: float | None = None) -> Any:
+        if self._runs:  # its reply would come after theirs
+            raise RPCError(f"{self.label}: {type(message).__name__} sent while {len(self._runs)} runs await replies")
         rid = self._send(message, payload)
         return self._recv(rid, expect, self.timeout if timeout is None else timeout)
 
@@ -356,9 +372,10 @@ class Client:
         msg = P.RunSegment(segment_id=segment_id, seq_id=first.seq_id, pos_start=first.pos_start, n_tokens=n_tokens,
                            sections=specs, seqs=spans if len(spans) > 1 else [])
         self.counters.runs += 1
-        self._run_started = time.perf_counter()
-        self._run_tokens = max(1, n_tokens)
-        return self._send(msg, parts)
+        started = time.perf_counter()
+        rid = self._send(msg, parts)
+        self._runs[rid] = _Run(started, max(1, n_tokens))
+        return rid
 
     def run_patience(self, n_tokens: int) -> float:
         """Seconds to wait for a run's reply before probing the worker: DEADLINE_FACTOR x what the fastest run so
@@ -369,18 +386,39 @@ class Client:
         overhead, per_token = self._fastest
         return max(self.reply_floor, DEADLINE_FACTOR * (overhead + per_token * n_tokens))
 
+    @property
+    def runs_outstanding(self) -> int:
+        """Runs sent whose replies finish_segment has not taken yet."""
+        return len(self._runs)
+
     def finish_segment(self, request_id: int) -> dict[str, np.ndarray]:
+        """The reply to a start_segment: the oldest run outstanding (replies come in the order sent)."""
+        oldest = next(iter(self._runs), None)
+        if request_id != oldest:
+            raise RPCError(f"{self.label}: run {request_id} finished out of order (the oldest outstanding is "
+                           f"{oldest})")
+        run = self._runs.pop(request_id)
         if self._sock is not None:
             P.poll_readable(self._sock, self.poll_s)
-        reply = self._recv(request_id, P.RunReply, self.run_timeout, self.run_patience(self._run_tokens))
-        took = time.perf_counter() - self._run_started
-        overhead, per_token = max(0.0, took - reply.compute_seconds), reply.compute_seconds / self._run_tokens
+        frame = self._recv_frame(request_id, P.RunReply, self.run_timeout, self.run_patience(run.n_tokens))
+        reply = frame.message
+        # from sending: a run sent behind others waited for them too, so the fastest (not the sum) is what counts
+        took = time.perf_counter() - run.started
+        overhead, per_token = max(0.0, took - reply.compute_seconds), reply.compute_seconds / run.n_tokens
         fastest = self._fastest or (overhead, per_token)
         self._fastest = min(fastest[0], overhead), min(fastest[1], per_token)
         self.counters.run_seconds += took
         self.counters.worker_seconds += reply.compute_seconds
-        out = P.unpack_arrays(reply.sections, self._last_payload)
+        out = P.unpack_arrays(reply.sections, frame.payload)
         return {spec.name: arr for spec, arr in zip(reply.sections, out, strict=True)}
+
+    def drop_runs(self) -> None:
+        """Take and discard the replies of the runs still outstanding (a pass abandoned for another device's
+        error), so that the connection's next request gets its own reply; a broken connection just forgets them."""
+        while self._runs and self._sock is not None:
+            with contextlib.suppress(RPCError):
+                self.finish_segment(next(iter(self._runs)))
+        self._runs = {}
 
     def kv_op(self, op: str, seq_id: int = 0, n: int = 0, segment_id: int | None = None) -> int:
         return self._call(P.KVOp(op=op, seq_id=seq_id, n=n, segment_id=segment_id), P.KVReply).n_tokens

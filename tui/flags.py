@@ -61,6 +61,9 @@ def add_placement_flags(p: argparse.ArgumentParser, polling: bool = True) -> Non
     g.add_argument("--rpc-probe-timeout", dest="rpc_probe_timeout", type=float, default=20.0, metavar="S",
                    help="a worker that answers neither its request nor a probe within S seconds is frozen (stopped, "
                    "or its host gone): the run ends with an error naming it (default 20)")
+    g.add_argument("--no-pipeline", dest="pipeline", action="store_false",
+                   help="run a prompt's micro-batches (-ub) through the devices one after another instead of "
+                   "overlapping them (a device computes one while another computes the next)")
 
 
 
@@ -84,4 +87,4 @@ def placement_options(args: argparse.Namespace) -> dict[str, object]:
             "tensor_split": args.tensor_split, "device_mem": args.device_mem, "cluster": args.cluster,
             # `plan` runs nothing: it has no polling flags
             "rpc_poll": getattr(args, "rpc_poll", 10.0), "rpc_timeout": getattr(args, "rpc_timeout", 10.0),
-            "rpc_probe_timeout": getattr(args, "rpc_probe_timeout", 20.0)}
+            "rpc_probe_timeout": getattr(args, "rpc_probe_timeout", 20.0), "pipeline": getattr(args, "pipeline", True)}
