@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import GATING_SIGMOID
+from engine.kernels import MATVEC_MAX_T
 from engine.ops import array_module, silu, softmax, to_host
 from engine.quant import QTensor
 
@@ -80,6 +81,8 @@ def moe_ffn(
     E = gate_exps.shape[0]
     if idx.size and (idx.min() < 0 or idx.max() >= E):  # routing from a peer: a negative id must not wrap around
         raise ValueError(f"expert ids {idx.min()}..{idx.max()} do not fit {E} experts")
+    if xp is np and T <= MATVEC_MAX_T:
+        return _grouped_ffn(x, idx, weights, gate_exps, up_exps, down_exps)
     if T <= GATHER_MAX_TOKENS:  # decode: all (token, expert) pairs in one kernel launch per matrix
         pairs = idx.ravel()
         xs = xp.repeat(x, K, axis=0)  # [T*K, D]
@@ -98,3 +101,21 @@ def moe_ffn(
         y = swiglu(x[tok], gate_exps[int(e)], up_exps[int(e)], down_exps[int(e)])
         out[tok] += y * w_dev[xp.asarray(sel)][:, None]  # a token picks an expert at most once: no repeated index
     return out
+
+
+def _grouped_ffn(x: np.ndarray, idx: np.ndarray, weights: np.ndarray, gate_exps: QTensor, up_exps: QTensor,
+                 down_exps: QTensor) -> np.ndarray:
+    """moe_ffn for decode-sized T on the host: the (token, expert) pairs sorted by expert in one kernel launch per
+    matrix, each selected expert read once for all its tokens (engine.kernels.gather_matvec). Each token's sum over
+    its experts keeps the order of the paths this replaces, bit for bit: pick order for T <= GATHER_MAX_TOKENS,
+    else by expert (per pair, the kernels give the same products either way)."""
+    T, K = idx.shape
+    flat = idx.ravel()
+    order = np.argsort(flat, kind="stable")  # pairs by expert; a token picks an expert at most once
+    pairs, xs = flat[order], x[order // K]  # [T*K], [T*K, D]
+    act = silu(gate_exps.gather_matmul_t(pairs, xs)) * up_exps.gather_matmul_t(pairs, xs)  # [T*K, F]
+    y = down_exps.gather_matmul_t(pairs, act) * weights.ravel()[order][:, None]  # [T*K, D]
+    at = np.empty(T * K, np.int64)
+    at[order] = np.arange(T * K)  # each pick's row of y
+    at = at.reshape(T, K)
+    return y[at if T <= GATHER_MAX_TOKENS else np.sort(at, axis=1)].sum(axis=1)  # [T, K, D] -> [T, D]
