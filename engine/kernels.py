@@ -160,10 +160,18 @@ def _gather_matvec_kernel(
 
 
 @njit(cache=True)
-def _int8_scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A task's buffers for one decoded chunk (_CHUNK_VALUES values): codes and group scales."""
-    n = padded(_CHUNK_VALUES)
+def _int8_scratch(qtype: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A task's buffers for one decoded chunk (_CHUNK_VALUES values): codes and group scales; none for the types
+    engine.block_dots reads in place."""
+    n = 0 if has_block_dot(qtype) else padded(_CHUNK_VALUES)
     return np.zeros(n, np.uint8), np.zeros(n // 16, np.float32), np.zeros(n // 16, np.float32)
+
+
+@njit(cache=True, inline="always")
+def _int8_task_rows(qtype: int) -> int:
+    """Rows per parallel task of the integer kernels: one row tile where no scratch is decoded (numba splits the
+    tasks evenly over the threads; 64-row tasks left a 192-row matrix's 3 tasks to 2 threads as 2 + 1)."""
+    return _ROW_TILE if has_block_dot(qtype) else _ROWS_PER_TASK
 
 
 @njit(cache=True, inline="always")
@@ -258,27 +266,30 @@ def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
     activations (engine.q8_activations): each weight byte is read once for all T tokens."""
     xq, xl, xd, xs = quantized(x)
     R = raw.shape[1]
-    tasks = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    rows = _int8_task_rows(qtype)
+    tasks = (R + rows - 1) // rows
     for k in prange(tasks):
-        q, a, b = _int8_scratch()
-        _int8_rows(qtype, raw, flat, 0, k * _ROWS_PER_TASK, min(R, (k + 1) * _ROWS_PER_TASK), block_bytes, qk,
+        q, a, b = _int8_scratch(qtype)
+        _int8_rows(qtype, raw, flat, 0, k * rows, min(R, (k + 1) * rows), block_bytes, qk,
                    q, a, b, xq, xl, xd, xs, 0, xq.shape[0], out, 0)
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int,
-                        experts: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """out[n, r] = x[n] . row r of matrix experts[n] of raw [E, R, row bytes] (flat: the same bytes, 1-D): all
-    selected experts of an MoE layer in one launch."""
+                        experts: np.ndarray, bounds: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out[n, r] = x[n] . row r of matrix experts[s] of raw [E, R, row bytes] (flat: the same bytes, 1-D) for the
+    rows bounds[s] <= n < bounds[s + 1] of each run s: all selected experts of an MoE layer in one launch, each
+    run's matrix read once for all its rows."""
     xq, xl, xd, xs = quantized(x)
     R = raw.shape[1]
-    per = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    rows = _int8_task_rows(qtype)
+    per = (R + rows - 1) // rows
     for k in prange(experts.size * per):
-        n = k // per
-        q, a, b = _int8_scratch()
-        r0 = (k % per) * _ROWS_PER_TASK
-        _int8_rows(qtype, raw, flat, experts[n], r0, min(R, r0 + _ROWS_PER_TASK), block_bytes, qk, q, a, b, xq,
-                   xl, xd, xs, n, n + 1, out, n)
+        s = k // per
+        q, a, b = _int8_scratch(qtype)
+        r0 = (k % per) * rows
+        _int8_rows(qtype, raw, flat, experts[s], r0, min(R, r0 + rows), block_bytes, qk, q, a, b, xq,
+                   xl, xd, xs, bounds[s], bounds[s + 1], out, bounds[s])
 
 
 @njit(cache=True, nogil=True)
@@ -453,7 +464,8 @@ def matmul_t(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray)
 
 def gather_matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int, int], experts: np.ndarray,
                   x: np.ndarray) -> np.ndarray:
-    """For a stacked weight [E, R, C]: out[n] = x[n] @ W[experts[n]].T, x [N, C] -> [N, R] (one launch)."""
+    """For a stacked weight [E, R, C]: out[n] = x[n] @ W[experts[n]].T, x [N, C] -> [N, R] (one launch). With
+    integer activations a run of equal consecutive ids reads its matrix once (sort the rows by expert)."""
     E, R, C = (int(s) for s in shape)
     if not supports(qtype):
         raise ValueError(f"no kernel for GGML type {qtype}")
@@ -469,7 +481,9 @@ def gather_matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int, int], expe
         return out
     qk, block_bytes = BLOCK[int(qtype)]
     if takes_int8(qtype):
-        _int8_gather_kernel(a, a.reshape(-1), int(qtype), qk, block_bytes, ids, x, out)
+        starts = np.flatnonzero(np.diff(ids, prepend=-1))
+        bounds = np.append(starts, len(ids))
+        _int8_gather_kernel(a, a.reshape(-1), int(qtype), qk, block_bytes, ids[starts], bounds, x, out)
     else:
         _gather_matvec_kernel(a, int(qtype), qk, ids, x, out)
     return out

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import GATING_SIGMOID
+from engine.kernels import MATVEC_MAX_T
 from engine.ops import array_module, silu, softmax, to_host
 from engine.quant import QTensor
 
@@ -88,7 +89,9 @@ def moe_ffn(
     if idx.size and (idx.min() < NO_EXPERT or idx.max() >= E):  # routing from a peer: no id may wrap around
         raise ValueError(f"expert ids {idx.min()}..{idx.max()} do not fit {E} experts")
     w32 = xp.asarray(weights, dtype=np.float32)
-    if T <= GATHER_MAX_TOKENS:  # decode: all (token, expert) pairs in one kernel launch per matrix
+    if xp is np and T <= MATVEC_MAX_T:
+        out = _grouped_ffn(x, idx, w32, gate_exps, up_exps, down_exps)
+    elif T <= GATHER_MAX_TOKENS:  # decode on a GPU: all (token, expert) pairs in one kernel launch per matrix
         pairs = idx.ravel()
         every = not (pairs == NO_EXPERT).any()
         keep = slice(None) if every else np.flatnonzero(pairs != NO_EXPERT)
@@ -115,3 +118,19 @@ def moe_ffn(
             y = swiglu(x[tok], gate_exps[int(e)], up_exps[int(e)], down_exps[int(e)])
             out[tok] += y * w_dev[xp.asarray(sel)][:, None]  # a token picks an expert at most once: no repeated index
     return out if weights.dtype == np.float64 else out.astype(np.float32)
+
+
+def _grouped_ffn(x: np.ndarray, idx: np.ndarray, w32: np.ndarray, gate_exps: QTensor, up_exps: QTensor,
+                 down_exps: QTensor) -> np.ndarray:
+    """moe_ffn's float64 sums for decode-sized T on the host: the (token, expert) pairs sorted by expert in one
+    kernel launch per matrix, each selected expert read once for all its tokens (engine.kernels.gather_matvec;
+    per pair the kernels give the same products as one expert's matmul)."""
+    T, K = idx.shape
+    flat = idx.ravel()
+    order = np.argsort(flat, kind="stable")
+    order = order[flat[order] != NO_EXPERT]  # the pairs here, by expert; a token picks an expert at most once
+    pairs, xs = flat[order], x[order // K]
+    act = silu(gate_exps.gather_matmul_t(pairs, xs)) * up_exps.gather_matmul_t(pairs, xs)  # [pairs, F]
+    y = np.zeros((T * K, x.shape[1]), np.float32)
+    y[order] = down_exps.gather_matmul_t(pairs, act) * w32.ravel()[order][:, None]
+    return y.reshape(T, K, -1).sum(axis=1, dtype=np.float64)

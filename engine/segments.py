@@ -211,7 +211,6 @@ RUN_FIXED_BYTES = 1 << 20
 # more is counted (the fuzz campaign's 8192-token prefill of a small MLA model grew a worker's RSS by 1.14 times the
 # count before the score chunk's copy was counted, and took it past its memory cgroup)
 SCRATCH_MARGIN = 8
-GATHER_MAX_TOKENS = 2  # engine.moe's: up to this many tokens run every (token, expert) pair at once
 
 
 def run_scratch_bytes(p: Program, n_tokens: int, n_keys: int, n_out: int, kv_decode: bool = True) -> int:
@@ -228,7 +227,7 @@ def run_scratch_bytes(p: Program, n_tokens: int, n_keys: int, n_out: int, kv_dec
       embd:        nothing beyond hidden
       output:      n_out * V                    the logits
       ffn:         T * (3 max(F, Fs) + 4 E + 2 K)  gate, silu (two temporaries), up; router scores; routing
-      moe_experts: T * K * (3 Fe + 3 D)         all (token, expert) pairs at once, for T <= GATHER_MAX_TOKENS
+      moe_experts: T * K * (3 Fe + 3 D)         all (token, expert) pairs at once, for T <= MATVEC_MAX_T
                    T * (3 Fe + 4 D)             else one expert's tokens at a time (each token picks an expert
                                                 once: SegmentRunner.run checks the rows of idx)
       attn (MLA):  T * (H (4 dn + 9 dr + 4 r + 2 dv) + 2 q_lora + 3 r + 7 dr)   projections, rope, concatenations
@@ -259,7 +258,7 @@ def run_scratch_bytes(p: Program, n_tokens: int, n_keys: int, n_out: int, kv_dec
                        + 4 * E + 2 * K)
     if "moe_experts" in parts:
         Fe, K = g("moe_intermediate_size"), g("n_experts_per_tok")
-        floats += T * K * (3 * Fe + 3 * D) if T <= GATHER_MAX_TOKENS else T * (3 * Fe + 4 * D)
+        floats += T * K * (3 * Fe + 3 * D) if T <= MATVEC_MAX_T else T * (3 * Fe + 4 * D)
     if "attn" in parts:
         attn, shared = of_config(c).network.attention_scratch(c, T, S, kv_decode)
         floats += attn
