@@ -2,7 +2,7 @@
 lan_bench.py (issue 16).
 
     sudo python benchmarks/expert_parallel_bench.py [--rtt 0.4] [-n 32] [--rounds 5] [--phase-reps 200]
-                                                    [--dtype Q8_0] [--dir DIR] [--json OUT]
+                                                    [--dtype Q8_0 | --model GGUF] [--dir DIR] [--json OUT]
 
 Two rpcnode workers run in lan_bench's network namespace (1 Gbit/s HTB each way, RTT from delay_proxy.py's hold,
 calibrated on a ping-pong), every process -t 1, polling off (on 2 cores a spinning process takes a core from
@@ -83,7 +83,7 @@ def phase_seconds(model: Any, reps: int, seed: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    path = bench_model(args.dir, args.dtype)
+    path = args.model or bench_model(args.dir, args.dtype)
     token_file = args.dir / "ep-bench.token"
     token_file.write_text(secrets.token_hex(32) + "\n")
     token_file.chmod(0o600)
@@ -172,6 +172,8 @@ def print_table(res: dict[str, Any]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="Q8_0")
+    p.add_argument("--model", type=Path, default=None, help="another deepseek2 GGUF (default: the bench model in "
+                   "--dtype); e.g. ~/.cache/ikctl/bench/bench-v3.Q4_K_M.gguf, DeepSeek-V3's expert sizes")
     p.add_argument("-n", type=int, default=32, help="decoded tokens per TG measurement")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--phase-reps", type=int, default=200, help="expert-phase calls per round")

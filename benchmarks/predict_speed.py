@@ -5,7 +5,8 @@ benchmarks/expert_parallel_bench.py's measurements (issue 16).
     python benchmarks/predict_speed.py [--gbps G] [--rtt-ms R] [--gbit B] [--check EP_BENCH.json]
 
 --gbps: one machine's decode speed, GB of weights read per second (default: ikctl's measured on this 2-core VM,
-the bench model -t 1 all local, from --check's file when given). --rtt-ms/--gbit: the link (default 0.4 ms, as
+the bench model -t 1 all local, from --check's file when given; its one-worker run also gives a round trip's
+software cost). --rtt-ms/--gbit: the link (default 0.4 ms, as
 measured through lan_bench's namespace, and 10 Gbit/s). The model's tensors are sized from DeepSeek-V3's
 hyper-parameters at Q4_K_M's mean 4.82 bits per weight (671B parameters in 404 GB); no file is read.
 """
@@ -102,8 +103,10 @@ def predict_v3(gbps: float, link: Link) -> list[tuple[str, Prediction, dict[str,
     return out
 
 
-def check(res: dict, gbit: float) -> tuple[float, dict[str, tuple[float, float]]]:
-    """This machine's GB/s from the bench's all-local TG; predicted vs measured TG for its two placements."""
+def check(res: dict, gbit: float) -> tuple[float, float, dict[str, tuple[float, float]]]:
+    """This machine's GB/s from the bench's all-local TG; a round trip's software cost (framing, both sides'
+    Python) fitted so that the one-worker placement's prediction meets its measurement; then the prediction for
+    the split placement, which that fit did not see, against its measurement."""
     f = GGUFFile(res["model_path"])
     cfg = DeepSeek2Config.from_gguf(f)
     sizes = {n: t.n_bytes for n, t in f.tensors.items()}
@@ -111,16 +114,22 @@ def check(res: dict, gbit: float) -> tuple[float, dict[str, tuple[float, float]]
                         cfg.n_vocab)
     active = sum(shape.op_bytes.values()) + sum(shape.shared_bytes.values())
     gbps = active * res["local_tg_median"] / 1e9
-    link = Link(res["rtt"]["median_ms"] / 1e3, gbit * 1e9 / 8)
     w1, w2 = "RPC[10.0.0.2:50052]", "RPC[10.0.0.3:50052]"
-    out = {}
-    for name, ot in (("one worker", f"exps={w1}"), ("two workers", f"exps={w1},{w2}")):
+    speeds = {CPU: gbps, w1: gbps, w2: gbps}
+
+    def predicted(ot: str, overhead: float) -> Prediction:
         rules = PlacementRules.from_flags([ot], rpc="10.0.0.2:50052,10.0.0.3:50052")
         placement = plan(sizes.items(), cfg.n_layers, devices_for(rules.rpc), rules, n_experts=cfg.n_routed_experts)
-        segments = placement.segments(layer_ops(sizes, cfg.n_layers))
-        p = predict(segments, shape, {CPU: gbps, w1: gbps, w2: gbps}, {w1: link, w2: link})
-        out[name] = (p.tokens_per_s, res["rows"][name]["tg_median"])
-    return gbps, out
+        link = Link(res["rtt"]["median_ms"] / 1e3, gbit * 1e9 / 8, overhead)
+        return predict(placement.segments(layer_ops(sizes, cfg.n_layers)), shape, speeds, {w1: link, w2: link})
+
+    placements = {"one worker": f"exps={w1}", "two workers": f"exps={w1},{w2}"}
+    bare = predicted(placements["one worker"], 0.0)
+    measured_s = 1 / res["rows"]["one worker"]["tg_median"]
+    overhead = max(0.0, (measured_s - bare.seconds) / bare.round_trips)
+    out = {name: (predicted(ot, overhead).tokens_per_s, res["rows"][name]["tg_median"])
+           for name, ot in placements.items()}
+    return gbps, overhead, out
 
 
 def main() -> int:
@@ -130,13 +139,14 @@ def main() -> int:
     p.add_argument("--gbit", type=float, default=10.0, help="link bandwidth for the V3 prediction, Gbit/s")
     p.add_argument("--check", type=Path, default=None, help="expert_parallel_bench.py --json output")
     args = p.parse_args()
-    gbps = args.gbps
+    gbps, overhead = args.gbps, 0.0
     if args.check is not None:
         res = json.loads(args.check.read_text())
-        measured_gbps, rows = check(res, 1.0)
+        measured_gbps, overhead, rows = check(res, 1.0)
         gbps = gbps or measured_gbps
         print(f"check against {args.check.name} ({res['model']}, 1 Gbit/s, RTT {res['rtt']['median_ms']:.3f} ms, "
-              f"this machine {measured_gbps:.2f} GB/s from the all-local TG {res['local_tg_median']:.2f} t/s):")
+              f"this machine {measured_gbps:.2f} GB/s from the all-local TG {res['local_tg_median']:.2f} t/s, "
+              f"{overhead * 1e3:.2f} ms per round trip beyond RTT and wire, fitted on the one-worker run):")
         for name, (predicted, measured) in rows.items():
             print(f"  {name}: predicted {predicted:.2f} t/s, measured {measured:.2f} t/s "
                   f"({predicted / measured - 1:+.0%})")
@@ -144,9 +154,10 @@ def main() -> int:
     if gbps is None:
         print("predict_speed: give --gbps or --check (a measured speed to predict from)", file=sys.stderr)
         return 2
-    link = Link(args.rtt_ms / 1e3, args.gbit * 1e9 / 8)
+    link = Link(args.rtt_ms / 1e3, args.gbit * 1e9 / 8, overhead)
     print(f"DeepSeek-V3 Q4_K_M (~{sum(v3_tensor_bytes().values()) / 1e9:.0f} GB), a coordinator and 3 workers of "
-          f"128 GB, each decoding at {gbps:.2f} GB/s, links {args.gbit:g} Gbit/s at {args.rtt_ms:g} ms RTT:")
+          f"128 GB, each decoding at {gbps:.2f} GB/s, links {args.gbit:g} Gbit/s at {args.rtt_ms:g} ms RTT "
+          f"(+{overhead * 1e3:.2f} ms per round trip):")
     print()
     print("| placement | predicted t/s | round trips/token | wire/token | GB per machine |")
     print("|---|---|---|---|---|")

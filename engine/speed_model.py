@@ -32,8 +32,12 @@ ROUTINGS = 4000  # routings averaged for a split layer
 
 @dataclass(frozen=True)
 class Link:
+    """A worker's link: round-trip time, bandwidth, and what a round trip costs beyond them (framing, both sides'
+    Python: measured as the time per round trip beyond the worker's compute, less RTT and wire time)."""
+
     rtt_s: float
     bytes_per_s: float
+    overhead_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def predict(segments: Sequence[Segment], shape: ModelShape, gbps: Mapping[str, f
             continue
         link = links[seg.device]
         w = _wire(seg, shape)
-        t = link.rtt_s + w / link.bytes_per_s + _seconds(nbytes, gbps[seg.device])
+        t = link.rtt_s + link.overhead_s + w / link.bytes_per_s + _seconds(nbytes, gbps[seg.device])
         if len(seg.ops) == 1 and seg.ops[0][1] == "moe_experts":  # the shared experts run here meanwhile
             t = max(t, _seconds(shape.shared_bytes.get(layer, 0.0), gbps[CPU]))
         seconds += t
@@ -146,7 +150,7 @@ def _split_layer(seg: Segment, shape: ModelShape, gbps: Mapping[str, float], lin
         if device_kind(part.device) == "rpc":
             link = links[part.device]
             w = _wire(Segment(part.device, seg.ops), shape, wide=True)
-            t = t + contacted * (link.rtt_s + w / link.bytes_per_s)
+            t = t + contacted * (link.rtt_s + link.overhead_s + w / link.bytes_per_s)
             trips += float(contacted.mean())
             wire += w * float(contacted.mean())
         total = np.maximum(total, t)
