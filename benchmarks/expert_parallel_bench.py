@@ -23,7 +23,6 @@ shows what the split does to the bytes each machine reads per token.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
@@ -43,8 +42,19 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from delay_proxy import ProxyProcess  # noqa: E402
-from lan_bench import ADDR_HERE, ADDR_THERE, NS, RATE, Lan, calibrate, in_ns, measure_rtt, preflight  # noqa: E402
-from rpc_bench import start_worker, stop, tg, wire_per_token  # noqa: E402
+from lan_bench import (  # noqa: E402
+    ADDR_HERE,
+    ADDR_THERE,
+    NS,
+    RATE,
+    Lan,
+    calibrate,
+    in_ns,
+    measure_rtt,
+    preflight,
+    tear_down,
+)
+from rpc_bench import start_worker, tg, wire_per_token  # noqa: E402
 
 from engine import load_model  # noqa: E402
 from engine.batch import Batch  # noqa: E402
@@ -141,15 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "rounds": args.rounds, "phase_reps": args.phase_reps, "namespace": NS, "rows": rows,
                 "local_tg_median": statistics.median(local_tg), "local_tg_all": local_tg}
     finally:
-        for m in models:
-            with contextlib.suppress(Exception):
-                m.net.close()
-        if proxy is not None:
-            proxy.close()
-        for p in reversed(procs):
-            stop(p)
-        lan.down()
-        token_file.unlink(missing_ok=True)
+        tear_down(models, proxy, procs, lan, token_file)
 
 
 def print_table(res: dict[str, Any]) -> None:

@@ -273,15 +273,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "settings": settings, "anchor": {**ANCHOR, "tg_ratio": {str(k): v for k, v in
                                                                         ANCHOR["tg_ratio"].items()}}}
     finally:
-        for m in models:
-            with contextlib.suppress(Exception):
-                m.net.close()
-        if proxy is not None:
-            proxy.close()
-        for p in reversed(procs):
-            stop(p)
-        lan.down()
-        token_file.unlink(missing_ok=True)
+        tear_down(models, proxy, procs, lan, token_file)
+
+
+def tear_down(models: list[Any], proxy: ProxyProcess | None, procs: list[subprocess.Popen[Any]], lan: Lan,
+              token_file: Path) -> None:
+    """Close the models' connections, stop the proxy and the processes, remove the namespace and the token."""
+    for m in models:
+        with contextlib.suppress(Exception):
+            m.net.close()
+    if proxy is not None:
+        proxy.close()
+    for p in reversed(procs):
+        stop(p)
+    lan.down()
+    token_file.unlink(missing_ok=True)
 
 
 def main() -> int:
