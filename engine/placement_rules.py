@@ -165,9 +165,8 @@ class OverrideRule:
             devices, shares = parse_shares(self.device)
         except PlacementError as e:
             raise PlacementError(f"-ot '{self}': {e}") from None
-        text = devices[0] if len(devices) == 1 and shares is None else ",".join(
-            d + (f":{w:g}" if shares else "") for d, w in zip(devices, shares or [0.0] * len(devices), strict=True))
-        object.__setattr__(self, "device", text)
+        written = [f"{d}:{w:g}" for d, w in zip(devices, shares, strict=True)] if shares else list(devices)
+        object.__setattr__(self, "device", ",".join(written))
         object.__setattr__(self, "regex", regex)
         object.__setattr__(self, "devices", devices)
         object.__setattr__(self, "shares", shares)

@@ -24,7 +24,7 @@ def is_cuda(device: str) -> bool:
 def local_gpus(rules: PlacementRules) -> list[Device]:
     """This machine's GPUs as placement devices when the flags can place anything on one (-ngl, or an -ot rule
     naming CUDA<n>); else none, and the GPUs are not queried (that creates a CUDA context on each)."""
-    if rules.n_gpu_layers > 0 or any(is_cuda(r.device) for r in rules.override_tensor):
+    if rules.n_gpu_layers > 0 or any(is_cuda(d) for r in rules.override_tensor for d in r.devices):
         return planner_devices()
     return []
 
