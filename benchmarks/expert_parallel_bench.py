@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import shutil
 import signal
 import statistics
@@ -52,6 +50,8 @@ from lan_bench import (  # noqa: E402
     in_ns,
     measure_rtt,
     preflight,
+    shared_token,
+    start_echo,
     tear_down,
 )
 from rpc_bench import start_worker, tg, wire_per_token  # noqa: E402
@@ -61,7 +61,6 @@ from engine.batch import Batch  # noqa: E402
 from engine.digests import model_digests  # noqa: E402
 from engine.distributed import DistributedNet  # noqa: E402
 from engine.gguf_file import GGUFFile  # noqa: E402
-from engine.placement_spec import TOKEN_ENV, TOKEN_FILE_ENV  # noqa: E402
 from engine.synth import bench_model  # noqa: E402
 from engine.user_cache import cache_dir  # noqa: E402
 
@@ -94,11 +93,7 @@ def phase_seconds(model: Any, reps: int, seed: int) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     path = args.model or bench_model(args.dir, args.dtype)
-    token_file = args.dir / "ep-bench.token"
-    token_file.write_text(secrets.token_hex(32) + "\n")
-    token_file.chmod(0o600)
-    os.environ[TOKEN_FILE_ENV] = str(token_file)
-    os.environ[TOKEN_ENV] = token_file.read_text().strip()
+    token_file = shared_token(args.dir / "ep-bench.token")
     lan = Lan()
     procs: list[subprocess.Popen[Any]] = []
     proxy: ProxyProcess | None = None
@@ -111,11 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                       extra=["--host", ADDR_THERE, "--token-file", str(token_file), "--poll", "0"])
             procs.append(worker)
             eps.append(ep)
-        echo = subprocess.Popen(in_ns(sys.executable, str(HERE / "delay_proxy.py"), "echo", "--listen",
-                                      f"{ADDR_THERE}:0"), stdout=subprocess.PIPE, text=True)
-        procs.append(echo)
-        assert echo.stdout is not None
-        echo_ep = echo.stdout.readline().split()[1]
+        echo_ep = start_echo(procs)
         proxy = ProxyProcess([(f"{ADDR_HERE}:0", eps[0]), (f"{ADDR_HERE}:0", eps[1]), (f"{ADDR_HERE}:0", echo_ep)])
         w1, w2, echo_via = proxy.addresses
         base = measure_rtt(echo_via)["median_ms"]

@@ -190,15 +190,10 @@ def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.placement_spec import TOKEN_ENV, TOKEN_FILE_ENV
     from engine.synth import bench_model
 
     path = bench_model(args.dir, args.dtype)
-    token_file = args.dir / "lan-bench.token"
-    token_file.write_text(secrets.token_hex(32) + "\n")
-    token_file.chmod(0o600)
-    os.environ[TOKEN_FILE_ENV] = str(token_file)  # the coordinator's token; the file wins over $IKCTL_RPC_TOKEN
-    os.environ[TOKEN_ENV] = token_file.read_text().strip()
+    token_file = shared_token(args.dir / "lan-bench.token")
     cache = args.dir / "lan-cache"
     shutil.rmtree(cache, ignore_errors=True)  # an empty worker cache: the first load uploads every expert
 
@@ -213,11 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                          extra=["--host", ADDR_THERE, "--token-file", str(token_file),
                                                 "--poll", str(args.poll)])
         procs.append(worker)
-        echo = subprocess.Popen(in_ns(sys.executable, str(HERE / "delay_proxy.py"), "echo", "--listen",
-                                      f"{ADDR_THERE}:0"), stdout=subprocess.PIPE, text=True)
-        procs.append(echo)
-        assert echo.stdout is not None
-        echo_ep = echo.stdout.readline().split()[1]
+        echo_ep = start_echo(procs)
         proxy = ProxyProcess([(f"{ADDR_HERE}:0", worker_ep), (f"{ADDR_HERE}:0", echo_ep)])
         ep, echo_via = proxy.addresses
 
@@ -274,6 +265,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                         ANCHOR["tg_ratio"].items()}}}
     finally:
         tear_down(models, proxy, procs, lan, token_file)
+
+
+def shared_token(path: Path) -> Path:
+    """A fresh token file for the workers, and this process's token (the file wins over $IKCTL_RPC_TOKEN)."""
+    from engine.placement_spec import TOKEN_ENV, TOKEN_FILE_ENV
+
+    path.write_text(secrets.token_hex(32) + "\n")
+    path.chmod(0o600)
+    os.environ[TOKEN_FILE_ENV] = str(path)
+    os.environ[TOKEN_ENV] = path.read_text().strip()
+    return path
+
+
+def start_echo(procs: list[subprocess.Popen[Any]]) -> str:
+    """delay_proxy.py's echo server in the namespace (added to procs); its address, for RTT ping-pongs."""
+    echo = subprocess.Popen(in_ns(sys.executable, str(HERE / "delay_proxy.py"), "echo", "--listen",
+                                  f"{ADDR_THERE}:0"), stdout=subprocess.PIPE, text=True)
+    procs.append(echo)
+    assert echo.stdout is not None
+    return echo.stdout.readline().split()[1]
 
 
 def tear_down(models: list[Any], proxy: ProxyProcess | None, procs: list[subprocess.Popen[Any]], lan: Lan,
