@@ -18,7 +18,6 @@ that some row picked computes those rows' part at the same time, and the coordin
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -285,19 +284,16 @@ class ExpertsSplit:
     """Segments of one MoE layer's routed experts split over devices (engine.placement.ExpertSlice). Each device
     holding an expert that some row picked gets those rows at once (a worker one RunSegment); devices with none are
     not contacted. Meanwhile this process runs the shared experts and its own part; the parts (float64 sums, which
-    add exactly: the result is the one device's) are then added and joined to the residual (moe_combine).
-    `phase_seconds` sums the time from sending the hidden state to holding every part."""
+    add exactly: the result is the one device's) are then added and joined to the residual (moe_combine)."""
 
     def __init__(self, parts: Mapping[int, Sequence[ExpertPart]], segments: Mapping[int, Segment],
                  coordinator: RunOp) -> None:
         self.parts, self.segments, self.coordinator = parts, segments, coordinator
-        self.phase_seconds, self.runs = 0.0, 0
 
     def run(self, k: int, state: State, positions: np.ndarray, batch: Batch) -> None:
         layer = self.segments[k].ops[0][0]
         h, idx = state["h"], state["idx"]
         wide = state["w"].astype(np.float64)  # float64 weights ask each part for its unrounded sum (engine.moe)
-        t0 = time.perf_counter()
         chosen = [(part, *part_rows(part, idx)) for part in self.parts[k]]
         chosen = [(part, rows, ids) for part, rows, ids in chosen if len(rows)]
         sent: list[tuple[Client, int]] = []
@@ -317,8 +313,6 @@ class ExpertsSplit:
                     ys[n] = here["y"]
         finally:
             replies = _finish_all(sent)
-        self.phase_seconds += time.perf_counter() - t0
-        self.runs += 1
         remote = iter(replies)
         y = np.zeros(h.shape, dtype=np.float64)
         for n, (part, rows, _) in enumerate(chosen):

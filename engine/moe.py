@@ -84,25 +84,14 @@ def moe_ffn(
     a layer's experts split over devices (entries NO_EXPERT add nothing: each device sums its own) add up to
     the same float32 result. float64 weights (a split layer's part) return that sum unrounded, float64."""
     xp = array_module(x)
-    T, K = idx.shape
+    K = idx.shape[1]
     E = gate_exps.shape[0]
     if idx.size and (idx.min() < NO_EXPERT or idx.max() >= E):  # routing from a peer: no id may wrap around
         raise ValueError(f"expert ids {idx.min()}..{idx.max()} do not fit {E} experts")
     w32 = xp.asarray(weights, dtype=np.float32)
-    if xp is np and T <= MATVEC_MAX_T:
+    pairs_at_once = MATVEC_MAX_T if xp is np else GATHER_MAX_TOKENS  # tokens whose pairs run in one launch
+    if len(idx) <= pairs_at_once:
         out = _grouped_ffn(x, idx, w32, gate_exps, up_exps, down_exps)
-    elif T <= GATHER_MAX_TOKENS:  # decode on a GPU: all (token, expert) pairs in one kernel launch per matrix
-        pairs = idx.ravel()
-        every = not (pairs == NO_EXPERT).any()
-        keep = slice(None) if every else np.flatnonzero(pairs != NO_EXPERT)
-        rows = keep if every else xp.asarray(keep)
-        xs = xp.repeat(x, K, axis=0)[rows]  # [pairs, D]
-        act = silu(gate_exps.gather_matmul_t(pairs[keep], xs)) * up_exps.gather_matmul_t(pairs[keep], xs)
-        y = down_exps.gather_matmul_t(pairs[keep], act) * w32.reshape(-1, 1)[rows]  # [pairs, D]
-        if not every:  # the pairs of other devices add zeros
-            y, kept = xp.zeros((T * K, y.shape[1]), dtype=np.float32), y
-            y[rows] = kept
-        out = y.reshape(T, K, -1).sum(axis=1, dtype=np.float64)
     else:
         out = xp.zeros(x.shape, dtype=np.float64)
         w_dev = w32.ravel()
@@ -122,15 +111,17 @@ def moe_ffn(
 
 def _grouped_ffn(x: np.ndarray, idx: np.ndarray, w32: np.ndarray, gate_exps: QTensor, up_exps: QTensor,
                  down_exps: QTensor) -> np.ndarray:
-    """moe_ffn's float64 sums for decode-sized T on the host: the (token, expert) pairs sorted by expert in one
-    kernel launch per matrix, each selected expert read once for all its tokens (engine.kernels.gather_matvec;
-    per pair the kernels give the same products as one expert's matmul)."""
+    """moe_ffn's float64 sums for decode-sized T: the (token, expert) pairs sorted by expert in one kernel launch
+    per matrix, each selected expert read once for all its tokens (engine.kernels.gather_matvec; per pair the
+    kernels give the same products as one expert's matmul)."""
+    xp = array_module(x)
     T, K = idx.shape
     flat = idx.ravel()
     order = np.argsort(flat, kind="stable")
     order = order[flat[order] != NO_EXPERT]  # the pairs here, by expert; a token picks an expert at most once
-    pairs, xs = flat[order], x[order // K]
+    at = xp.asarray(order)
+    pairs, xs = flat[order], x[xp.asarray(order // K)]
     act = silu(gate_exps.gather_matmul_t(pairs, xs)) * up_exps.gather_matmul_t(pairs, xs)  # [pairs, F]
-    y = np.zeros((T * K, x.shape[1]), np.float32)
-    y[order] = down_exps.gather_matmul_t(pairs, act) * w32.ravel()[order][:, None]
+    y = xp.zeros((T * K, x.shape[1]), dtype=np.float32)
+    y[at] = down_exps.gather_matmul_t(pairs, act) * w32.ravel()[at][:, None]
     return y.reshape(T, K, -1).sum(axis=1, dtype=np.float64)
