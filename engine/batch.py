@@ -27,6 +27,7 @@ class Span:
     cache: KVCache | None
     start: int
     stop: int
+    ids: np.ndarray | None = None  # its token ids, where the pass knows them (the coordinator's passes)
 
     @property
     def n(self) -> int:
@@ -44,10 +45,12 @@ class Batch:
     spans: tuple[Span, ...]
 
     @classmethod
-    def of(cls, caches: Sequence[KVCache | None], counts: Sequence[int]) -> Batch:
-        """Sequences of counts[k] rows each, one after another."""
+    def of(cls, caches: Sequence[KVCache | None], counts: Sequence[int],
+           ids: Sequence[np.ndarray] | None = None) -> Batch:
+        """Sequences of counts[k] rows each (token ids ids[k], where known), one after another."""
         ends = np.cumsum(counts).tolist()
-        return cls(tuple(Span(c, e - n, e) for c, n, e in zip(caches, counts, ends, strict=True)))
+        tokens = ids if ids is not None else [None] * len(counts)
+        return cls(tuple(Span(c, e - n, e, i) for c, n, e, i in zip(caches, counts, ends, tokens, strict=True)))
 
     @property
     def n_rows(self) -> int:

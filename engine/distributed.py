@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from engine.cuda.local import gpu_runners, local_gpus
 from engine.digests import hash_bytes, model_digests, tensor_bytes
+from engine.errors import IkctlError
 from engine.forward_pass import (
     Executor,
     ExpertPart,
@@ -42,7 +44,7 @@ from engine.placement_rules import device_kind
 from engine.placement_spec import PlacementSpec, placement_spec
 from engine.rope import table_bytes
 from engine.segments import MAX_SEQUENCES, OP_BYTES, PROGRAM_BASE_BYTES, TensorRef, op_tensor_names, segment_records
-from rpcnode.client import Client, OfferSpec, RPCError
+from rpcnode.client import Client, OfferSpec, RPCError, WorkerGone
 from rpcnode.protocol import rpc_device
 
 if TYPE_CHECKING:
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
     from engine.gguf_file import GGUFFile
     from engine.llama import Llama
     from engine.model import Options
+
+T = TypeVar("T")
 
 
 def ask_capacities(endpoints: Sequence[str], spec: PlacementSpec,
@@ -111,29 +115,75 @@ class LoadStats:
 
 
 class RemoteKVCache(KVCache):
-    """The coordinator's KV cache: local rows for local attention layers; clear/truncate also reach the workers."""
+    """The coordinator's KV cache: local rows for local attention layers; clear/truncate also reach the workers.
+    After a failover it is rebuilt from its tokens when next used (DistributedNet._replay)."""
 
-    def __init__(self, net: DistributedNet, n_ctx: int, cache_type: str, seq_id: int) -> None:
-        super().__init__(net.cfg.n_layers, net.local.cache_widths(), n_ctx, cache_type)
-        self.layers = [layer if i in net.local_attn else {} for i, layer in enumerate(self.layers)]
-        self.net, self.seq_id = net, seq_id
+    def __init__(self, net: DistributedNet, n_ctx: int, cache_type: str) -> None:
+        self.net = net
+        self._start(n_ctx, cache_type)
+
+    def _start(self, n_ctx: int, cache_type: str) -> None:
+        super().__init__(self.net.cfg.n_layers, self.net.local.cache_widths(), n_ctx, cache_type)
+        self.layers = [layer if i in self.net.local_attn else {} for i, layer in enumerate(self.layers)]
+        self.seq_id, self.epoch = next(self.net.seq_ids), self.net.epoch
+
+    def rehome(self) -> None:
+        """Start over, empty, under the network's current placement: local rows for the layers whose attention
+        runs here now, a new sequence id on the workers."""
+        self._start(self.n_ctx, self.cache_type)
+
+    @property
+    def current(self) -> bool:
+        """Whether its rows are where the network's placement has them (no failover since it was filled)."""
+        return self.epoch == self.net.epoch
 
     def clear(self) -> None:
         super().clear()
-        self.net.kv_op("clear", self.seq_id, 0)
+        if self.current:
+            self.net.kv_op("clear", self.seq_id, 0)
 
     def truncate(self, n: int) -> None:
         super().truncate(n)
-        self.net.kv_op("truncate", self.seq_id, n)
+        if self.current:  # else its tokens are all a rebuild reads
+            self.net.kv_op("truncate", self.seq_id, n)
+
+
+@dataclass(frozen=True)
+class Failover:
+    """A worker lost during a pass and what took its place: reported once, when the pass that met the loss has
+    run on the devices left (DistributedNet.on_failover)."""
+
+    device: str
+    reason: str  # the error's first line
+    flags: tuple[str, ...]  # the placement now, as flags
+    seconds: float  # from the error to the pass's result: re-plan, load, rebuilt caches, the pass again
+    tokens_replayed: int  # cached tokens run again to rebuild the KV caches
+
+    def line(self) -> str:
+        now = " ".join(self.flags) or "everything on this machine"
+        return (f"{self.device} was lost ({self.reason}); continuing without it ({now}), recovered in "
+                f"{self.seconds:.2f} s ({self.tokens_replayed} cached tokens run again)")
 
 
 class DistributedNet:
     """A Network (see engine.model) whose segments run where the placement put their weights."""
 
     def __init__(self, local: DeepSeek2 | Llama, gguf: GGUFFile, placement: Placement, clients: dict[str, Client],
-                 opts: Options, progress: Callable[[LoadProgress], None] | None = None) -> None:
-        self.local, self.cfg, self.placement, self.clients = local, local.cfg, placement, clients
-        self.segments = placement.segments(layer_ops(gguf.tensors, local.cfg.n_layers))
+                 opts: Options, spec: PlacementSpec, progress: Callable[[LoadProgress], None] | None = None) -> None:
+        self.local, self.cfg, self.gguf, self.opts, self.spec = local, local.cfg, gguf, opts, spec
+        self.load_stats = LoadStats()
+        self.seq_ids = itertools.count(secrets.randbelow(1 << 31))
+        self.epoch = 0  # placements since the load: a failover starts the next
+        self.failovers: list[Failover] = []
+        self.on_failover: Callable[[Failover], None] | None = None
+        self._closer: Callable[[], Any] = lambda: None
+        self._setup(placement, clients, progress)
+
+    def _setup(self, placement: Placement, clients: dict[str, Client],
+               progress: Callable[[LoadProgress], None] | None = None) -> None:
+        """Put the placement in place: its segments, executors, the workers' tensors and programs."""
+        self.placement, self.clients = placement, clients
+        self.segments = placement.segments(layer_ops(self.gguf.tensors, self.cfg.n_layers))
         self.local_attn = {i for s in self.segments if s.device == CPU for i, p in s.ops if p == "attn"}
         # Segment ids are random per load so that two models (or coordinators) sharing a worker do not replace
         # each other's programs; KV sequence ids likewise. Segment k is base + k on every worker holding a part.
@@ -152,12 +202,10 @@ class DistributedNet:
                            "needs 1.2 (update ikctl there)")
         self.gpu: dict[int, Any] = {}  # segment index -> SegmentRunner on a GPU of this machine (engine.cuda)
         if any(device_kind(s.device) == "cuda" for s in self.segments):
-            self.gpu = gpu_runners(gguf, self.cfg, self.segments, opts, context_size(self.cfg, opts))
+            self.gpu = gpu_runners(self.gguf, self.cfg, self.segments, self.opts, context_size(self.cfg, self.opts))
         self.executors, self.steps = self._executors()
-        self.load_stats = LoadStats()
-        self._seq_ids = itertools.count(secrets.randbelow(1 << 31))
         self._closer = weakref.finalize(self, _close, list(self.executors.values()))
-        self._load(gguf, opts, progress)
+        self._load(self.gguf, self.opts, progress)
 
     def _executors(self) -> tuple[dict[str, Executor], list[tuple[int, Executor]]]:
         """One executor per device (Here for this process's CPU, OnGpu for this machine's GPUs, OnWorker each),
@@ -217,7 +265,7 @@ class DistributedNet:
 
     # ---- the Network protocol ---------------------------------------------------------------------------------
     def new_cache(self, n_ctx: int, cache_type: str) -> KVCache:
-        return RemoteKVCache(self, n_ctx, cache_type, next(self._seq_ids))
+        return RemoteKVCache(self, n_ctx, cache_type)
 
     def kv_op(self, op: str, seq_id: int, n: int) -> None:
         for executor in self.executors.values():
@@ -226,15 +274,17 @@ class DistributedNet:
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T new tokens: each segment on its device's executor, a worker's in one round trip; logits as
         DeepSeek2's."""
-        logits = run_pass(self.steps, [(ids, cache)], all_logits)
+        logits = self._survive([cache], lambda: run_pass(self.steps, [(ids, cache)], all_logits))
         return np.array(logits)  # a copy: the reply's buffer is read-only
 
     def forward_batch(self, items: Sequence[tuple[np.ndarray, KVCache]]) -> np.ndarray:
         """One pass over several sequences (new token ids, own cache each), each remote segment in one round trip
         for all of them (MAX_SEQUENCES at most: a worker keeps no more per segment, so more take further passes);
         each one's last logits [N, V]."""
-        parts = [run_pass(self.steps, items[a : a + MAX_SEQUENCES]) for a in range(0, len(items), MAX_SEQUENCES)]
-        return np.concatenate(parts)  # a copy: the replies' buffers are read-only
+        def run() -> list[np.ndarray]:
+            return [run_pass(self.steps, items[a : a + MAX_SEQUENCES]) for a in range(0, len(items), MAX_SEQUENCES)]
+
+        return np.concatenate(self._survive([c for _, c in items], run))  # a copy: the replies' are read-only
 
     def forward_passes(self, passes: Sequence[Sequence[Item]], all_logits: bool = False,
                        pipeline: bool = True) -> list[np.ndarray]:
@@ -242,11 +292,91 @@ class DistributedNet:
         after another: the same logits either way, each pass's as forward_batch's (forward's with all_logits)."""
         runs = [[p[a : a + MAX_SEQUENCES] for a in range(0, len(p), MAX_SEQUENCES)] for p in passes]
         flat = [r for rs in runs for r in rs]
-        if pipeline and len(flat) > 1:
-            logits = iter(run_pipeline(self.steps, flat, all_logits))
-        else:
-            logits = (run_pass(self.steps, r, all_logits) for r in flat)
+        caches = [c for p in passes for _, c in p]
+        logits = iter(self._survive(caches, lambda: self._passes(flat, all_logits, pipeline)))
         return [np.concatenate([next(logits) for _ in rs]) for rs in runs]  # copies: replies' buffers are read-only
+
+    def _passes(self, passes: Sequence[Sequence[Item]], all_logits: bool, pipeline: bool) -> list[np.ndarray]:
+        if pipeline and len(passes) > 1:
+            return run_pipeline(self.steps, passes, all_logits)
+        return [run_pass(self.steps, p, all_logits) for p in passes]
+
+    # ---- failover ---------------------------------------------------------------------------------------------
+    def _survive(self, caches: Sequence[KVCache], run: Callable[[], T]) -> T:
+        """run() once the caches are rebuilt where the placement has them now; when a worker is lost meanwhile
+        (dead, or frozen past the reply deadline), re-plan without it, put the caches back as they were before
+        the call and run again (unless --no-failover)."""
+        began = {id(c): c.n_past for c in caches}
+        lost: tuple[WorkerGone, float] | None = None
+        replayed = 0
+        while True:
+            try:
+                replayed += self._replay(caches)
+                result = run()
+                break
+            except WorkerGone as e:
+                if not self.opts.failover or e.device not in self.clients:
+                    raise
+                lost = lost or (e, time.monotonic())
+                for c in caches:  # passes this call finished are run again: back to where it began
+                    n = began[id(c)]
+                    c.n_past, c.tokens = n, c.tokens[:n] if c.tokens is not None else None
+                self._fail_over(e)
+        if lost is not None:
+            error, t0 = lost
+            device = str(error.device)
+            reason = str(error).splitlines()[0].removeprefix(f"{device}: ").removesuffix(
+                "; check that it is still running")
+            event = Failover(device, reason, tuple(self.spec.rules.flags()), time.monotonic() - t0, replayed)
+            self.failovers.append(event)
+            if self.on_failover is not None:
+                self.on_failover(event)
+        return result
+
+    def _replay(self, caches: Sequence[KVCache]) -> int:
+        """Rebuild each cache filled before the last failover by running its tokens again; how many were run."""
+        n = 0
+        for c in {id(c): c for c in caches}.values():
+            if not isinstance(c, RemoteKVCache) or c.current:
+                continue
+            tokens = c.tokens
+            if tokens is None or len(tokens) != c.n_past:
+                raise IkctlError(f"a sequence of {c.n_past} positions cannot be rebuilt after the failover: its "
+                                 "tokens are not known (it was filled outside Model.eval)")
+            c.rehome()
+            ub = self.opts.ubatch_size
+            chunks = [[(np.asarray(tokens[a : a + ub], np.int64), c)] for a in range(0, len(tokens), ub)]
+            self._passes(chunks, False, self.opts.pipeline)
+            n += len(tokens)
+        return n
+
+    def _fail_over(self, error: WorkerGone) -> None:
+        """Re-plan without the lost worker (and any other found gone meanwhile) and load the new placement: the
+        workers left keep their tensors, so only what moved is sent. One error line when nothing fits."""
+        self._closer()  # the old programs and caches go; the tensors stay on the workers left
+        lost = [str(error.device)]
+        while True:
+            spec = self.spec
+            for device in lost:
+                spec = spec.without(device)
+            try:
+                placement, clients = connect_and_plan(self.local, self.gguf, self.opts, spec)
+                try:
+                    self._setup(placement, clients)
+                except BaseException:
+                    _close_clients(clients)
+                    raise
+            except WorkerGone as e:
+                if e.device is None or e.device in lost:
+                    raise
+                lost.append(e.device)
+                continue
+            except PlacementError as e:
+                raise IkctlError(f"{error.device} was lost and the model no longer fits on the devices left: "
+                                 f"{e}") from None
+            self.spec = spec
+            self.epoch += 1
+            return
 
 
 def _progress_reporter(device: str, specs: Sequence[OfferSpec],
@@ -284,40 +414,48 @@ def tensor_part(gguf: GGUFFile, name: str, part: ExpertSlice | None, digest: str
     return spec, (digest, t.qtype, tuple(shape))
 
 
-def distribute(net: Any, gguf: GGUFFile, opts: Options,
-               progress: Callable[[LoadProgress], None] | None = None) -> Any:
-    """The network itself when the placement keeps everything local, else a DistributedNet over the workers.
-    The plan is checked against each worker's memory (its -m, or the cluster file's, or --device-mem) with the
-    KV cache of the whole context counted, before any tensor is sent."""
-    spec = placement_spec(opts)
-    rules = spec.rules
+def connect_and_plan(net: Any, gguf: GGUFFile, opts: Options,
+                     spec: PlacementSpec) -> tuple[Placement, dict[str, Client]]:
+    """Connect to the spec's workers, plan against their memory (their -m, or the cluster file's, or
+    --device-mem) with the KV cache of the whole context counted, and keep the clients of the workers used."""
     clients: dict[str, Client] = {}
     try:
         reported = {}
-        for ep in rules.rpc:
+        for ep in spec.rules.rpc:
             client = clients[rpc_device(ep)] = Client.connect(ep, spec.token_for(ep),
                                                               poll_ms=opts.rpc_poll, reply_floor=opts.rpc_timeout,
                                                               probe_timeout=opts.rpc_probe_timeout)
             reported[rpc_device(ep)] = client.device_info().mem_total_bytes
-
-        cuda = local_gpus(rules)
-        devices = devices_for(rules.rpc, spec.capacities(reported), cuda)
-        placement = plan(gguf.tensors.values(), int(net.cfg.n_layers), devices, rules,
+        devices = devices_for(spec.rules.rpc, spec.capacities(reported), local_gpus(spec.rules))
+        placement = plan(gguf.tensors.values(), int(net.cfg.n_layers), devices, spec.rules,
                          kv_bytes_per_layer=kv_bytes_per_layer(net.cfg, opts),
                          program_bytes_per_layer=program_bytes_per_layer(net.cfg, opts, gguf.tensors.values()),
                          n_experts=gguf.expert_count)
-        remote = placement.devices_used() - {CPU}
-        if not remote:
-            for c in clients.values():
-                c.close()
-            return net
-        used = {d: c for d, c in clients.items() if d in remote}
-        for d in set(clients) - set(used):
-            clients.pop(d).close()
-        return DistributedNet(net, gguf, placement, used, opts, progress)
     except BaseException:
-        for c in clients.values():
-            c.close()
+        _close_clients(clients)
+        raise
+    used = placement.devices_used()
+    _close_clients({d: c for d, c in clients.items() if d not in used})
+    return placement, {d: c for d, c in clients.items() if d in used}
+
+
+def _close_clients(clients: dict[str, Client]) -> None:
+    for c in clients.values():
+        c.close()
+
+
+def distribute(net: Any, gguf: GGUFFile, opts: Options,
+               progress: Callable[[LoadProgress], None] | None = None) -> Any:
+    """The network itself when the placement keeps everything local, else a DistributedNet over the workers.
+    The plan is checked against each worker's memory before any tensor is sent."""
+    spec = placement_spec(opts)
+    placement, clients = connect_and_plan(net, gguf, opts, spec)
+    if not placement.devices_used() - {CPU}:
+        return net
+    try:
+        return DistributedNet(net, gguf, placement, clients, opts, spec, progress)
+    except BaseException:
+        _close_clients(clients)
         raise
 
 

@@ -89,14 +89,15 @@ def begin(items: Sequence[Item], all_logits: bool = False,
     starts = [cache.reserve(n, ahead.get(id(cache), 0)) for (_, cache), n in zip(items, counts, strict=True)]
     n_out = max(counts) if all_logits else 1
     state = {"ids": np.concatenate(ids), "n_out": np.asarray(n_out, dtype=np.int64)}
-    return batch_positions(starts, counts), Batch.of([c for _, c in items], counts), state
+    return batch_positions(starts, counts), Batch.of([c for _, c in items], counts, ids), state
 
 
 def finish(batch: Batch, state: State) -> np.ndarray:
-    """Commit the pass's cache rows; its logits: each sequence's n_out rows, one sequence after another."""
+    """Commit the pass's cache rows (and their tokens); its logits: each sequence's n_out rows, one sequence after
+    another."""
     for span in batch.spans:
         assert span.cache is not None
-        span.cache.advance(span.n)
+        span.cache.advance(span.n, span.ids)
     return state["logits"]
 
 

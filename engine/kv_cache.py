@@ -122,6 +122,9 @@ class KVCache:
         self.cache_type = cache_type
         self.layers = [{name: _Stream(w, cache_type, xp) for name, w in widths.items()} for _ in range(n_layers)]
         self.n_past = 0
+        # the token ids of the cached positions, while every advance named them: what rebuilds the cache elsewhere
+        # (failover); None once a pass advanced it without them (a worker's caches)
+        self.tokens: list[int] | None = []
 
     def reserve(self, n_new: int, ahead: int = 0) -> int:
         """Make room for n_new more positions after `ahead` positions that passes still in flight reserved (their
@@ -160,17 +163,27 @@ class KVCache:
         """The first n rows as stored (float16 or float32 [n, W], no copy), or None for a q8_0 cache."""
         return self.layers[layer][name].stored(n)
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int, ids: np.ndarray | None = None) -> None:
+        """Commit n more positions, holding the tokens `ids` (None: not known here)."""
         self.n_past += n
+        if self.tokens is None:
+            return
+        if ids is None or len(ids) != n:
+            self.tokens = None
+        else:
+            self.tokens.extend(np.asarray(ids).tolist())
 
     def clear(self) -> None:
         self.n_past = 0
+        self.tokens = []
 
     def truncate(self, n: int) -> None:
         """Forget positions n and later (llama.cpp's seq_rm from n); rows stay allocated."""
         if not 0 <= n <= self.n_past:
             raise IkctlError(f"cannot truncate a cache of {self.n_past} positions to {n}")
         self.n_past = n
+        if self.tokens is not None:
+            self.tokens = self.tokens[:n]
 
     @property
     def nbytes(self) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 from engine.architectures import load_network
 from engine.batch import micro_batches
 from engine.chat_template import apply_chat_template
-from engine.distributed import DistributedNet, distribute
+from engine.distributed import DistributedNet, Failover, distribute
 from engine.errors import IkctlError
 from engine.generate import generate
 from engine.gguf_file import GGUFFile
@@ -46,6 +46,7 @@ class Options:
     rpc_probe_timeout: float = 20.0  # --rpc-probe-timeout S: a worker that does not answer a probe by then is frozen
     float_activations: bool = False  # --float-activations: no int8 activation quantization (exact, slower)
     pipeline: bool = True  # --no-pipeline: a prompt's micro-batches visit the devices one after another
+    failover: bool = True  # --no-failover: a worker lost mid-generation ends it with an error (no re-plan)
 
     @property
     def placed(self) -> bool:
@@ -113,6 +114,12 @@ class Model:
             raise IkctlError(f"-c {view.n_ctx} is more than the context the workers were loaded with "
                              f"({self.n_ctx}); load the model again with ctx_size={view.n_ctx}")
         return view
+
+    def on_failover(self, report: Callable[[Failover], None]) -> None:
+        """Call `report` once per worker lost during a pass, after the pass has run on the devices left (nothing
+        happens for a model without workers, or with failover off)."""
+        if isinstance(self.net, DistributedNet):
+            self.net.on_failover = report
 
     @property
     def arch(self) -> str:

@@ -242,6 +242,36 @@ class PlacementRules:
         return cls(rules, n_gpu_layers, parse_tensor_split(tensor_split) if tensor_split else None,
                    parse_rpc(rpc) if rpc else ())
 
+    def without(self, device: str) -> PlacementRules:
+        """These rules with one device gone (failover re-plans with them): its endpoint leaves --rpc and its value
+        leaves -ts (RPC devices come first there, in --rpc order); a rule listing it among others keeps the
+        others (and their shares); a rule naming only it goes, so its tensors follow the next matching rule or
+        the default, as if it had never been written."""
+        gone = [k for k, ep in enumerate(self.rpc) if rpc_device(ep) == device]
+        ts = self.tensor_split
+        if ts is not None and gone and gone[0] < len(ts):
+            ts = tuple(v for k, v in enumerate(ts) if k != gone[0]) or None
+        rules = []
+        for r in self.override_tensor:
+            if device not in r.devices:
+                rules.append(r)
+                continue
+            kept = [(d, r.shares[k] if r.shares else None) for k, d in enumerate(r.devices) if d != device]
+            if kept:
+                rules.append(OverrideRule(r.pattern, ",".join(d if w is None else f"{d}:{w:g}" for d, w in kept)))
+        rpc = [ep for k, ep in enumerate(self.rpc) if k not in gone]
+        return PlacementRules(rules, self.n_gpu_layers, ts, rpc)
+
+    def flags(self) -> list[str]:
+        """The rules as command-line flags (what a user would type to pin them)."""
+        out = [f"--rpc {','.join(self.rpc)}"] if self.rpc else []
+        out += [f'-ot "{r}"' for r in self.override_tensor]
+        if self.n_gpu_layers:
+            out.append(f"-ngl {self.n_gpu_layers}")
+        if self.tensor_split is not None:
+            out.append("-ts " + ",".join(f"{v:g}" for v in self.tensor_split))
+        return out
+
 
 def devices_for(rpc: Sequence[str], capacities: Mapping[str, int] | None = None,
                 cuda: Sequence[Device] = ()) -> list[Device]:

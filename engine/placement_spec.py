@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from engine.cluster import read_cluster
@@ -54,6 +54,11 @@ class PlacementSpec:
     def capacities(self, reported: Mapping[str, int]) -> dict[str, int]:
         """What to plan against: what the workers report, overridden by what was given."""
         return {**reported, **self.given_capacities}
+
+    def without(self, device: str) -> PlacementSpec:
+        """This spec with one device gone (engine.placement_rules.PlacementRules.without)."""
+        return replace(self, rules=self.rules.without(device),
+                       given_capacities={d: c for d, c in self.given_capacities.items() if d != device})
 
 
 def _texts(value: str | Sequence[str]) -> list[str]:

@@ -40,7 +40,11 @@ class RPCError(IkctlError):
 
 
 class WorkerGone(RPCError):
-    """The connection broke: the worker died, closed, or did not answer in time."""
+    """The connection broke: the worker died, closed, or did not answer in time. `device`: RPC[host:port]."""
+
+    def __init__(self, message: str, device: str | None = None) -> None:
+        super().__init__(message)
+        self.device = device
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ class Client:
             sock = socket.create_connection((self.host, self.port), timeout=timeout)
         except OSError as e:
             raise WorkerGone(f"{self.label}: cannot connect: {e.strerror or e}; is `ikctl rpcnode` running "
-                             "there?") from None
+                             "there?", self.label) from None
         P.set_nodelay(sock)
         return sock
 
@@ -175,7 +179,7 @@ class Client:
         if not isinstance(message, P.Hello | P.Auth):
             self._reconnect_if_timed_out()
         if self._sock is None:
-            raise WorkerGone(f"{self.label}: the connection is closed")
+            raise WorkerGone(f"{self.label}: the connection is closed", self.label)
         rid, self._next_id = self._next_id, self._next_id + 1
         parts = P.encode_frame_parts(message, rid, payload)
         n = sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in parts)
@@ -197,7 +201,7 @@ class Client:
     def _recv_frame(self, rid: int, expect: type, timeout: float, patience: float | None = None) -> P.Frame:
         """The reply to request `rid` (the next one to come: the worker answers in order)."""
         if self._sock is None:
-            raise WorkerGone(f"{self.label}: the connection is closed")
+            raise WorkerGone(f"{self.label}: the connection is closed", self.label)
         self._waiting -= 1
         started = time.monotonic()
         if self._session:
@@ -275,7 +279,7 @@ class Client:
 
     def _broken(self, what: str) -> None:
         self.close()
-        raise WorkerGone(f"{self.label}: worker {what}; check that it is still running")
+        raise WorkerGone(f"{self.label}: worker {what}; check that it is still running", self.label)
 
     def _call(self, message: P.Message, expect: type, payload: P.Payload = b"", timeout: float | None = None) -> Any:
         if self._runs:  # its reply would come after theirs
@@ -458,5 +462,6 @@ def wait_until_up(endpoint: str, timeout: float = 10.0) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise WorkerGone(f"{rpc_device(endpoint)}: not reachable after {timeout:g} s") from None
+                device = rpc_device(endpoint)
+                raise WorkerGone(f"{device}: not reachable after {timeout:g} s", device) from None
             time.sleep(0.05)

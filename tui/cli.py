@@ -143,6 +143,7 @@ def _note_blas() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     model = load_model(resolve_model_path(args.model), **load_options(args))
+    model.on_failover(lambda event: print(f"\nikctl: {event.line()}", file=sys.stderr, flush=True))
     prompt = args.prompt
     if args.system_prompt is not None and not args.chat:
         raise IkctlError("-sys has no effect with -no-cnv (the prompt goes to the model as raw text); put the "

@@ -64,6 +64,10 @@ def add_placement_flags(p: argparse.ArgumentParser, polling: bool = True) -> Non
     g.add_argument("--no-pipeline", dest="pipeline", action="store_false",
                    help="run a prompt's micro-batches (-ub) through the devices one after another instead of "
                    "overlapping them (a device computes one while another computes the next)")
+    g.add_argument("--no-failover", dest="failover", action="store_false",
+                   help="a worker lost during generation (dead, or frozen past --rpc-timeout and "
+                   "--rpc-probe-timeout) ends the run with an error; by default ikctl re-plans onto the devices "
+                   "left, rebuilds the KV cache from the tokens so far and goes on")
 
 
 
@@ -87,4 +91,5 @@ def placement_options(args: argparse.Namespace) -> dict[str, object]:
             "tensor_split": args.tensor_split, "device_mem": args.device_mem, "cluster": args.cluster,
             # `plan` runs nothing: it has no polling flags
             "rpc_poll": getattr(args, "rpc_poll", 10.0), "rpc_timeout": getattr(args, "rpc_timeout", 10.0),
-            "rpc_probe_timeout": getattr(args, "rpc_probe_timeout", 20.0), "pipeline": getattr(args, "pipeline", True)}
+            "rpc_probe_timeout": getattr(args, "rpc_probe_timeout", 20.0), "pipeline": getattr(args, "pipeline", True),
+            "failover": getattr(args, "failover", True)}

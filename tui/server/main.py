@@ -120,6 +120,7 @@ def run_server(opts: ServeOptions, model_path: str, load: Callable[[], Model]) -
             if remote_segments(model.net) and opts.parallel > MAX_SEQUENCES:
                 raise IkctlError(f"-np {opts.parallel}: a worker keeps the KV caches of {MAX_SEQUENCES} sequences per "
                                  f"segment; give -np {MAX_SEQUENCES} or fewer with layers on workers")
+            model.on_failover(lambda event: _say(event.line()))
             _warm_up(model)
             scheduler = Scheduler(model, opts.parallel, opts.max_queue)
         except IkctlError as e:
