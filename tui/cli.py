@@ -155,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
         prompt = model.apply_chat_template([*messages, {"role": "user", "content": prompt}])
     gen = model.generate(prompt, n_predict=args.n_predict, temp=args.temp, top_k=args.top_k,
-                         top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+                         top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_at_eos=not args.ignore_eos)
     out = sys.stdout
     if not args.chat:
         out.write(args.prompt)

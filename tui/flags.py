@@ -30,6 +30,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--min-p", type=float, default=0.05)
     g.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1 = random)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="generate past end-of-generation tokens (as llama.cpp's --ignore-eos)")
 
 
 def add_placement_flags(p: argparse.ArgumentParser, polling: bool = True) -> None:

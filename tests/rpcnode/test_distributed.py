@@ -468,7 +468,7 @@ def test_nothing_before_auth(workers: Callable[..., WorkerProc], tmp_path: Path)
 
 def test_sigkill_during_generation_names_the_worker(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
     w = workers()
-    model = load_model(synth_model, rpc=w.endpoint, override_tensor=[f"exps={w.device}"])
+    model = load_model(synth_model, rpc=w.endpoint, override_tensor=[f"exps={w.device}"], failover=False)
     cache = model.new_cache(512)
     model.eval(PROMPT, cache)
     killer = threading.Timer(0.5, w.kill)

@@ -83,7 +83,7 @@ def test_a_frozen_worker_is_named_within_its_deadline(workers: Callable[..., Wor
     waiting out the 600 s a run may take."""
     w = workers()
     model = load_model(synth_model, rpc=w.endpoint, override_tensor=[f"exps={w.device}"], rpc_timeout=1,
-                       rpc_probe_timeout=1)
+                       rpc_probe_timeout=1, failover=False)  # failover: tests/rpcnode/test_failover.py
     cache = model.new_cache(512)
     model.eval(PROMPT, cache)
     model.eval([1], cache)  # a decode step first: on a cold numba cache it compiles the decode kernels here
@@ -183,12 +183,12 @@ def test_a_worker_compiling_its_kernels_is_waited_for(workers: Callable[..., Wor
 
 
 def test_cli_names_a_frozen_worker_in_one_line(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
-    """`ikctl run --rpc-timeout 1 --rpc-probe-timeout 1`, its worker SIGSTOPped once tokens flow: exit 1 and one
-    error line naming the worker."""
+    """`ikctl run --rpc-timeout 1 --rpc-probe-timeout 1 --no-failover`, its worker SIGSTOPped once tokens flow:
+    exit 1 and one error line naming the worker."""
     w = workers()
     cmd = [sys.executable, "-m", "tui.cli", "run", "-m", str(synth_model), "-p", "hi", "-n", "2000", "-c", "2048",
            "-no-cnv", "--rpc", w.endpoint, "-ot", f"exps={w.device}", "--rpc-timeout", "1",
-           "--rpc-probe-timeout", "1"]
+           "--rpc-probe-timeout", "1", "--no-failover"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

@@ -160,7 +160,7 @@ def test_a_worker_killed_mid_pipeline_is_named_and_nothing_is_left_pending(worke
                                                                            synth_model: Path) -> None:
     a, b = workers(), workers()
     model = load_model(synth_model, ctx_size=512, ubatch_size=UB, rpc=[a.endpoint, b.endpoint], n_gpu_layers=3,
-                       tensor_split=[1, 2])
+                       tensor_split=[1, 2], failover=False)  # failover: tests/rpcnode/test_failover.py
     prompt = (PROMPT * 10)[:400]  # 50 passes
     model.eval(prompt[:2 * UB], model.new_cache())  # kernels compiled: the kill lands in a pipelined prefill
     killer = threading.Timer(0.3, b.kill)

@@ -18,8 +18,7 @@ from tests.tui.serve_process import ServeProc, start_serve
 PROMPTS = [[5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46], [100, 200, 300]]
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[ServeProc, list[WorkerProc], Path]]:
+def start_cluster(tmp_path: Path, *extra: str) -> tuple[ServeProc, list[WorkerProc], Path]:
     model = write_model(tmp_path / "tiny.gguf", DEFAULT_SPEC)
     workers = []
     for i in range(2):
@@ -27,8 +26,23 @@ def cluster(tmp_path: Path) -> Iterator[tuple[ServeProc, list[WorkerProc], Path]
         workers.append(start_worker(tmp_path / f"w{i}"))
     rpc = ",".join(w.endpoint for w in workers)
     server = start_serve(tmp_path, "-m", str(model), "-c", "512", "-np", "2", "--rpc", rpc, "-ngl", "99",
-                         "-ts", "1,1", "--metrics", "--rpc-timeout", "5", "--rpc-probe-timeout", "5")
-    yield server, workers, model
+                         "-ts", "1,1", "--metrics", "--rpc-timeout", "5", "--rpc-probe-timeout", "5", *extra)
+    return server, workers, model
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[ServeProc, list[WorkerProc], Path]]:
+    yield from _running(start_cluster(tmp_path, "--no-failover"))
+
+
+@pytest.fixture
+def failover_cluster(tmp_path: Path) -> Iterator[tuple[ServeProc, list[WorkerProc], Path]]:
+    yield from _running(start_cluster(tmp_path))
+
+
+def _running(parts: tuple[ServeProc, list[WorkerProc], Path]) -> Iterator[tuple[ServeProc, list[WorkerProc], Path]]:
+    yield parts
+    server, workers, _ = parts
     server.stop()
     for w in workers:
         w.kill()
@@ -81,3 +95,22 @@ def test_a_worker_killed_mid_stream(cluster: tuple[ServeProc, list[WorkerProc], 
     assert server.client().models.list().data[0].id == "tiny.gguf"  # the server still answers
     assert f'ikctl_worker_up{{worker="{workers[1].device}"}} 0' in server.get("/metrics").text
     assert "failed: " in server.log_text()
+
+
+def test_a_worker_killed_mid_stream_is_failed_over(failover_cluster: tuple[ServeProc, list[WorkerProc], Path]) -> None:
+    """With failover (the default) the stream goes on over the worker left, with the text an uninterrupted request
+    gives; the server logs the loss once, /health is 200 and the next request is served."""
+    server, workers, _ = failover_cluster
+    client = server.client(timeout=60)
+    want = complete(client, PROMPTS[0], max_tokens=60, extra_body={"ignore_eos": True})
+    stream = client.completions.create(model="tiny.gguf", prompt=PROMPTS[0], max_tokens=60, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    parts = iter(stream)
+    text = "".join(c.choices[0].text for c in (next(parts), next(parts)))
+    workers[1].kill()
+    text += "".join(c.choices[0].text for c in parts)
+    assert text == want
+    assert server.get("/health").status_code == 200
+    assert complete(client, PROMPTS[0], max_tokens=60, extra_body={"ignore_eos": True}) == want
+    lost = [ln for ln in server.log_text().splitlines() if "was lost" in ln]
+    assert len(lost) == 1 and workers[1].device in lost[0] and "recovered in" in lost[0], server.log_text()
