@@ -145,12 +145,12 @@ class _Slot:
 class Scheduler:
     """Owns the model from the thread `start()` runs: nothing else may call it meanwhile."""
 
-    def __init__(self, model: Model, n_slots: int, max_queue: int) -> None:
+    def __init__(self, model: Model, n_slots: int, max_queue: int, say: Callable[[str], None] = log.warning) -> None:
         if n_slots < 1:
             raise IkctlError(f"-np {n_slots} must be at least 1 (sequence slots)")
         if max_queue < 0:
             raise IkctlError(f"--max-queue {max_queue} must be 0 or more")
-        self.model, self.max_queue = model, max_queue
+        self.model, self.max_queue, self.say = model, max_queue, say
         self.n_ctx = model.n_ctx
         self._slots = [_Slot() for _ in range(n_slots)]
         self._queue: collections.deque[Ticket] = collections.deque()
@@ -279,6 +279,15 @@ class Scheduler:
             for slot in self._slots:
                 if slot.job is None and self._queue:
                     admit.append((slot, self._queue.popleft()))
+        if admit:  # a new request takes back a lost worker that answers again
+            try:
+                back = self.model.rejoin()
+            except IkctlError as e:
+                self.say(str(e))
+            else:
+                if back:
+                    self.say(f"{', '.join(back)} answered again and was taken back "
+                             f"({' '.join(self.model.placement_flags())})")
         for slot, ticket in admit:
             r = ticket.request
             job = _Job(ticket, Sampler(r.sampler), StopMatcher(r.stop), t_start=time.perf_counter())

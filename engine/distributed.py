@@ -44,7 +44,8 @@ from engine.placement_rules import device_kind
 from engine.placement_spec import PlacementSpec, placement_spec
 from engine.rope import table_bytes
 from engine.segments import MAX_SEQUENCES, OP_BYTES, PROGRAM_BASE_BYTES, TensorRef, op_tensor_names, segment_records
-from rpcnode.client import Client, OfferSpec, RPCError, WorkerGone
+from rpcnode.client import Client, OfferSpec, RPCError, WorkerGone, probe
+from rpcnode.endpoint import Endpoint
 from rpcnode.protocol import rpc_device
 
 if TYPE_CHECKING:
@@ -170,11 +171,14 @@ class DistributedNet:
 
     def __init__(self, local: DeepSeek2 | Llama, gguf: GGUFFile, placement: Placement, clients: dict[str, Client],
                  opts: Options, spec: PlacementSpec, progress: Callable[[LoadProgress], None] | None = None) -> None:
-        self.local, self.cfg, self.gguf, self.opts, self.spec = local, local.cfg, gguf, opts, spec
+        self.local, self.cfg, self.gguf, self.opts, self.loaded_spec = local, local.cfg, gguf, opts, spec
         self.load_stats = LoadStats()
         self.seq_ids = itertools.count(secrets.randbelow(1 << 31))
-        self.epoch = 0  # placements since the load: a failover starts the next
+        self.epoch = 0  # placements since the load: a failover (or a worker taken back) starts the next
+        self.lost: list[str] = []  # workers failed over and not taken back, in the order lost
         self.failovers: list[Failover] = []
+        self._broken: str | None = None  # why nothing runs: the devices left could not hold the model
+        self._last_rejoin = 0.0
         self.on_failover: Callable[[Failover], None] | None = None
         self._closer: Callable[[], Any] = lambda: None
         self._setup(placement, clients, progress)
@@ -306,6 +310,8 @@ class DistributedNet:
         """run() once the caches are rebuilt where the placement has them now; when a worker is lost meanwhile
         (dead, or frozen past the reply deadline), re-plan without it, put the caches back as they were before
         the call and run again (unless --no-failover)."""
+        if self._broken is not None:
+            raise IkctlError(self._broken)
         began = {id(c): c.n_past for c in caches}
         lost: tuple[WorkerGone, float] | None = None
         replayed = 0
@@ -350,17 +356,48 @@ class DistributedNet:
             n += len(tokens)
         return n
 
+    @property
+    def spec(self) -> PlacementSpec:
+        """The placement flags in force: those of the load without the workers lost."""
+        spec = self.loaded_spec
+        for device in self.lost:
+            spec = spec.without(device)
+        return spec
+
     def _fail_over(self, error: WorkerGone) -> None:
         """Re-plan without the lost worker (and any other found gone meanwhile) and load the new placement: the
         workers left keep their tensors, so only what moved is sent. One error line when nothing fits."""
-        self._closer()  # the old programs and caches go; the tensors stay on the workers left
-        lost = [str(error.device)]
+        try:
+            self._replan([*self.lost, str(error.device)])
+        except PlacementError as e:
+            self._broken = f"{error.device} was lost and the model no longer fits on the devices left: {e}"
+            raise IkctlError(self._broken) from None
+
+    def rejoin(self, probe_timeout: float = 0.5, every: float = 5.0) -> list[str]:
+        """Take back lost workers that answer again at the same endpoint (with the same token): re-plan with the
+        load's flags minus the workers still lost. Tried at most once per `every` seconds (a host that is gone
+        costs a probe of probe_timeout); the devices taken back. The sequences are rebuilt when next used."""
+        if not self.lost or time.monotonic() - self._last_rejoin < every:
+            return []
+        self._last_rejoin = time.monotonic()
+        back = [d for d in self.lost if probe(*_host_port(d), probe_timeout) is None]
+        if not back:
+            return []
+        try:
+            self._replan([d for d in self.lost if d not in back])
+        except PlacementError as e:  # cannot happen with more devices, unless one's memory shrank
+            self._broken = f"taking back {', '.join(back)} failed: {e}"
+            raise IkctlError(self._broken) from None
+        self._broken = None
+        return [d for d in back if d not in self.lost]
+
+    def _replan(self, lost: list[str]) -> None:
+        """Plan and load the load's flags without the `lost` devices (and any other found gone meanwhile)."""
+        self._closer()  # the old programs and caches go; the tensors stay on the workers
         while True:
-            spec = self.spec
-            for device in lost:
-                spec = spec.without(device)
+            self.lost = lost
             try:
-                placement, clients = connect_and_plan(self.local, self.gguf, self.opts, spec)
+                placement, clients = connect_and_plan(self.local, self.gguf, self.opts, self.spec)
                 try:
                     self._setup(placement, clients)
                 except BaseException:
@@ -369,14 +406,16 @@ class DistributedNet:
             except WorkerGone as e:
                 if e.device is None or e.device in lost:
                     raise
-                lost.append(e.device)
+                lost = [*lost, e.device]
                 continue
-            except PlacementError as e:
-                raise IkctlError(f"{error.device} was lost and the model no longer fits on the devices left: "
-                                 f"{e}") from None
-            self.spec = spec
             self.epoch += 1
             return
+
+
+def _host_port(device: str) -> tuple[str, int]:
+    """RPC[host:port] -> (host, port)."""
+    ep = Endpoint(device[device.index("[") + 1 : -1])
+    return ep.host, ep.port
 
 
 def _progress_reporter(device: str, specs: Sequence[OfferSpec],

@@ -121,6 +121,14 @@ class Model:
         if isinstance(self.net, DistributedNet):
             self.net.on_failover = report
 
+    def rejoin(self) -> list[str]:
+        """Take back workers lost earlier that answer again (DistributedNet.rejoin); those taken back."""
+        return self.net.rejoin() if isinstance(self.net, DistributedNet) else []
+
+    def placement_flags(self) -> list[str]:
+        """The placement in force as flags (after a failover: without the workers lost)."""
+        return self.net.spec.rules.flags() if isinstance(self.net, DistributedNet) else []
+
     @property
     def arch(self) -> str:
         return self.gguf.architecture

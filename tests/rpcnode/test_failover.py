@@ -20,7 +20,7 @@ from engine.distributed import DistributedNet, Failover
 from engine.model import Model
 from engine.synth import SynthSpec, write_model
 from rpcnode.client import WorkerGone
-from tests.rpcnode.conftest import WorkerProc
+from tests.rpcnode.conftest import WorkerProc, start_worker
 
 PROMPT = [1, 5, 9, 20, 33, 7, 100, 3, 42, 11]
 N_PREDICT = 40
@@ -203,3 +203,34 @@ def test_cli_run_goes_on_and_says_so_once(workers: Callable[..., WorkerProc], sy
     assert re.fullmatch(rf"ikctl: {re.escape(b.device)} was lost \(.*\); continuing without it \(--rpc "
                         rf"{re.escape(a.endpoint)} -ngl 99\), recovered in [0-9.]+ s \(\d+ cached tokens run again\)",
                         lost[0]), lost[0]
+
+
+def test_a_worker_that_answers_again_is_taken_back(workers: Callable[..., WorkerProc], synth_model: Path,
+                                                  tmp_path: Path) -> None:
+    """After a failover, the lost worker restarted at its endpoint (its disk cache kept) is taken back by
+    rejoin(): the load's placement again, the sequence rebuilt, the logits a steady run's."""
+    a, b = workers(), workers()
+    opts = placements(a, b)["expert parallel"]
+    steady = load_model(synth_model, ctx_size=256, **opts)  # type: ignore[arg-type]
+    cache = steady.new_cache()
+    want = [steady.eval(PROMPT, cache), steady.eval([4], cache), steady.eval([5], cache)]
+    model = load_model(synth_model, ctx_size=256, **opts)  # type: ignore[arg-type]
+    net = model.net
+    assert isinstance(net, DistributedNet)
+    cache = model.new_cache()
+    got = [model.eval(PROMPT, cache)]
+    b.kill()
+    got.append(model.eval([4], cache))
+    assert net.lost == [b.device] and model.rejoin() == []  # still down
+    port = int(b.endpoint.rsplit(":", 1)[1])
+    back = start_worker(b.cache.parent, cache=b.cache, port=port)
+    try:
+        assert net.rejoin(every=0) == [b.device]
+        assert net.lost == [] and b.device in net.placement.devices_used()
+        assert model.placement_flags() == list(net.loaded_spec.rules.flags())
+        got.append(model.eval([5], cache))
+        assert net.clients[b.device].counters.runs > 0
+    finally:
+        back.kill()
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

@@ -114,3 +114,10 @@ def test_a_worker_killed_mid_stream_is_failed_over(failover_cluster: tuple[Serve
     assert complete(client, PROMPTS[0], max_tokens=60, extra_body={"ignore_eos": True}) == want
     lost = [ln for ln in server.log_text().splitlines() if "was lost" in ln]
     assert len(lost) == 1 and workers[1].device in lost[0] and "recovered in" in lost[0], server.log_text()
+    # the worker back at its endpoint is taken back by a request (at most one try per 5 s)
+    back = start_worker(workers[1].cache.parent, cache=workers[1].cache, port=int(workers[1].endpoint.split(":")[1]))
+    workers.append(back)
+    time.sleep(5)
+    assert complete(client, PROMPTS[0], max_tokens=60, extra_body={"ignore_eos": True}) == want
+    assert f"{workers[1].device} answered again and was taken back" in server.log_text(), server.log_text()
+    assert f'ikctl_worker_round_trips_total{{worker="{workers[1].device}"}}' in server.get("/metrics").text

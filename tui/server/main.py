@@ -122,7 +122,7 @@ def run_server(opts: ServeOptions, model_path: str, load: Callable[[], Model]) -
                                  f"segment; give -np {MAX_SEQUENCES} or fewer with layers on workers")
             model.on_failover(lambda event: _say(event.line()))
             _warm_up(model)
-            scheduler = Scheduler(model, opts.parallel, opts.max_queue)
+            scheduler = Scheduler(model, opts.parallel, opts.max_queue, _say)
         except IkctlError as e:
             failure.append(str(e))
             server.should_exit = True
