@@ -49,6 +49,13 @@ class WorkFailed(Message):
 
 
 @dataclass
+class FailedOver(Message):
+    """A worker was lost during the model's work and the run went on without it (engine.distributed.Failover)."""
+
+    line: str
+
+
+@dataclass
 class TokenGenerated(Message):
     """New text from the generation worker."""
 

@@ -58,6 +58,7 @@ class SharedModel:
         self.model: Any = None
         self.loaded_flags: PlanFlags | None = None
         self.loads = 0  # bumped per load, so a screen can tell that the model changed under it
+        self.on_failover: Callable[[Any], None] | None = None  # told of each worker lost (engine.distributed.Failover)
 
     def get(self) -> Any:
         """The loaded model, loading it with the current flags first if there is none (model thread)."""
@@ -79,6 +80,7 @@ class SharedModel:
         model = load_model(self.model_path or default_model_path(), progress=track,
                            **load_options(flags, self.options, self.tokens))
         self.release()
+        model.on_failover(lambda event: self.on_failover(event) if self.on_failover is not None else None)
         self.model, self.loaded_flags, self.flags = model, flags, flags
         self.loads += 1
         return LoadSummary(len(totals), sum(h for h, _ in totals.values()), sum(s for _, s in totals.values()),

@@ -1,0 +1,61 @@
+"""The app's Generate screen over two real loopback workers, one SIGKILLed mid-generation: the reply is finished
+over the worker left and the app says which worker was lost, once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from textual.widgets import Input
+
+from engine.synth import SynthSpec, write_model
+from tests.rpcnode.conftest import WorkerProc, start_worker
+from tui.app import IkctlApp
+from tui.plan_flags import PlanFlags
+from tui.screens.generate import GenerateScreen
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[list[WorkerProc]]:
+    started = []
+    for i in range(2):
+        (tmp_path / f"w{i}").mkdir()
+        started.append(start_worker(tmp_path / f"w{i}"))
+    yield started
+    for w in started:
+        w.kill()
+
+
+def test_generate_goes_on_when_a_worker_dies(two_workers: list[WorkerProc], tmp_path: Path) -> None:
+    model = write_model(tmp_path / "m.gguf", SynthSpec(layers=4, dense_layers=1, dtype="Q8_0", seed=7))
+    a, b = two_workers
+    flags = PlanFlags(n_gpu_layers="99", tensor_split="1,1", rpc=f"{a.endpoint},{b.endpoint}")
+    app = IkctlApp(str(model), flags, {"ctx_size": 512}, start_mode="generate")
+
+    async def body() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = app.screen
+            assert isinstance(screen, GenerateScreen)
+            screen.query_one("#n-predict", Input).value = "300"
+            screen.query_one("#temp", Input).value = "0"
+            screen.query_one("#prompt", Input).value = "Tell me a long story"
+            await pilot.press("enter")
+            deadline = time.monotonic() + 120
+            while not screen.reply and screen.running and time.monotonic() < deadline:
+                await pilot.pause(0.05)
+            assert screen.running, "the generation ended before the worker could be killed"
+            b.kill()
+            while screen.running and time.monotonic() < deadline:
+                await pilot.pause(0.05)
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            lost = [n.message for n in app._notifications if "was lost" in n.message]
+            assert len(lost) == 1, [n.message for n in app._notifications]
+            assert lost[0].startswith(f"{b.device} was lost") and "recovered in" in lost[0]
+            assert [m["role"] for m in screen.history] == ["user", "assistant"]
+            assert "generation:" in str(screen.query_one("#gen-stats").render())
+
+    asyncio.run(body())
