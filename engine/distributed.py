@@ -6,12 +6,13 @@ import itertools
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
+from engine.auto_placement import AutoChoice, TensorMeta, choose
 from engine.cuda.local import gpu_runners, local_gpus
 from engine.digests import hash_bytes, model_digests, tensor_bytes
 from engine.errors import IkctlError
@@ -28,6 +29,7 @@ from engine.forward_pass import (
 )
 from engine.gguf_file import TensorInfo
 from engine.kv_cache import KVCache, row_bytes
+from engine.measure import measure
 from engine.pipeline import run_pipeline
 from engine.placement import (
     CPU,
@@ -40,10 +42,11 @@ from engine.placement import (
     plan,
     tensor_layer,
 )
-from engine.placement_rules import device_kind
+from engine.placement_rules import PlacementRules, device_kind
 from engine.placement_spec import PlacementSpec, placement_spec
 from engine.rope import table_bytes
 from engine.segments import MAX_SEQUENCES, OP_BYTES, PROGRAM_BASE_BYTES, TensorRef, op_tensor_names, segment_records
+from engine.speed_model import model_shape
 from rpcnode.client import Client, OfferSpec, RPCError, WorkerGone, probe
 from rpcnode.endpoint import Endpoint
 from rpcnode.protocol import rpc_device
@@ -169,8 +172,8 @@ class Failover:
 class DistributedNet:
     """A Network (see engine.model) whose segments run where the placement put their weights."""
 
-    def __init__(self, local: DeepSeek2 | Llama, gguf: GGUFFile, placement: Placement, clients: dict[str, Client],
-                 opts: Options, spec: PlacementSpec, progress: Callable[[LoadProgress], None] | None = None) -> None:
+    def __init__(self, local: DeepSeek2 | Llama, gguf: GGUFFile, planned: Planned, opts: Options, spec: PlacementSpec,
+                 progress: Callable[[LoadProgress], None] | None = None) -> None:
         self.local, self.cfg, self.gguf, self.opts, self.loaded_spec = local, local.cfg, gguf, opts, spec
         self.load_stats = LoadStats()
         self.seq_ids = itertools.count(secrets.randbelow(1 << 31))
@@ -181,12 +184,12 @@ class DistributedNet:
         self._last_rejoin = 0.0
         self.on_failover: Callable[[Failover], None] | None = None
         self._closer: Callable[[], Any] = lambda: None
-        self._setup(placement, clients, progress)
+        self._setup(planned, progress)
 
-    def _setup(self, placement: Placement, clients: dict[str, Client],
-               progress: Callable[[LoadProgress], None] | None = None) -> None:
-        """Put the placement in place: its segments, executors, the workers' tensors and programs."""
-        self.placement, self.clients = placement, clients
+    def _setup(self, planned: Planned, progress: Callable[[LoadProgress], None] | None = None) -> None:
+        """Put the plan in place: its segments, executors, the workers' tensors and programs."""
+        placement, clients = planned.placement, planned.clients
+        self.placement, self.clients, self.rules, self.auto = placement, clients, planned.rules, planned.auto
         self.segments = placement.segments(layer_ops(self.gguf.tensors, self.cfg.n_layers))
         self.local_attn = {i for s in self.segments if s.device == CPU for i, p in s.ops if p == "attn"}
         # Segment ids are random per load so that two models (or coordinators) sharing a worker do not replace
@@ -333,7 +336,7 @@ class DistributedNet:
             device = str(error.device)
             reason = str(error).splitlines()[0].removeprefix(f"{device}: ").removesuffix(
                 "; check that it is still running")
-            event = Failover(device, reason, tuple(self.spec.rules.flags()), time.monotonic() - t0, replayed)
+            event = Failover(device, reason, tuple(self.rules.flags()), time.monotonic() - t0, replayed)
             self.failovers.append(event)
             if self.on_failover is not None:
                 self.on_failover(event)
@@ -397,11 +400,11 @@ class DistributedNet:
         while True:
             self.lost = lost
             try:
-                placement, clients = connect_and_plan(self.local, self.gguf, self.opts, self.spec)
+                planned = connect_and_plan(self.cfg, self.gguf, self.opts, self.spec)
                 try:
-                    self._setup(placement, clients)
+                    self._setup(planned)
                 except BaseException:
-                    _close_clients(clients)
+                    _close_clients(planned.clients)
                     raise
             except WorkerGone as e:
                 if e.device is None or e.device in lost:
@@ -453,10 +456,20 @@ def tensor_part(gguf: GGUFFile, name: str, part: ExpertSlice | None, digest: str
     return spec, (digest, t.qtype, tuple(shape))
 
 
-def connect_and_plan(net: Any, gguf: GGUFFile, opts: Options,
-                     spec: PlacementSpec) -> tuple[Placement, dict[str, Client]]:
+class Planned(NamedTuple):
+    """A plan made against the connected workers: the placement, the clients of the workers it uses, the rules it
+    follows (--auto's choice, else the flags), and with --auto every candidate weighed."""
+
+    placement: Placement
+    clients: dict[str, Client]
+    rules: PlacementRules
+    auto: AutoChoice | None = None
+
+
+def connect_and_plan(cfg: Any, gguf: GGUFFile, opts: Options, spec: PlacementSpec) -> Planned:
     """Connect to the spec's workers, plan against their memory (their -m, or the cluster file's, or
-    --device-mem) with the KV cache of the whole context counted, and keep the clients of the workers used."""
+    --device-mem) with the KV cache of the whole context counted (with --auto: choose the rules first, from the
+    devices' measured speeds and links), and keep the clients of the workers used."""
     clients: dict[str, Client] = {}
     try:
         reported = {}
@@ -465,17 +478,35 @@ def connect_and_plan(net: Any, gguf: GGUFFile, opts: Options,
                                                               poll_ms=opts.rpc_poll, reply_floor=opts.rpc_timeout,
                                                               probe_timeout=opts.rpc_probe_timeout)
             reported[rpc_device(ep)] = client.device_info().mem_total_bytes
-        devices = devices_for(spec.rules.rpc, spec.capacities(reported), local_gpus(spec.rules))
-        placement = plan(gguf.tensors.values(), int(net.cfg.n_layers), devices, spec.rules,
-                         kv_bytes_per_layer=kv_bytes_per_layer(net.cfg, opts),
-                         program_bytes_per_layer=program_bytes_per_layer(net.cfg, opts, gguf.tensors.values()),
-                         n_experts=gguf.expert_count)
+        kv = kv_bytes_per_layer(cfg, opts)
+        programs = program_bytes_per_layer(cfg, opts, gguf.tensors.values())
+        if opts.auto:
+            choice = choose_placement(cfg, gguf, spec, clients, reported, opts, kv, programs)
+            assert choice.chosen.placement is not None
+            placement, rules = choice.chosen.placement, choice.chosen.rules
+        else:
+            choice, rules = None, spec.rules
+            devices = devices_for(rules.rpc, spec.capacities(reported), local_gpus(rules))
+            placement = plan(gguf.tensors.values(), int(cfg.n_layers), devices, rules, kv_bytes_per_layer=kv,
+                             program_bytes_per_layer=programs, n_experts=gguf.expert_count)
     except BaseException:
         _close_clients(clients)
         raise
     used = placement.devices_used()
     _close_clients({d: c for d, c in clients.items() if d not in used})
-    return placement, {d: c for d, c in clients.items() if d in used}
+    return Planned(placement, {d: c for d, c in clients.items() if d in used}, rules, choice)
+
+
+def choose_placement(cfg: Any, gguf: GGUFFile, spec: PlacementSpec, clients: Mapping[str, Client],
+                     reported: Mapping[str, int], opts: Options, kv_bytes: int, program_bytes: int) -> AutoChoice:
+    """--auto: measure this machine and the workers, then weigh the candidate placements (engine.auto_placement)."""
+    tensors = [TensorMeta(n, t.n_bytes, t.qtype) for n, t in gguf.tensors.items()]
+    measured = measure(clients, spec.capacities(reported), {t.qtype for t in tensors}, opts.threads,
+                       opts.recalibrate)
+    experts, used = int(getattr(cfg, "n_routed_experts", 0) or 0), int(getattr(cfg, "n_experts_per_tok", 0) or 0)
+    shape = model_shape({t.name: t.n_bytes for t in tensors}, int(cfg.n_layers), max(experts, 1), max(used, 1),
+                        int(cfg.hidden_size), int(cfg.n_vocab))
+    return choose(tensors, int(cfg.n_layers), shape, list(spec.rules.rpc), measured, kv_bytes, program_bytes)
 
 
 def _close_clients(clients: dict[str, Client]) -> None:
@@ -484,17 +515,17 @@ def _close_clients(clients: dict[str, Client]) -> None:
 
 
 def distribute(net: Any, gguf: GGUFFile, opts: Options,
-               progress: Callable[[LoadProgress], None] | None = None) -> Any:
-    """The network itself when the placement keeps everything local, else a DistributedNet over the workers.
-    The plan is checked against each worker's memory before any tensor is sent."""
+               progress: Callable[[LoadProgress], None] | None = None) -> tuple[Any, AutoChoice | None]:
+    """The network itself when the placement keeps everything local, else a DistributedNet over the workers; and
+    with --auto, the choice made. The plan is checked against each worker's memory before any tensor is sent."""
     spec = placement_spec(opts)
-    placement, clients = connect_and_plan(net, gguf, opts, spec)
-    if not placement.devices_used() - {CPU}:
-        return net
+    planned = connect_and_plan(net.cfg, gguf, opts, spec)
+    if not planned.placement.devices_used() - {CPU}:
+        return net, planned.auto
     try:
-        return DistributedNet(net, gguf, placement, clients, opts, spec, progress)
+        return DistributedNet(net, gguf, planned, opts, spec, progress), planned.auto
     except BaseException:
-        _close_clients(clients)
+        _close_clients(planned.clients)
         raise
 
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from engine.architectures import load_network
+from engine.auto_placement import AutoChoice
 from engine.batch import micro_batches
 from engine.chat_template import apply_chat_template
 from engine.distributed import DistributedNet, Failover, distribute
@@ -47,11 +48,14 @@ class Options:
     float_activations: bool = False  # --float-activations: no int8 activation quantization (exact, slower)
     pipeline: bool = True  # --no-pipeline: a prompt's micro-batches visit the devices one after another
     failover: bool = True  # --no-failover: a worker lost mid-generation ends it with an error (no re-plan)
+    auto: bool = False  # --auto: choose the placement predicted fastest from measured devices and links
+    recalibrate: bool = False  # --recalibrate: with --auto, measure the devices' speeds again (else cached)
 
     @property
     def placed(self) -> bool:
         """Whether any placement flag is set (else everything runs here, as always)."""
-        return bool(self.rpc or self.override_tensor or self.n_gpu_layers or self.tensor_split or self.cluster)
+        return bool(self.rpc or self.override_tensor or self.n_gpu_layers or self.tensor_split or self.cluster
+                    or self.auto)
 
     def validated(self) -> Options:
         if self.cache_type_k not in CACHE_TYPES:
@@ -66,6 +70,11 @@ class Options:
             raise IkctlError(f"-t {self.threads} must be positive")
         if not 0 <= self.rpc_poll <= 1000:
             raise IkctlError(f"--rpc-poll {self.rpc_poll:g} must be 0..1000 milliseconds")
+        if self.auto and (self.override_tensor or self.n_gpu_layers or self.tensor_split):
+            raise IkctlError("--auto chooses -ot, -ngl and -ts itself; give it only the workers (--rpc or --cluster), "
+                             "or drop --auto to place by hand")
+        if self.recalibrate and not self.auto:
+            raise IkctlError("--recalibrate measures the devices for --auto; add --auto")
         for flag, value in (("--rpc-timeout", self.rpc_timeout), ("--rpc-probe-timeout", self.rpc_probe_timeout)):
             if not 0 < value <= 3600:
                 raise IkctlError(f"{flag} {value:g} must be more than 0 and at most 3600 seconds")
@@ -96,8 +105,9 @@ class Model:
         self.gguf = gguf
         self.options = options
         self.net = load_network(gguf, options.mla, options.amb << 20)
+        self.auto: AutoChoice | None = None  # with --auto: the placement chosen and every candidate weighed
         if options.placed:
-            self.net = distribute(self.net, gguf, options, progress)
+            self.net, self.auto = distribute(self.net, gguf, options, progress)
         self.tokenizer = Tokenizer.from_gguf(gguf)
 
     def with_options(self, **changes: Any) -> Model:
@@ -127,7 +137,9 @@ class Model:
 
     def placement_flags(self) -> list[str]:
         """The placement in force as flags (after a failover: without the workers lost)."""
-        return self.net.spec.rules.flags() if isinstance(self.net, DistributedNet) else []
+        if isinstance(self.net, DistributedNet):
+            return self.net.rules.flags()
+        return self.auto.chosen.rules.flags() if self.auto is not None else []
 
     @property
     def arch(self) -> str:

@@ -16,7 +16,7 @@ from engine.bench import bench_settings, sweep, sweep_steps, worker_traffic
 from engine.byte_sizes import format_bytes
 from engine.cluster import Cluster, default_cluster_path, read_cluster, write_cluster
 from engine.cuda.local import local_gpus
-from engine.distributed import ask_capacities, kv_bytes_per_layer, program_bytes_per_layer
+from engine.distributed import ask_capacities, connect_and_plan, kv_bytes_per_layer, program_bytes_per_layer
 from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
 from engine.model import Options
@@ -30,6 +30,7 @@ from rpcnode.__main__ import run as run_rpcnode
 from rpcnode.protocol import rpc_device
 from tui.bench_results import save_json
 from tui.flags import add_model_flags, add_placement_flags, add_sampling_flags, load_options
+from tui.formatting import auto_chosen_line, auto_table
 from tui.hosts import add_arguments as add_hosts_arguments
 from tui.hosts import run as run_hosts
 from tui.inventory import load_hosts, with_identity
@@ -143,6 +144,8 @@ def _note_blas() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     model = load_model(resolve_model_path(args.model), **load_options(args))
+    if model.auto is not None:
+        print(f"ikctl: {auto_chosen_line(model.auto)}", file=sys.stderr)
     model.on_failover(lambda event: print(f"\nikctl: {event.line()}", file=sys.stderr, flush=True))
     prompt = args.prompt
     if args.system_prompt is not None and not args.chat:
@@ -187,6 +190,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.generic:
         use_kernels(False)
     model = load_model(resolve_model_path(args.model), **load_options(args))
+    if model.auto is not None:
+        print(f"ikctl: {auto_chosen_line(model.auto)}", file=sys.stderr)
     _note_blas()
     n_ctx = model.n_ctx
     n_gen = args.n_gen if args.n_gen is not None else max(1, args.ubatch_size // 4)
@@ -220,18 +225,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rules = spec.rules
     # as a load does: what the workers report, overridden by what is given (the cluster file's, --device-mem); a
     # worker that cannot be asked is said so, and planned with what is given
-    reported, unasked = ask_capacities([ep for ep in rules.rpc if rpc_device(ep) not in spec.given_capacities], spec)
-    devices = devices_for(rules.rpc, spec.capacities(reported), local_gpus(rules))
     f = GGUFFile(resolve_model_path(args.model))  # the header only: tensor data stays unread in the map
     n_layers = int(f.get(f"{f.architecture}.block_count"))
     cfg = model_config(f)
-    placement = plan(f.tensors.values(), n_layers, devices, rules, kv_bytes_per_layer=kv_bytes_per_layer(cfg, opts),
-                     program_bytes_per_layer=program_bytes_per_layer(cfg, opts, f.tensors.values()),
-                     n_experts=f.expert_count)
+    choice, unasked = None, {}
+    if opts.auto:  # the workers are measured as a load measures them
+        planned = connect_and_plan(cfg, f, opts, spec)
+        for client in planned.clients.values():
+            client.close()
+        placement, choice = planned.placement, planned.auto
+    else:
+        reported, unasked = ask_capacities([ep for ep in rules.rpc if rpc_device(ep) not in spec.given_capacities],
+                                           spec)
+        devices = devices_for(rules.rpc, spec.capacities(reported), local_gpus(rules))
+        placement = plan(f.tensors.values(), n_layers, devices, rules,
+                         kv_bytes_per_layer=kv_bytes_per_layer(cfg, opts),
+                         program_bytes_per_layer=program_bytes_per_layer(cfg, opts, f.tensors.values()),
+                         n_experts=f.expert_count)
     total = sum(t.n_bytes for t in f.tensors.values())
     print(f"model: {f.path.name} ({f.architecture}, {n_layers} layers, {len(f.tensors)} tensors, "
           f"{format_bytes(total)})")
     print()
+    if choice is not None:
+        if args.verbose:
+            print("\n".join(auto_table(choice)))
+            print()
+        print(auto_chosen_line(choice))
+        print()
     print(format_table(placement))
     for device, why in unasked.items():  # said once the flags proved sound (a bad flag is the one error line)
         print(f"ikctl: warning: {device} was not asked its memory ({why}); planned without a capacity for it "

@@ -51,6 +51,12 @@ def add_placement_flags(p: argparse.ArgumentParser, polling: bool = True) -> Non
     g.add_argument("--cluster", metavar="FILE",
                    help="workers from a cluster file of `ikctl launch`: their endpoints stand for --rpc (unless "
                    "given), each with its own token, their memory as capacities")
+    g.add_argument("--auto", action="store_true",
+                   help="choose the placement predicted fastest that fits, from this machine's and the workers' "
+                   "measured speed (cached) and links (measured at connect): give only the workers (--rpc or "
+                   "--cluster); the choice is printed as the equivalent flags")
+    g.add_argument("--recalibrate", action="store_true",
+                   help="with --auto: measure the devices' decode speed again instead of using the cached figures")
     if not polling:  # `plan` runs nothing
         return
     g.add_argument("--rpc-poll", dest="rpc_poll", type=float, default=10.0, metavar="MS",
@@ -87,11 +93,11 @@ def model_options(args: argparse.Namespace) -> dict[str, object]:
 def placement_options(args: argparse.Namespace) -> dict[str, object]:
     """The placement flags (add_placement_flags) as load_model keywords; none when no placement flag is given."""
     if not (args.rpc or args.override_tensor or args.n_gpu_layers or args.tensor_split or args.cluster
-            or args.device_mem):
+            or args.device_mem or args.auto or args.recalibrate):
         return {}
     return {"rpc": args.rpc or (), "override_tensor": args.override_tensor, "n_gpu_layers": args.n_gpu_layers,
             "tensor_split": args.tensor_split, "device_mem": args.device_mem, "cluster": args.cluster,
             # `plan` runs nothing: it has no polling flags
             "rpc_poll": getattr(args, "rpc_poll", 10.0), "rpc_timeout": getattr(args, "rpc_timeout", 10.0),
             "rpc_probe_timeout": getattr(args, "rpc_probe_timeout", 20.0), "pipeline": getattr(args, "pipeline", True),
-            "failover": getattr(args, "failover", True)}
+            "failover": getattr(args, "failover", True), "auto": args.auto, "recalibrate": args.recalibrate}

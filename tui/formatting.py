@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
+from engine.auto_placement import AutoChoice
 from engine.byte_sizes import format_bytes as _engine_format_bytes
 
 # Thresholds on the used fraction: below WARN_AT is OK, from CRIT_AT on is critical.
@@ -89,3 +90,26 @@ def printable(text: str) -> str:
 # C0 controls map to the Unicode "control pictures" block (␀..␟), DEL to ␡, C1 controls to U+FFFD.
 _CONTROL_PICTURES = {c: 0x2400 + c for c in range(0x20) if chr(c) not in "\n\t"} | {0x7F: 0x2421} | {
     c: 0xFFFD for c in range(0x80, 0xA0)}
+
+
+def auto_chosen_line(choice: AutoChoice) -> str:
+    """`--auto chose <name> (predicted 12.34 t/s): --rpc … -ot …`: the choice as the flags that pin it."""
+    c = choice.chosen
+    flags = " ".join(c.rules.flags()) or "no placement flags"
+    return f"--auto chose {c.name} (predicted {format_rate(c.tokens_per_s)}; {choice.why}): {flags}"
+
+
+def auto_table(choice: AutoChoice) -> list[str]:
+    """Every candidate --auto weighed, as a markdown table: predicted t/s, round trips and wire bytes per token
+    (for those that fit), its flags, or why it does not fit."""
+    lines = ["| candidate | predicted | round trips / token | wire / token | flags |", "|---|---|---|---|---|"]
+    for c in choice.weighed:
+        mark = "**" if c is choice.chosen else ""
+        flags = " ".join(c.rules.flags()) or "(none)"
+        if c.prediction is None:
+            lines.append(f"| {c.name} | – | – | – | not used: {c.problem} |")
+            continue
+        p = c.prediction
+        lines.append(f"| {mark}{c.name}{mark} | {format_rate(p.tokens_per_s)} | {p.round_trips:.1f} | "
+                     f"{format_bytes(round(p.wire_bytes))} | `{flags}` |")
+    return lines

@@ -20,6 +20,7 @@ from engine.model import Model
 from engine.segments import MAX_SEQUENCES
 from rpcnode.protocol import is_loopback
 from rpcnode.token_file import TokenFileError, read_token_file
+from tui.formatting import auto_chosen_line
 from tui.server.app import ServerConfig, ServerState, make_app
 
 DEFAULT_QUEUE = 16
@@ -120,6 +121,8 @@ def run_server(opts: ServeOptions, model_path: str, load: Callable[[], Model]) -
             if remote_segments(model.net) and opts.parallel > MAX_SEQUENCES:
                 raise IkctlError(f"-np {opts.parallel}: a worker keeps the KV caches of {MAX_SEQUENCES} sequences per "
                                  f"segment; give -np {MAX_SEQUENCES} or fewer with layers on workers")
+            if model.auto is not None:
+                _say(auto_chosen_line(model.auto))
             model.on_failover(lambda event: _say(event.line()))
             _warm_up(model)
             scheduler = Scheduler(model, opts.parallel, opts.max_queue, _say)
