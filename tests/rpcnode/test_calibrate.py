@@ -148,10 +148,16 @@ def worker_1_2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The source of the last commit whose worker speaks 1.2 (git archive of engine/ and rpcnode/)."""
     root = Path(__file__).parents[2]
     out = tmp_path_factory.mktemp("ikctl-1.2")
-    commit = subprocess.run(["git", "log", "-1", "--format=%H", "-S", "PROTOCOL_MINOR = 2", "--",
-                             "rpcnode/messages.py"], cwd=root, check=True, capture_output=True, text=True).stdout
-    archive = subprocess.run(["git", "archive", commit.strip(), "engine", "rpcnode"], cwd=root, check=True,
-                             capture_output=True).stdout
+
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True).stdout
+
+    # the newest commit that added or removed the line: the one that moved to 1.3 (then its parent speaks 1.2),
+    # or, before that is committed, the one that moved to 1.2
+    commit = git("log", "-1", "--format=%H", "-S", "PROTOCOL_MINOR = 2", "--", "rpcnode/messages.py").decode().strip()
+    if b"\nPROTOCOL_MINOR = 2" not in git("show", f"{commit}:rpcnode/messages.py"):
+        commit += "^"
+    archive = git("archive", commit, "engine", "rpcnode")
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
     assert "PROTOCOL_MINOR = 2" in (out / "rpcnode" / "messages.py").read_text()
     return out
