@@ -29,6 +29,12 @@ RUN_TIMEOUT_S = 600.0  # a long prefill on a slow worker may take minutes; a dea
 REPLY_FLOOR_S = 10.0
 PROBE_TIMEOUT_S = 20.0
 DEADLINE_FACTOR = 10.0
+# A calibration measures each type for about 0.15 s, after compiling or loading its kernel (seconds, once).
+CALIBRATE_TIMEOUT_S = 600.0
+# measure_link: an upload time this close to the round trip is below what the clock and the scheduler resolve;
+# such a link is reported at LINK_FLOOR_BPS (faster than any LAN) instead of a quotient of noise.
+LINK_RESOLUTION_S = 50e-6
+LINK_FLOOR_BPS = 1e11
 
 
 class RPCError(IkctlError):
@@ -312,6 +318,38 @@ class Client:
 
     def telemetry(self) -> P.Telemetry:
         return self._call(P.TelemetryRequest(), P.Telemetry)
+
+    def calibrate(self, ggml_types: Sequence[int], refresh: bool = False) -> P.CalibrateReply:
+        """The worker's decode speed (GB/s of weights read per token) for each GGML type, in order; 0.0 where it
+        cannot run one. From the worker's cache file unless `refresh`; a measurement takes about 0.15 s a type."""
+        self._need_minor(3, "calibration")
+        types = list(ggml_types)
+        return self._call(P.Calibrate(ggml_types=types, refresh=refresh), P.CalibrateReply,
+                          timeout=max(self.timeout, CALIBRATE_TIMEOUT_S))
+
+    def measure_link(self, payload_bytes: int = 1 << 20, rounds: int = 3) -> tuple[float, float]:
+        """(round-trip seconds, bytes per second to the worker): the fastest of `rounds` empty Calibrate round trips,
+        then of `rounds` carrying `payload_bytes` (which the worker reads and discards). A payload time within
+        LINK_RESOLUTION_S of the round trip reports LINK_FLOOR_BPS rather than dividing by almost nothing."""
+        self._need_minor(3, "measuring the link")
+        if not 0 <= payload_bytes <= P.DEFAULT_LIMITS.max_payload_bytes:
+            raise ValueError(f"payload_bytes {payload_bytes} is not within 0..{P.DEFAULT_LIMITS.max_payload_bytes}")
+        empty = P.Calibrate(ggml_types=[])
+        payload = bytes(payload_bytes)
+        rtt = min(self._timed(empty) for _ in range(max(1, rounds)))
+        loaded = min(self._timed(empty, payload) for _ in range(max(1, rounds)))
+        extra = loaded - rtt
+        return rtt, (payload_bytes / extra if extra >= LINK_RESOLUTION_S else LINK_FLOOR_BPS)
+
+    def _timed(self, message: P.Message, payload: P.Payload = b"") -> float:
+        t0 = time.perf_counter()
+        self._call(message, P.CalibrateReply, payload)
+        return time.perf_counter() - t0
+
+    def _need_minor(self, minor: int, what: str) -> None:
+        if self.minor < minor:
+            raise RPCError(f"{self.label}: the worker speaks protocol {P.PROTOCOL_MAJOR}.{self.minor}; {what} needs "
+                           f"{P.PROTOCOL_MAJOR}.{minor} (update ikctl there)")
 
     def offer(self, specs: Iterable[OfferSpec],
               on_tensor: Callable[[OfferSpec, str], None] | None = None) -> dict[str, str]:

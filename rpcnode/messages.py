@@ -12,6 +12,7 @@ import msgspec
 from msgspec import Meta
 
 __all__ = [
+    "MAX_CALIBRATE_TYPES",
     "MAX_DIMS",
     "MAX_RUN_SEQUENCES",
     "PROTOCOL_MAJOR",
@@ -23,6 +24,8 @@ __all__ = [
     "ArraySpec",
     "Auth",
     "AuthReply",
+    "Calibrate",
+    "CalibrateReply",
     "DType",
     "DefineReply",
     "DefineSegment",
@@ -57,9 +60,12 @@ __all__ = [
 ]
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 2  # 1.1: RunSegment.seqs (several sequences in one run); 1.2: expert id -1 (split experts)
+# 1.1: RunSegment.seqs (several sequences in one run); 1.2: expert id -1 (split experts); 1.3: Calibrate (measured
+# decode speed per weight type, and a payload to time the link with) for automatic placement
+PROTOCOL_MINOR = 3
 MAX_DIMS = 8  # hard cap in the schema; Limits.max_dims may only be lower
 MAX_RUN_SEQUENCES = 64  # hard cap in the schema on RunSegment.seqs; a worker may take fewer
+MAX_CALIBRATE_TYPES = 64  # hard cap in the schema on Calibrate.ggml_types (GGML has about 40 types)
 
 
 class Kind(IntEnum):
@@ -75,6 +81,7 @@ class Kind(IntEnum):
     KV_OP = 0x08
     TELEMETRY_REQUEST = 0x09
     FREE = 0x0A
+    CALIBRATE = 0x0B  # since 1.3
     HELLO_REPLY = 0x81
     AUTH_REPLY = 0x82
     DEVICE_INFO = 0x83
@@ -85,6 +92,7 @@ class Kind(IntEnum):
     KV_REPLY = 0x88
     TELEMETRY = 0x89
     FREE_REPLY = 0x8A
+    CALIBRATE_REPLY = 0x8B
     ERROR_REPLY = 0xFF
 
 
@@ -295,6 +303,22 @@ class FreeReply(_Message, tag=int(Kind.FREE_REPLY), kw_only=True):
     bytes_held: U64
 
 
+class Calibrate(_Message, tag=int(Kind.CALIBRATE), kw_only=True):
+    """Since 1.3: the worker's decode speed for these GGML weight types (empty: answered at once, for timing the
+    link). The frame may carry a payload of any bytes, which the worker reads and discards (upload timing)."""
+
+    ggml_types: Annotated[list[U32], Meta(max_length=MAX_CALIBRATE_TYPES)]
+    refresh: bool = False  # measure again even where the worker's cache file has the figures
+
+
+class CalibrateReply(_Message, tag=int(Kind.CALIBRATE_REPLY), kw_only=True):
+    # GB/s of weight bytes read while decoding one token, one per requested type, in order; 0.0 where the worker
+    # cannot run that type
+    gbps: Annotated[list[float], Meta(max_length=MAX_CALIBRATE_TYPES)]
+    cached: bool  # every figure came from the worker's cache file (nothing was measured)
+    threads: U32  # the compute threads the figures were measured with
+
+
 class ErrorReply(_Message, tag=int(Kind.ERROR_REPLY), kw_only=True):
     code: U16
     message: Text
@@ -304,5 +328,5 @@ class ErrorReply(_Message, tag=int(Kind.ERROR_REPLY), kw_only=True):
 Message = (
     Hello | HelloReply | Auth | AuthReply | DeviceInfoRequest | DeviceInfo | OfferTensor | OfferReply
     | UploadTensor | UploadReply | DefineSegment | DefineReply | RunSegment | RunReply | KVOp | KVReply
-    | TelemetryRequest | Telemetry | Free | FreeReply | ErrorReply
+    | TelemetryRequest | Telemetry | Free | FreeReply | Calibrate | CalibrateReply | ErrorReply
 )

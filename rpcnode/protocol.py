@@ -76,7 +76,8 @@ DEFAULT_LIMITS = Limits()
 PREAUTH_LIMITS = Limits(max_meta_bytes=4096, max_payload_bytes=0)
 PREAUTH_KINDS = frozenset({Kind.HELLO, Kind.AUTH})
 # The only kinds whose frames may carry a payload; any other kind declaring one is refused before reading it.
-PAYLOAD_KINDS = frozenset({Kind.UPLOAD_TENSOR, Kind.RUN_SEGMENT, Kind.RUN_REPLY})
+# A Calibrate's payload is bytes the worker reads and discards (a client times its upload with them).
+PAYLOAD_KINDS = frozenset({Kind.UPLOAD_TENSOR, Kind.RUN_SEGMENT, Kind.RUN_REPLY, Kind.CALIBRATE})
 
 _KINDS = frozenset(int(k) for k in Kind)
 _ENCODER = msgspec.msgpack.Encoder()

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from engine import kernels
+from engine import calibration, kernels
 from engine.batch import SeqRun
 from engine.cuda import CudaUnavailable, require
 from engine.cuda import kernels as cuda_kernels
@@ -62,7 +62,8 @@ SCRATCH_POOL_BYTES = 512 << 20
 # Decoded metadata (Python objects) takes up to this many times its msgpack bytes; a body is charged that much.
 META_EXPANSION = 16
 # The kinds a peer may send with a payload (RunReply carries one too, but a worker never asks for it).
-REQUEST_PAYLOAD_KINDS = frozenset({P.Kind.UPLOAD_TENSOR, P.Kind.RUN_SEGMENT})
+REQUEST_PAYLOAD_KINDS = frozenset({P.Kind.UPLOAD_TENSOR, P.Kind.RUN_SEGMENT, P.Kind.CALIBRATE})
+CALIBRATION_FILE = "calibration.json"  # in the cache dir, beside the tensor cache's entries
 # A frame body may take --stall-timeout plus its size at this rate: slower than any LAN, so only a peer that
 # trickles bytes to hold its reservation reaches the deadline.
 MIN_BODY_RATE = 1 << 20  # bytes per second
@@ -143,6 +144,8 @@ class Worker:
         self.reserved = 0  # bytes of uploads in progress
         self.receiving = 0  # bytes charged for frame bodies being received and handled (see RECEIVE_POOL_BYTES)
         self.scratch_over = 0  # bytes of the running segment's activations beyond SCRATCH_POOL_BYTES
+        self.calibrating = 0  # bytes of the calibration's scratch matrix while it exists (charged to -m)
+        self.calibration = calibration.CalibrationCache(root / CALIBRATION_FILE)
         self._kv: dict[int, int] = {}  # segment id -> KV bytes charged (updated around runs, under self.lock)
         self._programs: dict[int, int] = {}  # segment id -> its runner's own bytes (segments.program_host_bytes)
         # connections run on threads of their own; this guards the tensor bookkeeping they share
@@ -213,7 +216,7 @@ class Worker:
         over_pool = max(0, self.receiving - RECEIVE_POOL_BYTES)
         programs = sum(self._programs.values())
         return max(0, self.mem_total - self.bytes_held - self.reserved - self.kv_bytes - programs - over_pool
-                   - self.scratch_over)
+                   - self.scratch_over - self.calibrating)
 
     def charge_receive(self, nbytes: int, what: str) -> None:
         """Charge a frame body before any of it is stored; OUT_OF_MEMORY if neither the receive pool nor -m has
@@ -251,6 +254,44 @@ class Worker:
                            bytes_out=self.bytes_out, cache_hits=self.hits, cache_misses=self.misses,
                            tensors_held=len(self.held), bytes_held=self.bytes_held, mem_free_bytes=self.mem_free,
                            kv_bytes=self.kv_bytes, vram_total_bytes=vram_total, vram_free_bytes=vram_free)
+
+    # ---- calibration --------------------------------------------------------------------------------------------
+    def calibrate(self, m: P.Calibrate) -> P.CalibrateReply:
+        """Decode speed per requested type: from the cache file unless refreshed or missing, else measured under the
+        compute lock (a segment running meanwhile would share the cores and the memory bandwidth)."""
+        types = [int(t) for t in m.ggml_types]
+        if not types or self.gpu is not None:
+            # empty: a link timing, answered at once. A GPU worker's segments do not run on the CPU kernels, so
+            # their speed says nothing about it: 0.0 for all (placement measures a GPU otherwise)
+            return P.CalibrateReply(gbps=[0.0] * len(types), cached=False, threads=self.threads)
+        key = calibration.machine_key(self.threads)
+        known = {} if m.refresh else self.calibration.load(key)
+        missing = [t for t in dict.fromkeys(types) if t not in known]
+        if missing:
+            with self.computing():
+                known = {**known, **self._measure(missing)}
+            try:
+                known = self.calibration.store(key, known)
+            except OSError as e:  # the figures still answer this request; the next one measures again
+                log.warning("cannot write %s: %s", self.calibration.path, e.strerror or e)
+        return P.CalibrateReply(gbps=[known.get(t, 0.0) for t in types], cached=not missing, threads=self.threads)
+
+    def _measure(self, types: list[int]) -> dict[int, float]:
+        """calibration.calibrate with its scratch matrix charged to -m while it exists; the caller holds
+        `computing()`. OUT_OF_MEMORY when -m has no room for it."""
+        need = calibration.MATRIX_BYTES if any(calibration.supported(t) for t in types) else 0
+        with self.lock:
+            if need > self.mem_free:
+                raise fail(E.OUT_OF_MEMORY, f"calibration needs {need} bytes of scratch, {self.mem_free} of "
+                           f"{self.mem_total} bytes free; free a model or raise -m")
+            self.calibrating = need
+        t0 = time.perf_counter()
+        try:
+            return calibration.calibrate(types)
+        finally:
+            with self.lock:
+                self.calibrating = 0
+            self.busy_seconds += time.perf_counter() - t0
 
     # ---- tensors ------------------------------------------------------------------------------------------------
     def offer(self, m: P.OfferTensor, uploads: dict[str, Upload]) -> P.OfferReply:
@@ -691,10 +732,15 @@ class Connection:
                 self._skip(header.payload_len, deadline, "a refused frame's payload")
                 raise
             del meta
-            if not self._covered_by_upload(message, header.payload_len):
-                charged += self._charge(header.payload_len, "a payload", header, deadline, skip=header.payload_len)
-            payload = self._payload_buffer(header.payload_len)
-            self._recv_into(memoryview(payload), deadline, f"a {P.Kind(header.kind).name} payload")
+            if isinstance(message, P.Calibrate):  # bytes for the peer to time its upload with: read past, unkept
+                self._skip(header.payload_len, deadline, "a CALIBRATE payload")
+                payload: bytes | bytearray | mmap.mmap = b""
+            else:
+                if not self._covered_by_upload(message, header.payload_len):
+                    charged += self._charge(header.payload_len, "a payload", header, deadline,
+                                            skip=header.payload_len)
+                payload = self._payload_buffer(header.payload_len)
+                self._recv_into(memoryview(payload), deadline, f"a {P.Kind(header.kind).name} payload")
         except P.ProtocolError as e:
             self.w.release_receive(charged)
             e.request_id = header.request_id  # type: ignore[attr-defined]
@@ -826,6 +872,7 @@ class Connection:
             P.DeviceInfoRequest: lambda: w.device_info(),
             P.TelemetryRequest: lambda: w.telemetry(),
             P.Free: lambda: w.free(m),
+            P.Calibrate: lambda: w.calibrate(m),
         }
         handler = handlers.get(type(m))
         if handler is None:

@@ -42,13 +42,15 @@ class WorkerProc:
         return self.log.read_text(errors="replace")
 
 
-def start_worker(tmp: Path, *extra: str, cache: Path | None = None, port: int = 0) -> WorkerProc:
-    """Start a worker on a free loopback port and wait until it logs its address."""
+def start_worker(tmp: Path, *extra: str, cache: Path | None = None, port: int = 0,
+                 source: Path | None = None) -> WorkerProc:
+    """Start a worker on a free loopback port and wait until it logs its address. `source`: the directory whose
+    rpcnode package runs (default this repository; another version's, to test across versions)."""
     cache = cache or tmp / "cache"
     log = tmp / f"worker-{time.monotonic_ns()}.log"
     cmd = [sys.executable, "-m", "rpcnode", "--port", str(port), "-c", str(cache), "-t", "2", *extra]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2],
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=source or Path(__file__).parents[2],
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

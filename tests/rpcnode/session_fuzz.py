@@ -482,7 +482,8 @@ class Mutator:
 
     # ---- requests the recording has none of, and the recording itself ----------------------------------------------
     def control(self) -> list[Fuzzed]:
-        """KV cache operations, Free of one segment (rarely of everything), telemetry and device info."""
+        """KV cache operations, Free of one segment (rarely of everything), telemetry, device info and link timings
+        (an empty Calibrate, with bytes the worker reads and drops)."""
         rng = self.rng
         seg = rng.choice([*self.segment_ids, None, 0, 2**32 - 1])
         choices = [
@@ -493,6 +494,9 @@ class Mutator:
         ]
         if rng.random() < 0.1:
             choices.append({"kind": int(P.Kind.FREE), "segment_id": seg if rng.random() < 0.9 else None})
+        if rng.random() < 0.2:
+            link = {"kind": int(P.Kind.CALIBRATE), "ggml_types": []}
+            return [self._frame(link, bytes(rng.choice((0, 1, 4096, 1 << 18))), "control")]
         return [self._frame(rng.choice(choices), b"", "control")]
 
     def valid(self) -> list[Fuzzed]:

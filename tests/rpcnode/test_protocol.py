@@ -57,6 +57,8 @@ def _sample(kind: p.Kind) -> tuple[p.Message, bytes]:
                                        mem_free_bytes=5 << 30), b""),
         p.Kind.FREE: (p.Free(segment_id=2), b""),
         p.Kind.FREE_REPLY: (p.FreeReply(bytes_freed=100, tensors_held=0, bytes_held=0), b""),
+        p.Kind.CALIBRATE: (p.Calibrate(ggml_types=[8, 12, 0], refresh=True), bytes(300)),
+        p.Kind.CALIBRATE_REPLY: (p.CalibrateReply(gbps=[21.5, 15.25, 0.0], cached=True, threads=16), b""),
         p.Kind.ERROR_REPLY: (p.ErrorReply(code=p.ErrorCode.UNKNOWN_SEGMENT, message="no segment 9"), b""),
     }
     return samples[kind]
@@ -115,6 +117,14 @@ def test_run_segment_sections_round_trip() -> None:
     np.testing.assert_array_equal(got[0], hidden)
     np.testing.assert_array_equal(got[1], ids)
     assert not got[0].flags.writeable  # a view of the received bytes, not a copy
+
+
+def test_a_calibrate_may_carry_a_payload_and_its_reply_may_not() -> None:
+    [frame] = read(p.encode_frame(p.Calibrate(ggml_types=[]), 3, bytes(1000)))
+    assert frame.message == p.Calibrate(ggml_types=[]) and frame.payload.nbytes == 1000
+    with pytest.raises(p.ProtocolError) as info:
+        read(_raw(p.Kind.CALIBRATE_REPLY, _enc(p.CalibrateReply(gbps=[], cached=False, threads=1)), bytes(8)))
+    assert info.value.code == p.ErrorCode.BAD_HEADER and info.value.fatal
 
 
 def test_encode_refuses_a_payload_on_a_kind_without_one() -> None:
@@ -276,6 +286,11 @@ def _enc(obj: object) -> bytes:
     (p.Kind.UPLOAD_TENSOR, _enc(p.UploadTensor(digest=DIGEST, offset=(64 << 30) - 1)), bytes(2),
      p.ErrorCode.TOO_LARGE),
     (0x55, _enc({"kind": 0x55}), b"", p.ErrorCode.UNKNOWN_KIND),
+    (p.Kind.CALIBRATE, _enc(p.Calibrate(ggml_types=[8] * (p.MAX_CALIBRATE_TYPES + 1))), bytes(4),
+     p.ErrorCode.BAD_METADATA),
+    (p.Kind.CALIBRATE, _enc({"kind": 0x0B, "ggml_types": [-1]}), b"", p.ErrorCode.BAD_METADATA),
+    (p.Kind.CALIBRATE_REPLY, _enc({"kind": 0x8B, "gbps": [1.0] * 65, "cached": False, "threads": 1}), b"",
+     p.ErrorCode.BAD_METADATA),
 ], ids=lambda v: v.name if isinstance(v, p.ErrorCode) else "")
 def test_strict_decoding_errors_are_not_fatal(kind: int, meta: bytes, payload: bytes, code: p.ErrorCode) -> None:
     after = p.encode_frame(p.TelemetryRequest(), 2)
