@@ -10,7 +10,7 @@ bytes of each type one token reads (routed experts at K of E).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.placement import Placement, PlacementError, layer_ops, plan, tensor_layer
 from engine.placement_rules import CPU, OverrideRule, PlacementRules, devices_for
@@ -32,11 +32,12 @@ class TensorMeta:
 @dataclass(frozen=True)
 class Measured:
     """The devices and links as measured: capacity in bytes (CPU: this machine's available memory), decode GB/s per
-    GGML type, and each worker's link."""
+    GGML type, each worker's link, and the software's cost per token."""
 
     capacities: Mapping[str, int]
     gbps: Mapping[str, Mapping[int, float]]
     links: Mapping[str, Link]
+    software_s: float = 0.0  # per token, beyond reading weights (the ops' Python, attention): on every placement
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,8 @@ def choose(tensors: Sequence[TensorMeta], n_layers: int, shape: ModelShape, endp
             slow = next(d for d in sorted(placement.devices_used()) if speeds[d] <= 0)
             weighed.append(Candidate(name, rules, placement, problem=f"{slow} has no measured speed"))
             continue
-        prediction = predict(placement.segments(ops), shape, speeds, measured.links)
-        weighed.append(Candidate(name, rules, placement, prediction))
+        p = predict(placement.segments(ops), shape, speeds, measured.links)
+        weighed.append(Candidate(name, rules, placement, replace(p, seconds=p.seconds + measured.software_s)))
     fits = [c for c in weighed if c.problem is None]
     if not fits:
         why = "; ".join(f"{c.name}: {c.problem}" for c in weighed[:3])

@@ -501,7 +501,7 @@ def choose_placement(cfg: Any, gguf: GGUFFile, spec: PlacementSpec, clients: Map
                      reported: Mapping[str, int], opts: Options, kv_bytes: int, program_bytes: int) -> AutoChoice:
     """--auto: measure this machine and the workers, then weigh the candidate placements (engine.auto_placement)."""
     tensors = [TensorMeta(n, t.n_bytes, t.qtype) for n, t in gguf.tensors.items()]
-    measured = measure(clients, spec.capacities(reported), {t.qtype for t in tensors}, opts.threads,
+    measured = measure(cfg, clients, spec.capacities(reported), {t.qtype for t in tensors}, opts.threads,
                        opts.recalibrate)
     experts, used = int(getattr(cfg, "n_routed_experts", 0) or 0), int(getattr(cfg, "n_experts_per_tok", 0) or 0)
     shape = model_shape({t.name: t.n_bytes for t in tensors}, int(cfg.n_layers), max(experts, 1), max(used, 1),
