@@ -7,11 +7,12 @@ import secrets
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
+from engine.architectures import model_config
 from engine.auto_placement import AutoChoice, TensorMeta, choose
 from engine.cuda.local import gpu_runners, local_gpus
 from engine.digests import hash_bytes, model_digests, tensor_bytes
@@ -507,6 +508,15 @@ def choose_placement(cfg: Any, gguf: GGUFFile, spec: PlacementSpec, clients: Map
     shape = model_shape({t.name: t.n_bytes for t in tensors}, int(cfg.n_layers), max(experts, 1), max(used, 1),
                         int(cfg.hidden_size), int(cfg.n_vocab))
     return choose(tensors, int(cfg.n_layers), shape, list(spec.rules.rpc), measured, kv_bytes, program_bytes)
+
+
+def auto_choice(gguf: GGUFFile, opts: Options) -> AutoChoice:
+    """--auto's choice for a model without loading it: the workers measured, every candidate weighed (what
+    `ikctl plan --auto` and the app's Auto button show)."""
+    planned = connect_and_plan(model_config(gguf), gguf, replace(opts, auto=True), placement_spec(opts))
+    _close_clients(planned.clients)
+    assert planned.auto is not None
+    return planned.auto
 
 
 def _close_clients(clients: dict[str, Client]) -> None:

@@ -16,7 +16,7 @@ from engine.bench import bench_settings, sweep, sweep_steps, worker_traffic
 from engine.byte_sizes import format_bytes
 from engine.cluster import Cluster, default_cluster_path, read_cluster, write_cluster
 from engine.cuda.local import local_gpus
-from engine.distributed import ask_capacities, connect_and_plan, kv_bytes_per_layer, program_bytes_per_layer
+from engine.distributed import ask_capacities, auto_choice, kv_bytes_per_layer, program_bytes_per_layer
 from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
 from engine.model import Options
@@ -230,10 +230,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = model_config(f)
     choice, unasked = None, {}
     if opts.auto:  # the workers are measured as a load measures them
-        planned = connect_and_plan(cfg, f, opts, spec)
-        for client in planned.clients.values():
-            client.close()
-        placement, choice = planned.placement, planned.auto
+        choice = auto_choice(f, opts)
+        assert choice.chosen.placement is not None
+        placement = choice.chosen.placement
     else:
         reported, unasked = ask_capacities([ep for ep in rules.rpc if rpc_device(ep) not in spec.given_capacities],
                                            spec)

@@ -113,6 +113,13 @@ class LoadProgressed(Message):
 
 
 @dataclass
+class AutoChosen(Message):
+    """--auto weighed its candidates on the model thread (engine.auto_placement.AutoChoice)."""
+
+    choice: Any
+
+
+@dataclass
 class PlanApplied(Message):
     """The model thread loaded the model with these flags (summary set), or failed (error set)."""
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,14 +15,16 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Static
 
+from engine.distributed import auto_choice
 from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
+from engine.model import Options
 from engine.placement import Placement, PlacementError
 from engine.synth import default_model_path
 from rpcnode.protocol import rpc_device
-from tui.formatting import format_bytes
+from tui.formatting import auto_chosen_line, format_bytes
 from tui.host_board import with_workers, without_workers
-from tui.messages import FlagsEdited, HeaderFailed, HeaderLoaded, LoadProgressed, PlanApplied, WorkFailed
+from tui.messages import AutoChosen, FlagsEdited, HeaderFailed, HeaderLoaded, LoadProgressed, PlanApplied, WorkFailed
 from tui.model_thread import on_model_thread
 from tui.plan_flags import ModelHeader, PlanFlags
 from tui.shared_model import SharedModel, load_options
@@ -50,6 +53,7 @@ class PlacementScreen(Screen[None]):
         Binding("ctrl+r", "reset_flags", "Reset flags"),
         # not ctrl+y: the -ot TextArea, focused most of the time, takes that for redo
         Binding("ctrl+t", "show_command", "Command"),
+        Binding("ctrl+o", "auto_place", "Auto place"),
     ]
 
     def __init__(self, model_path: str | None, flags: PlanFlags, shared: SharedModel | None = None,
@@ -62,6 +66,7 @@ class PlacementScreen(Screen[None]):
         self.monitor = monitor
         self.reported: dict[str, int] = {}  # RPC[host:port] -> the memory the worker reported (via telemetry)
         self.applying = False
+        self.auto_running = False
         self.load_run = 0  # bumped per apply, so a late progress message of an earlier one is dropped
         self.loads: dict[str, Any] = {}  # device -> the newest LoadProgress of the current apply
         self.load_flags: PlanFlags | None = None  # the flags of the current (or last) apply
@@ -82,6 +87,7 @@ class PlacementScreen(Screen[None]):
             with VerticalScroll(id="form-pane"):
                 yield PlacementForm(self.flags, id="form")
                 yield Static("", id="plan-status")
+                yield Button("Auto place (ctrl+o)", id="auto", compact=True)
                 yield Button("Apply plan (ctrl+l)", id="apply", compact=True)
                 yield Static("", id="load-status")
         yield Footer()
@@ -202,6 +208,46 @@ class PlacementScreen(Screen[None]):
             self.notify(self.flags.command_line(self.model_path), title="same plan from the shell", timeout=15)
         except IkctlError as e:
             self.notify(str(e), severity="error")
+
+    # ---- automatic placement ---------------------------------------------------------------------------------
+    @on(Button.Pressed, "#auto")
+    def auto_pressed(self) -> None:
+        self.action_auto_place()
+
+    def action_auto_place(self) -> None:
+        """--auto for the workers in --rpc (and --device-mem): measure them, weigh the candidates on the model
+        thread, then put the chosen flags in the form (the workers listed stay listed)."""
+        if self.auto_running:
+            self.notify("auto placement is measuring the devices; wait for it", severity="warning")
+            return
+        try:
+            opts = Options(**{**load_options(self.flags, self.shared.options, self.shared.tokens),
+                              "override_tensor": [], "n_gpu_layers": 0, "tensor_split": None, "auto": True})
+            opts.validated()
+        except IkctlError as e:
+            self.notify(str(e), severity="error")
+            return
+        self.auto_running = True
+        self.notify("measuring the devices and links…", title="auto placement", timeout=5)
+        self.auto_worker(opts)
+
+    @work(name="auto-place", exclusive=True, group="auto")
+    async def auto_worker(self, opts: Options) -> None:
+        try:
+            choice = await on_model_thread(auto_choice, GGUFFile(self.model_path or default_model_path()), opts)
+        except (IkctlError, OSError) as e:
+            self.auto_running = False
+            self.post_message(WorkFailed(str(e)))
+            return
+        self.post_message(AutoChosen(choice))
+
+    @on(AutoChosen)
+    def auto_chosen(self, event: AutoChosen) -> None:
+        self.auto_running = False
+        chosen = PlanFlags.from_rules(event.choice.chosen.rules)
+        self.show_flags(replace(self.flags, override_tensor=chosen.override_tensor, n_gpu_layers=chosen.n_gpu_layers,
+                                tensor_split=chosen.tensor_split))
+        self.notify(auto_chosen_line(event.choice), title="auto placement", timeout=20)
 
     # ---- applying the plan -----------------------------------------------------------------------------------
     @on(Button.Pressed, "#apply")

@@ -1,5 +1,6 @@
-"""The app's Generate screen over two real loopback workers, one SIGKILLed mid-generation: the reply is finished
-over the worker left and the app says which worker was lost, once."""
+"""The app over two real loopback workers: the Placement screen's Auto place fills the form with --auto's choice;
+on the Generate screen one worker SIGKILLed mid-generation, the reply is finished over the worker left and the app
+says which worker was lost, once."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tests.rpcnode.conftest import WorkerProc, start_worker
 from tui.app import IkctlApp
 from tui.plan_flags import PlanFlags
 from tui.screens.generate import GenerateScreen
+from tui.screens.placement import PlacementScreen
 
 
 @pytest.fixture
@@ -57,5 +59,36 @@ def test_generate_goes_on_when_a_worker_dies(two_workers: list[WorkerProc], tmp_
             assert lost[0].startswith(f"{b.device} was lost") and "recovered in" in lost[0]
             assert [m["role"] for m in screen.history] == ["user", "assistant"]
             assert "generation:" in str(screen.query_one("#gen-stats").render())
+
+    asyncio.run(body())
+
+
+def test_auto_place_fills_the_form_with_the_choice(two_workers: list[WorkerProc], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IKCTL_CACHE", str(tmp_path / "ikctl-cache"))
+    model = write_model(tmp_path / "m.gguf", SynthSpec(layers=4, dense_layers=1, dtype="Q8_0", seed=7))
+    a, b = two_workers
+    rpc = f"{a.endpoint},{b.endpoint}"
+    # this machine planned with a tenth of the model: the choice must use the workers
+    flags = PlanFlags(rpc=rpc, device_mem=f"CPU={model.stat().st_size // 10}")
+    app = IkctlApp(str(model), flags, {"ctx_size": 256}, start_mode="placement")
+
+    async def body() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = app.screen
+            assert isinstance(screen, PlacementScreen)
+            await pilot.pause(0.5)
+            await pilot.press("ctrl+o")
+            deadline = time.monotonic() + 120
+            while screen.auto_running and time.monotonic() < deadline:
+                await pilot.pause(0.1)
+            await pilot.pause(0.3)
+            chosen = [n.message for n in app._notifications if n.message.startswith("--auto chose ")]
+            assert len(chosen) == 1, [n.message for n in app._notifications]
+            assert screen.flags.rpc == rpc  # the workers listed stay listed
+            assert screen.flags.ot_lines() or screen.flags.ngl() > 0
+            assert screen.flags.device_mem == flags.device_mem
+            assert screen.error is None and screen.placement is not None
+            assert screen.placement.devices_used() - {"CPU"}
 
     asyncio.run(body())
