@@ -16,9 +16,6 @@ candidate, predicted and measured TG and their ratio; the chosen one marked.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +34,7 @@ from lan_bench import (  # noqa: E402
     calibrate,
     in_ns,
     measure_rtt,
-    preflight,
+    run_benchmark,
     shared_token,
     start_echo,
     tear_down,
@@ -50,23 +47,6 @@ from engine.digests import model_digests  # noqa: E402
 from engine.gguf_file import GGUFFile  # noqa: E402
 from engine.synth import bench_model  # noqa: E402
 from engine.user_cache import cache_dir  # noqa: E402
-
-
-def options(flags: list[str]) -> dict[str, Any]:
-    """A candidate's flags (PlacementRules.flags) as load_model keywords."""
-    out: dict[str, Any] = {"override_tensor": []}
-    for flag in flags:
-        name, _, value = flag.partition(" ")
-        value = value.strip('"')
-        if name == "--rpc":
-            out["rpc"] = value
-        elif name == "-ot":
-            out["override_tensor"].append(value)
-        elif name == "-ngl":
-            out["n_gpu_layers"] = int(value)
-        elif name == "-ts":
-            out["tensor_split"] = value
-    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 auto.net.close()
             fits = [c for c in choice.weighed if c.problem is None]
             proxy.set_delay(0.0)  # load at full speed, then hold
-            loaded = [(c, load_model(path, **options(c.rules.flags()), **common)) for c in fits]
+            loaded = [(c, load_model(path, **c.rules.options(), **common)) for c in fits]
             models += [m for _, m in loaded]
             proxy.set_delay(rtt["hold_ms_each_way"] / 1e3)
             best: dict[str, float] = {}
@@ -154,28 +134,7 @@ def main() -> int:
     p.add_argument("--dir", type=Path, default=None, help="caches (default: <ikctl cache dir>/rpc-bench)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    why = preflight()
-    if why:
-        print(f"auto_bench: {why}", file=sys.stderr)
-        return 1
-    args.dir = args.dir or cache_dir() / "rpc-bench"
-    args.dir.mkdir(parents=True, exist_ok=True)
-    for n in (1, 2):
-        shutil.rmtree(args.dir / f"auto-cache-{n}", ignore_errors=True)
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        res = run(args)
-    except KeyboardInterrupt:
-        print("auto_bench: interrupted; cleaned up", file=sys.stderr)
-        return 130
-    print_tables(res)
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1) + "\n")
-    return 0
+    return run_benchmark("auto_bench", args, [f"auto-cache-{n}" for n in (1, 2)], run, print_tables)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,6 @@ shows what the split does to the bytes each machine reads per token.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -49,7 +46,7 @@ from lan_bench import (  # noqa: E402
     calibrate,
     in_ns,
     measure_rtt,
-    preflight,
+    run_benchmark,
     shared_token,
     start_echo,
     tear_down,
@@ -62,7 +59,6 @@ from engine.digests import model_digests  # noqa: E402
 from engine.distributed import DistributedNet  # noqa: E402
 from engine.gguf_file import GGUFFile  # noqa: E402
 from engine.synth import bench_model  # noqa: E402
-from engine.user_cache import cache_dir  # noqa: E402
 
 
 def expert_step(net: DistributedNet) -> tuple[int, Any]:
@@ -174,28 +170,7 @@ def main() -> int:
     p.add_argument("--dir", type=Path, default=None, help="model and caches (default: <ikctl cache dir>/rpc-bench)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    why = preflight()
-    if why:
-        print(f"expert_parallel_bench: {why}", file=sys.stderr)
-        return 1
-    args.dir = args.dir or cache_dir() / "rpc-bench"
-    args.dir.mkdir(parents=True, exist_ok=True)
-    for n in (1, 2):
-        shutil.rmtree(args.dir / f"ep-cache-{n}", ignore_errors=True)
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        res = run(args)
-    except KeyboardInterrupt:
-        print("expert_parallel_bench: interrupted; cleaned up", file=sys.stderr)
-        return 130
-    print_table(res)
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1) + "\n")
-    return 0
+    return run_benchmark("expert_parallel_bench", args, [f"ep-cache-{n}" for n in (1, 2)], run, print_table)
 
 
 if __name__ == "__main__":

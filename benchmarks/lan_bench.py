@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,36 @@ def start_echo(procs: list[subprocess.Popen[Any]]) -> str:
     procs.append(echo)
     assert echo.stdout is not None
     return echo.stdout.readline().split()[1]
+
+
+def run_benchmark(name: str, args: argparse.Namespace, caches: Sequence[str],
+                  run: Callable[[argparse.Namespace], dict[str, Any]], report: Callable[[dict[str, Any]], None]) -> int:
+    """The frame of a benchmark in the namespace: the preflight, --dir (default <ikctl cache dir>/rpc-bench) with
+    the workers' `caches` emptied, SIGTERM taken as Ctrl-C (run's clean-up then runs), the report and --json."""
+    from engine.user_cache import cache_dir
+
+    why = preflight()
+    if why:
+        print(f"{name}: {why}", file=sys.stderr)
+        return 1
+    args.dir = args.dir or cache_dir() / "rpc-bench"
+    args.dir.mkdir(parents=True, exist_ok=True)
+    for c in caches:
+        shutil.rmtree(args.dir / c, ignore_errors=True)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        res = run(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    report(res)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
 
 
 def tear_down(models: list[Any], proxy: ProxyProcess | None, procs: list[subprocess.Popen[Any]], lan: Lan,

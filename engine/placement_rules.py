@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from engine.byte_sizes import SizeError, parse_size
 from engine.errors import IkctlError
@@ -261,6 +261,12 @@ class PlacementRules:
                 rules.append(OverrideRule(r.pattern, ",".join(d if w is None else f"{d}:{w:g}" for d, w in kept)))
         rpc = [ep for k, ep in enumerate(self.rpc) if k not in gone]
         return PlacementRules(rules, self.n_gpu_layers, ts, rpc)
+
+    def options(self) -> dict[str, Any]:
+        """The rules as load_model keywords (rpc, override_tensor, n_gpu_layers, tensor_split)."""
+        return {"rpc": ",".join(self.rpc), "override_tensor": [str(r) for r in self.override_tensor],
+                "n_gpu_layers": self.n_gpu_layers,
+                "tensor_split": list(self.tensor_split) if self.tensor_split is not None else None}
 
     def flags(self) -> list[str]:
         """The rules as command-line flags (what a user would type to pin them)."""

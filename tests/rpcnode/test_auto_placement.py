@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from engine.placement import CPU
 from engine.synth import SynthSpec, write_model
 from rpcnode.client import Client
 from tests.rpcnode.conftest import WorkerProc
+from tui.cli import build_parser
+from tui.flags import load_options
 
 PROMPT = [1, 5, 9, 20, 33, 7, 100, 3, 42, 11]
 
@@ -53,8 +56,9 @@ def test_workers_too_small_for_the_model_alone_get_it_split(workers: Callable[..
     assert (tmp_path / "ikctl-cache" / "calibration.json").is_file()  # this machine's speed, kept
     local = load_model(synth_model, ctx_size=256)
     np.testing.assert_allclose(model.logits(PROMPT), local.logits(PROMPT), rtol=1e-5, atol=1e-5)
-    # the flags printed pin the same placement
-    pinned = load_model(synth_model, ctx_size=256, **_flags_as_options(model.placement_flags()))
+    # the flags printed, typed on a command line, pin the same placement
+    typed = build_parser().parse_args(["run", "-c", "256", *shlex.split(" ".join(model.placement_flags()))])
+    pinned = load_model(synth_model, **load_options(typed))
     assert isinstance(pinned.net, DistributedNet)
     assert pinned.net.placement.device_of == net.placement.device_of
 
@@ -68,23 +72,6 @@ def calibrated(workers: Callable[..., WorkerProc], model: Path, *extra: str) -> 
         assert all(v > 0 for v in c.calibrate(types).gbps)
     first.kill()
     return workers(*extra, cache=first.cache)
-
-
-def _flags_as_options(flags: list[str]) -> dict[str, object]:
-    """`--rpc A,B`, `-ot "R=D"`, `-ngl N`, `-ts X,Y` back into load_model keywords."""
-    out: dict[str, object] = {"override_tensor": []}
-    for flag in flags:
-        name, _, value = flag.partition(" ")
-        value = value.strip('"')
-        if name == "--rpc":
-            out["rpc"] = value
-        elif name == "-ot":
-            out["override_tensor"].append(value)  # type: ignore[attr-defined]
-        elif name == "-ngl":
-            out["n_gpu_layers"] = int(value)
-        elif name == "-ts":
-            out["tensor_split"] = value
-    return out
 
 
 def test_plan_auto_verbose_prints_the_candidates_and_the_flags(workers: Callable[..., WorkerProc],
