@@ -285,9 +285,8 @@ class Scheduler:
             except IkctlError as e:
                 self.say(str(e))
             else:
-                if back:
-                    self.say(f"{', '.join(back)} answered again and was taken back "
-                             f"({' '.join(self.model.placement_flags())})")
+                if back is not None:
+                    self.say(back.line())
         for slot, ticket in admit:
             r = ticket.request
             job = _Job(ticket, Sampler(r.sampler), StopMatcher(r.stop), t_start=time.perf_counter())

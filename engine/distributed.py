@@ -154,6 +154,17 @@ class RemoteKVCache(KVCache):
 
 
 @dataclass(frozen=True)
+class Rejoined:
+    """Lost workers that answered again and were taken back, and the flags in force since."""
+
+    devices: tuple[str, ...]
+    flags: tuple[str, ...]
+
+    def line(self) -> str:
+        return f"{', '.join(self.devices)} answered again and was taken back ({' '.join(self.flags)})"
+
+
+@dataclass(frozen=True)
 class Failover:
     """A worker lost during a pass and what took its place: reported once, when the pass that met the loss has
     run on the devices left (DistributedNet.on_failover)."""
@@ -377,23 +388,24 @@ class DistributedNet:
             self._broken = f"{error.device} was lost and the model no longer fits on the devices left: {e}"
             raise IkctlError(self._broken) from None
 
-    def rejoin(self, probe_timeout: float = 0.5, every: float = 5.0) -> list[str]:
+    def rejoin(self, probe_timeout: float = 0.5, every: float = 5.0) -> Rejoined | None:
         """Take back lost workers that answer again at the same endpoint (with the same token): re-plan with the
         load's flags minus the workers still lost. Tried at most once per `every` seconds (a host that is gone
-        costs a probe of probe_timeout); the devices taken back. The sequences are rebuilt when next used."""
+        costs a probe of probe_timeout); None when none came back. The sequences are rebuilt when next used."""
         if not self.lost or time.monotonic() - self._last_rejoin < every:
-            return []
+            return None
         self._last_rejoin = time.monotonic()
         back = [d for d in self.lost if probe(*_host_port(d), probe_timeout) is None]
         if not back:
-            return []
+            return None
         try:
             self._replan([d for d in self.lost if d not in back])
         except PlacementError as e:  # cannot happen with more devices, unless one's memory shrank
             self._broken = f"taking back {', '.join(back)} failed: {e}"
             raise IkctlError(self._broken) from None
         self._broken = None
-        return [d for d in back if d not in self.lost]
+        taken = tuple(d for d in back if d not in self.lost)
+        return Rejoined(taken, tuple(self.rules.flags())) if taken else None
 
     def _replan(self, lost: list[str]) -> None:
         """Plan and load the load's flags without the `lost` devices (and any other found gone meanwhile)."""

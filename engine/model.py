@@ -15,7 +15,7 @@ from engine.architectures import load_network
 from engine.auto_placement import AutoChoice
 from engine.batch import micro_batches
 from engine.chat_template import apply_chat_template
-from engine.distributed import DistributedNet, Failover, distribute
+from engine.distributed import DistributedNet, Failover, Rejoined, distribute
 from engine.errors import IkctlError
 from engine.generate import generate
 from engine.gguf_file import GGUFFile
@@ -131,9 +131,9 @@ class Model:
         if isinstance(self.net, DistributedNet):
             self.net.on_failover = report
 
-    def rejoin(self) -> list[str]:
-        """Take back workers lost earlier that answer again (DistributedNet.rejoin); those taken back."""
-        return self.net.rejoin() if isinstance(self.net, DistributedNet) else []
+    def rejoin(self) -> Rejoined | None:
+        """Take back workers lost earlier that answer again (DistributedNet.rejoin); None when none came back."""
+        return self.net.rejoin() if isinstance(self.net, DistributedNet) else None
 
     def placement_flags(self) -> list[str]:
         """The placement in force as flags (after a failover: without the workers lost)."""

@@ -30,7 +30,7 @@ from tui.flags import add_model_flags, add_placement_flags, model_options, place
 from tui.host_board import HostBoard
 from tui.inventory import Host, load_hosts
 from tui.local_workers import LocalWorkers
-from tui.messages import FailedOver, SwitchTo, WorkersChanged, WorkFailed
+from tui.messages import SwitchTo, WorkerNotice, WorkersChanged, WorkFailed
 from tui.modes import MODES
 from tui.plan_flags import PlanFlags
 from tui.screens.bench import BenchScreen
@@ -86,7 +86,9 @@ class IkctlApp(App[None]):
         self.local = local
         self.tokens = dict(tokens or {})
         self.shared = SharedModel(model_path, model_options, flags, self.tokens)
-        self.shared.on_failover = lambda event: self.post_message(FailedOver(event.line()))  # from the model thread
+        # from the model thread (post_message is thread-safe)
+        self.shared.on_failover = lambda event: self.post_message(WorkerNotice(event.line(), lost=True))
+        self.shared.on_rejoin = lambda line: self.post_message(WorkerNotice(line, lost=False))
         self.monitor = monitor or TelemetryMonitor()
         self.watched = list(dict.fromkeys(flags.rules().rpc if flags.rpc.strip() else ()))
         self.placement = PlacementScreen(model_path, flags, self.shared, self.monitor)
@@ -163,9 +165,10 @@ class IkctlApp(App[None]):
     def work_failed(self, event: WorkFailed) -> None:
         self.notify(event.message, title="error", severity="error", timeout=10)
 
-    @on(FailedOver)
-    def failed_over(self, event: FailedOver) -> None:
-        self.notify(event.line, title="worker lost", severity="warning", timeout=15)
+    @on(WorkerNotice)
+    def worker_notice(self, event: WorkerNotice) -> None:
+        self.notify(event.line, title="worker lost" if event.lost else "worker back",
+                    severity="warning" if event.lost else "information", timeout=15)
 
     @on(WorkersChanged)
     def workers_changed(self, event: WorkersChanged) -> None:

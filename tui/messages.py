@@ -49,10 +49,12 @@ class WorkFailed(Message):
 
 
 @dataclass
-class FailedOver(Message):
-    """A worker was lost during the model's work and the run went on without it (engine.distributed.Failover)."""
+class WorkerNotice(Message):
+    """A worker was lost during the model's work and the run went on without it (engine.distributed.Failover), or
+    a lost one was taken back."""
 
     line: str
+    lost: bool
 
 
 @dataclass

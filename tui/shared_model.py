@@ -59,11 +59,16 @@ class SharedModel:
         self.loaded_flags: PlanFlags | None = None
         self.loads = 0  # bumped per load, so a screen can tell that the model changed under it
         self.on_failover: Callable[[Any], None] | None = None  # told of each worker lost (engine.distributed.Failover)
+        self.on_rejoin: Callable[[str], None] | None = None  # told when lost workers answer again and are taken back
 
     def get(self) -> Any:
-        """The loaded model, loading it with the current flags first if there is none (model thread)."""
+        """The loaded model, loading it with the current flags first if there is none (model thread). Workers lost
+        earlier that answer again (restarted, e.g. from the Hosts screen) are taken back first, as a request to
+        `ikctl serve` takes them back."""
         if self.model is None:
             self.apply(self.flags)
+        elif (back := self.model.rejoin()) is not None and self.on_rejoin is not None:
+            self.on_rejoin(back.line())
         return self.model
 
     def apply(self, flags: PlanFlags, progress: Callable[[Any], None] | None = None) -> LoadSummary:

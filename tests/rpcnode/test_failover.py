@@ -221,11 +221,13 @@ def test_a_worker_that_answers_again_is_taken_back(workers: Callable[..., Worker
     got = [model.eval(PROMPT, cache)]
     b.kill()
     got.append(model.eval([4], cache))
-    assert net.lost == [b.device] and model.rejoin() == []  # still down
+    assert net.lost == [b.device] and model.rejoin() is None  # still down
     port = int(b.endpoint.rsplit(":", 1)[1])
     back = start_worker(b.cache.parent, cache=b.cache, port=port)
     try:
-        assert net.rejoin(every=0) == [b.device]
+        back_in = net.rejoin(every=0)
+        assert back_in is not None and back_in.devices == (b.device,)
+        assert back_in.line() == f"{b.device} answered again and was taken back ({' '.join(back_in.flags)})"
         assert net.lost == [] and b.device in net.placement.devices_used()
         assert model.placement_flags() == list(net.loaded_spec.rules.flags())
         got.append(model.eval([5], cache))

@@ -1,6 +1,6 @@
 """The app over two real loopback workers: the Placement screen's Auto place fills the form with --auto's choice;
 on the Generate screen one worker SIGKILLed mid-generation, the reply is finished over the worker left and the app
-says which worker was lost, once."""
+says which worker was lost, once; restarted, the worker is taken back by the next generation."""
 
 from __future__ import annotations
 
@@ -59,6 +59,20 @@ def test_generate_goes_on_when_a_worker_dies(two_workers: list[WorkerProc], tmp_
             assert lost[0].startswith(f"{b.device} was lost") and "recovered in" in lost[0]
             assert [m["role"] for m in screen.history] == ["user", "assistant"]
             assert "generation:" in str(screen.query_one("#gen-stats").render())
+            # the worker restarted at its endpoint (as the Hosts screen would): the next generation takes it back
+            port = int(b.endpoint.rsplit(":", 1)[1])
+            two_workers.append(start_worker(b.cache.parent, cache=b.cache, port=port))
+            screen.query_one("#n-predict", Input).value = "4"
+            screen.query_one("#prompt", Input).value = "And then?"
+            await pilot.press("enter")
+            while screen.running and time.monotonic() < deadline + 60:
+                await pilot.pause(0.05)
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            back = [n.message for n in app._notifications if "answered again" in n.message]
+            assert back == [f"{b.device} answered again and was taken back (--rpc {a.endpoint},{b.endpoint} "
+                            "-ngl 99 -ts 1,1)"], [n.message for n in app._notifications]
+            assert [m["role"] for m in screen.history] == ["user", "assistant"] * 2
 
     asyncio.run(body())
 
