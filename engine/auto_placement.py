@@ -10,11 +10,11 @@ bytes of each type one token reads (routed experts at K of E).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from engine.placement import Placement, PlacementError, layer_ops, plan, tensor_layer
 from engine.placement_rules import CPU, OverrideRule, PlacementRules, devices_for
-from engine.speed_model import Link, ModelShape, Prediction, predict
+from engine.speed_model import Host, Link, ModelShape, Prediction, predict
 from rpcnode.protocol import rpc_device
 
 TIE = 0.02  # candidates predicted within 2% of the fastest count as equal: the simpler (earlier) one wins
@@ -32,12 +32,13 @@ class TensorMeta:
 @dataclass(frozen=True)
 class Measured:
     """The devices and links as measured: capacity in bytes (CPU: this machine's available memory), decode GB/s per
-    GGML type, each worker's link, and the software's cost per token."""
+    GGML type, each worker's link, the software's cost per token, and where each device computes."""
 
     capacities: Mapping[str, int]
     gbps: Mapping[str, Mapping[int, float]]
     links: Mapping[str, Link]
     software_s: float = 0.0  # per token, beyond reading weights (the ops' Python, attention): on every placement
+    hosts: Mapping[str, Host] = field(default_factory=dict)  # where each device computes (shared cores)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def choose(tensors: Sequence[TensorMeta], n_layers: int, shape: ModelShape, endp
             slow = next(d for d in sorted(placement.devices_used()) if speeds[d] <= 0)
             weighed.append(Candidate(name, rules, placement, problem=f"{slow} has no measured speed"))
             continue
-        p = predict(placement.segments(ops), shape, speeds, measured.links)
+        p = predict(placement.segments(ops), shape, speeds, measured.links, hosts=measured.hosts)
         weighed.append(Candidate(name, rules, placement, replace(p, seconds=p.seconds + measured.software_s)))
     fits = [c for c in weighed if c.problem is None]
     if not fits:

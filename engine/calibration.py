@@ -6,6 +6,7 @@ decode reads weights: one token (T = 1) through a matrix of that type, with the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -107,3 +108,13 @@ class CalibrationCache:
         doc = {"key": key, "gbps": {str(t): v for t, v in sorted(merged.items())}}
         write_atomic(self.path, json.dumps(doc, indent=1) + "\n")
         return merged
+
+
+def machine_id() -> str:
+    """This machine's identity as a short digest (of /etc/machine-id, else the host name): processes that report
+    the same one share the CPU cores, whatever their network namespace."""
+    try:
+        ident = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        ident = ""
+    return hashlib.sha256((ident or platform.node()).encode()).hexdigest()[:16]

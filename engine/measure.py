@@ -16,12 +16,12 @@ import numpy as np
 
 from engine.architectures import load_network
 from engine.auto_placement import Measured
-from engine.calibration import CalibrationCache, calibrate, machine_key
+from engine.calibration import CalibrationCache, calibrate, machine_id, machine_key
 from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
 from engine.kernels import activations, get_threads
 from engine.placement_rules import CPU
-from engine.speed_model import Link
+from engine.speed_model import Host, Link
 from engine.synth import SynthSpec, write_model
 from engine.threads import compute_threads
 from engine.user_cache import cache_dir
@@ -88,6 +88,8 @@ def measure(cfg: Any, clients: Mapping[str, Client], capacities: Mapping[str, in
     overrides this machine's available memory)."""
     types = sorted(set(qtypes))
     gbps: dict[str, Mapping[int, float]] = {CPU: local_gbps(types, threads, refresh)}
+    with compute_threads(threads, 1):
+        hosts = {CPU: Host(machine_id(), os.cpu_count() or 1, get_threads())}
     links: dict[str, Link] = {}
     for device, client in clients.items():
         try:
@@ -97,6 +99,8 @@ def measure(cfg: Any, clients: Mapping[str, Client], capacities: Mapping[str, in
         except RPCError as e:  # an older worker, or one short of memory for the calibration
             raise IkctlError(f"--auto: {e}") from None
         gbps[device] = dict(zip(types, reply.gbps, strict=True))
+        if reply.machine:
+            hosts[device] = Host(reply.machine, reply.cores or 1, reply.threads or 1)
         rtt, bandwidth = client.measure_link()
         links[device] = Link(rtt, bandwidth)
-    return Measured({CPU: available_memory(), **capacities}, gbps, links, software_seconds(cfg, threads))
+    return Measured({CPU: available_memory(), **capacities}, gbps, links, software_seconds(cfg, threads), hosts)

@@ -9,7 +9,9 @@ segments of a pass in order (engine.forward_pass.run_pass):
   speed; while a worker runs a layer's routed experts alone, this machine runs the shared experts meanwhile;
 - a layer whose experts are split over devices (expert parallel) costs the slowest contacted device's part (its
   round trip, wire and its selected experts' bytes), the devices working at once, and this machine's shared
-  experts meanwhile; a device none of whose experts a token picked is not contacted.
+  experts meanwhile; a device none of whose experts a token picked is not contacted;
+- devices that would share cores (processes on one machine with more threads than cores: `hosts=`) do not
+  work at once: their parts add up.
 
 A token reads K of a MoE layer's E experts: which ones decides the split's cost, so that part is averaged over
 routings drawn uniformly (a fixed seed: the prediction is a pure function of its inputs).
@@ -103,10 +105,32 @@ def _wire(seg: Segment, shape: ModelShape, wide: bool = False) -> float:
     return out + back + MESSAGE_BYTES
 
 
+@dataclass(frozen=True)
+class Host:
+    """Where a device computes: its machine (an identity), that machine's cores, the device's threads."""
+
+    machine: str
+    cores: int
+    threads: int
+
+
+def crowded(devices: Sequence[str], hosts: Mapping[str, Host]) -> bool:
+    """Whether these devices, computing at once, would share cores: on one machine with more threads than cores."""
+    known = [hosts[d] for d in devices if d in hosts]
+    return (len(known) > 1 and len({h.machine for h in known}) == 1
+            and sum(h.threads for h in known) > known[0].cores)
+
+
 def predict(segments: Sequence[Segment], shape: ModelShape, gbps: Mapping[str, float],
-            links: Mapping[str, Link], seed: int = 0) -> Prediction:
-    """Seconds, round trips and wire bytes per decoded token of one sequence (see the module's docstring)."""
+            links: Mapping[str, Link], seed: int = 0, hosts: Mapping[str, Host] | None = None) -> Prediction:
+    """Seconds, round trips and wire bytes per decoded token of one sequence (see the module's docstring).
+    `hosts`: where each device computes; devices that would share cores (crowded) work one after the other."""
     rng = np.random.default_rng(seed)
+    hosts = hosts or {}
+
+    def together(t: float, shared: float, device: str) -> float:
+        """A worker's part and this machine's shared experts meanwhile: at once, unless they share cores."""
+        return t + shared if crowded([CPU, device], hosts) else max(t, shared)
     # the layers whose shared experts run here while workers run the routed ones (forward_pass's defer)
     overlapped = {s.ops[0][0] for s in segments
                   if s.experts or (device_kind(s.device) == "rpc" and s.ops == ((s.ops[0][0], "moe_experts"),))}
@@ -115,8 +139,9 @@ def predict(segments: Sequence[Segment], shape: ModelShape, gbps: Mapping[str, f
         layer = seg.ops[0][0]
         if seg.experts:
             shared = _seconds(shape.shared_bytes.get(layer, 0.0), gbps[CPU])
-            t, n, w = _split_layer(seg, shape, gbps, links, rng)
-            seconds += max(t, shared)
+            t, n, w = _split_layer(seg, shape, gbps, links, rng, hosts)
+            busy = [x.device for x in seg.experts if x.device != CPU]
+            seconds += t + shared if crowded([CPU, *busy], hosts) else max(t, shared)
             trips += n
             wire += w
             continue
@@ -129,7 +154,7 @@ def predict(segments: Sequence[Segment], shape: ModelShape, gbps: Mapping[str, f
         w = _wire(seg, shape)
         t = link.rtt_s + link.overhead_s + w / link.bytes_per_s + _seconds(nbytes, gbps[seg.device])
         if len(seg.ops) == 1 and seg.ops[0][1] == "moe_experts":  # the shared experts run here meanwhile
-            t = max(t, _seconds(shape.shared_bytes.get(layer, 0.0), gbps[CPU]))
+            t = together(t, _seconds(shape.shared_bytes.get(layer, 0.0), gbps[CPU]), seg.device)
         seconds += t
         trips += 1
         wire += w
@@ -137,21 +162,28 @@ def predict(segments: Sequence[Segment], shape: ModelShape, gbps: Mapping[str, f
 
 
 def _split_layer(seg: Segment, shape: ModelShape, gbps: Mapping[str, float], links: Mapping[str, Link],
-                 rng: np.random.Generator) -> tuple[float, float, float]:
-    """Mean over routings of (the slowest contacted device's seconds, devices contacted, wire bytes)."""
+                 rng: np.random.Generator, hosts: Mapping[str, Host]) -> tuple[float, float, float]:
+    """Mean over routings of (the slowest contacted device's seconds, devices contacted, wire bytes); devices that
+    would share cores add their compute, the longest of their round trips standing for theirs."""
     layer = seg.ops[0][0]
+    devices = [x.device for x in seg.experts]
+    group = {d: "crowded" if crowded(devices, hosts) and d in hosts else d for d in devices}
     picks = np.argsort(rng.random((ROUTINGS, shape.n_experts)), axis=1)[:, : shape.n_used]
-    total = np.zeros(ROUTINGS)
+    compute: dict[str, np.ndarray] = {}
+    fixed: dict[str, np.ndarray] = {}
     trips = wire = 0.0
     for part in seg.experts:
         n = ((picks >= part.first) & (picks < part.stop)).sum(axis=1)
-        t = _seconds(shape.expert_bytes.get(layer, 0.0), gbps[part.device]) * n
+        g = group.get(part.device, part.device)
+        compute[g] = compute.get(g, 0.0) + _seconds(shape.expert_bytes.get(layer, 0.0), gbps[part.device]) * n
         contacted = n > 0
         if device_kind(part.device) == "rpc":
             link = links[part.device]
             w = _wire(Segment(part.device, seg.ops), shape, wide=True)
-            t = t + contacted * (link.rtt_s + link.overhead_s + w / link.bytes_per_s)
+            fixed[g] = np.maximum(fixed.get(g, 0.0), contacted * (link.rtt_s + link.overhead_s + w / link.bytes_per_s))
             trips += float(contacted.mean())
             wire += w * float(contacted.mean())
-        total = np.maximum(total, t)
+    total = np.zeros(ROUTINGS)
+    for g, t in compute.items():
+        total = np.maximum(total, t + fixed.get(g, 0.0))
     return float(total.mean()), trips, wire

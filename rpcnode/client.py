@@ -337,6 +337,8 @@ class Client:
         empty = P.Calibrate(ggml_types=[])
         payload = bytes(payload_bytes)
         rtt = min(self._timed(empty) for _ in range(max(1, rounds)))
+        if not payload_bytes:  # nothing to time the bandwidth with
+            return rtt, LINK_FLOOR_BPS
         loaded = min(self._timed(empty, payload) for _ in range(max(1, rounds)))
         extra = loaded - rtt
         return rtt, (payload_bytes / extra if extra >= LINK_RESOLUTION_S else LINK_FLOOR_BPS)

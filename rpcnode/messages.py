@@ -317,6 +317,8 @@ class CalibrateReply(_Message, tag=int(Kind.CALIBRATE_REPLY), kw_only=True):
     gbps: Annotated[list[float], Meta(max_length=MAX_CALIBRATE_TYPES)]
     cached: bool  # every figure came from the worker's cache file (nothing was measured)
     threads: U32  # the compute threads the figures were measured with
+    machine: Name = ""  # a digest of the worker's machine identity: devices with equal ones share the cores
+    cores: U32 = 0  # the machine's CPU count
 
 
 class ErrorReply(_Message, tag=int(Kind.ERROR_REPLY), kw_only=True):

@@ -263,7 +263,8 @@ class Worker:
         if not types or self.gpu is not None:
             # empty: a link timing, answered at once. A GPU worker's segments do not run on the CPU kernels, so
             # their speed says nothing about it: 0.0 for all (placement measures a GPU otherwise)
-            return P.CalibrateReply(gbps=[0.0] * len(types), cached=False, threads=self.threads)
+            return P.CalibrateReply(gbps=[0.0] * len(types), cached=False, threads=self.threads,
+                                    machine=calibration.machine_id(), cores=os.cpu_count() or 1)
         key = calibration.machine_key(self.threads)
         known = {} if m.refresh else self.calibration.load(key)
         missing = [t for t in dict.fromkeys(types) if t not in known]
@@ -274,7 +275,8 @@ class Worker:
                 known = self.calibration.store(key, known)
             except OSError as e:  # the figures still answer this request; the next one measures again
                 log.warning("cannot write %s: %s", self.calibration.path, e.strerror or e)
-        return P.CalibrateReply(gbps=[known.get(t, 0.0) for t in types], cached=not missing, threads=self.threads)
+        return P.CalibrateReply(gbps=[known.get(t, 0.0) for t in types], cached=not missing, threads=self.threads,
+                                machine=calibration.machine_id(), cores=os.cpu_count() or 1)
 
     def _measure(self, types: list[int]) -> dict[int, float]:
         """calibration.calibrate with its scratch matrix charged to -m while it exists; the caller holds

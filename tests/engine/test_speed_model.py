@@ -7,7 +7,7 @@ import math
 import pytest
 
 from engine.placement import CPU, PlacementRules, Segment, devices_for, layer_ops, plan
-from engine.speed_model import MESSAGE_BYTES, Link, model_shape, predict
+from engine.speed_model import MESSAGE_BYTES, Host, Link, crowded, model_shape, predict
 
 W1, W2 = "RPC[10.0.0.2:50052]", "RPC[10.0.0.3:50052]"
 D, E, K, V = 64, 16, 4, 100
@@ -53,3 +53,25 @@ def test_a_split_contacts_each_device_as_often_as_routing_picks_it_and_halves_th
     # the slower half reads between K/2 and K experts' bytes per layer
     here = one.seconds - 2 * 4_000 / 1e6
     assert here + 2 * 2_000 / 1e6 < two.seconds < one.seconds
+
+
+def test_devices_that_share_cores_work_one_after_the_other() -> None:
+    """Two workers on one 2-core machine with a thread each compute a split at once; with 2 threads each (or the
+    coordinator's shared experts on the same cores) they take turns: the parts (and the shared experts) add."""
+    speeds = {CPU: GBPS, W1: GBPS, W2: GBPS}
+    links = {W1: Link(0, 1e12), W2: Link(0, 1e12)}
+    split = segments(f"exps={W1},{W2}")
+    apart = predict(split, SHAPE, speeds, links)
+    roomy = {CPU: Host("other", 8, 1), W1: Host("m", 2, 1), W2: Host("m", 2, 1)}
+    assert predict(split, SHAPE, speeds, links, hosts=roomy).seconds == pytest.approx(apart.seconds)
+    tight = {CPU: Host("other", 8, 1), W1: Host("m", 2, 2), W2: Host("m", 2, 2)}
+    crowded_split = predict(split, SHAPE, speeds, links, hosts=tight)
+    # each layer: the two parts add up to all K picked experts' bytes, as one device would read them
+    one = predict(segments(f"exps={W1}"), SHAPE, speeds, links)
+    assert crowded_split.seconds == pytest.approx(one.seconds, rel=0.01)
+    assert crowded([W1, W2], tight) and not crowded([W1, W2], roomy) and not crowded([CPU, W1], tight)
+    shared_cores = {CPU: Host("m", 2, 1), W1: Host("m", 2, 2)}
+    remote = segments(f"exps={W1}")
+    overlapped, serial = predict(remote, SHAPE, speeds, links), predict(remote, SHAPE, speeds, links,
+                                                                         hosts=shared_cores)
+    assert serial.seconds == pytest.approx(overlapped.seconds + 2 * 400 / 1e6)  # the shared experts no longer hide

@@ -4,6 +4,7 @@ client takes with empty and payload-carrying requests. Real worker processes on 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.block_decoders import F32, Q4_K, Q8_0
+from engine.calibration import machine_id
 from rpcnode import protocol as P
 from rpcnode.client import Client, RPCError
 from tests.rpcnode.conftest import WorkerProc, start_worker
@@ -30,6 +32,8 @@ def test_a_worker_measures_caches_and_refreshes(workers: Callable[..., WorkerPro
     with Client.connect(w.endpoint) as c:
         first = c.calibrate(TYPES)
         assert not first.cached and first.threads == 2
+        # the worker's machine, as this process names it (the same machine: they share its cores)
+        assert first.machine == machine_id() and first.cores == os.cpu_count()
         assert len(first.gbps) == 3 and all(g > 0.1 for g in first.gbps)
         doc = _calibration(w)
         assert "threads=2" in doc["key"] and set(doc["gbps"]) == {str(t) for t in TYPES}
