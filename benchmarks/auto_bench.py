@@ -47,6 +47,7 @@ from engine.digests import model_digests  # noqa: E402
 from engine.gguf_file import GGUFFile  # noqa: E402
 from engine.synth import bench_model  # noqa: E402
 from engine.user_cache import cache_dir  # noqa: E402
+from tui.formatting import auto_measured  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     best[c.name] = max(best.get(c.name, 0.0), tg(m, args.n))
             rows = [{"name": c.name, "flags": c.rules.flags(), "predicted": c.tokens_per_s, "measured": best[c.name],
                      "chosen": c is choice.chosen} for c in fits]
-            out["rtts"].append({"rtt": rtt, "rows": rows, "why": choice.why})
+            out["rtts"].append({"rtt": rtt, "rows": rows, "why": choice.why,
+                                "measured": auto_measured(choice.measured) if choice.measured else []})
             for _, m in loaded:
                 if hasattr(m.net, "close"):
                     m.net.close()
@@ -111,7 +113,7 @@ def print_tables(res: dict[str, Any]) -> None:
           f"{res['cpu_mem'] / 2**20:.0f} MiB; every process -t 1; best of the rounds")
     for r in res["rtts"]:
         print()
-        print(f"RTT {r['rtt']['median_ms']:.3f} ms")
+        print(f"RTT {r['rtt']['median_ms']:.3f} ms; measured by --auto: " + "; ".join(r["measured"]))
         print("| candidate | predicted TG | measured TG | measured / predicted |")
         print("|---|---|---|---|")
         for row in sorted(r["rows"], key=lambda x: -x["measured"]):

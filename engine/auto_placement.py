@@ -64,6 +64,7 @@ class AutoChoice:
     chosen: Candidate
     weighed: tuple[Candidate, ...]
     why: str
+    measured: Measured | None = None  # what the candidates were weighed with
 
 
 def model_gbps(per_type: Mapping[int, float], tensors: Sequence[TensorMeta], n_experts: int, n_used: int) -> float:
@@ -187,4 +188,4 @@ def choose(tensors: Sequence[TensorMeta], n_layers: int, shape: ModelShape, endp
            + (f"; next: {others[0].name}, {others[0].tokens_per_s:.2f} t/s" if others else "") + ")")
     if chosen.tokens_per_s < best:
         why = f"within {TIE:.0%} of the fastest ({best:.2f} t/s) and simpler"
-    return AutoChoice(chosen, tuple(ranked), why)
+    return AutoChoice(chosen, tuple(ranked), why, measured)

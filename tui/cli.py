@@ -30,7 +30,7 @@ from rpcnode.__main__ import run as run_rpcnode
 from rpcnode.protocol import rpc_device
 from tui.bench_results import save_json
 from tui.flags import add_model_flags, add_placement_flags, add_sampling_flags, load_options
-from tui.formatting import auto_chosen_line, auto_table
+from tui.formatting import auto_chosen_line, auto_measured, auto_table
 from tui.hosts import add_arguments as add_hosts_arguments
 from tui.hosts import run as run_hosts
 from tui.inventory import load_hosts, with_identity
@@ -247,6 +247,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print()
     if choice is not None:
         if args.verbose:
+            if choice.measured is not None:
+                print("\n".join(auto_measured(choice.measured)))
+                print()
             print("\n".join(auto_table(choice)))
             print()
         print(auto_chosen_line(choice))
