@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -137,7 +138,14 @@ def test_a_loss_mid_prefill_runs_the_call_again_from_where_it_began(workers: Cal
     events = reported(model)
     cache = model.new_cache()
     model.eval(PROMPT, cache)
-    killer = threading.Timer(0.3, b.kill)
+
+    def kill_once_passes_landed() -> None:  # the kernels release the GIL: this thread sees the passes land
+        deadline = time.monotonic() + 60
+        while cache.n_past < len(PROMPT) + 80 and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        b.kill()
+
+    killer = threading.Thread(target=kill_once_passes_landed)
     killer.start()
     try:
         got = model.eval(prompt, cache)
@@ -180,22 +188,29 @@ def test_no_failover_keeps_the_error(workers: Callable[..., WorkerProc], synth_m
         model.eval([4], cache)
 
 
-def test_cli_run_goes_on_and_says_so_once(workers: Callable[..., WorkerProc], synth_model: Path) -> None:
-    """`ikctl run` over two workers, one SIGKILLed once tokens flow: the same text as an uninterrupted run, exit 0,
-    one line naming the worker and the recovery time."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])
+def test_cli_run_goes_on_and_says_so_once(workers: Callable[..., WorkerProc], synth_model: Path,
+                                          sig: signal.Signals) -> None:
+    """`ikctl run` over two workers, one SIGKILLed (or SIGSTOPped: frozen, named after --rpc-timeout and a probe)
+    once tokens flow: the same text as an uninterrupted run, exit 0, one line naming the worker and the recovery
+    time."""
     a, b = workers(), workers()
 
     def cmd(*extra: str) -> list[str]:
         return [sys.executable, "-m", "tui.cli", "run", "-m", str(synth_model), "-p", "hi", "-n", "60", "-c", "256",
                 "-no-cnv", "--temp", "0", "--ignore-eos", "--rpc", f"{a.endpoint},{b.endpoint}", "-ngl", "99",
-                *extra]
+                "--rpc-timeout", "1", "--rpc-probe-timeout", "1", *extra]
 
     want = subprocess.run(cmd(), capture_output=True, text=True, timeout=120, check=True).stdout
     proc = subprocess.Popen(cmd(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     head = proc.stdout.read(4)  # generation is under way
-    b.kill()
-    rest, err = proc.communicate(timeout=120)
+    os.kill(b.proc.pid, sig)
+    try:
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if sig == signal.SIGSTOP:
+            os.kill(b.proc.pid, signal.SIGCONT)
     assert proc.returncode == 0, err
     assert head + rest == want
     lost = [ln for ln in err.splitlines() if "was lost" in ln]
@@ -203,6 +218,8 @@ def test_cli_run_goes_on_and_says_so_once(workers: Callable[..., WorkerProc], sy
     assert re.fullmatch(rf"ikctl: {re.escape(b.device)} was lost \(.*\); continuing without it \(--rpc "
                         rf"{re.escape(a.endpoint)} -ngl 99\), recovered in [0-9.]+ s \(\d+ cached tokens run again\)",
                         lost[0]), lost[0]
+    if sig == signal.SIGSTOP:
+        assert "it is frozen" in lost[0]
 
 
 def test_a_worker_that_answers_again_is_taken_back(workers: Callable[..., WorkerProc], synth_model: Path,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -97,9 +99,13 @@ def test_a_worker_killed_mid_stream(cluster: tuple[ServeProc, list[WorkerProc], 
     assert "failed: " in server.log_text()
 
 
-def test_a_worker_killed_mid_stream_is_failed_over(failover_cluster: tuple[ServeProc, list[WorkerProc], Path]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])
+def test_a_worker_lost_mid_stream_is_failed_over(failover_cluster: tuple[ServeProc, list[WorkerProc], Path],
+                                                 sig: signal.Signals) -> None:
     """With failover (the default) the stream goes on over the worker left, with the text an uninterrupted request
-    gives; the server logs the loss once, /health is 200 and the next request is served."""
+    gives, whether the worker died (SIGKILL) or froze (SIGSTOP: lost after --rpc-timeout and the probe's 5 s
+    each); the server logs the loss once, /health is 200 and the next request is served; restarted at its
+    endpoint, the worker is taken back by a request."""
     server, workers, _ = failover_cluster
     client = server.client(timeout=60)
     want = complete(client, PROMPTS[0], max_tokens=60, extra_body={"ignore_eos": True})
@@ -107,8 +113,10 @@ def test_a_worker_killed_mid_stream_is_failed_over(failover_cluster: tuple[Serve
                                        stream=True, extra_body={"ignore_eos": True})
     parts = iter(stream)
     text = "".join(c.choices[0].text for c in (next(parts), next(parts)))
-    workers[1].kill()
+    os.kill(workers[1].proc.pid, sig)
     text += "".join(c.choices[0].text for c in parts)
+    if sig == signal.SIGSTOP:  # it is lost: end it, so that its endpoint is free for the restart below
+        workers[1].kill()
     assert text == want
     assert server.get("/health").status_code == 200
     assert complete(client, PROMPTS[0], max_tokens=60, extra_body={"ignore_eos": True}) == want
