@@ -184,8 +184,8 @@ def choose(tensors: Sequence[TensorMeta], n_layers: int, shape: ModelShape, endp
     chosen = next(c for c in fits if c.tokens_per_s >= best * (1 - TIE))
     ranked = sorted(fits, key=lambda c: -c.tokens_per_s) + [c for c in weighed if c.problem is not None]
     others = [c for c in ranked if c is not chosen and c.problem is None]
-    why = (f"the fastest predicted of {len(fits)} that fit ({chosen.tokens_per_s:.2f} t/s"
-           + (f"; next: {others[0].name}, {others[0].tokens_per_s:.2f} t/s" if others else "") + ")")
+    why = f"the fastest predicted of {len(fits)} that fit" + (
+        f"; next: {others[0].name} at {others[0].tokens_per_s:.2f} t/s" if others else "")
     if chosen.tokens_per_s < best:
         why = f"within {TIE:.0%} of the fastest ({best:.2f} t/s) and simpler"
     return AutoChoice(chosen, tuple(ranked), why, measured)
