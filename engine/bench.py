@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psutil
 
+from engine.calibration import cpu_model
 from engine.errors import IkctlError
 from engine.kernels import get_threads
 from engine.threads import blas
@@ -102,15 +103,9 @@ def active_weight_bytes(model: Model) -> int:
 
 
 def host_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
     return {
         "hostname": platform.node(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "ram_bytes": psutil.virtual_memory().total,
         "os": platform.platform(),

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from engine.atomic_file import write_atomic
 from engine.block_decoders import BLOCK
 from engine.simd_int8 import instruction_set
 from engine.threads import compute_threads
+
+log = logging.getLogger("ikctl.calibration")
 
 # The scratch matrix: larger than most CPUs' last-level cache slice a core sees, so DRAM reads are timed, and small
 # enough that a worker can charge it to -m while it exists.
@@ -99,6 +102,22 @@ class CalibrationCache:
         except (OSError, ValueError, TypeError):  # missing, unreadable, not JSON, not numbers: measure again
             return {}
         return {t: v for t, v in out.items() if v >= 0.0 and np.isfinite(v)}
+
+    def figures(self, key: str, qtypes: Iterable[int], refresh: bool,
+                measure: Callable[[list[int]], Mapping[int, float]]) -> tuple[dict[int, float], bool]:
+        """The figures of each type under `key`: from the file, unless `refresh`, with those missing measured
+        (`measure(types)`) and stored; and whether none had to be measured. A file that cannot be written costs a
+        measurement next time, nothing else."""
+        wanted = list(dict.fromkeys(int(t) for t in qtypes))
+        known = {} if refresh else self.load(key)
+        missing = [t for t in wanted if t not in known]
+        if missing:
+            known = {**known, **measure(missing)}
+            try:
+                known = self.store(key, known)
+            except OSError as e:
+                log.warning("cannot write %s: %s", self.path, e.strerror or e)
+        return {t: known.get(t, 0.0) for t in wanted}, not missing
 
     def store(self, key: str, gbps: Mapping[int, float]) -> dict[int, float]:
         """Merge `gbps` into the figures kept under `key` and write the file atomically; the merged figures.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from engine.architectures import load_network
 from engine.auto_placement import Measured
@@ -28,33 +29,12 @@ from engine.user_cache import cache_dir
 from rpcnode.client import Client, RPCError, WorkerGone
 
 
-def available_memory() -> int:
-    """This machine's memory available for the model (MemAvailable: free plus what the page cache gives back)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 def local_gbps(qtypes: Iterable[int], threads: int | None, refresh: bool = False) -> dict[int, float]:
     """This machine's decode GB/s per type with `threads` threads, from the cache file unless missing or refresh."""
     with compute_threads(threads, 1):
-        key = machine_key(get_threads())
         cache = CalibrationCache(cache_dir() / "calibration.json")
-        known = {} if refresh else cache.load(key)
-        wanted = sorted(set(qtypes))
-        missing = [t for t in wanted if t not in known]
-        if missing:
-            measured = calibrate(missing)
-            try:
-                known = cache.store(key, measured)
-            except OSError:  # an unwritable cache costs a calibration next time, nothing else
-                known = {**known, **measured}
-    return {t: known.get(t, 0.0) for t in wanted}
+        known, _ = cache.figures(machine_key(get_threads()), qtypes, refresh, calibrate)
+    return known
 
 
 @functools.cache
@@ -103,4 +83,5 @@ def measure(cfg: Any, clients: Mapping[str, Client], capacities: Mapping[str, in
             hosts[device] = Host(reply.machine, reply.cores or 1, reply.threads or 1)
         rtt, bandwidth = client.measure_link()
         links[device] = Link(rtt, bandwidth)
-    return Measured({CPU: available_memory(), **capacities}, gbps, links, software_seconds(cfg, threads), hosts)
+    here = psutil.virtual_memory().available  # MemAvailable: free memory plus what the page cache would give back
+    return Measured({CPU: here, **capacities}, gbps, links, software_seconds(cfg, threads), hosts)

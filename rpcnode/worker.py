@@ -265,17 +265,12 @@ class Worker:
             # their speed says nothing about it: 0.0 for all (placement measures a GPU otherwise)
             return P.CalibrateReply(gbps=[0.0] * len(types), cached=False, threads=self.threads,
                                     machine=calibration.machine_id(), cores=os.cpu_count() or 1)
-        key = calibration.machine_key(self.threads)
-        known = {} if m.refresh else self.calibration.load(key)
-        missing = [t for t in dict.fromkeys(types) if t not in known]
-        if missing:
+        def measure(missing: list[int]) -> dict[int, float]:
             with self.computing():
-                known = {**known, **self._measure(missing)}
-            try:
-                known = self.calibration.store(key, known)
-            except OSError as e:  # the figures still answer this request; the next one measures again
-                log.warning("cannot write %s: %s", self.calibration.path, e.strerror or e)
-        return P.CalibrateReply(gbps=[known.get(t, 0.0) for t in types], cached=not missing, threads=self.threads,
+                return self._measure(missing)
+
+        known, cached = self.calibration.figures(calibration.machine_key(self.threads), types, m.refresh, measure)
+        return P.CalibrateReply(gbps=[known[t] for t in types], cached=cached, threads=self.threads,
                                 machine=calibration.machine_id(), cores=os.cpu_count() or 1)
 
     def _measure(self, types: list[int]) -> dict[int, float]:
