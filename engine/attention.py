@@ -68,8 +68,13 @@ def _f32_impl(x):
     return lambda x: np.float32(x)
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _decode_kernel(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_kv: int, scale: float, out: np.ndarray) -> None:
+# Below this many multiply-adds a decode attention runs on the calling thread: a parallel region costs a hand-over
+# to the pool and back, and when a core is busy elsewhere (a client, the server's event loop) one late thread stalls
+# it by a scheduler tick, ~100x a short context's work. 1M is ~0.1 ms of one core's work.
+SERIAL_MACS = 1 << 20
+
+
+def _decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_kv: int, scale: float, out: np.ndarray) -> None:
     """out[h] = softmax(scale * q[h] . k[s, head j]) @ v[s, head j] over all S cached rows, j = h // G.
 
     q [H, D] float32; k [S, Hkv * D] and v [S, Hkv * V] float32, or uint16 (f16 bits, converted as read), all
@@ -105,6 +110,11 @@ def _decode_kernel(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_kv: int, scale
         out[h] = o
 
 
+_FLAGS = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}}
+_decode_parallel = njit(parallel=True, **_FLAGS)(_decode)
+_decode_serial = njit(**_FLAGS)(_decode)  # the same loop, prange as range
+
+
 def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_kv_heads: int, scale: float) -> np.ndarray:
     """One query's attention over the whole cache, as causal_attention gives it, for grouped heads.
 
@@ -119,5 +129,6 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_kv_heads: in
         return a.view(np.uint16) if a.dtype == np.float16 else a
 
     out = np.empty((H, v.shape[1] // n_kv_heads), np.float32)
-    _decode_kernel(np.ascontiguousarray(q, dtype=np.float32), rows(k), rows(v), n_kv_heads, float(scale), out)
+    kernel = _decode_serial if H * k.shape[0] * (D + out.shape[1]) < SERIAL_MACS else _decode_parallel
+    kernel(np.ascontiguousarray(q, dtype=np.float32), rows(k), rows(v), n_kv_heads, float(scale), out)
     return out

@@ -2,7 +2,7 @@
 
 Legend: a block holds QK values (256 for the K-quants, 32 for Q8_0), a sub-block shares one scale, a group is 16
 values (the activations' scale unit, engine.q8_activations). The weight codes are unpacked in registers, meet
-both activation planes in u8 x s8 multiply-adds (engine.simd_int8._lane_sums) and are scaled per sub-block:
+the 16-bit activation codes in i16 pair multiply-adds (engine.simd_int8._code_sums) and are scaled per sub-block:
 
     w . x = sum over sub-blocks of  d_w * sc * xd * (q . x)  +  bias_w * xs
 
@@ -25,11 +25,11 @@ from numba.extending import intrinsic
 
 from engine.block_decoders import BLOCK, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from engine.simd import _arg_i64, _splat
-from engine.simd_int8 import _data, _fma, _fma4, _hsum, _lane_sums, k4_scale_codes
+from engine.simd_int8 import _data, _fma, _fma4, _hsum, codes_dot, k4_scale_codes
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_V8I, _V8F, _V16I, _V16F = (ir.VectorType(t, n) for t, n in ((_I32, 8), (_F32, 8), (_I32, 16), (_F32, 16)))
-_V32I8, _V64I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 64)
+_V8I, _V8F, _V16F = (ir.VectorType(t, n) for t, n in ((_I32, 8), (_F32, 8), (_F32, 16)))
+_V32I8 = ir.VectorType(_I8, 32)
 
 # Tokens per call at most: 8 accumulators and their scales stay in registers next to the unpacked weights.
 TOKENS = 8
@@ -49,7 +49,7 @@ class _Ctx:
     def __init__(self, context, builder, sig, args):
         self.b = builder
         self.src = _data(context, builder, sig, args, 0)
-        self.xq, self.xl, self.xd, self.xs = (_data(context, builder, sig, args, k) for k in range(3, 7))
+        self.x16, self.xd, self.xs = (_data(context, builder, sig, args, k) for k in range(3, 6))
 
     def load(self, ptr: ir.Value, index: ir.Value, vty: ir.Type, align: int = 1) -> ir.Value:
         p = self.b.gep(ptr, [index])
@@ -60,11 +60,9 @@ class _Ctx:
         return self.b.fpext(self.b.bitcast(self.b.load(p, align=1), ir.HalfType()), _F32)
 
     def codes_dot(self, w: ir.Value, value: ir.Value) -> ir.Value:
-        """<16 x f32>: the 16 four-value lane sums of u8 codes w (<64 x i8>) against the activation values from
-        flat value index `value`, both planes, in units of the group scale xd."""
-        hi = _lane_sums(self.b, w, self.load(self.xq, value, _V64I8))
-        lo = _lane_sums(self.b, w, self.load(self.xl, value, _V64I8))
-        return self.b.sitofp(self.b.add(self.b.shl(hi, _const(_V16I, [8] * 16)), lo), _V16F)
+        """<16 x f32>: the 16 four-value lane sums of u8 codes w (<64 x i8>) against the activation codes from
+        flat value index `value`, in units of the group scale xd."""
+        return codes_dot(self.b, w, self.x16, value)
 
     def off(self, base: ir.Value, k: int) -> ir.Value:
         return self.b.add(base, ir.Constant(_I64, k))
@@ -78,9 +76,9 @@ def _row_loop(context, builder, sig, args, n_tok: int, qtype: int, body, bias_la
     b = builder
     qk, block_bytes = BLOCK[qtype]
     c = _Ctx(context, builder, sig, args)
-    so, nblk, xg0, groups, oo, ostride = (_arg_i64(context, builder, sig, args, k) for k in (1, 2, 7, 8, 10, 11))
-    out = _data(context, builder, sig, args, 9)
-    add = b.icmp_unsigned("!=", _arg_i64(context, builder, sig, args, 12), ir.Constant(_I64, 0))
+    so, nblk, xg0, groups, oo, ostride = (_arg_i64(context, builder, sig, args, k) for k in (1, 2, 6, 7, 9, 10))
+    out = _data(context, builder, sig, args, 8)
+    add = b.icmp_unsigned("!=", _arg_i64(context, builder, sig, args, 11), ir.Constant(_I64, 0))
     bias_ty = ir.VectorType(_F32, bias_lanes)
     acc = [cgutils.alloca_once_value(b, _const(_V16F, [0.0] * 16)) for _ in range(n_tok)]
     accb = [cgutils.alloca_once_value(b, _const(bias_ty, [0.0] * bias_lanes)) for _ in range(n_tok)]
@@ -274,8 +272,8 @@ BLOCK_DOT_TYPES = tuple(_ROWS)  # the types with a kernel here
 
 def _make_dot(n_tok: int):
     @intrinsic
-    def dot(typingctx, qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add):
-        sig = types.none(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add)
+    def dot(typingctx, qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add):
+        sig = types.none(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add)
 
         def codegen(context, builder, signature, args):
             kind = _arg_i64(context, builder, signature, args, 0)
@@ -294,7 +292,7 @@ def _make_dot(n_tok: int):
         return sig, codegen
 
     dot.__doc__ = f"""out[oo + t * ostride] (+= where add) nblk blocks of weight type qtype (one of BLOCK_DOT_TYPES)
-    from byte so of src . token t's activations (engine.q8_activations' planes xq, xl and scales xd, xs read as
+    from byte so of src . token t's activations (engine.q8_activations' codes x16 and scales xd, xs read as
     flat arrays, token t from group xgroup + t * groups) for t < {n_tok}."""
     return dot
 
@@ -308,20 +306,20 @@ def has_block_dot(qtype: int) -> bool:
 
 
 @njit(cache=True, inline="always")
-def block_dots(qtype: int, n_tok: int, src: np.ndarray, so: int, nblk: int, xq: np.ndarray, xl: np.ndarray,
+def block_dots(qtype: int, n_tok: int, src: np.ndarray, so: int, nblk: int, x16: np.ndarray,
                xd: np.ndarray, xs: np.ndarray, xgroup: int, groups: int, out: np.ndarray, oo: int, ostride: int,
                add: bool) -> int:
     """The dots of nblk blocks of a type in BLOCK_DOT_TYPES from byte so of src with the first n of n_tok tokens
     (n the largest of 8, 4, 2, 1 that fits), written to (or, with add, added to) out[oo + t * ostride];
     returns n."""
     if n_tok >= 8:
-        _dot8(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add)
+        _dot8(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add)
         return 8
     if n_tok >= 4:
-        _dot4(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add)
+        _dot4(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add)
         return 4
     if n_tok >= 2:
-        _dot2(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add)
+        _dot2(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add)
         return 2
-    _dot1(qtype, src, so, nblk, xq, xl, xd, xs, xgroup, groups, out, oo, ostride, add)
+    _dot1(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add)
     return 1

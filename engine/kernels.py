@@ -197,7 +197,7 @@ def _prefetch_next_span(flat: np.ndarray, nxt: int, n: int, end: int) -> None:
 
 @njit(cache=True, inline="always")
 def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r1: int, block_bytes: int, qk: int,
-               q: np.ndarray, a: np.ndarray, b: np.ndarray, xq: np.ndarray, xl: np.ndarray, xd: np.ndarray,
+               q: np.ndarray, a: np.ndarray, b: np.ndarray, x16: np.ndarray, xd: np.ndarray,
                xs: np.ndarray, t0: int, t1: int, out: np.ndarray, o0: int) -> None:
     """out[o0 + t - t0, r] = row r of matrix e . x[t] for rows r0..r1-1 of raw [E, R, row bytes] (flat: the same
     bytes, 1-D) and tokens t0..t1-1, with integer activations (engine.simd_int8).
@@ -227,7 +227,7 @@ def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r
                                                 (e * R + r1) * row_bytes)
                         u = t
                         while u < min(t1, t + TOKENS):
-                            u += block_dots(qtype, min(t1, t + TOKENS) - u, flat, start, nb, xq, xl, xd, xs,
+                            u += block_dots(qtype, min(t1, t + TOKENS) - u, flat, start, nb, x16, xd, xs,
                                             u * groups + b0 * qk // 16, groups, out, (o0 + u - t0) * ostride + r,
                                             ostride, b0 > 0)
         return
@@ -240,7 +240,7 @@ def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r
             idecode_row(qtype, flat[start : start + (re - rs) * row_bytes], q, a, b)
             for j in range(re - rs):
                 for t in range(t0, t1):
-                    out[o0 + t - t0, rs + j] = _dot_u8s8(q, a, b, j * C // 16, xq, xl, xd, xs, t * groups, C // 64)
+                    out[o0 + t - t0, rs + j] = _dot_u8s8(q, a, b, j * C // 16, x16, xd, xs, t * groups, C // 64)
         return
     chunk = max(1, _CHUNK_VALUES // qk)
     for r in range(r0, r1):
@@ -256,7 +256,7 @@ def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r
                 a[g] = 0.0
                 b[g] = 0.0
             for t in range(t0, t1):
-                out[o0 + t - t0, r] += _dot_u8s8(q, a, b, 0, xq, xl, xd, xs, t * groups + c0 * qk // 16, steps)
+                out[o0 + t - t0, r] += _dot_u8s8(q, a, b, 0, x16, xd, xs, t * groups + c0 * qk // 16, steps)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -264,14 +264,14 @@ def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
                         out: np.ndarray) -> None:
     """out[t, r] = x[t] . row r of raw [1, R, row bytes] (flat: the same bytes, 1-D) with 16-bit integer
     activations (engine.q8_activations): each weight byte is read once for all T tokens."""
-    xq, xl, xd, xs = quantized(x)
+    x16, xd, xs = quantized(x)
     R = raw.shape[1]
     rows = _int8_task_rows(qtype)
     tasks = (R + rows - 1) // rows
     for k in prange(tasks):
         q, a, b = _int8_scratch(qtype)
         _int8_rows(qtype, raw, flat, 0, k * rows, min(R, (k + 1) * rows), block_bytes, qk,
-                   q, a, b, xq, xl, xd, xs, 0, xq.shape[0], out, 0)
+                   q, a, b, x16, xd, xs, 0, x16.shape[0], out, 0)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -280,7 +280,7 @@ def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
     """out[n, r] = x[n] . row r of matrix experts[s] of raw [E, R, row bytes] (flat: the same bytes, 1-D) for the
     rows bounds[s] <= n < bounds[s + 1] of each run s: all selected experts of an MoE layer in one launch, each
     run's matrix read once for all its rows."""
-    xq, xl, xd, xs = quantized(x)
+    x16, xd, xs = quantized(x)
     R = raw.shape[1]
     rows = _int8_task_rows(qtype)
     per = (R + rows - 1) // rows
@@ -288,8 +288,8 @@ def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
         s = k // per
         q, a, b = _int8_scratch(qtype)
         r0 = (k % per) * rows
-        _int8_rows(qtype, raw, flat, experts[s], r0, min(R, r0 + rows), block_bytes, qk, q, a, b, xq,
-                   xl, xd, xs, bounds[s], bounds[s + 1], out, bounds[s])
+        _int8_rows(qtype, raw, flat, experts[s], r0, min(R, r0 + rows), block_bytes, qk, q, a, b, x16,
+                   xd, xs, bounds[s], bounds[s + 1], out, bounds[s])
 
 
 @njit(cache=True, nogil=True)

@@ -1,13 +1,14 @@
 """Vector building blocks of the integer dot products: weights unpacked to uint8, dotted with int8 activations.
 
 Legend: a group is 16 consecutive values, a lane 4 of them. The unsigned weight codes q (u8) of a lane meet the
-signed activation codes (s8) of the same lane in one multiply-add of four products (VNNI `vpdpbusd`), and the
-group's float scales turn those integers into a float: value = a_g * q + b_g for weights, x = xd_g * xq for
+signed 16-bit activation codes of the same lane in two multiply-adds of two products each (VNNI `vpdpwssd`), and
+the group's float scales turn those integers into a float: value = a_g * q + b_g for weights, x = xd_g * xq for
 activations, so
 
     w . x = sum over groups of  a * xd * (q . xq)  +  b * xs      (xs = xd * sum of the group's xq)
 
-with 16-bit activation codes xq taken as two int8 planes (two multiply-adds per weight byte).
+The weight codes are unpacked as bytes (u8) and split into even and odd codes as 16-bit words by one mask and
+one shift; the activation codes are stored split the same way (engine.q8_activations).
 
 Every weight type with integer codes under per-block affine scales fits this form (Q8_0 shifts its codes by 128
 into b). The instruction set is chosen where the kernels are compiled (AVX-512 VNNI, else portable IR that LLVM
@@ -128,22 +129,47 @@ def _unpack16_u8_iq4(typingctx, dst, do, src, lo, lshift):
     return sig, codegen
 
 
-def _lane_sums(builder: ir.IRBuilder, w: ir.Value, x: ir.Value) -> ir.Value:
-    """<16 x i32>: lane l = sum_{j<4} u8(w[4l + j]) * s8(x[4l + j])."""
+def _code_sums(builder: ir.IRBuilder, w: ir.Value, x_even: ir.Value, x_odd: ir.Value) -> ir.Value:
+    """<16 x i32>: lane l = sum_{j<4} u8(w[4l + j]) * x[4l + j] for 64 u8 weight codes w (<64 x i8>) and 64 16-bit
+    activation codes split by parity (engine.q8_activations' order): x_even[i] = x[2i], x_odd[i] = x[2i + 1].
+
+    The 16-bit view of w holds code 2i in its low byte and 2i + 1 in its high byte, so a mask and a shift give
+    both halves, and two i16 pair multiply-adds (VNNI `vpdpwssd`) sum each lane's four products."""
+    v32i16 = ir.VectorType(_I16, 32)
+    words = builder.bitcast(w, v32i16)
+    w_even = builder.and_(words, ir.Constant(v32i16, [255] * 32))
+    w_odd = builder.lshr(words, ir.Constant(v32i16, [8] * 32))
     zero = ir.Constant(_V16I32, [0] * 16)
     if _ISA == "avx512vnni":
         fnty = ir.FunctionType(_V16I32, [_V16I32, _V16I32, _V16I32])
-        fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", fnty=fnty)
-        return builder.call(fn, [zero, builder.bitcast(w, _V16I32), builder.bitcast(x, _V16I32)])
-    # portable: 16-bit products (255 * -128 fits), then two rounds of adjacent pair sums in 32 bits
-    v64i16 = ir.VectorType(_I16, 64)
-    prod = builder.mul(builder.zext(w, v64i16), builder.sext(x, v64i16))
-    v = builder.sext(prod, ir.VectorType(_I32, 64))
-    for n in (32, 16):
-        even = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(0, 2 * n, 2))))
-        odd = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(1, 2 * n, 2))))
-        v = builder.add(even, odd)
-    return v
+        fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpwssd.512", fnty=fnty)
+
+        def pairs(acc, a, b):
+            return builder.call(fn, [acc, builder.bitcast(a, _V16I32), builder.bitcast(b, _V16I32)])
+
+        return pairs(pairs(zero, w_even, x_even), w_odd, x_odd)
+    # portable: 32-bit products, adjacent pairs summed (what x86's pmaddwd does)
+    v32i32 = ir.VectorType(_I32, 32)
+
+    def pair_sums(a, b):
+        prod = builder.mul(builder.zext(a, v32i32), builder.sext(b, v32i32))
+        even = builder.shuffle_vector(prod, prod, ir.Constant(_V16I32, list(range(0, 32, 2))))
+        odd = builder.shuffle_vector(prod, prod, ir.Constant(_V16I32, list(range(1, 32, 2))))
+        return builder.add(even, odd)
+
+    return builder.add(pair_sums(w_even, x_even), pair_sums(w_odd, x_odd))
+
+
+def codes_dot(builder: ir.IRBuilder, w: ir.Value, x16: ir.Value, value: ir.Value) -> ir.Value:
+    """<16 x f32>: the lane sums of _code_sums for the 64 activation codes from flat index `value` of x16 (an
+    i16 pointer), as floats in units of the group scale xd."""
+    v32i16 = ir.VectorType(_I16, 32)
+
+    def half(k: int) -> ir.Value:
+        p = builder.gep(x16, [builder.add(value, ir.Constant(_I64, k))])
+        return builder.load(builder.bitcast(p, v32i16.as_pointer()), align=2, typ=v32i16)
+
+    return builder.sitofp(_code_sums(builder, w, half(0), half(32)), _V16F)
 
 
 def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
@@ -173,20 +199,20 @@ def _data(context, builder, sig, args, k: int) -> ir.Value:
 
 
 @intrinsic
-def _dot_u8s8(typingctx, q, a, b, wgroup, xq, xl, xd, xs, xgroup, n64):
-    """float32 sum over n64 steps of 64 values (4 groups of 16) of  a*xd*(q.x) + b*xs, group by group, where the
-    activation codes x = 256 * xq + xl come in two int8 planes (engine.q8_activations).
+def _dot_u8s8(typingctx, q, a, b, wgroup, x16, xd, xs, xgroup, n64):
+    """float32 sum over n64 steps of 64 values (4 groups of 16) of  a*xd*(q.x) + b*xs, group by group, with the
+    16-bit activation codes x16 in engine.q8_activations' order.
 
-    q (u8), a, b (f32 per group) are decoded weights read from group `wgroup`; xq, xl (s8), xd, xs (f32 per group)
+    q (u8), a, b (f32 per group) are decoded weights read from group `wgroup`; x16 (i16), xd, xs (f32 per group)
     are quantized token vectors read from group `xgroup` (flat indices). Groups past the data carry a = b = 0."""
-    sig = types.float32(q, a, b, wgroup, xq, xl, xd, xs, xgroup, n64)
+    sig = types.float32(q, a, b, wgroup, x16, xd, xs, xgroup, n64)
 
     def codegen(context, builder, signature, args):
         qd, ad, bd = (_data(context, builder, signature, args, k) for k in range(3))
-        xqd, xld, xdd, xsd = (_data(context, builder, signature, args, k) for k in range(4, 8))
+        xcd, xdd, xsd = (_data(context, builder, signature, args, k) for k in range(4, 7))
         wg = _arg_i64(context, builder, signature, args, 3)
-        xg = _arg_i64(context, builder, signature, args, 8)
-        n = _arg_i64(context, builder, signature, args, 9)
+        xg = _arg_i64(context, builder, signature, args, 7)
+        n = _arg_i64(context, builder, signature, args, 8)
         v4f = ir.VectorType(_F32, 4)
         acc_a = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16))
         acc_b = cgutils.alloca_once_value(builder, ir.Constant(v4f, [0.0] * 4))
@@ -202,10 +228,7 @@ def _dot_u8s8(typingctx, q, a, b, wgroup, xq, xl, xd, xs, xgroup, n64):
             gx = builder.add(step, xg)
             sixteen = ir.Constant(_I64, 16)
             w = vload(qd, builder.mul(gw, sixteen), _V64I8, 1)
-            hi = _lane_sums(builder, w, vload(xqd, builder.mul(gx, sixteen), _V64I8, 1))
-            lo = _lane_sums(builder, w, vload(xld, builder.mul(gx, sixteen), _V64I8, 1))
-            # |hi| <= 4 * 255 * 127, so hi << 8 and the sum stay far inside int32
-            f = builder.sitofp(builder.add(builder.shl(hi, ir.Constant(_V16I32, [8] * 16)), lo), _V16F)
+            f = codes_dot(builder, w, xcd, builder.mul(gx, sixteen))
             scale = builder.fmul(vload(ad, gw, v4f, 4), vload(xdd, gx, v4f, 4))
             scale = builder.shuffle_vector(scale, scale, spread)
             builder.store(_fma(builder, f, scale, builder.load(acc_a)), acc_a)

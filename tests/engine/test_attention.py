@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.attention import causal_attention, decode_attention
+from engine.attention import SERIAL_MACS, causal_attention, decode_attention
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_kv: int, scale: float) -> np.ndarray:
@@ -27,13 +27,15 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_kv: int, scale: flo
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-@pytest.mark.parametrize(("H", "n_kv", "D", "V", "S"), [(9, 3, 64, 64, 300), (4, 4, 32, 48, 1), (8, 1, 576, 512, 77)])
+@pytest.mark.parametrize(("H", "n_kv", "D", "V", "S"),
+                         [(9, 3, 64, 64, 300), (4, 4, 32, 48, 1), (8, 1, 576, 512, 77), (16, 2, 128, 128, 600)])
 def test_decode_attention_equals_the_float64_softmax(dtype: type, H: int, n_kv: int, D: int, V: int, S: int) -> None:
     rng = np.random.default_rng(S)
     q = rng.standard_normal((H, D)).astype(np.float32)
     k = (rng.standard_normal((S, n_kv * D)) * 2).astype(dtype)
     v = rng.standard_normal((S, n_kv * V)).astype(dtype)
     y = decode_attention(q, k, v, n_kv, 1 / np.sqrt(D))
+    assert (H * S * (D + V) < SERIAL_MACS) == (S < 600)  # the last case takes the parallel kernel
     assert y.shape == (H, V) and y.dtype == np.float32
     np.testing.assert_allclose(y, reference(q, k, v, n_kv, 1 / np.sqrt(D)), rtol=0, atol=2e-5)
 

@@ -65,12 +65,13 @@ def test_every_quantized_type_has_an_int8_decoder() -> None:
 def test_activation_codes_and_scales() -> None:
     x = tokens(3, 96)
     q = quantize_rows(x)
-    assert q.xq.shape == q.xl.shape == (3, 128) and q.xd.shape == q.xs.shape == (3, 8)  # padded to 64-value steps
-    assert not q.xq[:, 96:].any() and not q.xl[:, 96:].any() and not q.xd[:, 6:].any() and not q.xs[:, 6:].any()
+    assert q.x16.shape == (3, 128) and q.xd.shape == q.xs.shape == (3, 8)  # padded to 64-value steps
+    # each step holds its even-indexed values, then its odd-indexed ones
+    natural = q.x16.reshape(3, 2, 2, 32).transpose(0, 1, 3, 2).reshape(3, 128)
+    assert not natural[:, 96:].any() and not q.xd[:, 6:].any() and not q.xs[:, 6:].any()
     value, hi, lo = q8_reference(x)
-    np.testing.assert_array_equal(q.xq[:, :96], hi)
-    np.testing.assert_array_equal(q.xl[:, :96], lo)
-    codes = 256 * q.xq[:, :96].astype(np.float64) + q.xl[:, :96]
+    np.testing.assert_array_equal(natural[:, :96], 256 * hi + lo)
+    codes = natural[:, :96].astype(np.float64)
     np.testing.assert_array_equal(np.repeat(q.xd[:, :6].astype(np.float64), 16, axis=1) * codes, value)
     np.testing.assert_allclose(q.xs[:, :6], q.xd[:, :6] * codes.reshape(3, 6, 16).sum(-1), rtol=1e-6)
     assert np.abs(value - x).max() <= np.abs(x).max() * 2.0**-15  # 16-bit codes
