@@ -1,0 +1,358 @@
+"""Row decoders for ik_llama.cpp's own quant types (numba), bit-identical to its `dequantize_row_*` functions.
+
+Legend: C values per row, G rows per interleaved group. Layouts: engine.ik_types and ik_llama.cpp's
+ggml/src/ggml-common.h; each decoder follows ggml/src/iqk/iqk_quantize.cpp (or ggml-quants.c) operation for
+operation, in float32, so every value is the float ik_llama.cpp computes.
+
+A decoder takes one whole unit: src = one row's bytes including its header (plain types) or the G * row bytes of
+one interleaved group, dst = C (or G * C, rows one after another) float32 values. Only whole units decode: a row
+header is read once per row and an interleaved block holds G rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from engine.simd import _bits_to_f32, _f16_at, _i8
+
+# ik_llama.cpp type ids (engine.ik_types), repeated as plain ints for jitted code.
+Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K = 133, 137, 138, 139, 140, 141
+IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL = 144, 145, 146, 152, 156, 157
+
+# The non-linear code books (ggml-common.h); the second half of each is the shifted set `extra` bits select.
+_IQ2NL = np.array([-31, -13, 1, 17, -26, -8, 6, 22], np.float32)
+_IQ3NL = np.array([-63, -40, -23, -10, 1, 13, 28, 47, -59, -36, -19, -6, 5, 17, 32, 51], np.float32)
+_IQ4K = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+                  -123, -100, -79, -61, -45, -31, -18, -6, 5, 17, 29, 42, 57, 73, 93, 117], np.float32)
+_IQ5NL = np.array([-126, -114, -103, -92, -83, -74, -65, -57, -50, -43, -36, -30, -24, -18, -12, -6,
+                   -1, 5, 11, 17, 23, 29, 36, 43, 51, 59, 68, 77, 87, 97, 109, 121,
+                   -124, -112, -101, -90, -81, -72, -63, -55, -48, -41, -34, -28, -22, -16, -10, -4,
+                   1, 7, 13, 19, 25, 31, 38, 45, 53, 61, 70, 79, 89, 99, 111, 123], np.float32)
+# IQ2_KL: 32 pairs of int8 values, stored as uint16 (low byte first).
+_IQ2KL_PAIRS = np.array([0xe9c1, 0x0dc1, 0xc1d8, 0xf6d8, 0x0dd8, 0x2fd8, 0xd8e9, 0xe9e9, 0x01e9, 0x0de9, 0x1ce9,
+                         0xc1f6, 0x01f6, 0x0df6, 0x2ff6, 0xe901, 0xf601, 0x0101, 0x0d01, 0x1c01, 0xd80d, 0xe90d,
+                         0xf60d, 0x010d, 0x0d0d, 0xc11c, 0xe91c, 0x011c, 0x1c1c, 0x2f1c, 0xe92f, 0x0d2f], np.uint16)
+_IQ2KL = np.stack([(_IQ2KL_PAIRS & 0xFF).astype(np.uint8).view(np.int8),
+                   (_IQ2KL_PAIRS >> 8).astype(np.uint8).view(np.int8)], axis=1).astype(np.float32)
+# IQ6_K's code book is a cubic in the 6-bit code q (iqk_quantize.cpp A_IQ6K..D_IQ6K), evaluated in float32.
+_A6, _B6, _C6, _D6 = np.float32(-127.0), np.float32(6.2568), np.float32(0.11218), np.float32(0.0011972)
+
+
+@njit(cache=True, inline="always")
+def _u16(src: np.ndarray, o: int) -> int:
+    return np.int32(src[o]) | (np.int32(src[o + 1]) << 8)
+
+
+@njit(cache=True, inline="always")
+def _f32_at(src: np.ndarray, o: int) -> np.float32:
+    """The float32 stored little-endian at byte offset o (the *_KS row scales)."""
+    return _bits_to_f32(np.uint32(src[o]) | (np.uint32(src[o + 1]) << np.uint32(8))
+                        | (np.uint32(src[o + 2]) << np.uint32(16)) | (np.uint32(src[o + 3]) << np.uint32(24)))
+
+
+@njit(cache=True)
+def _dec_q6_0(src: np.ndarray, dst: np.ndarray) -> None:
+    # d @0, qh[8] @2, qs[16] @10: value j < 16 is qs[j]'s low nibble | bits 4-5 from qh[j % 8] >> 4 (j // 8).
+    for b in range(dst.size // 32):
+        o = 26 * b
+        d = _f16_at(src, o)
+        for j in range(16):
+            h = np.int32(src[o + 2 + j % 8]) >> (4 * (j // 8))
+            q = np.int32(src[o + 10 + j])
+            dst[32 * b + j] = np.float32(((q & 15) | ((h << 4) & 48)) - 32) * d
+            dst[32 * b + j + 16] = np.float32(((q >> 4) | ((h << 2) & 48)) - 32) * d
+
+
+@njit(cache=True)
+def _dec_iq2_k(src: np.ndarray, dst: np.ndarray) -> None:
+    # d @0, extra u16 @2, scales[8] @4, qs[64] @12: sub-block ib32 (32 values as two 16s) takes 2 bits
+    # (2 * (ib32 % 4)) of qs[32 * (ib32 // 4) + j].
+    for b in range(dst.size // 256):
+        o = 76 * b
+        d = _f16_at(src, o)
+        extra = _u16(src, o + 2)
+        for ib in range(8):
+            sc = np.int32(src[o + 4 + ib])
+            dl1 = d * np.float32((sc & 15) - 8)
+            dl2 = d * np.float32((sc >> 4) - 8)
+            v1 = 4 * ((extra >> (2 * ib)) & 1)
+            v2 = 4 * ((extra >> (2 * ib + 1)) & 1)
+            q0 = o + 12 + 32 * (ib // 4)
+            shift = 2 * (ib % 4)
+            y = 256 * b + 32 * ib
+            for j in range(16):
+                dst[y + j] = dl1 * _IQ2NL[v1 + ((np.int32(src[q0 + j]) >> shift) & 3)]
+                dst[y + j + 16] = dl2 * _IQ2NL[v2 + ((np.int32(src[q0 + j + 16]) >> shift) & 3)]
+
+
+@njit(cache=True)
+def _dec_iq3_k(src: np.ndarray, dst: np.ndarray) -> None:
+    # d @0, extra @2, scales_h @4, scales_l[8] @6, qs[64] @14, qh[32] @78.
+    for b in range(dst.size // 256):
+        o = 110 * b
+        d = _f16_at(src, o)
+        extra = _u16(src, o + 2)
+        sh = _u16(src, o + 4)
+        for ib in range(8):
+            sl = np.int32(src[o + 6 + ib])
+            s1 = -1 if (sh >> (2 * ib)) & 1 else 1
+            s2 = -1 if (sh >> (2 * ib + 1)) & 1 else 1
+            dl1 = d * np.float32((2 * (sl & 15) + 1) * s1)
+            dl2 = d * np.float32((2 * (sl >> 4) + 1) * s2)
+            v1 = 8 * ((extra >> (2 * ib)) & 1)
+            v2 = 8 * ((extra >> (2 * ib + 1)) & 1)
+            q0 = o + 14 + 32 * (ib // 4)
+            shift_l = 2 * (ib % 4)
+            y = 256 * b + 32 * ib
+            for j in range(16):
+                c1 = ((np.int32(src[q0 + j]) >> shift_l) & 3) | (((np.int32(src[o + 78 + j]) >> ib) & 1) << 2)
+                c2 = ((np.int32(src[q0 + j + 16]) >> shift_l) & 3) | (((np.int32(src[o + 94 + j]) >> ib) & 1) << 2)
+                dst[y + j] = dl1 * _IQ3NL[v1 + c1]
+                dst[y + j + 16] = dl2 * _IQ3NL[v2 + c2]
+
+
+@njit(cache=True)
+def _dec_iq4_k(src: np.ndarray, dst: np.ndarray) -> None:
+    # d @0, extra @2, scales_h[4] @4, scales_l[8] @8, qs[128] @16.
+    for b in range(dst.size // 256):
+        o = 144 * b
+        d = _f16_at(src, o)
+        extra = _u16(src, o + 2)
+        for ib in range(8):
+            sh = np.int32(src[o + 4 + ib // 2]) >> (4 * (ib % 2))
+            sl = np.int32(src[o + 8 + ib])
+            dl1 = d * np.float32(((sl & 15) | ((sh << 4) & 48)) - 32)
+            dl2 = d * np.float32(((sl >> 4) | ((sh << 2) & 48)) - 32)
+            v1 = 16 * ((extra >> (2 * ib)) & 1)
+            v2 = 16 * ((extra >> (2 * ib + 1)) & 1)
+            y = 256 * b + 32 * ib
+            for j in range(16):
+                q = np.int32(src[o + 16 + 16 * ib + j])
+                dst[y + j] = dl1 * _IQ4K[v1 + (q & 15)]
+                dst[y + j + 16] = dl2 * _IQ4K[v2 + (q >> 4)]
+
+
+@njit(cache=True)
+def _dec_iq5_k(src: np.ndarray, dst: np.ndarray) -> None:
+    # d @0, extra @2, scales_h[4] @4, scales_l[8] @8, qs[128] @16, qh[32] @144.
+    for b in range(dst.size // 256):
+        o = 176 * b
+        d = _f16_at(src, o)
+        extra = _u16(src, o + 2)
+        for i in range(4):  # 64 values: qs[32 i ..], 5th bits 2 (i % 4) and 2 (i % 4) + 1 of qh
+            sh = np.int32(src[o + 4 + i])
+            sl0 = np.int32(src[o + 8 + 2 * i])
+            sl1 = np.int32(src[o + 9 + 2 * i])
+            dl1 = d * np.float32(((sl0 & 15) | ((sh << 4) & 48)) - 32)
+            dl2 = d * np.float32(((sl0 >> 4) | ((sh << 2) & 48)) - 32)
+            dl3 = d * np.float32(((sl1 & 15) | (sh & 48)) - 32)
+            dl4 = d * np.float32(((sl1 >> 4) | ((sh >> 2) & 48)) - 32)
+            ex = extra >> (4 * i)
+            v1, v2, v3, v4 = 32 * (ex & 1), 32 * ((ex >> 1) & 1), 32 * ((ex >> 2) & 1), 32 * ((ex >> 3) & 1)
+            shift = 2 * i
+            y = 256 * b + 64 * i
+            qs = o + 16 + 32 * i
+            for j in range(16):
+                a, c = np.int32(src[qs + j]), np.int32(src[qs + j + 16])
+                ha, hc = np.int32(src[o + 144 + j]) >> shift, np.int32(src[o + 160 + j]) >> shift
+                dst[y + j] = dl1 * _IQ5NL[v1 + ((a & 15) | ((ha & 1) << 4))]
+                dst[y + j + 16] = dl2 * _IQ5NL[v2 + ((c & 15) | ((hc & 1) << 4))]
+                dst[y + j + 32] = dl3 * _IQ5NL[v3 + ((a >> 4) | ((ha & 2) << 3))]
+                dst[y + j + 48] = dl4 * _IQ5NL[v4 + ((c >> 4) | ((hc & 2) << 3))]
+
+
+@njit(cache=True, inline="always")
+def _iq6_value(q: int, m: np.float32) -> np.float32:
+    f = np.float32(q)
+    return _A6 + f * (_B6 + f * (-_C6 + f * _D6)) + m
+
+
+@njit(cache=True)
+def _dec_iq6_k(src: np.ndarray, dst: np.ndarray) -> None:
+    # d @0, extra @2, int8 scales[16] @4, qs[128] @20, qh[64] @148.
+    for b in range(dst.size // 256):
+        o = 212 * b
+        d = _f16_at(src, o)
+        extra = _u16(src, o + 2)
+        for i in range(4):
+            dl1, dl2 = d * _i8(src[o + 4 + 4 * i]), d * _i8(src[o + 5 + 4 * i])
+            dl3, dl4 = d * _i8(src[o + 6 + 4 * i]), d * _i8(src[o + 7 + 4 * i])
+            ex = extra >> (4 * i)
+            m1 = np.float32(ex & 1)
+            m2 = np.float32((ex >> 1) & 1)
+            m3 = np.float32((ex >> 2) & 1)
+            m4 = np.float32((ex >> 3) & 1)
+            shift = 4 * (i % 2)
+            qh = o + 148 + 32 * (i // 2)
+            qs = o + 20 + 32 * i
+            y = 256 * b + 64 * i
+            for j in range(16):
+                a, c = np.int32(src[qs + j]), np.int32(src[qs + j + 16])
+                ha, hc = np.int32(src[qh + j]) >> shift, np.int32(src[qh + j + 16]) >> shift
+                dst[y + j] = dl1 * _iq6_value((a & 15) | ((ha & 3) << 4), m1)
+                dst[y + j + 16] = dl2 * _iq6_value((c & 15) | ((hc & 3) << 4), m2)
+                dst[y + j + 32] = dl3 * _iq6_value((a >> 4) | ((ha & 12) << 2), m3)
+                dst[y + j + 48] = dl4 * _iq6_value((c >> 4) | ((hc & 12) << 2), m4)
+
+
+@njit(cache=True)
+def _dec_iq4_ks(src: np.ndarray, dst: np.ndarray) -> None:
+    # float32 row scale @0, then blocks of scales[8] @0, qs[128] @8; scale byte: bit 0 picks the code book half.
+    d = _f32_at(src, 0)
+    for b in range(dst.size // 256):
+        o = 4 + 136 * b
+        for ib in range(8):
+            s = np.int32(src[o + ib])
+            dl = d * np.float32((s & 254) - 127)
+            v = 16 * (s & 1)
+            y = 256 * b + 32 * ib
+            for j in range(16):
+                q = np.int32(src[o + 8 + 16 * ib + j])
+                dst[y + j] = dl * _IQ4K[v + (q & 15)]
+                dst[y + j + 16] = dl * _IQ4K[v + (q >> 4)]
+
+
+@njit(cache=True)
+def _dec_iq2_ks(src: np.ndarray, dst: np.ndarray) -> None:
+    # f16 row scale @0, then blocks of extra u16 @0, scales[4] @2, qs[64] @6.
+    d = _f16_at(src, 0)
+    for b in range(dst.size // 256):
+        o = 2 + 70 * b
+        extra = _u16(src, o)
+        for i in range(4):
+            sc = np.int32(src[o + 2 + i])
+            ex = extra >> (2 * i)
+            dl1 = d * np.float32(((sc & 15) | ((ex >> 4) & 16)) - 16)
+            dl2 = d * np.float32(((sc >> 4) | ((ex >> 5) & 16)) - 16)
+            v1, v2 = 4 * (ex & 1), 4 * ((ex >> 1) & 1)
+            shift = 4 * (i % 2)
+            q0 = o + 6 + 32 * (i // 2)
+            y = 256 * b + 64 * i
+            for j in range(32):
+                q = np.int32(src[q0 + j])
+                dst[y + j] = dl1 * _IQ2NL[v1 + ((q >> shift) & 3)]
+                dst[y + j + 32] = dl2 * _IQ2NL[v2 + ((q >> (shift + 2)) & 3)]
+
+
+@njit(cache=True)
+def _dec_iq5_ks(src: np.ndarray, dst: np.ndarray) -> None:
+    # float32 row scale @0, then blocks of scales[8] @0, qs[128] @8, qh[32] @136.
+    d = _f32_at(src, 0)
+    for b in range(dst.size // 256):
+        o = 4 + 168 * b
+        for i in range(4):
+            s1, s2 = np.int32(src[o + 2 * i]), np.int32(src[o + 2 * i + 1])
+            dl1 = d * np.float32((s1 & 254) - 127)
+            dl2 = d * np.float32((s2 & 254) - 127)
+            v1, v2 = 32 * (s1 & 1), 32 * (s2 & 1)
+            y = 256 * b + 64 * i
+            for j in range(32):
+                q = np.int32(src[o + 8 + 32 * i + j])
+                h = np.int32(src[o + 136 + j])
+                dst[y + j] = dl1 * _IQ5NL[v1 + ((q & 15) | (((h >> (2 * i)) & 1) << 4))]
+                dst[y + j + 32] = dl2 * _IQ5NL[v2 + ((q >> 4) | (((h >> (2 * i + 1)) & 1) << 4))]
+
+
+@njit(cache=True)
+def _dec_iq4_kss(src: np.ndarray, dst: np.ndarray) -> None:
+    # float32 row scale @0, then blocks of 8 x 8 uint16: bit 0 of the 8 words of a 32-value sub-block is its
+    # scale byte; the other 15 bits w (bit 0 cleared) become w ^ (w >> 1), two bytes of nibbles.
+    d = _f32_at(src, 0)
+    for b in range(dst.size // 256):
+        o = 4 + 128 * b
+        for ib in range(8):
+            w0 = o + 16 * ib
+            ls = 0
+            for k in range(8):
+                ls |= (_u16(src, w0 + 2 * k) & 1) << k
+            v = 16 * (ls & 1)
+            dl = d * np.float32((ls & 254) - 127)
+            y = 256 * b + 32 * ib
+            for k in range(8):
+                w = _u16(src, w0 + 2 * k) & 0xFFFE
+                w ^= w >> 1
+                lo, hi = w & 0xFF, w >> 8
+                dst[y + 2 * k] = dl * _IQ4K[v + (lo & 15)]
+                dst[y + 2 * k + 16] = dl * _IQ4K[v + (lo >> 4)]
+                dst[y + 2 * k + 1] = dl * _IQ4K[v + (hi & 15)]
+                dst[y + 2 * k + 17] = dl * _IQ4K[v + (hi >> 4)]
+
+
+@njit(cache=True)
+def _dec_iq3_ks(src: np.ndarray, dst: np.ndarray) -> None:
+    # f16 row scale @0, then blocks of extra u16 @0, scales[4] @2, qs[64] @6, qh[32] @70.
+    d = _f16_at(src, 0)
+    for b in range(dst.size // 256):
+        o = 2 + 102 * b
+        extra = _u16(src, o)
+        for i128 in range(2):
+            for ib in range(4):
+                k = 4 * i128 + ib  # sub-block: scale nibble from scales[k % 4], 5th bit from extra bit k
+                sc = np.int32(src[o + 2 + k % 4])
+                ls = ((sc >> (4 * (k // 4))) & 15) | (((extra >> k) & 1) << 4)
+                dl = d * np.float32(ls - 16)
+                v = 8 * ((extra >> (8 + k)) & 1)
+                y = 256 * b + 32 * k
+                for j in range(32):
+                    q = (np.int32(src[o + 6 + 32 * i128 + j]) >> (2 * ib)) & 3
+                    h = (np.int32(src[o + 70 + j]) >> k) & 1
+                    dst[y + j] = dl * _IQ3NL[v + (q | (h << 2))]
+
+
+@njit(cache=True)
+def _dec_iq2_kl(src: np.ndarray, dst: np.ndarray) -> None:
+    # f16 row scale @0, then blocks of scales_h u16 @0, scales_l[4] @2, qs[64] @6, qh[16] @70; a 5-bit code
+    # picks a pair of values.
+    d = _f16_at(src, 0)
+    for b in range(dst.size // 256):
+        o = 2 + 86 * b
+        sh = _u16(src, o)
+        for i in range(4):
+            l1 = (np.int32(src[o + 2 + (2 * i) % 4]) >> (4 * (i // 2))) & 15
+            l2 = (np.int32(src[o + 2 + (2 * i + 1) % 4]) >> (4 * (i // 2))) & 15
+            dl1 = d * np.float32((l1 | (((sh >> (4 * i)) & 3) << 4)) - 32)
+            dl2 = d * np.float32((l2 | (((sh >> (4 * i + 2)) & 3) << 4)) - 32)
+            y = 256 * b + 64 * i
+            for j in range(16):
+                q = np.int32(src[o + 6 + 16 * i + j])
+                h = np.int32(src[o + 70 + j])
+                c1 = (q & 15) | (((h >> (2 * i)) & 1) << 4)
+                c2 = (q >> 4) | (((h >> (2 * i + 1)) & 1) << 4)
+                dst[y + 2 * j] = dl1 * _IQ2KL[c1, 0]
+                dst[y + 2 * j + 1] = dl1 * _IQ2KL[c1, 1]
+                dst[y + 2 * j + 32] = dl2 * _IQ2KL[c2, 0]
+                dst[y + 2 * j + 33] = dl2 * _IQ2KL[c2, 1]
+
+
+@njit(cache=True)
+def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
+    """Decode one unit (a row with its header, or an interleaved group) of an ik_llama.cpp type."""
+    if qtype == IQ4_KS:
+        _dec_iq4_ks(src, dst)
+    elif qtype == IQ2_K:
+        _dec_iq2_k(src, dst)
+    elif qtype == IQ3_K:
+        _dec_iq3_k(src, dst)
+    elif qtype == IQ4_K:
+        _dec_iq4_k(src, dst)
+    elif qtype == IQ5_K:
+        _dec_iq5_k(src, dst)
+    elif qtype == IQ6_K:
+        _dec_iq6_k(src, dst)
+    elif qtype == Q6_0:
+        _dec_q6_0(src, dst)
+    elif qtype == IQ2_KS:
+        _dec_iq2_ks(src, dst)
+    elif qtype == IQ5_KS:
+        _dec_iq5_ks(src, dst)
+    elif qtype == IQ4_KSS:
+        _dec_iq4_kss(src, dst)
+    elif qtype == IQ3_KS:
+        _dec_iq3_ks(src, dst)
+    elif qtype == IQ2_KL:
+        _dec_iq2_kl(src, dst)
+
+
+# The ik_llama.cpp types decode_ik decodes.
+IK_DECODED = frozenset({Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K, IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL})
