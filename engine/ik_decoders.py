@@ -19,6 +19,7 @@ from engine.simd import _bits_to_f32, _f16_at, _i8
 # ik_llama.cpp type ids (engine.ik_types), repeated as plain ints for jitted code.
 Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K = 133, 137, 138, 139, 140, 141
 IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL = 144, 145, 146, 152, 156, 157
+Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ2_K_R4, IQ4_K_R4 = 208, 212, 214, 223, 337, 339
 
 # The non-linear code books (ggml-common.h); the second half of each is the shifted set `extra` bits select.
 _IQ2NL = np.array([-31, -13, 1, 17, -26, -8, 6, 22], np.float32)
@@ -325,6 +326,148 @@ def _dec_iq2_kl(src: np.ndarray, dst: np.ndarray) -> None:
                 dst[y + 2 * j + 33] = dl2 * _IQ2KL[c2, 1]
 
 
+# ---- row-interleaved types: dst holds the G rows one after another, n = dst.size // G values each ----------
+
+
+@njit(cache=True)
+def _dec_q8_0_r8(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 32 columns: d[8] @0, qs[256] @16; row k's values 4l + i and 4l + i + 16 are qs[32l + 4k + i] and
+    # qs[128 + 32l + 4k + i].
+    n = dst.size // 8
+    for b in range(n // 32):
+        o = 272 * b
+        for k in range(8):
+            d = _f16_at(src, o + 2 * k)
+            y = k * n + 32 * b
+            for l in range(4):
+                for i in range(4):
+                    dst[y + 4 * l + i] = d * _i8(src[o + 16 + 32 * l + 4 * k + i])
+                    dst[y + 4 * l + i + 16] = d * _i8(src[o + 144 + 32 * l + 4 * k + i])
+
+
+@njit(cache=True)
+def _dec_q4_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 256 columns: d[4] @0, dmin[4] @8, scales_h[16] @16, scales_l[32] @32, qs[512] @64.
+    n = dst.size // 4
+    for b in range(n // 256):
+        o = 576 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            m = _f16_at(src, o + 8 + 2 * k)
+            for ib in range(8):
+                s = 4 * ib + k
+                sl = np.int32(src[o + 32 + s])
+                sh = np.int32(src[o + 16 + s % 16]) >> (4 * (s // 16))
+                dl = d * np.float32((sl & 15) | ((sh & 3) << 4))
+                ml = m * np.float32((sl >> 4) | ((sh & 12) << 2))
+                y = k * n + 256 * b + 32 * ib
+                q = o + 64 + 64 * ib + 4 * k
+                for i in range(4):
+                    for part, at in ((0, 0), (16, 16), (32, 4), (48, 20)):
+                        c = np.int32(src[q + i + part])
+                        dst[y + i + at] = dl * np.float32(c & 15) - ml
+                        dst[y + i + at + 8] = dl * np.float32(c >> 4) - ml
+
+
+@njit(cache=True)
+def _dec_q6_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 256 columns: d[4] @0, int8 scales[64] @8, qh[256] @72, ql[512] @328 (64 ql, 32 qh per 32 columns).
+    n = dst.size // 4
+    for b in range(n // 256):
+        o = 840 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            for ib in range(8):
+                dl1 = d * _i8(src[o + 8 + 8 * ib + k])
+                dl2 = d * _i8(src[o + 8 + 8 * ib + k + 4])
+                ql = o + 328 + 64 * ib + 4 * k
+                qh = o + 72 + 32 * ib + 4 * k
+                y = k * n + 256 * b + 32 * ib
+                for i in range(4):
+                    l0, l1 = np.int32(src[ql + i]), np.int32(src[ql + i + 16])
+                    l2, l3 = np.int32(src[ql + i + 32]), np.int32(src[ql + i + 48])
+                    h0, h1 = np.int32(src[qh + i]), np.int32(src[qh + i + 16])
+                    dst[y + i] = dl1 * np.float32(((l0 & 15) | ((h0 << 4) & 48)) - 32)
+                    dst[y + i + 8] = dl1 * np.float32(((l0 >> 4) | ((h0 << 2) & 48)) - 32)
+                    dst[y + i + 16] = dl2 * np.float32(((l1 & 15) | ((h1 << 4) & 48)) - 32)
+                    dst[y + i + 24] = dl2 * np.float32(((l1 >> 4) | ((h1 << 2) & 48)) - 32)
+                    dst[y + i + 4] = dl1 * np.float32(((l2 & 15) | (h0 & 48)) - 32)
+                    dst[y + i + 12] = dl1 * np.float32(((l2 >> 4) | ((h0 >> 2) & 48)) - 32)
+                    dst[y + i + 20] = dl2 * np.float32(((l3 & 15) | (h1 & 48)) - 32)
+                    dst[y + i + 28] = dl2 * np.float32(((l3 >> 4) | ((h1 >> 2) & 48)) - 32)
+
+
+@njit(cache=True, inline="always")
+def _scale6(src: np.ndarray, o: int, s: int) -> int:
+    """Scale s (0..63) of an IQ4_XS_R8 / IQ4_K_R4 block: 4 bits from scales_l[32] @o + 16, 2 from scales_h[16] @o."""
+    lo = (np.int32(src[o + 16 + s % 32]) >> (4 * (s // 32))) & 15
+    hi = (np.int32(src[o + s % 16]) >> (2 * (s // 16))) & 3
+    return (lo | (hi << 4)) - 32
+
+
+@njit(cache=True)
+def _dec_iq4_xs_r8(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 256 columns: d[8] @0, scales_h[16] @16, scales_l[32] @32, qs[1024] @64.
+    n = dst.size // 8
+    for b in range(n // 256):
+        o = 1088 * b
+        for k in range(8):
+            d = _f16_at(src, o + 2 * k)
+            for ib in range(8):
+                dl = d * np.float32(_scale6(src, o + 16, 8 * ib + k))
+                y = k * n + 256 * b + 32 * ib
+                for l in range(4):
+                    for i in range(4):
+                        c = np.int32(src[o + 64 + 128 * ib + 4 * k + i + 32 * l])
+                        dst[y + 8 * l + i] = dl * _IQ4K[c & 15]
+                        dst[y + 8 * l + i + 4] = dl * _IQ4K[c >> 4]
+
+
+@njit(cache=True)
+def _dec_iq4_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 256 columns: d[4] @0, extra[8] @8, scales_h[16] @16, scales_l[32] @32, qs[512] @64.
+    n = dst.size // 4
+    for b in range(n // 256):
+        o = 576 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            for ib in range(8):
+                dl1 = d * np.float32(_scale6(src, o + 16, 8 * ib + k))
+                dl2 = d * np.float32(_scale6(src, o + 16, 8 * ib + k + 4))
+                v1 = 16 * ((np.int32(src[o + 8 + k]) >> ib) & 1)
+                v2 = 16 * ((np.int32(src[o + 12 + k]) >> ib) & 1)
+                y = k * n + 256 * b + 32 * ib
+                q = o + 64 + 64 * ib + 4 * k
+                for i in range(4):
+                    for part, at, v, dl in ((0, 0, v1, dl1), (16, 16, v2, dl2), (32, 4, v1, dl1), (48, 20, v2, dl2)):
+                        c = np.int32(src[q + i + part])
+                        dst[y + i + at] = dl * _IQ4K[v + (c & 15)]
+                        dst[y + i + at + 8] = dl * _IQ4K[v + (c >> 4)]
+
+
+@njit(cache=True)
+def _dec_iq2_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 256 columns: d[4] @0, extra[8] @8, scales[32] @16, qs[256] @48 (32 per 32 columns).
+    n = dst.size // 4
+    for b in range(n // 256):
+        o = 304 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            for ib in range(8):
+                s1, s2 = 8 * ib + k, 8 * ib + k + 4
+                dl1 = d * np.float32(((np.int32(src[o + 16 + s1 % 32]) >> (4 * (s1 // 32))) & 15) - 8)
+                dl2 = d * np.float32(((np.int32(src[o + 16 + s2 % 32]) >> (4 * (s2 // 32))) & 15) - 8)
+                v1 = 4 * ((np.int32(src[o + 8 + k]) >> ib) & 1)
+                v2 = 4 * ((np.int32(src[o + 12 + k]) >> ib) & 1)
+                y = k * n + 256 * b + 32 * ib
+                q = o + 48 + 32 * ib + 4 * k
+                for i in range(4):
+                    c1, c2 = np.int32(src[q + i]), np.int32(src[q + i + 16])
+                    for s in range(4):
+                        dst[y + i + 4 * s] = dl1 * _IQ2NL[v1 + ((c1 >> (2 * s)) & 3)]
+                        dst[y + i + 16 + 4 * s] = dl2 * _IQ2NL[v2 + ((c2 >> (2 * s)) & 3)]
+
+
 @njit(cache=True)
 def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
     """Decode one unit (a row with its header, or an interleaved group) of an ik_llama.cpp type."""
@@ -352,7 +495,20 @@ def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
         _dec_iq3_ks(src, dst)
     elif qtype == IQ2_KL:
         _dec_iq2_kl(src, dst)
+    elif qtype == Q8_0_R8:
+        _dec_q8_0_r8(src, dst)
+    elif qtype == Q4_K_R4:
+        _dec_q4_k_r4(src, dst)
+    elif qtype == Q6_K_R4:
+        _dec_q6_k_r4(src, dst)
+    elif qtype == IQ4_XS_R8:
+        _dec_iq4_xs_r8(src, dst)
+    elif qtype == IQ4_K_R4:
+        _dec_iq4_k_r4(src, dst)
+    elif qtype == IQ2_K_R4:
+        _dec_iq2_k_r4(src, dst)
 
 
 # The ik_llama.cpp types decode_ik decodes.
-IK_DECODED = frozenset({Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K, IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL})
+IK_DECODED = frozenset({Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K, IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL,
+                        Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ4_K_R4, IQ2_K_R4})
