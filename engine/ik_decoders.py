@@ -12,13 +12,17 @@ header is read once per row and an interleaved block holds G rows.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from engine.simd import _bits_to_f32, _f16_at, _i8
 
 # ik_llama.cpp type ids (engine.ik_types), repeated as plain ints for jitted code.
 Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K = 133, 137, 138, 139, 140, 141
 IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL = 144, 145, 146, 152, 156, 157
+Q8_KV = 151
 Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ2_K_R4, IQ4_K_R4 = 208, 212, 214, 223, 337, 339
 
 # The non-linear code books (ggml-common.h); the second half of each is the shifted set `extra` bits select.
@@ -38,6 +42,22 @@ _IQ2KL = np.stack([(_IQ2KL_PAIRS & 0xFF).astype(np.uint8).view(np.int8),
                    (_IQ2KL_PAIRS >> 8).astype(np.uint8).view(np.int8)], axis=1).astype(np.float32)
 # IQ6_K's code book is a cubic in the 6-bit code q (iqk_quantize.cpp A_IQ6K..D_IQ6K), evaluated in float32.
 _A6, _B6, _C6, _D6 = np.float32(-127.0), np.float32(6.2568), np.float32(0.11218), np.float32(0.0011972)
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c in float32 with one rounding. ik_llama.cpp is built with GCC's default -ffp-contract=fast (and
+    -march=native FMA), so its `x * y + z` expressions are fused; matching its bits needs the same fusion."""
+    if not all(isinstance(t, types.Float) for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32")
+        x, y, z = (context.cast(builder, v, t, types.float32) for v, t in zip(args, signature.args, strict=True))
+        return builder.call(fn, [x, y, z])
+
+    return types.float32(a, b, c), codegen
 
 
 @njit(cache=True, inline="always")
@@ -165,8 +185,9 @@ def _dec_iq5_k(src: np.ndarray, dst: np.ndarray) -> None:
 
 @njit(cache=True, inline="always")
 def _iq6_value(q: int, m: np.float32) -> np.float32:
+    # A + q * (B + q * (-C + q * D)) + m, each multiply-add fused as GCC compiles it (see _fma)
     f = np.float32(q)
-    return _A6 + f * (_B6 + f * (-_C6 + f * _D6)) + m
+    return _fma(f, _fma(f, _fma(f, _D6, -_C6), _B6), _A6) + m
 
 
 @njit(cache=True)
@@ -326,6 +347,14 @@ def _dec_iq2_kl(src: np.ndarray, dst: np.ndarray) -> None:
                 dst[y + 2 * j + 33] = dl2 * _IQ2KL[c2, 1]
 
 
+@njit(cache=True)
+def _dec_q8_kv(src: np.ndarray, dst: np.ndarray) -> None:
+    # float32 row scale @0, 4 bytes (the row's code sum, unused here) @4, int8 codes @8.
+    d = _f32_at(src, 0)
+    for j in range(dst.size):
+        dst[j] = d * _i8(src[8 + j])
+
+
 # ---- row-interleaved types: dst holds the G rows one after another, n = dst.size // G values each ----------
 
 
@@ -365,8 +394,8 @@ def _dec_q4_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
                 for i in range(4):
                     for part, at in ((0, 0), (16, 16), (32, 4), (48, 20)):
                         c = np.int32(src[q + i + part])
-                        dst[y + i + at] = dl * np.float32(c & 15) - ml
-                        dst[y + i + at + 8] = dl * np.float32(c >> 4) - ml
+                        dst[y + i + at] = _fma(dl, np.float32(c & 15), -ml)  # dl * q - ml, fused (_fma)
+                        dst[y + i + at + 8] = _fma(dl, np.float32(c >> 4), -ml)
 
 
 @njit(cache=True)
@@ -495,6 +524,8 @@ def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
         _dec_iq3_ks(src, dst)
     elif qtype == IQ2_KL:
         _dec_iq2_kl(src, dst)
+    elif qtype == Q8_KV:
+        _dec_q8_kv(src, dst)
     elif qtype == Q8_0_R8:
         _dec_q8_0_r8(src, dst)
     elif qtype == Q4_K_R4:
@@ -510,5 +541,5 @@ def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
 
 
 # The ik_llama.cpp types decode_ik decodes.
-IK_DECODED = frozenset({Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K, IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL,
+IK_DECODED = frozenset({Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K, IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL, Q8_KV,
                         Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ4_K_R4, IQ2_K_R4})

@@ -7,6 +7,7 @@
 // float32 values, row-major) into the directory given as argv[1]. Built and run by make_refs.sh; never by tests.
 #include "ggml.h"
 
+#include <ctype.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -30,8 +31,17 @@ static const struct ref_type TYPES[] = {
     {GGML_TYPE_IQ4_KS_R4, 4}, {GGML_TYPE_IQ5_KS_R4, 4},
 };
 
-// Row lengths: one 256-value super-block, and three (several blocks per row, a row header read once).
-static const int COLS[] = {256, 768};
+// Shapes (rows x columns) per type: plain types 3 x 256 (one super-block) and 2 x 768 (three: several blocks
+// behind one row header); interleaved types one group x 256 and two groups x 512 (two super-blocks).
+static void shape(int c, int group, int * rows, int * cols) {
+    if (group == 1) {
+        *rows = c == 0 ? 3 : 2;
+        *cols = c == 0 ? 256 : 768;
+    } else {
+        *rows = c == 0 ? group : 2 * group;
+        *cols = c == 0 ? 256 : 512;
+    }
+}
 
 static uint64_t rng_state = 0x1234567887654321ull;
 
@@ -67,10 +77,10 @@ int main(int argc, char ** argv) {
     struct ggml_context * ctx = ggml_init(params);  // fills the fp16 tables the quantizers use
     for (size_t t = 0; t < sizeof TYPES / sizeof TYPES[0]; ++t) {
         const enum ggml_type type = TYPES[t].type;
-        const int rows = TYPES[t].group == 1 ? 3 : 2 * TYPES[t].group;
         ggml_type_traits_t traits = ggml_internal_get_type_traits(type);
-        for (size_t c = 0; c < sizeof COLS / sizeof COLS[0]; ++c) {
-            const int cols = COLS[c];
+        for (int c = 0; c < 2; ++c) {
+            int rows, cols;
+            shape(c, TYPES[t].group, &rows, &cols);
             const size_t row_size = ggml_row_size(type, cols);
             float * x = malloc(sizeof(float) * rows * cols);
             float * y = malloc(sizeof(float) * rows * cols);
@@ -88,8 +98,10 @@ int main(int argc, char ** argv) {
             for (int r = 0; r < rows; r += g) {
                 traits.to_float(q + r * row_size, y + (size_t)r * cols, (int64_t)g * cols);
             }
-            char name[256];
-            snprintf(name, sizeof name, "%s-%dx%d", traits.type_name, rows, cols);
+            char type_name[64], name[256];
+            snprintf(type_name, sizeof type_name, "%s", traits.type_name);
+            for (char * p = type_name; *p; ++p) *p = (char)toupper((unsigned char)*p);  // GGML_TYPE_ spelling
+            snprintf(name, sizeof name, "%s-%dx%d", type_name, rows, cols);
             write_file(argv[1], name, ".q", q, rows * row_size);
             write_file(argv[1], name, ".f32", y, sizeof(float) * rows * cols);
             printf("%s type=%d group=%d row_size=%zu\n", name, (int)type, g, row_size);

@@ -19,6 +19,7 @@ nice -n 15 cmake --build "$ik/build" --target ggml -j2
 lib="$(dirname "$(find "$ik/build" -name 'libggml.so' | head -1)")"
 tool="$ik/build/make_refs"
 cc -O2 -o "$tool" "$here/make_refs.c" -I "$ik/ggml/include" -L "$lib" -lggml -lm -Wl,-rpath,"$lib"
-rm -f "$here"/*.q "$here"/*.f32
+rm -f "$here"/*.q "$here"/*.f32 "$here"/*.f32.gz
 "$tool" "$here" | tee "$here/manifest.txt"
+gzip -9n "$here"/*.f32  # decoded values compress well; the tests read them with gzip
 echo "ik_llama.cpp commit: $(git -C "$ik" rev-parse HEAD)" >> "$here/manifest.txt"
