@@ -24,6 +24,7 @@ Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K = 133, 137, 138, 139, 140, 141
 IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL = 144, 145, 146, 152, 156, 157
 Q8_KV = 151
 Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ2_K_R4, IQ4_K_R4 = 208, 212, 214, 223, 337, 339
+IQ3_K_R4, IQ5_K_R4, IQ4_KS_R4, IQ5_KS_R4 = 338, 340, 344, 352
 
 # The non-linear code books (ggml-common.h); the second half of each is the shifted set `extra` bits select.
 _IQ2NL = np.array([-31, -13, 1, 17, -26, -8, 6, 22], np.float32)
@@ -497,6 +498,109 @@ def _dec_iq2_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
                         dst[y + i + 16 + 4 * s] = dl2 * _IQ2NL[v2 + ((c2 >> (2 * s)) & 3)]
 
 
+# Where the 8 values of one byte position of the *_R4 4-bit layouts go: qs byte 64 ib + 4 k + i + _R4_PART[p]
+# holds row k's values i + _R4_AT[p] (low nibble) and i + _R4_AT[p] + 8 (high), with 5th bits 2p and 2p + 1 of
+# qh[16 ib + 4 k + i] (IQ5 types).
+_R4_PART = (0, 16, 32, 48)
+_R4_AT = (0, 16, 4, 20)
+
+
+@njit(cache=True, inline="always")
+def _r4_nibbles(src: np.ndarray, q: int, qh: int, dst: np.ndarray, y: int, dl1: np.float32, dl2: np.float32,
+                table: np.ndarray, v1: int, v2: int) -> None:
+    """Row k's 32 values of one 32-column block of IQ4_K_R4-like layouts (q = qs + 64 ib + 4 k, qh likewise or
+    -1 for 4-bit types); parts 0 and 2 use (dl1, v1), parts 1 and 3 (dl2, v2)."""
+    for i in range(4):
+        h = np.int32(src[qh + i]) if qh >= 0 else 0
+        for p in range(4):
+            dl, v = (dl1, v1) if p % 2 == 0 else (dl2, v2)
+            c = np.int32(src[q + i + _R4_PART[p]])
+            lo = (c & 15) | (((h >> (2 * p)) & 1) << 4)
+            hi = (c >> 4) | (((h >> (2 * p + 1)) & 1) << 4)
+            dst[y + i + _R4_AT[p]] = dl * table[v + lo]
+            dst[y + i + _R4_AT[p] + 8] = dl * table[v + hi]
+
+
+@njit(cache=True, inline="always")
+def _iq3_r4_scale(src: np.ndarray, o: int, d: np.float32, s: int) -> np.float32:
+    """Scale s of an IQ3_K_R4 block: d * (2 * (4 bits of scales_l) + 1) * (-1 if bit of scales_h)."""
+    mag = 2 * ((np.int32(src[o + 24 + s % 32]) >> (4 * (s // 32))) & 15) + 1
+    sign = -1 if (np.int32(src[o + 16 + s % 8]) >> (s // 8)) & 1 else 1
+    return d * np.float32(mag) * np.float32(sign)
+
+
+@njit(cache=True)
+def _dec_iq3_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 256 columns: d[4] @0, extra[8] @8, scales_h[8] @16, scales_l[32] @24, qs[256] @56, qh[128] @312.
+    n = dst.size // 4
+    for b in range(n // 256):
+        o = 440 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            for ib in range(8):
+                dl1 = _iq3_r4_scale(src, o, d, 8 * ib + k)
+                dl2 = _iq3_r4_scale(src, o, d, 8 * ib + k + 4)
+                v1 = 8 * ((np.int32(src[o + 8 + k]) >> ib) & 1)
+                v2 = 8 * ((np.int32(src[o + 12 + k]) >> ib) & 1)
+                y = k * n + 256 * b + 32 * ib
+                ql = o + 56 + 32 * ib + 4 * k
+                qh = o + 312 + 16 * ib + 4 * k
+                for i in range(4):
+                    c1, c2, h = np.int32(src[ql + i]), np.int32(src[ql + i + 16]), np.int32(src[qh + i])
+                    for s in range(4):
+                        dst[y + i + 4 * s] = dl1 * _IQ3NL[v1 + (((c1 >> (2 * s)) & 3) | (((h >> s) & 1) << 2))]
+                        dst[y + i + 16 + 4 * s] = dl2 * _IQ3NL[v2 + (((c2 >> (2 * s)) & 3)
+                                                                       | (((h >> (s + 4)) & 1) << 2))]
+
+
+@njit(cache=True)
+def _dec_iq5_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 256 columns: d[4] @0, extra[8] @8, scales_h[16] @16, scales_l[32] @32, qs[512] @64, qh[128] @576.
+    n = dst.size // 4
+    for b in range(n // 256):
+        o = 704 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            for ib in range(8):
+                dl1 = d * np.float32(_scale6(src, o + 16, 8 * ib + k))
+                dl2 = d * np.float32(_scale6(src, o + 16, 8 * ib + k + 4))
+                v1 = 32 * ((np.int32(src[o + 8 + k]) >> ib) & 1)
+                v2 = 32 * ((np.int32(src[o + 12 + k]) >> ib) & 1)
+                _r4_nibbles(src, o + 64 + 64 * ib + 4 * k, o + 576 + 16 * ib + 4 * k, dst, k * n + 256 * b + 32 * ib,
+                            dl1, dl2, _IQ5NL, v1, v2)
+
+
+@njit(cache=True)
+def _dec_iq4_ks_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # the 4 rows' float32 scales @0, then per 256 columns: scales[32] @0, qs[512] @32.
+    n = dst.size // 4
+    for b in range(n // 256):
+        o = 16 + 544 * b
+        for k in range(4):
+            d = _f32_at(src, 4 * k)
+            for ib in range(8):
+                s = np.int32(src[o + 4 * ib + k])
+                dl = d * np.float32((s & 254) - 127)
+                v = 16 * (s & 1)
+                _r4_nibbles(src, o + 32 + 64 * ib + 4 * k, -1, dst, k * n + 256 * b + 32 * ib, dl, dl, _IQ4K, v, v)
+
+
+@njit(cache=True)
+def _dec_iq5_ks_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # the 4 rows' float32 scales @0, then per 256 columns: scales[32] @0, qs[512] @32, qh[128] @544.
+    n = dst.size // 4
+    for b in range(n // 256):
+        o = 16 + 672 * b
+        for k in range(4):
+            d = _f32_at(src, 4 * k)
+            for ib in range(8):
+                s = np.int32(src[o + 4 * ib + k])
+                dl = d * np.float32((s & 254) - 127)
+                v = 32 * (s & 1)
+                _r4_nibbles(src, o + 32 + 64 * ib + 4 * k, o + 544 + 16 * ib + 4 * k, dst, k * n + 256 * b + 32 * ib,
+                            dl, dl, _IQ5NL, v, v)
+
+
 @njit(cache=True)
 def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
     """Decode one unit (a row with its header, or an interleaved group) of an ik_llama.cpp type."""
@@ -538,8 +642,17 @@ def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
         _dec_iq4_k_r4(src, dst)
     elif qtype == IQ2_K_R4:
         _dec_iq2_k_r4(src, dst)
+    elif qtype == IQ3_K_R4:
+        _dec_iq3_k_r4(src, dst)
+    elif qtype == IQ5_K_R4:
+        _dec_iq5_k_r4(src, dst)
+    elif qtype == IQ4_KS_R4:
+        _dec_iq4_ks_r4(src, dst)
+    elif qtype == IQ5_KS_R4:
+        _dec_iq5_ks_r4(src, dst)
 
 
 # The ik_llama.cpp types decode_ik decodes.
 IK_DECODED = frozenset({Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K, IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL, Q8_KV,
-                        Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ4_K_R4, IQ2_K_R4})
+                        Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ4_K_R4, IQ2_K_R4, IQ3_K_R4, IQ5_K_R4, IQ4_KS_R4,
+                        IQ5_KS_R4})
