@@ -25,6 +25,7 @@ IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL = 144, 145, 146, 152, 156, 157
 Q8_KV = 151
 Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ2_K_R4, IQ4_K_R4 = 208, 212, 214, 223, 337, 339
 IQ3_K_R4, IQ5_K_R4, IQ4_KS_R4, IQ5_KS_R4 = 338, 340, 344, 352
+IQ2_KT, IQ3_KT, IQ4_KT, IQ1_KT = 153, 154, 155, 158
 
 # The non-linear code books (ggml-common.h); the second half of each is the shifted set `extra` bits select.
 _IQ2NL = np.array([-31, -13, 1, 17, -26, -8, 6, 22], np.float32)
@@ -356,6 +357,96 @@ def _dec_q8_kv(src: np.ndarray, dst: np.ndarray) -> None:
         dst[j] = d * _i8(src[8 + j])
 
 
+# ---- trellis types (*_KT): a 12-16 bit index seeds a multiplicative generator that yields a group's values ----
+
+
+@njit(cache=True, inline="always")
+def _kt_values(idx: int, offset: int, dst: np.ndarray, y: int, count: int, scale: np.float32, absolute: bool) -> None:
+    """QuantizerIQKT::set_values (is_int): x = idx + offset, then per value x *= 0xCBAC1FED (mod 2^32) and the
+    value is the sum of the 4 bytes of x & 0x3f3f3f3f, less 126 (its absolute value for IQ3_KT), times scale."""
+    x = np.uint64((idx + offset) & 0xFFFFFFFF)
+    for k in range(count):
+        x = (np.uint64(0xCBAC1FED) * x) & np.uint64(0xFFFFFFFF)
+        s = np.int64(x & np.uint64(0x3F3F3F3F))
+        v = np.float32((s & 255) + ((s >> 8) & 255) + ((s >> 16) & 255) + (s >> 24)) - np.float32(126.0)
+        dst[y + k] = scale * (abs(v) if absolute else v)
+
+
+@njit(cache=True)
+def _dec_iq2_kt(src: np.ndarray, dst: np.ndarray) -> None:
+    # float32 row scale @0, then blocks of scales[4] @0, 32 uint16 indices @4: index j < 16 gives values
+    # 8j.. of the block's first half (scale: low nibble of scales[j // 4]), index 16 + j the second half's.
+    d = _f32_at(src, 0)
+    for b in range(dst.size // 256):
+        o = 4 + 68 * b
+        for ib in range(4):
+            sc = np.int32(src[o + ib])
+            sl, sh = d * _IQ4K[sc & 15], d * _IQ4K[sc >> 4]
+            for ig in range(4):
+                j = 4 * ib + ig
+                _kt_values(_u16(src, o + 4 + 2 * j), 4096, dst, 256 * b + 8 * j, 8, sl, False)
+                _kt_values(_u16(src, o + 36 + 2 * j), 4096, dst, 256 * b + 128 + 8 * j, 8, sh, False)
+
+
+@njit(cache=True)
+def _dec_iq3_kt(src: np.ndarray, dst: np.ndarray) -> None:
+    # float32 row scale @0, then blocks of scales[4] @0, 32 uint16 indices @4 (as IQ2_KT, values taken
+    # absolute, plain 4-bit scales), sign bits qh[32] @68: bit ib (bit ib + 4) of qh[8 ig + j] negates value j
+    # of group ig of sub-block ib in the first (second) half.
+    d = _f32_at(src, 0)
+    for b in range(dst.size // 256):
+        o = 4 + 100 * b
+        for ib in range(4):
+            sc = np.int32(src[o + ib])
+            sl, sh = d * np.float32(sc & 15), d * np.float32(sc >> 4)
+            for ig in range(4):
+                j = 4 * ib + ig
+                yl, yh = 256 * b + 8 * j, 256 * b + 128 + 8 * j
+                _kt_values(_u16(src, o + 4 + 2 * j), 4096, dst, yl, 8, sl, True)
+                _kt_values(_u16(src, o + 36 + 2 * j), 4096, dst, yh, 8, sh, True)
+                for t in range(8):
+                    h = np.int32(src[o + 68 + 8 * ig + t])
+                    if (h >> ib) & 1:
+                        dst[yl + t] = -dst[yl + t]
+                    if (h >> (ib + 4)) & 1:
+                        dst[yh + t] = -dst[yh + t]
+
+
+@njit(cache=True)
+def _dec_iq4_kt(src: np.ndarray, dst: np.ndarray) -> None:
+    # float32 row scale @0, then blocks of 8 uint32 words @0 (per 32-value sub-block: bit 0 offset select, bits 1-7
+    # scale + 64, bits 8.. three high index bits per group of 4), ql[64] @32, qh[32] @96.
+    d = _f32_at(src, 0)
+    for b in range(dst.size // 256):
+        o = 4 + 128 * b
+        for ib in range(8):
+            w = np.int64(_u16(src, o + 4 * ib)) | (np.int64(_u16(src, o + 4 * ib + 2)) << 16)
+            offset = 32768 + 4096 if w & 1 else 4096
+            sl = d * np.float32(((w & 255) >> 1) - 64)
+            for ig in range(8):
+                jj = 8 * ib + ig
+                idx = (np.int64(src[o + 32 + jj]) | ((np.int64(src[o + 96 + jj % 32]) << (8 - 4 * (jj // 32))) & 0xF00)
+                       | (((w >> (8 + 3 * ig)) & 7) << 12))
+                _kt_values(idx, offset, dst, 256 * b + 32 * ib + 4 * ig, 4, sl, False)
+
+
+@njit(cache=True)
+def _dec_iq1_kt(src: np.ndarray, dst: np.ndarray) -> None:
+    # float32 row scale @0, then blocks of sh[8] @0 (low nibble: scale code; bits 4-7: 13th index bit per group),
+    # ql[32] @8, qh[16] @40.
+    d = _f32_at(src, 0)
+    for b in range(dst.size // 256):
+        o = 4 + 56 * b
+        for ib in range(8):
+            sh = np.int64(src[o + ib])
+            sl = d * _IQ4K[sh & 15]
+            for ig in range(4):
+                idx = np.int64(src[o + 8 + 4 * ib + ig]) | (
+                    (np.int64(src[o + 40 + 4 * (ib % 4) + ig]) << (8 - 4 * (ib // 4))) & 0xF00)
+                idx |= (sh << (8 - ig)) & 0x1000
+                _kt_values(idx, 4096, dst, 256 * b + 32 * ib + 8 * ig, 8, sl, False)
+
+
 # ---- row-interleaved types: dst holds the G rows one after another, n = dst.size // G values each ----------
 
 
@@ -630,6 +721,14 @@ def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
         _dec_iq2_kl(src, dst)
     elif qtype == Q8_KV:
         _dec_q8_kv(src, dst)
+    elif qtype == IQ2_KT:
+        _dec_iq2_kt(src, dst)
+    elif qtype == IQ3_KT:
+        _dec_iq3_kt(src, dst)
+    elif qtype == IQ4_KT:
+        _dec_iq4_kt(src, dst)
+    elif qtype == IQ1_KT:
+        _dec_iq1_kt(src, dst)
     elif qtype == Q8_0_R8:
         _dec_q8_0_r8(src, dst)
     elif qtype == Q4_K_R4:
@@ -655,4 +754,4 @@ def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
 # The ik_llama.cpp types decode_ik decodes.
 IK_DECODED = frozenset({Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K, IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL, Q8_KV,
                         Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ4_K_R4, IQ2_K_R4, IQ3_K_R4, IQ5_K_R4, IQ4_KS_R4,
-                        IQ5_KS_R4})
+                        IQ5_KS_R4, IQ1_KT, IQ2_KT, IQ3_KT, IQ4_KT})
