@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from engine.ik_decoders import decode_ik
 from engine.simd import (
     _NO_BIAS,
     _bits_to_f32,
@@ -284,3 +285,5 @@ def _decode_row(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
         _dec_bf16(src, dst)
     elif qtype == F32:
         _dec_f32(src, dst)
+    else:  # ik_llama.cpp's types decode whole rows / interleaved groups only (engine.ik_decoders)
+        decode_ik(qtype, src, dst)

@@ -1,9 +1,9 @@
 """A memory-mapped GGUF file: metadata as plain Python values and a table of tensors.
 
 The header is parsed here (GGUF v2/v3) rather than with `gguf.GGUFReader`, which builds a NumPy view per
-vocabulary string (hundreds of MiB and seconds for a 130k vocabulary). Type ids, block sizes and the
-dequantizers still come from the `gguf` package. Tensor data is never read at load: arrays are views of
-one read-only memory map.
+vocabulary string (hundreds of MiB and seconds for a 130k vocabulary). Type ids and block sizes come from
+engine.ik_types (the `gguf` package's table plus ik_llama.cpp's own types). Tensor data is never read at
+load: arrays are views of one read-only memory map.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 
 from engine.errors import ModelFileError
+from engine.ik_types import quant_type, type_name
 
 _MISSING = object()
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -36,13 +37,13 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    qtype: int  # gguf.GGMLQuantizationType value
+    qtype: int  # GGML type id (engine.ik_types)
     n_bytes: int
     offset: int  # absolute file offset of the data
 
     @property
     def qtype_name(self) -> str:
-        return gguf.GGMLQuantizationType(self.qtype).name
+        return type_name(self.qtype)
 
 
 class _Truncated(Exception):
@@ -132,25 +133,27 @@ class GGUFFile:
         start = -(-cur.pos // align) * align
         size = len(self._map)
         for name, ne, type_id, offset in infos:
-            try:
-                qtype = gguf.GGMLQuantizationType(type_id)
-            except ValueError:
+            qt = quant_type(type_id)
+            if qt is None:
                 raise ModelFileError(
-                    f"{self.path}: tensor '{name}' has type id {type_id}, unknown to the gguf package; it is "
-                    "probably an ik_llama.cpp-only quant (IQ*_K, *_R4...) - requantize with mainline llama.cpp types"
-                ) from None
-            block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
-            if ne and ne[0] % block:
+                    f"{self.path}: tensor '{name}' has type id {type_id}, unknown to ikctl (neither a llama.cpp nor "
+                    "an ik_llama.cpp type); the file may be corrupt or need a newer ikctl"
+                )
+            if ne and ne[0] % qt.qk:
                 raise ModelFileError(f"{self.path}: tensor '{name}' has rows of {ne[0]}, not a multiple of "
-                                     f"{qtype.name}'s block of {block}")
-            n_bytes = int(np.prod(ne, dtype=np.int64)) // block * type_bytes
+                                     f"{qt.name}'s block of {qt.qk}")
+            n_rows = int(np.prod(ne[1:], dtype=np.int64))
+            if n_rows % qt.group:
+                raise ModelFileError(f"{self.path}: tensor '{name}' has {n_rows} rows, not a multiple of the "
+                                     f"{qt.group} rows {qt.name} interleaves")
+            n_bytes = n_rows * qt.row_bytes(ne[0] if ne else 1)
             at = start + offset
             if at + n_bytes > size:
                 raise ModelFileError(
                     f"{self.path} is truncated: tensor '{name}' ends at byte {at + n_bytes} but the file has "
                     f"{size} bytes; download it again"
                 )
-            self.tensors[name] = TensorInfo(name, tuple(reversed(ne)), int(qtype), n_bytes, at)
+            self.tensors[name] = TensorInfo(name, tuple(reversed(ne)), int(type_id), n_bytes, at)
 
     @property
     def architecture(self) -> str:
@@ -185,8 +188,9 @@ class GGUFFile:
             return data.view(np.float32).reshape(info.shape)
         if info.qtype == gguf.GGMLQuantizationType.F16:
             return data.view(np.float16).reshape(info.shape)
-        block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(info.qtype)]
-        return data.reshape(*info.shape[:-1], info.shape[-1] // block * type_bytes)
+        qt = quant_type(info.qtype)
+        assert qt is not None  # checked when the header was read
+        return data.reshape(*info.shape[:-1], qt.row_bytes(info.shape[-1]))
 
 
 def _open_map(path: Path) -> mmap.mmap:

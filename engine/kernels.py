@@ -26,6 +26,8 @@ from numba import njit, prange
 
 from engine.block_decoders import BLOCK, F32, _decode_row
 from engine.block_dots import TOKENS, block_dots, has_block_dot
+from engine.ik_decoders import IK_DECODED
+from engine.ik_types import quant_type
 from engine.int8_decoders import INT8_TYPES, idecode_row
 from engine.q8_activations import padded, quantized
 from engine.simd import _prefetch
@@ -157,6 +159,45 @@ def _gather_matvec_kernel(
                 _decode_row(qtype, row[b0 * block_bytes : b1 * block_bytes], w)
                 acc += _dot(w, x[n, b0 * qk : b1 * qk])
             out[n, r] = acc
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
+def _unit_matvec_kernel(units: np.ndarray, qtype: int, g: int, x: np.ndarray, out: np.ndarray) -> None:
+    """out[t, g u + k] = x[t] . row k of unit u of units [U, unit bytes]: for ik_llama.cpp's types, whose rows
+    decode only whole (a row header) or G at a time (interleaved groups). Each unit is decoded once."""
+    U = units.shape[0]
+    T, C = x.shape
+    per_task = max(1, _ROWS_PER_TASK // g)
+    tasks = (U + per_task - 1) // per_task
+    for k in prange(tasks):
+        buf = np.empty(g * C, np.float32)
+        acc = np.empty(T, np.float32)
+        for u in range(k * per_task, min(U, (k + 1) * per_task)):
+            _decode_row(qtype, units[u], buf)
+            for j in range(g):
+                acc[:] = 0.0
+                _dot_tokens(buf[j * C : (j + 1) * C], x, 0, acc)
+                for t in range(T):
+                    out[t, g * u + j] = acc[t]
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
+def _unit_gather_kernel(units: np.ndarray, qtype: int, g: int, experts: np.ndarray, x: np.ndarray,
+                        out: np.ndarray) -> None:
+    """out[n, g u + k] = x[n] . row k of unit u of matrix experts[n] of units [E, U, unit bytes] (as
+    _unit_matvec_kernel, for stacked expert weights)."""
+    U = units.shape[1]
+    N, C = x.shape
+    per_task = max(1, _ROWS_PER_TASK // g)
+    per = (U + per_task - 1) // per_task
+    for k in prange(N * per):
+        n = k // per
+        e = experts[n]
+        buf = np.empty(g * C, np.float32)
+        for u in range((k % per) * per_task, min(U, (k % per + 1) * per_task)):
+            _decode_row(qtype, units[e, u], buf)
+            for j in range(g):
+                out[n, g * u + j] = _dot(buf[j * C : (j + 1) * C], x[n])
 
 
 @njit(cache=True)
@@ -319,7 +360,26 @@ SERIAL_MAX_ROWS = 16  # dequantize_rows decodes up to this many rows on the call
 
 def supports(qtype: int) -> bool:
     """Whether these kernels decode this GGML type."""
-    return int(qtype) in BLOCK
+    return int(qtype) in BLOCK or int(qtype) in IK_DECODED
+
+
+def _by_unit(qtype: int) -> bool:
+    """Whether rows decode only as whole units (ik_llama.cpp's row headers and interleaved groups): the
+    chunked kernels above, which decode a row block range by block range, cannot read these."""
+    return int(qtype) in IK_DECODED
+
+
+def group_rows(qtype: int) -> int:
+    """Rows stored interleaved as one unit (1 for all but ik_llama.cpp's *_R4 / *_R8 types)."""
+    qt = quant_type(int(qtype))
+    return qt.group if qt is not None else 1
+
+
+def _units(rows: np.ndarray, g: int) -> np.ndarray:
+    """[..., R, row bytes] -> [..., R / g, g * row bytes]: an interleaved group's rows are consecutive bytes."""
+    if rows.shape[-2] % g:
+        raise ValueError(f"{rows.shape[-2]} rows do not fill whole groups of {g} interleaved rows")
+    return rows.reshape(*rows.shape[:-2], rows.shape[-2] // g, g * rows.shape[-1])
 
 
 def set_threads(n: int) -> int:
@@ -337,11 +397,11 @@ def get_threads() -> int:
 
 
 def row_bytes(qtype: int, columns: int) -> int:
-    """Bytes of one encoded row of `columns` values."""
-    qk, nbytes = BLOCK[int(qtype)]
-    if columns % qk:
-        raise ValueError(f"{columns} columns is not a multiple of the {qk}-value block of type {qtype}")
-    return columns // qk * nbytes
+    """Bytes of one encoded row of `columns` values (with its header, for types that have one)."""
+    qt = quant_type(int(qtype))
+    if qt is None or columns % qt.qk:
+        raise ValueError(f"{columns} columns is not a multiple of the block of type {qtype}")
+    return qt.row_bytes(columns)
 
 
 def _as_rows(raw: np.ndarray, qtype: int, shape: tuple[int, int]) -> np.ndarray:
@@ -360,7 +420,12 @@ def dequantize_rows(raw: np.ndarray, qtype: int, shape: tuple[int, int]) -> np.n
     """Encoded rows -> float32 [R, C] (embedding lookups, small tensors); pass raw[index] for a row subset."""
     rows = _as_rows(raw, qtype, shape)
     out = np.empty((rows.shape[0], int(shape[1])), np.float32)
-    if rows.shape[0] > SERIAL_MAX_ROWS:
+    g = group_rows(qtype)
+    if g > 1:  # one decoder call per interleaved group, writing its g rows: out viewed as [R / g, g * C]
+        rows, out_units = _units(rows, g), out.reshape(-1, g * out.shape[1])
+        if rows.shape[0]:
+            _dequantize_kernel(rows, int(qtype), out_units)
+    elif rows.shape[0] > SERIAL_MAX_ROWS:
         _dequantize_kernel(rows, int(qtype), out)
     elif rows.shape[0]:
         # a decode step's embedding rows: waking OpenMP's threads costs more than decoding, and they would then
@@ -411,6 +476,10 @@ def matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -
     out = np.empty((x.shape[0], rows.shape[0]), np.float32)
     if not out.size:
         return out
+    if _by_unit(qtype):
+        g = group_rows(qtype)
+        _unit_matvec_kernel(_units(rows, g), int(qtype), g, x, out)
+        return out
     qk, block_bytes = BLOCK[int(qtype)]
     if takes_int8(qtype):
         _int8_matvec_kernel(rows[None], rows.reshape(-1), int(qtype), qk, block_bytes, x, out)
@@ -442,11 +511,12 @@ def matmul_tiled(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndar
     R, C = rows.shape[0], int(shape[1])
     x = _tokens(x, C)
     out = np.empty((x.shape[0], R), np.float32)
-    step = max(1, TILE_BYTES // (4 * C))
+    g = group_rows(qtype)
+    step = max(g, TILE_BYTES // (4 * C) // g * g)  # whole interleaved groups per tile
     tile = _tile_scratch(min(step, R) * C).reshape(-1, C)
     for r0 in range(0, R, step):
         w = tile[: min(step, R - r0)]
-        _dequantize_kernel(rows[r0 : r0 + w.shape[0]], int(qtype), w)
+        _dequantize_kernel(_units(rows[r0 : r0 + w.shape[0]], g), int(qtype), w.reshape(-1, g * C))
         np.matmul(x, w.T, out=out[:, r0 : r0 + w.shape[0]])
     return out
 
@@ -478,6 +548,10 @@ def gather_matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int, int], expe
         raise ValueError(f"expert ids {ids.tolist()} do not fit {E} experts and {x.shape[0]} inputs")
     out = np.empty((x.shape[0], R), np.float32)
     if not out.size:
+        return out
+    if _by_unit(qtype):
+        g = group_rows(qtype)
+        _unit_gather_kernel(_units(a, g), int(qtype), g, ids, x, out)
         return out
     qk, block_bytes = BLOCK[int(qtype)]
     if takes_int8(qtype):

@@ -12,6 +12,7 @@ import numpy as np
 
 from engine import kernels
 from engine.errors import ModelFileError
+from engine.ik_types import is_ik, type_name
 
 # Rows dequantized at once by the generic path: bounds the float32 scratch to ~16 MiB per tile.
 _TILE_ELEMENTS = 1 << 22
@@ -26,6 +27,8 @@ def use_kernels(enabled: bool) -> None:
 
 
 def _fast(qtype: int) -> bool:
+    if is_ik(qtype):  # ik_llama.cpp's types have no gguf-package decoder: the kernels' decoders are their only path
+        return kernels.supports(qtype)
     if not _use_kernels:
         return False
 
@@ -34,7 +37,10 @@ def _fast(qtype: int) -> bool:
 
 @cache
 def can_dequantize(qtype: int) -> bool:
-    """Whether the gguf package can decode this type (probed once on one zero block)."""
+    """Whether ikctl can decode this type: ik_llama.cpp's by engine.ik_decoders, the others by the gguf package
+    (probed once on one zero block)."""
+    if is_ik(qtype):
+        return kernels.supports(qtype)
     t = gguf.GGMLQuantizationType(qtype)
     nbytes = gguf.GGML_QUANT_SIZES[t][1]
     if t in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -47,7 +53,7 @@ def can_dequantize(qtype: int) -> bool:
 
 
 def qtype_name(qtype: int) -> str:
-    return gguf.GGMLQuantizationType(qtype).name
+    return type_name(qtype)
 
 
 class QTensor:
@@ -90,6 +96,8 @@ class QTensor:
 
     def __getitem__(self, index: int) -> QTensor:
         """Slice the leading axis (an expert of a stacked expert tensor, a head)."""
+        if len(self.shape) == 2 and kernels.group_rows(self.qtype) > 1:
+            raise ValueError(f"{self.name}: one row of {self.qtype_name} is interleaved with others; take whole groups")
         return QTensor(f"{self.name}[{index}]", self.data[index], self.qtype, self.shape[1:])
 
     def dequantize(self) -> np.ndarray:
@@ -104,6 +112,13 @@ class QTensor:
         index = np.asarray(index)
         if index.size and (index.min() < 0 or index.max() >= self.shape[0]):  # token ids from a peer must not wrap
             raise ValueError(f"row ids {index.min()}..{index.max()} do not fit the {self.shape[0]} rows of {self.name}")
+        g = kernels.group_rows(self.qtype)
+        if g > 1:  # rows are stored g to a group: decode the groups that hold them
+            groups = np.unique(index // g)
+            raw_groups = self.data.reshape(-1, g, self.data.shape[-1])[groups].reshape(-1, self.data.shape[-1])
+            decoded = kernels.dequantize_rows(raw_groups, self.qtype, (len(groups) * g, self.shape[-1]))
+            at = np.searchsorted(groups, index // g) * g + index % g
+            return decoded[at]
         raw = self.data[index]
         if _fast(self.qtype) and not self.is_float32:
             return kernels.dequantize_rows(raw, self.qtype, (len(index), self.shape[-1]))

@@ -20,6 +20,7 @@ from engine.cuda import require
 from engine.cuda import tensors as cuda_tensors
 from engine.errors import IkctlError
 from engine.forward_pass import Op
+from engine.ik_types import quant_type, type_name
 from engine.kernels import MATVEC_MAX_T, TILE_BYTES, activations, drop_tile_scratch
 from engine.kv_cache import CACHE_TYPES, KVCache, row_bytes
 from engine.moe import NO_EXPERT
@@ -324,17 +325,16 @@ def _tensor_ref(key: str, value: Any) -> TensorRef:
 
 def qtensor_from_bytes(name: str, raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> QTensor:
     """A QTensor over a flat uint8 array, in GGUFFile.raw's layout (float types shaped, others bytes per row)."""
-    t = gguf.GGMLQuantizationType(qtype)
-    block, type_bytes = gguf.GGML_QUANT_SIZES[t]
+    t = quant_type(qtype)
     count = int(np.prod(shape, dtype=np.int64))
-    if not shape or shape[-1] % block or count // block * type_bytes != raw.nbytes:
-        raise ProgramError(f"tensor '{name}': {raw.nbytes} bytes do not hold {t.name}{list(shape)}")
-    if t == gguf.GGMLQuantizationType.F32:
+    if t is None or not shape or shape[-1] % t.qk or count // shape[-1] * t.row_bytes(shape[-1]) != raw.nbytes:
+        raise ProgramError(f"tensor '{name}': {raw.nbytes} bytes do not hold {type_name(qtype)}{list(shape)}")
+    if qtype == gguf.GGMLQuantizationType.F32:
         data = raw.view(np.float32).reshape(shape)
-    elif t == gguf.GGMLQuantizationType.F16:
+    elif qtype == gguf.GGMLQuantizationType.F16:
         data = raw.view(np.float16).reshape(shape)
     else:
-        data = raw.reshape(*shape[:-1], shape[-1] // block * type_bytes)
+        data = raw.reshape(*shape[:-1], t.row_bytes(shape[-1]))
     return QTensor(name, data, qtype, shape)
 
 

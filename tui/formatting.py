@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from gguf import GGMLQuantizationType
 from rich.text import Text
 
 from engine.auto_placement import AutoChoice, Measured
 from engine.byte_sizes import format_bytes as _engine_format_bytes
+from engine.ik_types import type_name
 
 # Thresholds on the used fraction: below WARN_AT is OK, from CRIT_AT on is critical.
 WARN_AT = 0.75
@@ -104,7 +104,7 @@ def auto_measured(m: Measured) -> list[str]:
     """What --auto measured: each device's memory and decode speed per GGML type, each link, the software cost."""
     out = []
     for device, per_type in m.gbps.items():
-        speeds = ", ".join(f"{GGMLQuantizationType(t).name} {v:.1f}" for t, v in sorted(per_type.items()))
+        speeds = ", ".join(f"{type_name(t)} {v:.1f}" for t, v in sorted(per_type.items()))
         link = m.links.get(device)
         where = f"; link RTT {link.rtt_s * 1e3:.3f} ms, {link.bytes_per_s / 1e6:.0f} MB/s" if link else ""
         out.append(f"{device}: {format_bytes(m.capacities.get(device))}, decode GB/s {speeds}{where}")
