@@ -1,20 +1,26 @@
-"""Workers size ik_llama.cpp-type tensors like any other: the worker's GGUF table reader (which does not import the
-engine) agrees with the engine's reader on every ik type, through the one shared size table."""
+"""Workers treat ik_llama.cpp-type tensors like any other: the worker's GGUF table reader (which does not import
+the engine) sizes them as the engine does, through the one shared size table, so a worker given --models loads
+them from its own disk, and a model quantized by ik_llama.cpp gives the same logits on a worker as locally."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from engine import load_model
 from engine.gguf_file import GGUFFile
 from engine.ik_types import IK_IDS
 from rpcnode.ggml_types import IK_TYPES
 from rpcnode.gguf_table import read_tensor_table
+from tests.engine.test_ik_model import MODEL, ik_tokens
 from tests.engine.test_ik_types import CASES, _ref, _write_gguf
+from tests.rpcnode.conftest import WorkerProc
 
 
 @pytest.mark.parametrize("name", sorted({c[0] for c in CASES}))
@@ -48,3 +54,18 @@ def test_size_table_imports_no_engine() -> None:
             "sys.exit(any(m == 'engine' or m.startswith('engine.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0
     assert len(IK_TYPES) >= 40
+
+
+def test_ik_model_on_a_worker_reading_its_own_disk(workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(MODEL, models / MODEL.name)
+    ik_names = {n for n, t in GGUFFile(MODEL).tensors.items() if t.qtype in IK_TYPES}
+    assert {e.name for e in read_tensor_table(models / MODEL.name)} >= ik_names
+    w = workers("--models", str(models))
+    remote = load_model(MODEL, rpc=w.endpoint, n_gpu_layers=99, ctx_size=512)
+    stats = remote.net.load_stats
+    # every layer (so every ik tensor) is on the worker, and it found all of them on its disk: nothing uploaded
+    assert stats.tensors_offered >= len(ik_names) and stats.bytes_uploaded == 0
+    tokens = ik_tokens()[:64]
+    assert np.array_equal(remote.logits(tokens), load_model(MODEL, ctx_size=512).logits(tokens))
