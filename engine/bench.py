@@ -15,7 +15,8 @@ import psutil
 
 from engine.calibration import cpu_model
 from engine.errors import IkctlError
-from engine.kernels import get_threads
+from engine.ik_types import is_ik
+from engine.kernels import get_threads, supports
 from engine.threads import blas
 
 if TYPE_CHECKING:
@@ -136,6 +137,7 @@ def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int, kernels: b
         "kernels": "fused" if kernels else "generic",
         "activations": "float32" if model.options.float_activations or not kernels else "int8",
         "placement": placement_bytes(model),
+        "decoder_path": decoder_path_tensors(model),
         "host": host_info(),
         "blas": asdict(blas()),
         "ikctl_version": pkg,
@@ -144,6 +146,13 @@ def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int, kernels: b
 
 def rows_as_dicts(rows: list[SweepRow]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
+
+
+def decoder_path_tensors(model: Model) -> dict[str, str]:
+    """Weight matrices whose products decode rows to float32 and then multiply, with no fused kernel for their
+    type: ik_llama.cpp's types (engine.ik_decoders) and types the kernels do not know. Name -> type name."""
+    return {name: t.qtype_name for name, t in model.gguf.tensors.items()
+            if len(t.shape) >= 2 and (is_ik(t.qtype) or not supports(t.qtype))}
 
 
 def placement_bytes(model: Model) -> dict[str, int]:

@@ -25,6 +25,7 @@ IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL = 144, 145, 146, 152, 156, 157
 Q8_KV = 151
 Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ2_K_R4, IQ4_K_R4 = 208, 212, 214, 223, 337, 339
 IQ3_K_R4, IQ5_K_R4, IQ4_KS_R4, IQ5_KS_R4 = 338, 340, 344, 352
+Q4_0_R8, Q5_0_R4, Q6_0_R4, IQ4_NL_R4, Q2_K_R4, Q3_K_R4, Q5_K_R4 = 202, 206, 233, 220, 210, 211, 213
 IQ2_KT, IQ3_KT, IQ4_KT, IQ1_KT = 153, 154, 155, 158
 
 # The non-linear code books (ggml-common.h); the second half of each is the shifted set `extra` bits select.
@@ -594,6 +595,7 @@ def _dec_iq2_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
 # qh[16 ib + 4 k + i] (IQ5 types).
 _R4_PART = (0, 16, 32, 48)
 _R4_AT = (0, 16, 4, 20)
+_Q5K_R4_QH = (0, 4, 2, 6)
 
 
 @njit(cache=True, inline="always")
@@ -693,6 +695,145 @@ def _dec_iq5_ks_r4(src: np.ndarray, dst: np.ndarray) -> None:
 
 
 @njit(cache=True)
+def _dec_q4_0_r8(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 32 columns: d[8] @0, qs[128] @16; row k's values 4l + i and 4l + i + 16 are qs[32l + 4k + i]'s nibbles.
+    n = dst.size // 8
+    for b in range(n // 32):
+        o = 144 * b
+        for k in range(8):
+            d = _f16_at(src, o + 2 * k)
+            y = k * n + 32 * b
+            for l in range(4):
+                for i in range(4):
+                    c = np.int32(src[o + 16 + 32 * l + 4 * k + i])
+                    dst[y + 4 * l + i] = d * np.float32((c & 15) - 8)
+                    dst[y + 4 * l + i + 16] = d * np.float32((c >> 4) - 8)
+
+
+@njit(cache=True)
+def _dec_iq4_nl_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 32 columns: d[4] @0, qs[64] @8, the _R4_PART / _R4_AT nibble layout with one scale per block.
+    n = dst.size // 4
+    for b in range(n // 32):
+        o = 72 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            _r4_nibbles(src, o + 8 + 4 * k, -1, dst, k * n + 32 * b, d, d, _IQ4K, 0, 0)
+
+
+@njit(cache=True)
+def _dec_q5_0_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 32 columns: d[4] @0, qh[16] @8, qs[64] @24; part l's nibbles take 5th bits l and l + 4 of qh[4k + i].
+    n = dst.size // 4
+    for b in range(n // 32):
+        o = 88 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            m = np.float32(-16.0) * d
+            y = k * n + 32 * b
+            for l in range(4):
+                at = 16 * (l % 2) + 4 * (l // 2)
+                for i in range(4):
+                    c = np.int32(src[o + 24 + 4 * k + i + 16 * l])
+                    h = np.int32(src[o + 8 + 4 * k + i])
+                    dst[y + i + at] = _fma(d, np.float32((c & 15) | (((h >> l) & 1) << 4)), m)  # d * q + m, fused
+                    dst[y + i + at + 8] = _fma(d, np.float32((c >> 4) | (((h >> (l + 4)) & 1) << 4)), m)
+
+
+@njit(cache=True)
+def _dec_q6_0_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 32 columns: d[4] @0, qh[32] @8, qs[64] @40; part l's bits 5-6 come from qh[4k + i + 16 (l % 2)].
+    n = dst.size // 4
+    for b in range(n // 32):
+        o = 104 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            m = np.float32(-32.0) * d
+            y = k * n + 32 * b
+            for l in range(4):
+                at = 16 * (l % 2) + 4 * (l // 2)
+                for i in range(4):
+                    c = np.int32(src[o + 40 + 4 * k + i + 16 * l])
+                    h = np.int32(src[o + 8 + 4 * k + i + 16 * (l % 2)])
+                    s = 2 * (l // 2)
+                    dst[y + i + at] = _fma(d, np.float32((c & 15) | (((h >> s) & 3) << 4)), m)
+                    dst[y + i + at + 8] = _fma(d, np.float32((c >> 4) | (((h >> (s + 4)) & 3) << 4)), m)
+
+
+@njit(cache=True)
+def _dec_q2_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 256 columns: d[4] @0, dmin[4] @8, scales[64] @16 (4-bit scale | 4-bit min), qs[256] @80.
+    n = dst.size // 4
+    for b in range(n // 256):
+        o = 336 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            m = _f16_at(src, o + 8 + 2 * k)
+            for ib in range(8):
+                s1, s2 = np.int32(src[o + 16 + 8 * ib + k]), np.int32(src[o + 20 + 8 * ib + k])
+                dl1, ml1 = d * np.float32(s1 & 15), m * np.float32(s1 >> 4)
+                dl2, ml2 = d * np.float32(s2 & 15), m * np.float32(s2 >> 4)
+                y = k * n + 256 * b + 32 * ib
+                q = o + 80 + 32 * ib + 4 * k
+                for i in range(4):
+                    c1, c2 = np.int32(src[q + i]), np.int32(src[q + i + 16])
+                    for s in range(4):
+                        dst[y + i + 4 * s] = _fma(dl1, np.float32((c1 >> (2 * s)) & 3), -ml1)
+                        dst[y + i + 16 + 4 * s] = _fma(dl2, np.float32((c2 >> (2 * s)) & 3), -ml2)
+
+
+@njit(cache=True)
+def _dec_q3_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 256 columns: d[4] @0, scales_h[16] @8, scales_l[32] @24, qh[128] @56, qs[256] @184.
+    n = dst.size // 4
+    for b in range(n // 256):
+        o = 440 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            for ib in range(8):
+                dl1 = d * np.float32(_scale6(src, o + 8, 8 * ib + k))
+                dl2 = d * np.float32(_scale6(src, o + 8, 8 * ib + k + 4))
+                y = k * n + 256 * b + 32 * ib
+                q = o + 184 + 32 * ib + 4 * k
+                qh = o + 56 + 16 * ib + 4 * k
+                for i in range(4):
+                    c1, c2, h = np.int32(src[q + i]), np.int32(src[q + i + 16]), np.int32(src[qh + i])
+                    for s in range(4):
+                        dst[y + i + 4 * s] = dl1 * np.float32((((c1 >> (2 * s)) & 3) | (((h >> s) & 1) << 2)) - 4)
+                        dst[y + i + 16 + 4 * s] = dl2 * np.float32((((c2 >> (2 * s)) & 3)
+                                                                    | (((h >> (s + 4)) & 1) << 2)) - 4)
+
+
+@njit(cache=True)
+def _dec_q5_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    # per 256 columns: d[4] @0, dmin[4] @8, scales_h[16] @16, scales_l[32] @32, qh[128] @64, qs[512] @192.
+    n = dst.size // 4
+    for b in range(n // 256):
+        o = 704 * b
+        for k in range(4):
+            d = _f16_at(src, o + 2 * k)
+            m = _f16_at(src, o + 8 + 2 * k)
+            for ib in range(8):
+                s = 4 * ib + k
+                sl = np.int32(src[o + 32 + s])
+                sh = np.int32(src[o + 16 + s % 16]) >> (4 * (s // 16))
+                dl = d * np.float32((sl & 15) | ((sh & 3) << 4))
+                ml = m * np.float32((sl >> 4) | ((sh & 12) << 2))
+                y = k * n + 256 * b + 32 * ib
+                q = o + 192 + 64 * ib + 4 * k
+                qh = o + 64 + 16 * ib + 4 * k
+                for i in range(4):
+                    h = np.int32(src[qh + i])
+                    for p in range(4):
+                        c = np.int32(src[q + i + _R4_PART[p]])
+                        hb = _Q5K_R4_QH[p]  # unlike IQ5_K_R4, qs parts 16 and 32 take qh bits 4-5 and 2-3
+                        lo = (c & 15) | (((h >> hb) & 1) << 4)
+                        hi = (c >> 4) | (((h >> (hb + 1)) & 1) << 4)
+                        dst[y + i + _R4_AT[p]] = _fma(dl, np.float32(lo), -ml)  # dl * q - ml, fused
+                        dst[y + i + _R4_AT[p] + 8] = _fma(dl, np.float32(hi), -ml)
+
+
+@njit(cache=True)
 def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
     """Decode one unit (a row with its header, or an interleaved group) of an ik_llama.cpp type."""
     if qtype == IQ4_KS:
@@ -749,9 +890,24 @@ def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
         _dec_iq4_ks_r4(src, dst)
     elif qtype == IQ5_KS_R4:
         _dec_iq5_ks_r4(src, dst)
+    elif qtype == Q4_0_R8:
+        _dec_q4_0_r8(src, dst)
+    elif qtype == IQ4_NL_R4:
+        _dec_iq4_nl_r4(src, dst)
+    elif qtype == Q5_0_R4:
+        _dec_q5_0_r4(src, dst)
+    elif qtype == Q6_0_R4:
+        _dec_q6_0_r4(src, dst)
+    elif qtype == Q2_K_R4:
+        _dec_q2_k_r4(src, dst)
+    elif qtype == Q3_K_R4:
+        _dec_q3_k_r4(src, dst)
+    elif qtype == Q5_K_R4:
+        _dec_q5_k_r4(src, dst)
 
 
 # The ik_llama.cpp types decode_ik decodes.
 IK_DECODED = frozenset({Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K, IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL, Q8_KV,
                         Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ4_K_R4, IQ2_K_R4, IQ3_K_R4, IQ5_K_R4, IQ4_KS_R4,
-                        IQ5_KS_R4, IQ1_KT, IQ2_KT, IQ3_KT, IQ4_KT})
+                        IQ5_KS_R4, IQ1_KT, IQ2_KT, IQ3_KT, IQ4_KT, Q4_0_R8, IQ4_NL_R4, Q5_0_R4, Q6_0_R4, Q2_K_R4,
+                        Q3_K_R4, Q5_K_R4})

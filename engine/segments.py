@@ -20,7 +20,7 @@ from engine.cuda import require
 from engine.cuda import tensors as cuda_tensors
 from engine.errors import IkctlError
 from engine.forward_pass import Op
-from engine.ik_types import quant_type, type_name
+from engine.ik_types import is_ik, quant_type, type_name
 from engine.kernels import MATVEC_MAX_T, TILE_BYTES, activations, drop_tile_scratch
 from engine.kv_cache import CACHE_TYPES, KVCache, row_bytes
 from engine.moe import NO_EXPERT
@@ -369,6 +369,11 @@ class SegmentRunner:
             if not arch.on_gpu:
                 raise ProgramError(f"{arch.name} layers cannot run on a GPU yet (CUDA runs deepseek2 models); keep "
                                    "them on the CPU or on CPU workers")
+            ik = sorted(n for n, ref in program.tensors.items() if is_ik(ref[1]))
+            if ik:  # no CUDA kernel; a host-decoded f16 copy would take several times the bytes the plan reserved
+                raise ProgramError(f"tensor '{ik[0]}' has type {type_name(program.tensors[ik[0]][1])} (ik_llama.cpp), "
+                                   f"which ikctl cannot run on a GPU ({len(ik)} such tensors here); keep them on the "
+                                   f"CPU or on CPU workers (-ot '{ik[0]}=CPU')")
             xp = require(cuda_device)
             getter = cuda_tensors.upload_getter(get, cuda_device)
         with self._on_device():

@@ -7,7 +7,7 @@ import os
 import struct
 from typing import NamedTuple
 
-import gguf
+from rpcnode.ggml_types import quant_type
 
 _MAGIC = b"GGUF"
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -72,9 +72,9 @@ class _Reader:
 
 
 def read_tensor_table(path: str | os.PathLike[str]) -> list[TableEntry]:
-    """The tensors of a GGUF v2/v3 file whose type the `gguf` package knows; ValueError if the header is bad.
+    """The tensors of a GGUF v2/v3 file (mainline and ik_llama.cpp types); ValueError if the header is bad.
 
-    Tensors of unknown types (ik_llama.cpp-only quants) are left out: their size cannot be computed here.
+    Tensors of a type id no table knows are left out: their size cannot be computed (the engine refuses them).
     """
     with open(path, "rb") as f:
         if f.read(4) != _MAGIC:
@@ -117,16 +117,18 @@ def _tensor_info(r: _Reader) -> tuple[str, list[int], int, int]:
 
 def _entry(info: tuple[str, list[int], int, int], start: int, file_bytes: int) -> TableEntry | None:
     name, ne, type_id, offset = info
-    try:
-        block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
-    except (ValueError, KeyError):
+    qt = quant_type(type_id)
+    if qt is None:
         return None
-    if ne and ne[0] % block:
-        raise ValueError(f"tensor '{name}' has rows of {ne[0]}, not a multiple of its block of {block}")
-    count = 1
-    for n in ne:
-        count *= n
-    nbytes = count // block * type_bytes
+    cols = ne[0] if ne else 1
+    if ne and cols % qt.qk:
+        raise ValueError(f"tensor '{name}' has rows of {cols}, not a multiple of its block of {qt.qk}")
+    rows = 1
+    for n in ne[1:]:
+        rows *= n
+    if rows % qt.group:  # an interleaved type only holds whole groups of rows (as the engine checks)
+        raise ValueError(f"tensor '{name}' has {rows} rows, not whole groups of {qt.group}")
+    nbytes = rows * qt.row_bytes(cols)  # row headers (ik *_KS types) count once per row
     at = start + offset
     if at + nbytes > file_bytes:
         raise ValueError(f"tensor '{name}' ends at byte {at + nbytes} but the file has {file_bytes} bytes")

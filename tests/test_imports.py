@@ -148,14 +148,16 @@ def test_imports_sit_at_the_top_of_modules() -> None:
 
 
 def test_the_packages_import_in_one_direction() -> None:
-    """engine reaches workers only through rpcnode.client (and takes the error root from rpcnode.errors);
-    rpcnode.protocol/client know no model; nothing but tui imports tui or textual."""
+    """engine reaches workers only through rpcnode.client (and takes the error root from rpcnode.errors, the GGML
+    type sizes from rpcnode.ggml_types, which the worker's table reader shares); rpcnode.protocol/client know no
+    model; nothing but tui imports tui or textual."""
     edges, _ = _graph()
     for module, targets in edges.items():
         if module.startswith("engine"):
             assert {t for t in targets if t.startswith("rpcnode")} <= {"rpcnode.client", "rpcnode.protocol",
                                                                         "rpcnode.token_file", "rpcnode.errors",
-                                                                        "rpcnode.endpoint"}, module
+                                                                        "rpcnode.endpoint",
+                                                                        "rpcnode.ggml_types"}, module
         if module in ("rpcnode.protocol", "rpcnode.client"):
             assert not any(t.startswith("engine") for t in targets), module
         if not module.startswith("tui"):

@@ -200,6 +200,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"model: {settings['model_name']} ({settings['arch']}, {', '.join(settings['quant'])}), "
           f"n_ctx {n_ctx}, ub {args.ubatch_size}, tg {n_gen}, threads {settings['threads']}, "
           f"-ctk {settings['cache_type_k']}" + (f", -mla {settings['mla']}" if settings["mla"] is not None else ""))
+    slow = settings["decoder_path"]
+    if slow:  # say so: these products decode to float32 first, so their speed is not the fused kernels'
+        print(f"ikctl bench: {len(slow)} tensors take the decoder path (no fused kernel): "
+              f"{', '.join(sorted(set(slow.values())))}", file=sys.stderr)
     print()
     print(SWEEP_HEADER)
     print(SWEEP_RULE, flush=True)

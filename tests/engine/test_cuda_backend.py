@@ -29,10 +29,11 @@ from engine.model import Options
 from engine.moe import Router, route
 from engine.placement import Device, PlacementError, PlacementRules, Segment, devices_for, layer_ops, plan
 from engine.quant import QTensor
-from engine.segments import SegmentRunner
+from engine.segments import ProgramError, SegmentRunner
 from engine.synth import SynthSpec, write_model
 from rpcnode import protocol as P
 from tests.engine import strict_cupy
+from tests.engine.test_ik_model import MODEL as IK_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 1 << 30
@@ -358,3 +359,20 @@ def test_gpu_worker_reports_its_device(stand_in: Any, tmp_path: Path) -> None:
 
 def test_spec_is_a_moe_model() -> None:
     assert dataclasses.asdict(SPEC)["layers"] > SPEC.dense_layers  # the tests above cross MoE layers
+
+
+def test_ik_types_are_refused_on_a_gpu_with_the_tensor_named(stand_in: Any) -> None:
+    """No CUDA kernel runs ik_llama.cpp's types: a GPU segment holding one is refused in one line, before any
+    upload; the same model's attention (Q8_0 here) still goes to the GPU."""
+    f = GGUFFile(IK_MODEL)
+    cfg = DeepSeek2Config.from_gguf(f)
+    opts = Options(mla=0, float_activations=True)
+    with pytest.raises(ProgramError) as e:
+        gpu_runners(f, cfg, [Segment("CUDA0", ((1, "attn"), (1, "ffn")))], opts, n_ctx=64)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg == ("tensor 'blk.1.ffn_down_shexp.weight' has type IQ4_NL_R4 (ik_llama.cpp), which ikctl cannot run "
+                   "on a GPU (3 such tensors here); keep them on the CPU or on CPU workers "
+                   "(-ot 'blk.1.ffn_down_shexp.weight=CPU')"), msg
+    runner = gpu_runners(f, cfg, [Segment("CUDA0", ((1, "attn"),))], opts, n_ctx=64)[0]
+    assert runner.net.xp is stand_in

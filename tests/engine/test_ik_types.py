@@ -189,3 +189,13 @@ def test_unknown_type_id_names_the_tensor(tmp_path: Path) -> None:
     _write_gguf(path, "blk.0.attn_k.weight", raw, 1234, 64)
     with pytest.raises(ModelFileError, match=r"'blk\.0\.attn_k\.weight' has type id 1234"):
         GGUFFile(path)
+
+
+@pytest.mark.parametrize("name", ["IQ2_XXS_R4", "IQ3_S_R4", "Q8_KV_R8"])
+def test_types_without_a_decoder_are_refused_by_name(name: str) -> None:
+    q = IK_IDS[name]
+    assert q not in IK_DECODED
+    raw = np.zeros((IK_TYPES[q].group, IK_TYPES[q].row_bytes(256)), np.uint8)
+    with pytest.raises(ModelFileError, match=rf"tensor 'blk\.0\.ffn_up\.weight' has type {name}, which ikctl cannot "
+                                             "decode"):
+        QTensor("blk.0.ffn_up.weight", raw, q, (raw.shape[0], 256))

@@ -7,13 +7,17 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from engine.bench import sweep_steps
 from engine.errors import IkctlError
+from engine.gguf_file import GGUFFile
+from engine.ik_types import is_ik
 from engine.threads import blas, blas_note
+from tests.engine.test_ik_model import MODEL
 
 ROW_KEYS = {"n_kv", "pp", "tg", "t_pp", "speed_pp", "t_tg", "speed_tg"}
 
@@ -88,3 +92,19 @@ def test_bench_rejects_a_context_smaller_than_a_step(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("ikctl: error: context 16 is smaller")
+
+
+def test_bench_json_names_the_tensors_on_the_decoder_path(tmp_path: Path) -> None:
+    """A model quantized by ik_llama.cpp: its ik-type tensors have no fused kernel, and the JSON names them."""
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "IKCTL_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "tui.cli", "bench", "-m", str(MODEL), "-c", "64", "-ub", "32",
+                           "-n", "2", "-t", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    want = {n: t.qtype_name for n, t in GGUFFile(MODEL).tensors.items() if is_ik(t.qtype)}
+    assert doc["decoder_path"] == want and len(want) == 15
+    assert doc["decoder_path"]["blk.1.ffn_up_exps.weight"] == "IQ2_K_R4"
+    assert "blk.0.attn_q_a.weight" not in doc["decoder_path"]  # Q8_0: fused kernels
+    assert "ikctl bench: 15 tensors take the decoder path (no fused kernel): IQ2_K_R4, IQ3_K," in proc.stderr
