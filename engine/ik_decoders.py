@@ -467,6 +467,18 @@ def _dec_q8_0_r8(src: np.ndarray, dst: np.ndarray) -> None:
                     dst[y + 4 * l + i + 16] = d * _i8(src[o + 144 + 32 * l + 4 * k + i])
 
 
+@njit(cache=True, inline="always")
+def _k4_r4_scale_min(src: np.ndarray, o: int, k: int, ib: int) -> tuple[np.float32, np.float32]:
+    """Q4_K_R4/Q5_K_R4: row k's scale and min of sub-block ib in the block at o (d[4] @0, dmin[4] @8, the high
+    bits of the 6-bit scales/mins @16, their low bits @32)."""
+    s = 4 * ib + k
+    sl = np.int32(src[o + 32 + s])
+    sh = np.int32(src[o + 16 + s % 16]) >> (4 * (s // 16))
+    dl = _f16_at(src, o + 2 * k) * np.float32((sl & 15) | ((sh & 3) << 4))
+    ml = _f16_at(src, o + 8 + 2 * k) * np.float32((sl >> 4) | ((sh & 12) << 2))
+    return dl, ml
+
+
 @njit(cache=True)
 def _dec_q4_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
     # per 256 columns: d[4] @0, dmin[4] @8, scales_h[16] @16, scales_l[32] @32, qs[512] @64.
@@ -474,14 +486,8 @@ def _dec_q4_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
     for b in range(n // 256):
         o = 576 * b
         for k in range(4):
-            d = _f16_at(src, o + 2 * k)
-            m = _f16_at(src, o + 8 + 2 * k)
             for ib in range(8):
-                s = 4 * ib + k
-                sl = np.int32(src[o + 32 + s])
-                sh = np.int32(src[o + 16 + s % 16]) >> (4 * (s // 16))
-                dl = d * np.float32((sl & 15) | ((sh & 3) << 4))
-                ml = m * np.float32((sl >> 4) | ((sh & 12) << 2))
+                dl, ml = _k4_r4_scale_min(src, o, k, ib)
                 y = k * n + 256 * b + 32 * ib
                 q = o + 64 + 64 * ib + 4 * k
                 for i in range(4):
@@ -811,14 +817,8 @@ def _dec_q5_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
     for b in range(n // 256):
         o = 704 * b
         for k in range(4):
-            d = _f16_at(src, o + 2 * k)
-            m = _f16_at(src, o + 8 + 2 * k)
             for ib in range(8):
-                s = 4 * ib + k
-                sl = np.int32(src[o + 32 + s])
-                sh = np.int32(src[o + 16 + s % 16]) >> (4 * (s // 16))
-                dl = d * np.float32((sl & 15) | ((sh & 3) << 4))
-                ml = m * np.float32((sl >> 4) | ((sh & 12) << 2))
+                dl, ml = _k4_r4_scale_min(src, o, k, ib)
                 y = k * n + 256 * b + 32 * ib
                 q = o + 192 + 64 * ib + 4 * k
                 qh = o + 64 + 16 * ib + 4 * k
