@@ -34,7 +34,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
 
 
 def _with_type_id(src: Path, dst: Path, tensor: str, type_id: int) -> Path:
-    """Patch one tensor's type id in the header (as if an ik_llama.cpp-only type were used)."""
+    """Patch one tensor's type id in the header."""
     data = bytearray(src.read_bytes())
     name = tensor.encode()
     at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
@@ -69,8 +69,13 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
 
 
 def test_type_the_reader_does_not_know(tmp_path: Path) -> None:
-    p = _with_type_id(V3, tmp_path / "ik.gguf", "blk.0.ffn_gate.weight", 137)  # IQ2_K, ik_llama.cpp only
-    assert_one_line_error(run_ikctl("run", "-m", str(p), "-n", "2"), "ik_llama.cpp")
+    p = _with_type_id(V3, tmp_path / "odd.gguf", "blk.0.ffn_gate.weight", 1234)  # neither ggml's nor ik_llama.cpp's
+    assert_one_line_error(run_ikctl("run", "-m", str(p), "-n", "2"), "blk.0.ffn_gate.weight", "type id 1234")
+
+
+def test_ik_type_whose_block_does_not_fit_the_rows(tmp_path: Path) -> None:
+    p = _with_type_id(V3, tmp_path / "ik.gguf", "blk.0.ffn_gate.weight", 137)  # IQ2_K: 256-value blocks
+    assert_one_line_error(run_ikctl("run", "-m", str(p), "-n", "2"), "blk.0.ffn_gate.weight", "IQ2_K's block of 256")
 
 
 def test_type_we_cannot_decode(tmp_path: Path) -> None:
