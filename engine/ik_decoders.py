@@ -552,28 +552,6 @@ def _dec_iq4_xs_r8(src: np.ndarray, dst: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def _dec_iq4_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
-    # per 256 columns: d[4] @0, extra[8] @8, scales_h[16] @16, scales_l[32] @32, qs[512] @64.
-    n = dst.size // 4
-    for b in range(n // 256):
-        o = 576 * b
-        for k in range(4):
-            d = _f16_at(src, o + 2 * k)
-            for ib in range(8):
-                dl1 = d * np.float32(_scale6(src, o + 16, 8 * ib + k))
-                dl2 = d * np.float32(_scale6(src, o + 16, 8 * ib + k + 4))
-                v1 = 16 * ((np.int32(src[o + 8 + k]) >> ib) & 1)
-                v2 = 16 * ((np.int32(src[o + 12 + k]) >> ib) & 1)
-                y = k * n + 256 * b + 32 * ib
-                q = o + 64 + 64 * ib + 4 * k
-                for i in range(4):
-                    for part, at, v, dl in ((0, 0, v1, dl1), (16, 16, v2, dl2), (32, 4, v1, dl1), (48, 20, v2, dl2)):
-                        c = np.int32(src[q + i + part])
-                        dst[y + i + at] = dl * _IQ4K[v + (c & 15)]
-                        dst[y + i + at + 8] = dl * _IQ4K[v + (c >> 4)]
-
-
-@njit(cache=True)
 def _dec_iq2_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
     # per 256 columns: d[4] @0, extra[8] @8, scales[32] @16, qs[256] @48 (32 per 32 columns).
     n = dst.size // 4
@@ -652,52 +630,42 @@ def _dec_iq3_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
                                                                        | (((h >> (s + 4)) & 1) << 2))]
 
 
-@njit(cache=True)
-def _dec_iq5_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
-    # per 256 columns: d[4] @0, extra[8] @8, scales_h[16] @16, scales_l[32] @32, qs[512] @64, qh[128] @576.
+@njit(cache=True, inline="always")
+def _dec_iqk_r4(src: np.ndarray, dst: np.ndarray, fifth: bool) -> None:
+    """IQ4_K_R4, or with fifth bits IQ5_K_R4. Per 256 columns: d[4] @0, extra[8] @8, scales_h[16] @16,
+    scales_l[32] @32, qs[512] @64, and for IQ5 qh[128] @576."""
     n = dst.size // 4
+    block, shift, table = (704, 32, _IQ5NL) if fifth else (576, 16, _IQ4K)
     for b in range(n // 256):
-        o = 704 * b
+        o = block * b
         for k in range(4):
             d = _f16_at(src, o + 2 * k)
             for ib in range(8):
                 dl1 = d * np.float32(_scale6(src, o + 16, 8 * ib + k))
                 dl2 = d * np.float32(_scale6(src, o + 16, 8 * ib + k + 4))
-                v1 = 32 * ((np.int32(src[o + 8 + k]) >> ib) & 1)
-                v2 = 32 * ((np.int32(src[o + 12 + k]) >> ib) & 1)
-                _r4_nibbles(src, o + 64 + 64 * ib + 4 * k, o + 576 + 16 * ib + 4 * k, dst, k * n + 256 * b + 32 * ib,
-                            dl1, dl2, _IQ5NL, v1, v2)
+                v1 = shift * ((np.int32(src[o + 8 + k]) >> ib) & 1)
+                v2 = shift * ((np.int32(src[o + 12 + k]) >> ib) & 1)
+                qh = o + 576 + 16 * ib + 4 * k if fifth else -1
+                _r4_nibbles(src, o + 64 + 64 * ib + 4 * k, qh, dst, k * n + 256 * b + 32 * ib, dl1, dl2, table, v1,
+                            v2)
 
 
-@njit(cache=True)
-def _dec_iq4_ks_r4(src: np.ndarray, dst: np.ndarray) -> None:
-    # the 4 rows' float32 scales @0, then per 256 columns: scales[32] @0, qs[512] @32.
+@njit(cache=True, inline="always")
+def _dec_iqks_r4(src: np.ndarray, dst: np.ndarray, fifth: bool) -> None:
+    """IQ4_KS_R4, or with fifth bits IQ5_KS_R4: the 4 rows' float32 scales @0, then per 256 columns: scales[32] @0,
+    qs[512] @32, and for IQ5 qh[128] @544."""
     n = dst.size // 4
+    block, shift, table = (672, 32, _IQ5NL) if fifth else (544, 16, _IQ4K)
     for b in range(n // 256):
-        o = 16 + 544 * b
+        o = 16 + block * b
         for k in range(4):
             d = _f32_at(src, 4 * k)
             for ib in range(8):
                 s = np.int32(src[o + 4 * ib + k])
                 dl = d * np.float32((s & 254) - 127)
-                v = 16 * (s & 1)
-                _r4_nibbles(src, o + 32 + 64 * ib + 4 * k, -1, dst, k * n + 256 * b + 32 * ib, dl, dl, _IQ4K, v, v)
-
-
-@njit(cache=True)
-def _dec_iq5_ks_r4(src: np.ndarray, dst: np.ndarray) -> None:
-    # the 4 rows' float32 scales @0, then per 256 columns: scales[32] @0, qs[512] @32, qh[128] @544.
-    n = dst.size // 4
-    for b in range(n // 256):
-        o = 16 + 672 * b
-        for k in range(4):
-            d = _f32_at(src, 4 * k)
-            for ib in range(8):
-                s = np.int32(src[o + 4 * ib + k])
-                dl = d * np.float32((s & 254) - 127)
-                v = 32 * (s & 1)
-                _r4_nibbles(src, o + 32 + 64 * ib + 4 * k, o + 544 + 16 * ib + 4 * k, dst, k * n + 256 * b + 32 * ib,
-                            dl, dl, _IQ5NL, v, v)
+                v = shift * (s & 1)
+                qh = o + 544 + 16 * ib + 4 * k if fifth else -1
+                _r4_nibbles(src, o + 32 + 64 * ib + 4 * k, qh, dst, k * n + 256 * b + 32 * ib, dl, dl, table, v, v)
 
 
 @njit(cache=True)
@@ -879,17 +847,17 @@ def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
     elif qtype == IQ4_XS_R8:
         _dec_iq4_xs_r8(src, dst)
     elif qtype == IQ4_K_R4:
-        _dec_iq4_k_r4(src, dst)
+        _dec_iqk_r4(src, dst, False)
     elif qtype == IQ2_K_R4:
         _dec_iq2_k_r4(src, dst)
     elif qtype == IQ3_K_R4:
         _dec_iq3_k_r4(src, dst)
     elif qtype == IQ5_K_R4:
-        _dec_iq5_k_r4(src, dst)
+        _dec_iqk_r4(src, dst, True)
     elif qtype == IQ4_KS_R4:
-        _dec_iq4_ks_r4(src, dst)
+        _dec_iqks_r4(src, dst, False)
     elif qtype == IQ5_KS_R4:
-        _dec_iq5_ks_r4(src, dst)
+        _dec_iqks_r4(src, dst, True)
     elif qtype == Q4_0_R8:
         _dec_q4_0_r8(src, dst)
     elif qtype == IQ4_NL_R4:

@@ -76,6 +76,7 @@ IK_TYPES: dict[int, QuantType] = {
     398: QuantType("Q8_KV_R8", 32, 32, meta=4, group=8),
 }
 
+
 def quant_type(type_id: int) -> QuantType | None:
     """The geometry of a GGML type id (mainline via the gguf package, ik_llama.cpp's from IK_TYPES), or None."""
     if type_id in IK_TYPES:
