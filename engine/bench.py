@@ -15,8 +15,7 @@ import psutil
 
 from engine.calibration import cpu_model
 from engine.errors import IkctlError
-from engine.ik_types import is_ik
-from engine.kernels import get_threads, supports
+from engine.kernels import fused, get_threads
 from engine.threads import blas
 
 if TYPE_CHECKING:
@@ -150,9 +149,10 @@ def rows_as_dicts(rows: list[SweepRow]) -> list[dict[str, Any]]:
 
 def decoder_path_tensors(model: Model) -> dict[str, str]:
     """Weight matrices whose products decode rows to float32 and then multiply, with no fused kernel for their
-    type: ik_llama.cpp's types (engine.ik_decoders) and types the kernels do not know. Name -> type name."""
+    type: ik_llama.cpp's types without one (engine.kernels.fused) and types the kernels do not know.
+    Name -> type name."""
     return {name: t.qtype_name for name, t in model.gguf.tensors.items()
-            if len(t.shape) >= 2 and (is_ik(t.qtype) or not supports(t.qtype))}
+            if len(t.shape) >= 2 and not fused(t.qtype)}
 
 
 def placement_bytes(model: Model) -> dict[str, int]:

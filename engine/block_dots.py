@@ -23,9 +23,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.block_decoders import BLOCK, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from engine.block_decoders import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from engine.ik_decoders import IQ2_K_R4, IQ4_KS
+from engine.ik_types import quant_type
 from engine.simd import _arg_i64, _splat
-from engine.simd_int8 import _data, _fma, _fma4, _hsum, codes_dot, k4_scale_codes
+from engine.simd_int8 import IQ4_CODES, _data, _fma, _fma4, _hsum, codes_dot, k4_scale_codes, lookup_codes
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V8I, _V8F, _V16F = (ir.VectorType(t, n) for t, n in ((_I32, 8), (_F32, 8), (_F32, 16)))
@@ -50,6 +52,7 @@ class _Ctx:
         self.b = builder
         self.src = _data(context, builder, sig, args, 0)
         self.x16, self.xd, self.xs = (_data(context, builder, sig, args, k) for k in range(3, 6))
+        self.head = _arg_i64(context, builder, sig, args, 12)  # the row's header (types with a row scale)
 
     def load(self, ptr: ir.Value, index: ir.Value, vty: ir.Type, align: int = 1) -> ir.Value:
         p = self.b.gep(ptr, [index])
@@ -58,6 +61,10 @@ class _Ctx:
     def half(self, offset: ir.Value) -> ir.Value:
         p = self.b.bitcast(self.b.gep(self.src, [offset]), _I16.as_pointer())
         return self.b.fpext(self.b.bitcast(self.b.load(p, align=1), ir.HalfType()), _F32)
+
+    def f32(self, offset: ir.Value) -> ir.Value:
+        p = self.b.bitcast(self.b.gep(self.src, [offset]), _F32.as_pointer())
+        return self.b.load(p, align=1)
 
     def codes_dot(self, w: ir.Value, value: ir.Value) -> ir.Value:
         """<16 x f32>: the 16 four-value lane sums of u8 codes w (<64 x i8>) against the activation codes from
@@ -72,9 +79,11 @@ def _row_loop(context, builder, sig, args, n_tok: int, qtype: int, body, bias_la
               tail=None) -> None:
     """out[oo + t * ostride] (+)= sum over the row's blocks of body(ctx, byte offset, each token's first activation
     group, accumulators) for t < n_tok, per_step blocks at a time; tail(...) takes a last lone block. The sum is
-    added to what out holds where the `add` argument is nonzero."""
+    added to what out holds where the `add` argument is nonzero. A block of an interleaved type holds its whole
+    group's rows (the body picks its row's bytes)."""
     b = builder
-    qk, block_bytes = BLOCK[qtype]
+    qt = quant_type(qtype)
+    qk, block_bytes = qt.qk, qt.block_bytes * qt.group  # an interleaved block holds the group's rows
     c = _Ctx(context, builder, sig, args)
     so, nblk, xg0, groups, oo, ostride = (_arg_i64(context, builder, sig, args, k) for k in (1, 2, 6, 7, 9, 10))
     out = _data(context, builder, sig, args, 8)
@@ -215,7 +224,7 @@ def _small_codes(c: _Ctx, o: ir.Value, qtype: int) -> ir.Value:
 def _small_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, qtype: int, pair: bool) -> None:
     """One step over two 32-value blocks (64 values), or over a lone last block (its second half zero)."""
     b = c.b
-    nbytes = BLOCK[qtype][1]
+    nbytes = quant_type(qtype).block_bytes
     m_at, bias = _SMALL[qtype][:2]
     first = _small_codes(c, o, qtype)
     second = _small_codes(c, c.off(o, nbytes), qtype) if pair else ir.Constant(_V32I8, [0] * 32)
@@ -240,7 +249,7 @@ def _small_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, qtype: in
 
 
 def _small_row(qtype: int):
-    def row(context, builder, sig, args, n_tok: int) -> None:
+    def row(context, builder, sig, args, n_tok: int, k: int) -> None:
         def pair(c, o, xg, acc, accb):
             _small_blocks(c, o, xg, acc, accb, qtype, True)
 
@@ -256,8 +265,85 @@ def _k4_row(fifth: bool):
     def block(c, o, xg, acc, accb):
         _k4_block(c, o, xg, acc, accb, fifth)
 
-    def row(context, builder, sig, args, n_tok: int) -> None:
+    def row(context, builder, sig, args, n_tok: int, k: int) -> None:
         _row_loop(context, builder, sig, args, n_tok, Q5_K if fifth else Q4_K, block, 8)
+
+    return row
+
+
+# ---- ik_llama.cpp's types: the non-linear code books as unsigned codes, each half's shift in the bias ----------
+
+# IQ2_K's book (-31, -13, 1, 17) + 32; its second half is the first + 5.
+_IQ2_CODES = [1, 19, 33, 49]
+
+
+def _iq4_ks_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
+    """An IQ4_KS block (scales[8] @0, qs[128] @8) under its row's float32 scale: sub-block s (32 values) has
+    dl = d * ((sc & 254) - 127) and the book half sc & 1 (+4); nibbles as IQ4_XS (low: values 0-15, high: 16-31)."""
+    b = c.b
+    v8i = ir.VectorType(_I32, 8)
+    sc = b.zext(c.load(c.src, o, ir.VectorType(_I8, 8)), v8i)
+    dl = b.fmul(_splat(b, c.f32(c.head), _V8F),
+                b.sitofp(b.sub(b.and_(sc, _const(v8i, [254] * 8)), _const(v8i, [127] * 8)), _V8F))
+    shift = b.sub(b.shl(b.and_(sc, _const(v8i, [1] * 8)), _const(v8i, [2] * 8)), _const(v8i, [128] * 8))
+    bias = b.fmul(dl, b.sitofp(shift, _V8F))  # value = dl * (code - 128 + 4 half)
+    scales = []
+    for t, x in enumerate(xg):
+        scales.append(b.fmul(dl, _pairs(b, c.load(c.xd, x, _V16F, 4), add=False)))
+        b.store(b.fadd(b.load(accb[t]), b.fmul(bias, _pairs(b, c.load(c.xs, x, _V16F, 4), add=True))), accb[t])
+    low, four = _const(_V32I8, [15] * 32), _const(_V32I8, [4] * 32)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        raw = c.load(c.src, c.off(o, 8 + 32 * g), _V32I8)
+        idx = b.shuffle_vector(b.and_(raw, low), b.lshr(raw, four),
+                               _idx([*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]))
+        _accumulate(c, lookup_codes(b, idx, IQ4_CODES), _values(c, xg, g), scales, [2 * g] * 8 + [2 * g + 1] * 8,
+                    acc)
+
+
+def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of an IQ2_K_R4 block of 4 rows (d[4] f16 @0, extra[8] @8, scales[32] @16, qs[256] @48). Half h of
+    sub-block s (16 values, one group) has scale d_k * (nibble 8 s + k + 4 h of scales - 8) and book half bit s of
+    extra[k + 4 h] (+5). Its 2-bit codes: bits 2 j of qs[32 s + 16 h + 4 k + i] hold value 4 j + i."""
+    b = c.b
+    v16i, v16i8 = ir.VectorType(_I32, 16), ir.VectorType(_I8, 16)
+    order = [(s, h) for s in range(8) for h in range(2)]  # the block's 16 groups
+    raw_sc = c.load(c.src, c.off(o, 16), _V32I8)
+    nib = b.shuffle_vector(b.and_(raw_sc, _const(_V32I8, [15] * 32)), b.lshr(raw_sc, _const(_V32I8, [4] * 32)),
+                           _idx([8 * s + k + 4 * h for s, h in order]))
+    dsc = b.fmul(_splat(b, c.half(c.off(o, 2 * k)), _V16F),
+                 b.sitofp(b.sub(b.zext(nib, v16i), _const(v16i, [8] * 16)), _V16F))
+    extra = c.load(c.src, c.off(o, 8), ir.VectorType(_I8, 8))
+    ex = b.zext(b.shuffle_vector(extra, extra, _idx([k + 4 * h for s, h in order])), v16i)
+    half = b.and_(b.lshr(ex, _const(v16i, [s for s, h in order])), _const(v16i, [1] * 16))
+    bias = b.fmul(dsc, b.sitofp(b.sub(b.mul(half, _const(v16i, [5] * 16)), _const(v16i, [32] * 16)), _V16F))
+    scales = []
+    for t, x in enumerate(xg):
+        scales.append(b.fmul(dsc, c.load(c.xd, x, _V16F, 4)))
+        b.store(_fma(b, bias, c.load(c.xs, x, _V16F, 4), b.load(accb[t])), accb[t])
+    three = _const(v16i8, [3] * 16)
+    for g in range(4):  # sub-blocks 2g, 2g + 1: row k's 16 bytes of the 4 rows' 64
+        raw = c.load(c.src, c.off(o, 48 + 64 * g), ir.VectorType(_I8, 64))
+        mine = b.shuffle_vector(raw, raw, _idx([32 * s + 16 * h + 4 * k + i for s in range(2) for h in range(2)
+                                                for i in range(4)]))
+        f = [b.and_(b.lshr(mine, _const(v16i8, [2 * j] * 16)), three) for j in range(4)]
+        lo = b.shuffle_vector(f[0], f[1], _idx(list(range(32))))
+        hi = b.shuffle_vector(f[2], f[3], _idx(list(range(32))))
+        # value 32 s + 16 h + 4 j + i is field j of byte 8 s + 4 h + i
+        idx = b.shuffle_vector(lo, hi, _idx([16 * j + 8 * s + 4 * h + i for s in range(2) for h in range(2)
+                                             for j in range(4) for i in range(4)]))
+        _accumulate(c, lookup_codes(b, idx, _IQ2_CODES), _values(c, xg, g), scales,
+                    [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+def _ik_row(qtype: int, block, bias_lanes: int):
+    def row(context, builder, sig, args, n_tok: int, k: int) -> None:
+        def one(c, o, xg, acc, accb):
+            if quant_type(qtype).group > 1:
+                block(c, o, xg, acc, accb, k)
+            else:
+                block(c, o, xg, acc, accb)
+
+        _row_loop(context, builder, sig, args, n_tok, qtype, one, bias_lanes)
 
     return row
 
@@ -265,27 +351,40 @@ def _k4_row(fifth: bool):
 _ROWS = {
     Q4_K: _k4_row(False),
     Q5_K: _k4_row(True),
-    Q6_K: lambda context, builder, sig, args, n: _row_loop(context, builder, sig, args, n, Q6_K, _q6_k_block, 16),
+    Q6_K: lambda context, builder, sig, args, n, k: _row_loop(context, builder, sig, args, n, Q6_K, _q6_k_block, 16),
+    IQ4_KS: _ik_row(IQ4_KS, _iq4_ks_block, 8),
+    IQ2_K_R4: _ik_row(IQ2_K_R4, _iq2_k_r4_block, 16),
 } | {qtype: _small_row(qtype) for qtype in _SMALL}
-BLOCK_DOT_TYPES = tuple(_ROWS)  # the types with a kernel here
+BLOCK_DOT_TYPES = tuple(_ROWS)  # the types with a kernel here (a row function per type: its code, row k of a group)
 
 
 def _make_dot(n_tok: int):
     @intrinsic
-    def dot(typingctx, qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add):
-        sig = types.none(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add)
+    def dot(typingctx, qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add, head, krow):
+        sig = types.none(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add, head, krow)
 
         def codegen(context, builder, signature, args):
             kind = _arg_i64(context, builder, signature, args, 0)
             sig, args = signature.return_type(*signature.args[1:]), args[1:]
             end = builder.append_basic_block("dot_end")
             switch = builder.switch(kind, end)
+            krow = _arg_i64(context, builder, sig, args, 13)
             for qt, row in _ROWS.items():
                 case = builder.append_basic_block(f"dot_type{qt}")
                 switch.add_case(ir.Constant(_I64, qt), case)
                 builder.position_at_end(case)
-                row(context, builder, sig, args, n_tok)
-                builder.branch(end)
+                group = quant_type(qt).group
+                if group == 1:
+                    row(context, builder, sig, args, n_tok, 0)
+                    builder.branch(end)
+                    continue
+                rows = builder.switch(krow, end)  # one body per row of an interleaved group
+                for k in range(group):
+                    at = builder.append_basic_block(f"dot_type{qt}_row{k}")
+                    rows.add_case(ir.Constant(_I64, k), at)
+                    builder.position_at_end(at)
+                    row(context, builder, sig, args, n_tok, k)
+                    builder.branch(end)
             builder.position_at_end(end)
             return context.get_dummy_value()
 
@@ -293,7 +392,7 @@ def _make_dot(n_tok: int):
 
     dot.__doc__ = f"""out[oo + t * ostride] (+= where add) nblk blocks of weight type qtype (one of BLOCK_DOT_TYPES)
     from byte so of src . token t's activations (engine.q8_activations' codes x16 and scales xd, xs read as
-    flat arrays, token t from group xgroup + t * groups) for t < {n_tok}."""
+    flat arrays, token t from group xgroup + t * groups) for t < {n_tok}; head and krow as block_dots'."""
     return dot
 
 
@@ -308,18 +407,19 @@ def has_block_dot(qtype: int) -> bool:
 @njit(cache=True, inline="always")
 def block_dots(qtype: int, n_tok: int, src: np.ndarray, so: int, nblk: int, x16: np.ndarray,
                xd: np.ndarray, xs: np.ndarray, xgroup: int, groups: int, out: np.ndarray, oo: int, ostride: int,
-               add: bool) -> int:
+               add: bool, head: int, krow: int) -> int:
     """The dots of nblk blocks of a type in BLOCK_DOT_TYPES from byte so of src with the first n of n_tok tokens
     (n the largest of 8, 4, 2, 1 that fits), written to (or, with add, added to) out[oo + t * ostride];
-    returns n."""
+    returns n. head: the byte offset of the row's header (types with a row scale); krow: the row within its
+    interleaved group (its blocks from so hold the whole group's rows)."""
     if n_tok >= 8:
-        _dot8(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add)
+        _dot8(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add, head, krow)
         return 8
     if n_tok >= 4:
-        _dot4(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add)
+        _dot4(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add, head, krow)
         return 4
     if n_tok >= 2:
-        _dot2(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add)
+        _dot2(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add, head, krow)
         return 2
-    _dot1(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add)
+    _dot1(qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add, head, krow)
     return 1

@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from engine.block_decoders import BLOCK, F32, _decode_row
-from engine.block_dots import TOKENS, block_dots, has_block_dot
+from engine.block_dots import BLOCK_DOT_TYPES, TOKENS, block_dots, has_block_dot
 from engine.ik_decoders import IK_DECODED
 from engine.ik_types import quant_type
 from engine.int8_decoders import INT8_TYPES, idecode_row
@@ -238,39 +238,43 @@ def _prefetch_next_span(flat: np.ndarray, nxt: int, n: int, end: int) -> None:
 
 @njit(cache=True, inline="always")
 def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r1: int, block_bytes: int, qk: int,
-               q: np.ndarray, a: np.ndarray, b: np.ndarray, x16: np.ndarray, xd: np.ndarray,
+               meta: int, group: int, q: np.ndarray, a: np.ndarray, b: np.ndarray, x16: np.ndarray, xd: np.ndarray,
                xs: np.ndarray, t0: int, t1: int, out: np.ndarray, o0: int) -> None:
     """out[o0 + t - t0, r] = row r of matrix e . x[t] for rows r0..r1-1 of raw [E, R, row bytes] (flat: the same
-    bytes, 1-D) and tokens t0..t1-1, with integer activations (engine.simd_int8).
+    bytes, 1-D) and tokens t0..t1-1, with integer activations (engine.simd_int8). Rows have `meta` header bytes
+    and are interleaved `group` at a time (ik_llama.cpp's types; engine.block_dots reads those in place).
 
     Short rows (a whole number of 64-value steps that fit a chunk) are decoded several at a time, consecutive
     rows being consecutive bytes; longer ones a chunk at a time. Every decoded chunk meets every token. Offsets,
     not views, wherever they can be: a view costs two atomic reference-count updates, as much as decoding 256
     values (and a call with arrays costs the same per array: everything here is inlined)."""
     R, row_bytes = raw.shape[1], raw.shape[2]
-    blocks = row_bytes // block_bytes
+    blocks = (row_bytes - meta) // block_bytes
     C = blocks * qk
     groups = xd.shape[1]
     if has_block_dot(qtype):
         # no decoded copy; a tile of rows meets each tile of tokens while both are cached, a column span at a time
-        # where rows are long (the tokens' activations of a whole long row would crowd the weights out of L1)
+        # where rows are long (the tokens' activations of a whole long row would crowd the weights out of L1).
+        # The rows of an interleaved group follow one another, so its bytes are read from L1 after the first.
         ostride = out.shape[1]
         span = blocks if C <= _LONG_ROW else _COL_SPAN // qk
+        span_bytes = group * block_bytes  # an interleaved block column: the group's rows
         for rs in range(r0, r1, _ROW_TILE):
             for b0 in range(0, blocks, span):
                 nb = min(span, blocks - b0)
                 for t in range(t0, t1, TOKENS):
                     for r in range(rs, min(r1, rs + _ROW_TILE)):
-                        start = (e * R + r) * row_bytes + b0 * block_bytes
-                        if nb < blocks and t == t0:
-                            _prefetch_next_span(flat, start + nb * block_bytes if b0 + nb < blocks else
-                                                (e * R + r + _ROW_TILE) * row_bytes, nb * block_bytes,
+                        head = (e * R + r - r % group) * row_bytes
+                        start = head + meta + b0 * span_bytes
+                        if nb < blocks and t == t0 and r % group == 0:
+                            _prefetch_next_span(flat, start + nb * span_bytes if b0 + nb < blocks else
+                                                head + _ROW_TILE * row_bytes + meta, nb * span_bytes,
                                                 (e * R + r1) * row_bytes)
                         u = t
                         while u < min(t1, t + TOKENS):
                             u += block_dots(qtype, min(t1, t + TOKENS) - u, flat, start, nb, x16, xd, xs,
                                             u * groups + b0 * qk // 16, groups, out, (o0 + u - t0) * ostride + r,
-                                            ostride, b0 > 0)
+                                            ostride, b0 > 0, head, r % group)
         return
     if C % 64 == 0 and C <= _CHUNK_VALUES:
         span = _CHUNK_VALUES // C
@@ -301,8 +305,8 @@ def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int, x: np.ndarray,
-                        out: np.ndarray) -> None:
+def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int, meta: int,
+                        group: int, x: np.ndarray, out: np.ndarray) -> None:
     """out[t, r] = x[t] . row r of raw [1, R, row bytes] (flat: the same bytes, 1-D) with 16-bit integer
     activations (engine.q8_activations): each weight byte is read once for all T tokens."""
     x16, xd, xs = quantized(x)
@@ -311,13 +315,13 @@ def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
     tasks = (R + rows - 1) // rows
     for k in prange(tasks):
         q, a, b = _int8_scratch(qtype)
-        _int8_rows(qtype, raw, flat, 0, k * rows, min(R, (k + 1) * rows), block_bytes, qk,
+        _int8_rows(qtype, raw, flat, 0, k * rows, min(R, (k + 1) * rows), block_bytes, qk, meta, group,
                    q, a, b, x16, xd, xs, 0, x16.shape[0], out, 0)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int,
-                        experts: np.ndarray, bounds: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int, meta: int,
+                        group: int, experts: np.ndarray, bounds: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """out[n, r] = x[n] . row r of matrix experts[s] of raw [E, R, row bytes] (flat: the same bytes, 1-D) for the
     rows bounds[s] <= n < bounds[s + 1] of each run s: all selected experts of an MoE layer in one launch, each
     run's matrix read once for all its rows."""
@@ -329,8 +333,8 @@ def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, 
         s = k // per
         q, a, b = _int8_scratch(qtype)
         r0 = (k % per) * rows
-        _int8_rows(qtype, raw, flat, experts[s], r0, min(R, r0 + rows), block_bytes, qk, q, a, b, x16,
-                   xd, xs, bounds[s], bounds[s + 1], out, bounds[s])
+        _int8_rows(qtype, raw, flat, experts[s], r0, min(R, r0 + rows), block_bytes, qk, meta, group, q, a, b,
+                   x16, xd, xs, bounds[s], bounds[s + 1], out, bounds[s])
 
 
 @njit(cache=True, nogil=True)
@@ -464,9 +468,21 @@ def int8_enabled() -> bool:
     return getattr(_numerics, "int8", True)
 
 
+# The types whose decode-sized products can run on integer activations: engine.int8_decoders' and the ik_llama.cpp
+# types engine.block_dots reads in place.
+INT8_KERNEL_TYPES = INT8_TYPES | frozenset(BLOCK_DOT_TYPES)
+
+
 def takes_int8(qtype: int) -> bool:
     """Whether decode-sized products with this weight type run on integer activations now."""
-    return int8_enabled() and int(qtype) in INT8_TYPES
+    return int8_enabled() and int(qtype) in INT8_KERNEL_TYPES
+
+
+def fused(qtype: int) -> bool:
+    """Whether decode-sized products with this type have a fused kernel: one that reads the encoded blocks (or
+    a chunk of them decoded into an L1 scratch) for every token of a call. Not so: ik_llama.cpp's types without
+    a kernel in engine.block_dots, whose rows decode whole to float32 first."""
+    return int(qtype) in BLOCK_DOT_TYPES or (int(qtype) in BLOCK and not _by_unit(qtype))
 
 
 def matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:
@@ -476,15 +492,14 @@ def matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -
     out = np.empty((x.shape[0], rows.shape[0]), np.float32)
     if not out.size:
         return out
-    if _by_unit(qtype):
-        g = group_rows(qtype)
-        _unit_matvec_kernel(_units(rows, g), int(qtype), g, x, out)
-        return out
-    qk, block_bytes = BLOCK[int(qtype)]
+    qt = quant_type(int(qtype))
     if takes_int8(qtype):
-        _int8_matvec_kernel(rows[None], rows.reshape(-1), int(qtype), qk, block_bytes, x, out)
+        _int8_matvec_kernel(rows[None], rows.reshape(-1), int(qtype), qt.qk, qt.block_bytes, qt.meta, qt.group, x,
+                            out)
+    elif _by_unit(qtype):
+        _unit_matvec_kernel(_units(rows, qt.group), int(qtype), qt.group, x, out)
     else:
-        _matvec_kernel(rows, int(qtype), qk, x, out)
+        _matvec_kernel(rows, int(qtype), qt.qk, x, out)
     return out
 
 
@@ -549,15 +564,14 @@ def gather_matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int, int], expe
     out = np.empty((x.shape[0], R), np.float32)
     if not out.size:
         return out
-    if _by_unit(qtype):
-        g = group_rows(qtype)
-        _unit_gather_kernel(_units(a, g), int(qtype), g, ids, x, out)
-        return out
-    qk, block_bytes = BLOCK[int(qtype)]
+    qt = quant_type(int(qtype))
     if takes_int8(qtype):
         starts = np.flatnonzero(np.diff(ids, prepend=-1))
         bounds = np.append(starts, len(ids))
-        _int8_gather_kernel(a, a.reshape(-1), int(qtype), qk, block_bytes, ids[starts], bounds, x, out)
+        _int8_gather_kernel(a, a.reshape(-1), int(qtype), qt.qk, qt.block_bytes, qt.meta, qt.group, ids[starts],
+                            bounds, x, out)
+    elif _by_unit(qtype):
+        _unit_gather_kernel(_units(a, qt.group), int(qtype), qt.group, ids, x, out)
     else:
-        _gather_matvec_kernel(a, int(qtype), qk, ids, x, out)
+        _gather_matvec_kernel(a, int(qtype), qt.qk, ids, x, out)
     return out

@@ -105,25 +105,43 @@ def k4_scale_codes(builder: ir.IRBuilder, packed: ir.Value) -> tuple[ir.Value, i
     return sc, m
 
 
-# IQ4_NL/IQ4_XS grid values + 128: the non-linear codes as unsigned bytes (value = d * (code - 128)).
-_IQ4_CODES = [1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241]
+# IQ4_NL/IQ4_XS grid values + 128: the non-linear codes as unsigned bytes (value = d * (code - 128)); also the
+# first half of ik_llama.cpp's IQ4_K* books (the second half is the first + 4).
+IQ4_CODES = [1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241]
+
+
+_PSHUFB = {16: "llvm.x86.ssse3.pshuf.b.128", 32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
+
+
+def lookup_codes(builder: ir.IRBuilder, idx: ir.Value, table: list[int]) -> ir.Value:
+    """<n x i8>: table[idx[i]] for byte indices idx (<n x i8>, each < len(table) <= 16): the non-linear code books
+    of the IQ types as unsigned codes. One `vpshufb` with AVX-512 (the table in every 16-byte lane), else a select
+    tree on the index bits, exact on any target."""
+    n = idx.type.count
+    vty = ir.VectorType(_I8, n)
+    padded = [v - 256 if v > 127 else v for v in table] + [0] * (16 - len(table))  # as signed bytes
+    if _ISA == "avx512vnni":
+        fn = builder.module.declare_intrinsic(_PSHUFB[n], fnty=ir.FunctionType(vty, [vty, vty]))
+        return builder.call(fn, [ir.Constant(vty, padded * (n // 16)), idx])
+    bits = max(1, (len(table) - 1).bit_length())
+    level = [ir.Constant(vty, [v] * n) for v in padded[: 1 << bits]]
+    zero = ir.Constant(vty, [0] * n)
+    for bit in range(bits):
+        on = builder.icmp_unsigned("!=", builder.and_(idx, ir.Constant(vty, [1 << bit] * n)), zero)
+        level = [builder.select(on, level[2 * k + 1], level[2 * k]) for k in range(len(level) // 2)]
+    return level[0]
 
 
 @intrinsic
 def _unpack16_u8_iq4(typingctx, dst, do, src, lo, lshift):
-    """IQ4_NL/IQ4_XS codes: dst[do + i] = _IQ4_CODES[(src[lo + i] >> lshift) & 15] (a 4-level select tree on the
-    index bits, exact on any target; LLVM turns the constant table into a shuffle where it can)."""
+    """IQ4_NL/IQ4_XS codes: dst[do + i] = IQ4_CODES[(src[lo + i] >> lshift) & 15] (lookup_codes)."""
     sig = types.none(dst, do, src, lo, lshift)
 
     def codegen(context, builder, signature, args):
         low = builder.zext(_load_bytes(context, builder, signature, args, 2, 3), _V16I32)
         idx = _field(builder, low, _arg_i32(context, builder, signature, args, 4), ir.Constant(_I32, 15))
-        level = [ir.Constant(_V16I32, [v] * 16) for v in _IQ4_CODES]
-        zero = ir.Constant(_V16I32, [0] * 16)
-        for bit in range(4):
-            on = builder.icmp_unsigned("!=", builder.and_(idx, ir.Constant(_V16I32, [1 << bit] * 16)), zero)
-            level = [builder.select(on, level[2 * k + 1], level[2 * k]) for k in range(len(level) // 2)]
-        _store_u8(context, builder, signature, args, level[0], 16)
+        codes = lookup_codes(builder, builder.trunc(idx, ir.VectorType(_I8, 16)), IQ4_CODES)
+        _store_u8(context, builder, signature, args, builder.zext(codes, ir.VectorType(_I16, 16)), 16)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -25,36 +25,12 @@ from engine.block_dots import BLOCK_DOT_TYPES
 from engine.int8_decoders import INT8_TYPES
 from engine.q8_activations import quantize_rows
 from engine.simd_int8 import instruction_set
+from tests.engine.int8_reference import RTOL, q8_reference, rel, tokens
+from tests.engine.test_ik_kernels import ik_products
 from tests.engine.test_kernels import F16_FIELDS, columns, name, random_rows, reference
 
 INT8 = sorted(F16_FIELDS)
-RTOL = 2e-6
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def q8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x [T, C] -> (the float64 values its codes stand for, high plane, low plane): per 32 values d = max|x| / 127,
-    hi = rint(x / d), lo = rint(256 (x - d hi) / d) within +-127, value = d / 256 * (256 hi + lo)."""
-    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 32)
-    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127.0)
-    inv = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, 1), np.float32(0.0)).astype(np.float32)
-    hi = np.rint(blocks * inv)
-    lo = np.clip(np.rint((blocks - hi * d) * inv * np.float32(256.0)), -127, 127)
-    assert np.abs(hi).max() <= 127
-    value = (256 * hi.astype(np.float64) + lo) * (d / np.float32(256.0)).astype(np.float64)
-    return value.reshape(x.shape), hi.reshape(x.shape), lo.reshape(x.shape)
-
-
-def tokens(T: int, C: int, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((T, C)).astype(np.float32)
-    x[:, :32] = 0.0  # an all-zero activation block: scale 0, no division by it
-    x[:, 32:64] *= 1e3  # blocks of very different magnitudes
-    return x
-
-
-def rel(y: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(y - ref).max() / np.abs(ref).max())
 
 
 def test_every_quantized_type_has_an_int8_decoder() -> None:
@@ -95,7 +71,7 @@ def test_matvec_equals_the_int8_reference(qtype: int, large: bool) -> None:
         assert 1e-9 < rel(y, exact) < 1e-4
 
 
-@pytest.mark.parametrize("qtype", sorted(BLOCK_DOT_TYPES), ids=name)
+@pytest.mark.parametrize("qtype", sorted(t for t in BLOCK_DOT_TYPES if t in D.BLOCK), ids=name)
 def test_long_rows_meet_the_tokens_a_span_at_a_time(qtype: int) -> None:
     """Rows past kernels._LONG_ROW are summed over column spans: the spans' partial sums add up (the last span
     short and, for the 32-value types, an odd number of blocks), for token counts around the 8-token tiles."""
@@ -149,7 +125,7 @@ def _products() -> dict[str, list]:
             out[name(qtype)] = K.matmul_t(raw, qtype, (5, C), tokens(2, C)).tolist()
             out[name(qtype) + "/gather"] = K.gather_matvec(raw[None], qtype, (1, 5, C), np.zeros(2, np.int64),
                                                            tokens(2, C)).tolist()
-    return out
+    return out | ik_products()
 
 
 # What numba compiles for on an AVX2-only Haswell (no AVX-512, no VNNI).
@@ -173,7 +149,8 @@ def test_an_avx2_build_passes_the_kernel_tests_with_the_same_bits(tmp_path: Path
     assert (there["isa"], there["permute"]) == ("portable", "avx2")
     assert there["products"] == _products()
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                            str(ROOT / "tests" / "engine" / "test_kernels.py"), "-k", "not avx2_build"], env=env,
+                            str(ROOT / "tests" / "engine" / "test_kernels.py"),
+                            str(ROOT / "tests" / "engine" / "test_ik_kernels.py"), "-k", "not avx2_build"], env=env,
                            capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert tests.returncode == 0, tests.stdout[-3000:]
     assert " passed" in tests.stdout and "skipped" not in tests.stdout

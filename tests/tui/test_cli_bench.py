@@ -16,6 +16,7 @@ from engine.bench import sweep_steps
 from engine.errors import IkctlError
 from engine.gguf_file import GGUFFile
 from engine.ik_types import is_ik
+from engine.kernels import fused
 from engine.threads import blas, blas_note
 from tests.engine.test_ik_model import MODEL
 
@@ -95,7 +96,7 @@ def test_bench_rejects_a_context_smaller_than_a_step(tmp_path: Path) -> None:
 
 
 def test_bench_json_names_the_tensors_on_the_decoder_path(tmp_path: Path) -> None:
-    """A model quantized by ik_llama.cpp: its ik-type tensors have no fused kernel, and the JSON names them."""
+    """A model quantized by ik_llama.cpp: its ik-type tensors without a fused kernel are named in the JSON."""
     out = tmp_path / "sweep.json"
     env = {**os.environ, "IKCTL_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "tui.cli", "bench", "-m", str(MODEL), "-c", "64", "-ub", "32",
@@ -103,8 +104,9 @@ def test_bench_json_names_the_tensors_on_the_decoder_path(tmp_path: Path) -> Non
                           env=env)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
-    want = {n: t.qtype_name for n, t in GGUFFile(MODEL).tensors.items() if is_ik(t.qtype)}
-    assert doc["decoder_path"] == want and len(want) == 15
-    assert doc["decoder_path"]["blk.1.ffn_up_exps.weight"] == "IQ2_K_R4"
+    want = {n: t.qtype_name for n, t in GGUFFile(MODEL).tensors.items() if is_ik(t.qtype) and not fused(t.qtype)}
+    assert doc["decoder_path"] == want and len(want) == 11
+    assert doc["decoder_path"]["blk.1.ffn_down_exps.weight"] == "Q6_0"
+    assert "blk.1.ffn_up_exps.weight" not in doc["decoder_path"]  # IQ2_K_R4: fused kernels
     assert "blk.0.attn_q_a.weight" not in doc["decoder_path"]  # Q8_0: fused kernels
-    assert "ikctl bench: 15 tensors take the decoder path (no fused kernel): IQ2_K_R4, IQ3_K," in proc.stderr
+    assert "ikctl bench: 11 tensors take the decoder path (no fused kernel): IQ3_K, IQ4_K," in proc.stderr
