@@ -16,8 +16,9 @@ import pytest
 from engine import kernels as K
 from engine.block_dots import BLOCK_DOT_TYPES
 from engine.ik_decoders import IK_DECODED
-from engine.ik_types import quant_type, type_name
+from engine.ik_types import quant_type, type_id, type_name
 from tests.engine.int8_reference import RTOL, q8_reference, rel, tokens
+from tests.engine.test_ik_types import CASES, _case_id, _ref
 
 IK_FUSED = sorted(t for t in BLOCK_DOT_TYPES if t in IK_DECODED)
 # Offsets of the f16 scales within one (interleaved) block, per type; the row header is set separately.
@@ -109,3 +110,15 @@ def test_fused_gathered_experts_equal_decode_then_multiply(qtype: int) -> None:
     xr = q8_reference(x)[0]
     for n, e in enumerate(ids):
         assert close(y[n : n + 1], xr[n : n + 1], reference(stacked[e], qtype, R, C)), n
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if type_id(c[0]) in IK_FUSED], ids=_case_id)
+def test_fused_kernels_on_ik_llamas_own_quantization(case: tuple[str, int, int]) -> None:
+    """Rows quantized by ik_llama.cpp, against the values its own dequantizer gives (not ours)."""
+    name, rows, cols = case
+    raw, w = _ref(name, rows, cols)
+    for T in (1, 5):
+        x = tokens(T, cols, seed=T)
+        with K.activations(int8=True):
+            y = K.matmul_t(raw, type_id(name), (rows, cols), x)
+        assert close(y, q8_reference(x)[0], w.astype(np.float64)), T

@@ -97,11 +97,11 @@ def test_products(case: tuple[str, int, int]) -> None:
     name, rows, cols = case
     q = IK_IDS[name]
     raw, w = _ref(name, rows, cols)
-    assert not kernels.takes_int8(q)  # no integer kernels for these types yet: the float path
     rng = np.random.default_rng(rows * cols)
-    for T in (1, 3, kernels.MATVEC_MAX_T + 5):  # matvec and the tiled prefill path
+    for T in (1, 3, kernels.MATVEC_MAX_T + 5):  # matvec and the tiled prefill path (test_ik_kernels: int8)
         x = rng.standard_normal((T, cols)).astype(np.float32)
-        _close(kernels.matmul_t(raw, q, (rows, cols), x), w, x)
+        with kernels.activations(int8=False):
+            _close(kernels.matmul_t(raw, q, (rows, cols), x), w, x)
     # a stacked [E, R, C] expert tensor: expert 1 holds the row groups in reverse order
     g = kernels.group_rows(q)
     flipped = raw.reshape(-1, g, raw.shape[1])[::-1].reshape(raw.shape)
@@ -109,7 +109,8 @@ def test_products(case: tuple[str, int, int]) -> None:
     stacked = np.stack([raw, flipped])
     experts = np.array([1, 0, 1])
     x = rng.standard_normal((3, cols)).astype(np.float32)
-    got = kernels.gather_matvec(stacked, q, (2, rows, cols), experts, x)
+    with kernels.activations(int8=False):
+        got = kernels.gather_matvec(stacked, q, (2, rows, cols), experts, x)
     for n, e in enumerate(experts):
         _close(got[n : n + 1], (w, w1)[e], x[n : n + 1])
 
