@@ -24,7 +24,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from engine.block_decoders import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
-from engine.ik_decoders import IQ2_K_R4, IQ4_KS
+from engine.ik_decoders import IQ2_K, IQ2_K_R4, IQ4_K, IQ4_KS
 from engine.ik_types import quant_type
 from engine.simd import _arg_i64, _splat
 from engine.simd_int8 import IQ4_CODES, _data, _fma, _fma4, _hsum, codes_dot, k4_scale_codes, lookup_codes
@@ -275,11 +275,50 @@ def _k4_row(fifth: bool):
 
 # IQ2_K's book (-31, -13, 1, 17) + 32; its second half is the first + 5.
 _IQ2_CODES = [1, 19, 33, 49]
+_V16I = ir.VectorType(_I32, 16)
+
+
+def _book_scales(c: _Ctx, d: ir.Value, ls: ir.Value, ls_zero: int, half: ir.Value, step: int, code_zero: int,
+                 xg: list[ir.Value], accb) -> list[ir.Value]:
+    """Each token's 16 group scales of a block with one scale per 16 values: dl = d * (ls - ls_zero) (ls, half:
+    <16 x i32>), value = dl * (code - code_zero + step * half) for the book half `half`; adds the offsets' part
+    to accb."""
+    b = c.b
+    dl = b.fmul(_splat(b, d, _V16F), b.sitofp(b.sub(ls, _const(_V16I, [ls_zero] * 16)), _V16F))
+    shift = b.sub(b.mul(half, _const(_V16I, [step] * 16)), _const(_V16I, [code_zero] * 16))
+    bias = b.fmul(dl, b.sitofp(shift, _V16F))
+    scales = []
+    for t, x in enumerate(xg):
+        scales.append(b.fmul(dl, c.load(c.xd, x, _V16F, 4)))
+        b.store(_fma(b, bias, c.load(c.xs, x, _V16F, 4), b.load(accb[t])), accb[t])
+    return scales
+
+
+def _spread(c: _Ctx, at: ir.Value, n: int, picks: list[int]) -> ir.Value:
+    """<16 x i32>: lane g = byte picks[g] of the n bytes at `at` (a block's per-sub-block fields, one per group)."""
+    raw = c.load(c.src, at, ir.VectorType(_I8, n))
+    return c.b.zext(c.b.shuffle_vector(raw, raw, _idx(picks)), _V16I)
+
+
+def _bits16(c: _Ctx, word: ir.Value) -> ir.Value:
+    """<16 x i32>: bit g of a 16-bit word in lane g (the `extra` book-half bits of the IQ*_K types)."""
+    b = c.b
+    v = _splat(b, b.zext(word, _I32), _V16I)
+    return b.and_(b.lshr(v, _const(_V16I, list(range(16)))), _const(_V16I, [1] * 16))
+
+
+def _iq4_nibbles(c: _Ctx, at: ir.Value) -> ir.Value:
+    """<64 x i8>: the 4-bit indices of two 32-value sub-blocks of 16 bytes at `at`, in value order (IQ4_XS's
+    layout: low nibbles are values 0-15 of a sub-block, high nibbles 16-31)."""
+    b = c.b
+    raw = c.load(c.src, at, _V32I8)
+    return b.shuffle_vector(b.and_(raw, _const(_V32I8, [15] * 32)), b.lshr(raw, _const(_V32I8, [4] * 32)),
+                            _idx([*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]))
 
 
 def _iq4_ks_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     """An IQ4_KS block (scales[8] @0, qs[128] @8) under its row's float32 scale: sub-block s (32 values) has
-    dl = d * ((sc & 254) - 127) and the book half sc & 1 (+4); nibbles as IQ4_XS (low: values 0-15, high: 16-31)."""
+    dl = d * ((sc & 254) - 127) and the book half sc & 1 (+4)."""
     b = c.b
     v8i = ir.VectorType(_I32, 8)
     sc = b.zext(c.load(c.src, o, ir.VectorType(_I8, 8)), v8i)
@@ -291,13 +330,44 @@ def _iq4_ks_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     for t, x in enumerate(xg):
         scales.append(b.fmul(dl, _pairs(b, c.load(c.xd, x, _V16F, 4), add=False)))
         b.store(b.fadd(b.load(accb[t]), b.fmul(bias, _pairs(b, c.load(c.xs, x, _V16F, 4), add=True))), accb[t])
-    low, four = _const(_V32I8, [15] * 32), _const(_V32I8, [4] * 32)
     for g in range(4):  # sub-blocks 2g, 2g + 1
-        raw = c.load(c.src, c.off(o, 8 + 32 * g), _V32I8)
-        idx = b.shuffle_vector(b.and_(raw, low), b.lshr(raw, four),
-                               _idx([*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]))
-        _accumulate(c, lookup_codes(b, idx, IQ4_CODES), _values(c, xg, g), scales, [2 * g] * 8 + [2 * g + 1] * 8,
-                    acc)
+        _accumulate(c, lookup_codes(b, _iq4_nibbles(c, c.off(o, 8 + 32 * g)), IQ4_CODES), _values(c, xg, g),
+                    scales, [2 * g] * 8 + [2 * g + 1] * 8, acc)
+
+
+def _iq4_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
+    """An IQ4_K block (d @0, extra @2, scales_h[4] @4, scales_l[8] @8, qs[128] @16): half h of sub-block s (one
+    group) has the 6-bit scale nibble h of scales_l[s] | bits 4 (s % 2) + 2 h of scales_h[s // 2] << 4, less 32,
+    and book half bit 2 s + h of extra (+4); nibbles as IQ4_KS."""
+    b = c.b
+    order = [(s, h) for s in range(8) for h in range(2)]
+    low = _spread(c, c.off(o, 8), 8, [s for s, h in order])
+    high = _spread(c, c.off(o, 4), 4, [s // 2 for s, h in order])
+    ls = b.or_(b.and_(b.lshr(low, _const(_V16I, [4 * h for s, h in order])), _const(_V16I, [15] * 16)),
+               b.shl(b.and_(b.lshr(high, _const(_V16I, [4 * (s % 2) + 2 * h for s, h in order])),
+                            _const(_V16I, [3] * 16)), _const(_V16I, [4] * 16)))
+    scales = _book_scales(c, c.half(o), ls, 32, _bits16(c, c.load(c.src, c.off(o, 2), _I16)), 4, 128, xg, accb)
+    for g in range(4):
+        _accumulate(c, lookup_codes(b, _iq4_nibbles(c, c.off(o, 16 + 32 * g)), IQ4_CODES), _values(c, xg, g),
+                    scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+def _iq2_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
+    """An IQ2_K block (d @0, extra @2, scales[8] @4, qs[64] @12): half h of sub-block s (one group) has scale
+    nibble h of scales[s] less 8 and book half bit 2 s + h of extra (+5); sub-block s's 32 codes are bits
+    2 (s % 4) of the 32 bytes at 12 + 32 (s // 4), in value order."""
+    b = c.b
+    order = [(s, h) for s in range(8) for h in range(2)]
+    sc = _spread(c, c.off(o, 4), 8, [s for s, h in order])
+    ls = b.and_(b.lshr(sc, _const(_V16I, [4 * h for s, h in order])), _const(_V16I, [15] * 16))
+    scales = _book_scales(c, c.half(o), ls, 8, _bits16(c, c.load(c.src, c.off(o, 2), _I16)), 5, 32, xg, accb)
+    three = _const(_V32I8, [3] * 32)
+    for g in range(4):  # sub-blocks 2g, 2g + 1 share their bytes
+        raw = c.load(c.src, c.off(o, 12 + 32 * (g // 2)), _V32I8)
+        f = [b.and_(b.lshr(raw, _const(_V32I8, [2 * ((2 * g + j) % 4)] * 32)), three) for j in range(2)]
+        idx = b.shuffle_vector(f[0], f[1], _idx(list(range(64))))
+        _accumulate(c, lookup_codes(b, idx, _IQ2_CODES), _values(c, xg, g), scales,
+                    [4 * g + lane // 4 for lane in range(16)], acc)
 
 
 def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
@@ -305,21 +375,14 @@ def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
     sub-block s (16 values, one group) has scale d_k * (nibble 8 s + k + 4 h of scales - 8) and book half bit s of
     extra[k + 4 h] (+5). Its 2-bit codes: bits 2 j of qs[32 s + 16 h + 4 k + i] hold value 4 j + i."""
     b = c.b
-    v16i, v16i8 = ir.VectorType(_I32, 16), ir.VectorType(_I8, 16)
+    v16i8 = ir.VectorType(_I8, 16)
     order = [(s, h) for s in range(8) for h in range(2)]  # the block's 16 groups
     raw_sc = c.load(c.src, c.off(o, 16), _V32I8)
     nib = b.shuffle_vector(b.and_(raw_sc, _const(_V32I8, [15] * 32)), b.lshr(raw_sc, _const(_V32I8, [4] * 32)),
                            _idx([8 * s + k + 4 * h for s, h in order]))
-    dsc = b.fmul(_splat(b, c.half(c.off(o, 2 * k)), _V16F),
-                 b.sitofp(b.sub(b.zext(nib, v16i), _const(v16i, [8] * 16)), _V16F))
-    extra = c.load(c.src, c.off(o, 8), ir.VectorType(_I8, 8))
-    ex = b.zext(b.shuffle_vector(extra, extra, _idx([k + 4 * h for s, h in order])), v16i)
-    half = b.and_(b.lshr(ex, _const(v16i, [s for s, h in order])), _const(v16i, [1] * 16))
-    bias = b.fmul(dsc, b.sitofp(b.sub(b.mul(half, _const(v16i, [5] * 16)), _const(v16i, [32] * 16)), _V16F))
-    scales = []
-    for t, x in enumerate(xg):
-        scales.append(b.fmul(dsc, c.load(c.xd, x, _V16F, 4)))
-        b.store(_fma(b, bias, c.load(c.xs, x, _V16F, 4), b.load(accb[t])), accb[t])
+    ex = _spread(c, c.off(o, 8), 8, [k + 4 * h for s, h in order])
+    half = b.and_(b.lshr(ex, _const(_V16I, [s for s, h in order])), _const(_V16I, [1] * 16))
+    scales = _book_scales(c, c.half(c.off(o, 2 * k)), b.zext(nib, _V16I), 8, half, 5, 32, xg, accb)
     three = _const(v16i8, [3] * 16)
     for g in range(4):  # sub-blocks 2g, 2g + 1: row k's 16 bytes of the 4 rows' 64
         raw = c.load(c.src, c.off(o, 48 + 64 * g), ir.VectorType(_I8, 64))
@@ -354,6 +417,8 @@ _ROWS = {
     Q6_K: lambda context, builder, sig, args, n, k: _row_loop(context, builder, sig, args, n, Q6_K, _q6_k_block, 16),
     IQ4_KS: _ik_row(IQ4_KS, _iq4_ks_block, 8),
     IQ2_K_R4: _ik_row(IQ2_K_R4, _iq2_k_r4_block, 16),
+    IQ4_K: _ik_row(IQ4_K, _iq4_k_block, 16),
+    IQ2_K: _ik_row(IQ2_K, _iq2_k_block, 16),
 } | {qtype: _small_row(qtype) for qtype in _SMALL}
 BLOCK_DOT_TYPES = tuple(_ROWS)  # the types with a kernel here (a row function per type: its code, row k of a group)
 
