@@ -40,7 +40,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from engine.threads import blas_note  # noqa: E402 (the repository's root is on the path from here)
+from engine.ik_types import IK_IDS  # noqa: E402 (the repository's root is on the path from here)
+from engine.threads import blas_note  # noqa: E402
 
 ENGINES = ("ikctl", "llama.cpp", "ik_llama.cpp")
 PEERS = ENGINES[1:]
@@ -100,18 +101,33 @@ def f16_source(base: str, directory: Path) -> Path:
     return makers[base](directory, "F16")
 
 
-def quantized(source: Path, ftype: str, threads: int) -> Path:
-    """`source` quantized to ftype by llama.cpp's quantizer, once (beside it, as <name>.<FTYPE>.gguf)."""
+def ik_quantize(source: str, dest: str, ftype: str, threads: int, ik_bin: str | None) -> None:
+    """ik_llama.cpp's llama-quantize (its own types, its default recipe for the ftype)."""
+    if not ik_bin or not os.access(Path(ik_bin) / "llama-quantize", os.X_OK):
+        raise EngineError("unavailable", f"{ftype} is an ik_llama.cpp type: give --ik-bin DIR with its llama-quantize")
+    proc = subprocess.run([str(Path(ik_bin) / "llama-quantize"), source, dest, ftype, str(threads)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise EngineError("failed", f"llama-quantize {ftype}: {_why(proc.stderr + proc.stdout)}")
+
+
+def quantized(source: Path, ftype: str, threads: int, ik_bin: str | None) -> Path:
+    """`source` quantized to ftype once (beside it, as <name>.<FTYPE>.gguf): by llama.cpp's quantizer, or by
+    ik_llama.cpp's for its own types (IQ4_KS, IQ2_K_R4, ...)."""
     from peer_llamacpp import PeerUnavailableError, quantize
 
     dest = source.with_name(f"{source.stem.removesuffix('-f16')}.{ftype}.gguf")
     if dest.is_file():
         return dest
-    print(f"quantizing {source.name} -> {dest.name} (llama.cpp) ...", file=sys.stderr, flush=True)
+    by = "ik_llama.cpp" if ftype in IK_IDS else "llama.cpp"
+    print(f"quantizing {source.name} -> {dest.name} ({by}) ...", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     os.close(fd)
     try:
-        quantize(str(source), tmp, ftype, threads)
+        if ftype in IK_IDS:
+            ik_quantize(str(source), tmp, ftype, threads, ik_bin)
+        else:
+            quantize(str(source), tmp, ftype, threads)
         os.chmod(tmp, 0o644)  # mkstemp's 0600 otherwise
         os.replace(tmp, dest)
     except PeerUnavailableError as exc:
@@ -121,14 +137,15 @@ def quantized(source: Path, ftype: str, threads: int) -> Path:
     return dest
 
 
-def prepare_model(name: str, directory: Path, threads: int) -> Path:
-    """The GGUF for a model name 'base-FTYPE' (v2lite/v3 with Q4_K_M, Q8_0...; smollm2-Q4_1)."""
+def prepare_model(name: str, directory: Path, threads: int, ik_bin: str | None = None) -> Path:
+    """The GGUF for a model name 'base-FTYPE' (v2lite/v3 with Q4_K_M, Q8_0, or ik_llama.cpp's IQ4_KS, IQ2_K_R4...;
+    smollm2-Q4_1)."""
     base, _, ftype = name.partition("-")
     if base == "smollm2":
         if ftype != "Q4_1":
             raise ValueError(f"smollm2 ships as Q4_1 only, not {ftype!r}")
         return smollm2_path()
-    return quantized(f16_source(base, directory), ftype, threads)
+    return quantized(f16_source(base, directory), ftype, threads, ik_bin)
 
 
 # ---- engines -----------------------------------------------------------------------------------------------
@@ -340,7 +357,7 @@ def prepare_models(names: list[str], args: argparse.Namespace) -> tuple[dict[str
     ready, missing = {}, {}
     for name in names:
         try:
-            ready[name] = prepare_model(name, args.dir, args.threads)
+            ready[name] = prepare_model(name, args.dir, args.threads, args.ik_bin)
         except EngineError as exc:
             missing[name] = str(exc)
             print(f"{name}: {exc}", file=sys.stderr)

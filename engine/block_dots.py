@@ -24,7 +24,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from engine.block_decoders import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
-from engine.ik_decoders import IQ2_K, IQ2_K_R4, IQ4_K, IQ4_KS
+from engine.ik_decoders import IQ2_K, IQ2_K_R4, IQ4_K, IQ4_KS, IQ5_KS
 from engine.ik_types import quant_type
 from engine.simd import _arg_i64, _splat
 from engine.simd_int8 import IQ4_CODES, _data, _fma, _fma4, _hsum, codes_dot, k4_scale_codes, lookup_codes
@@ -275,6 +275,9 @@ def _k4_row(fifth: bool):
 
 # IQ2_K's book (-31, -13, 1, 17) + 32; its second half is the first + 5.
 _IQ2_CODES = [1, 19, 33, 49]
+# IQ5_K's book + 128 (its second half is the first + 2).
+_IQ5_CODES = [v + 128 for v in (-126, -114, -103, -92, -83, -74, -65, -57, -50, -43, -36, -30, -24, -18, -12, -6,
+                                -1, 5, 11, 17, 23, 29, 36, 43, 51, 59, 68, 77, 87, 97, 109, 121)]
 _V16I = ir.VectorType(_I32, 16)
 
 
@@ -316,23 +319,48 @@ def _iq4_nibbles(c: _Ctx, at: ir.Value) -> ir.Value:
                             _idx([*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]))
 
 
-def _iq4_ks_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
-    """An IQ4_KS block (scales[8] @0, qs[128] @8) under its row's float32 scale: sub-block s (32 values) has
-    dl = d * ((sc & 254) - 127) and the book half sc & 1 (+4)."""
+def _ks_scales(c: _Ctx, o: ir.Value, step: int, xg: list[ir.Value], accb) -> list[ir.Value]:
+    """Each token's 8 sub-block scales of an IQ4_KS/IQ5_KS block (scale bytes sc[8] @o) under the row's float32
+    scale d: dl = d * ((sc & 254) - 127), value = dl * (code - 128 + step * (sc & 1)); adds the offsets' part to
+    accb."""
     b = c.b
     v8i = ir.VectorType(_I32, 8)
     sc = b.zext(c.load(c.src, o, ir.VectorType(_I8, 8)), v8i)
     dl = b.fmul(_splat(b, c.f32(c.head), _V8F),
                 b.sitofp(b.sub(b.and_(sc, _const(v8i, [254] * 8)), _const(v8i, [127] * 8)), _V8F))
-    shift = b.sub(b.shl(b.and_(sc, _const(v8i, [1] * 8)), _const(v8i, [2] * 8)), _const(v8i, [128] * 8))
-    bias = b.fmul(dl, b.sitofp(shift, _V8F))  # value = dl * (code - 128 + 4 half)
+    shift = b.sub(b.mul(b.and_(sc, _const(v8i, [1] * 8)), _const(v8i, [step] * 8)), _const(v8i, [128] * 8))
+    bias = b.fmul(dl, b.sitofp(shift, _V8F))
     scales = []
     for t, x in enumerate(xg):
         scales.append(b.fmul(dl, _pairs(b, c.load(c.xd, x, _V16F, 4), add=False)))
         b.store(b.fadd(b.load(accb[t]), b.fmul(bias, _pairs(b, c.load(c.xs, x, _V16F, 4), add=True))), accb[t])
+    return scales
+
+
+def _iq4_ks_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
+    """An IQ4_KS block (scales[8] @0, qs[128] @8) under its row's float32 scale: sub-block s (32 values) has
+    dl = d * ((sc & 254) - 127) and the book half sc & 1 (+4)."""
+    scales = _ks_scales(c, o, 4, xg, accb)
     for g in range(4):  # sub-blocks 2g, 2g + 1
-        _accumulate(c, lookup_codes(b, _iq4_nibbles(c, c.off(o, 8 + 32 * g)), IQ4_CODES), _values(c, xg, g),
+        _accumulate(c, lookup_codes(c.b, _iq4_nibbles(c, c.off(o, 8 + 32 * g)), IQ4_CODES), _values(c, xg, g),
                     scales, [2 * g] * 8 + [2 * g + 1] * 8, acc)
+
+
+def _iq5_ks_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
+    """An IQ5_KS block (scales[8] @0, qs[128] @8, qh[32] @136), scales as IQ4_KS (book half +2): step g's 64
+    values are the low nibbles of qs[32 g ..] (sub-block 2g), then the high ones (2g + 1), 5th bits 2g and
+    2g + 1 of qh[j]."""
+    b = c.b
+    scales = _ks_scales(c, o, 2, xg, accb)
+    qh = c.load(c.src, c.off(o, 136), _V32I8)
+    one, four = _const(_V32I8, [1] * 32), _const(_V32I8, [4] * 32)
+    for g in range(4):
+        raw = c.load(c.src, c.off(o, 8 + 32 * g), _V32I8)
+        lo = b.or_(b.and_(raw, _const(_V32I8, [15] * 32)),
+                   b.shl(b.and_(b.lshr(qh, _const(_V32I8, [2 * g] * 32)), one), four))
+        hi = b.or_(b.lshr(raw, four), b.shl(b.and_(b.lshr(qh, _const(_V32I8, [2 * g + 1] * 32)), one), four))
+        _accumulate(c, lookup_codes(b, b.shuffle_vector(lo, hi, _idx(list(range(64)))), _IQ5_CODES),
+                    _values(c, xg, g), scales, [2 * g] * 8 + [2 * g + 1] * 8, acc)
 
 
 def _iq4_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
@@ -419,6 +447,7 @@ _ROWS = {
     IQ2_K_R4: _ik_row(IQ2_K_R4, _iq2_k_r4_block, 16),
     IQ4_K: _ik_row(IQ4_K, _iq4_k_block, 16),
     IQ2_K: _ik_row(IQ2_K, _iq2_k_block, 16),
+    IQ5_KS: _ik_row(IQ5_KS, _iq5_ks_block, 8),
 } | {qtype: _small_row(qtype) for qtype in _SMALL}
 BLOCK_DOT_TYPES = tuple(_ROWS)  # the types with a kernel here (a row function per type: its code, row k of a group)
 

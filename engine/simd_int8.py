@@ -114,12 +114,17 @@ _PSHUFB = {16: "llvm.x86.ssse3.pshuf.b.128", 32: "llvm.x86.avx2.pshuf.b", 64: "l
 
 
 def lookup_codes(builder: ir.IRBuilder, idx: ir.Value, table: list[int]) -> ir.Value:
-    """<n x i8>: table[idx[i]] for byte indices idx (<n x i8>, each < len(table) <= 16): the non-linear code books
-    of the IQ types as unsigned codes. One `vpshufb` with AVX-512 (the table in every 16-byte lane), else a select
-    tree on the index bits, exact on any target."""
+    """<n x i8>: table[idx[i]] for byte indices idx (<n x i8>, each < len(table) <= 32): the non-linear code books
+    of the IQ types as unsigned codes. With AVX-512 one `vpshufb` per 16 entries (the table in every 16-byte
+    lane), else a select tree on the index bits, exact on any target."""
     n = idx.type.count
     vty = ir.VectorType(_I8, n)
-    padded = [v - 256 if v > 127 else v for v in table] + [0] * (16 - len(table))  # as signed bytes
+    if _ISA == "avx512vnni" and len(table) > 16:  # 32 entries: each half's lookup, chosen by index bit 4
+        low = builder.and_(idx, ir.Constant(vty, [15] * n))
+        high = builder.icmp_unsigned("!=", builder.and_(idx, ir.Constant(vty, [16] * n)), ir.Constant(vty, [0] * n))
+        return builder.select(high, lookup_codes(builder, low, table[16:]), lookup_codes(builder, low, table[:16]))
+    padded = [v - 256 if v > 127 else v for v in table]  # as signed bytes
+    padded += [0] * ((16 if len(table) <= 16 else 32) - len(table))
     if _ISA == "avx512vnni":
         fn = builder.module.declare_intrinsic(_PSHUFB[n], fnty=ir.FunctionType(vty, [vty, vty]))
         return builder.call(fn, [ir.Constant(vty, padded * (n // 16)), idx])
