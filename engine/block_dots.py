@@ -24,7 +24,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from engine.block_decoders import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
-from engine.ik_decoders import IQ2_K, IQ2_K_R4, IQ4_K, IQ4_KS, IQ5_KS
+from engine.ik_decoders import IQ2_K, IQ2_K_R4, IQ3_K, IQ4_K, IQ4_KS, IQ5_KS
 from engine.ik_types import quant_type
 from engine.simd import _arg_i64, _splat
 from engine.simd_int8 import IQ4_CODES, _data, _fma, _fma4, _hsum, codes_dot, k4_scale_codes, lookup_codes
@@ -275,6 +275,8 @@ def _k4_row(fifth: bool):
 
 # IQ2_K's book (-31, -13, 1, 17) + 32; its second half is the first + 5.
 _IQ2_CODES = [1, 19, 33, 49]
+# IQ3_K's book (-63, -40, -23, -10, 1, 13, 28, 47) + 64; its second half is the first + 4.
+_IQ3_CODES = [1, 24, 41, 54, 65, 77, 92, 111]
 # IQ5_K's book + 128 (its second half is the first + 2).
 _IQ5_CODES = [v + 128 for v in (-126, -114, -103, -92, -83, -74, -65, -57, -50, -43, -36, -30, -24, -18, -12, -6,
                                 -1, 5, 11, 17, 23, 29, 36, 43, 51, 59, 68, 77, 87, 97, 109, 121)]
@@ -426,6 +428,30 @@ def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
                     [4 * g + lane // 4 for lane in range(16)], acc)
 
 
+def _iq3_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
+    """An IQ3_K block (d @0, extra @2, scales_h @4, scales_l[8] @6, qs[64] @14, qh[32] @78): half h of sub-block
+    s (one group) has scale 2 (nibble h of scales_l[s]) + 1, negated by bit 2 s + h of scales_h, and book half
+    bit 2 s + h of extra (+4); sub-block s's 32 codes are bits 2 (s % 4) of the 32 bytes at 14 + 32 (s // 4)
+    with bit s of qh[j] above them."""
+    b = c.b
+    order = [(s, h) for s in range(8) for h in range(2)]
+    sl = _spread(c, c.off(o, 6), 8, [s for s, h in order])
+    odd = b.or_(b.shl(b.and_(b.lshr(sl, _const(_V16I, [4 * h for s, h in order])), _const(_V16I, [15] * 16)),
+                      _const(_V16I, [1] * 16)), _const(_V16I, [1] * 16))
+    sign = _bits16(c, c.load(c.src, c.off(o, 4), _I16))
+    ls = b.mul(odd, b.sub(_const(_V16I, [1] * 16), b.shl(sign, _const(_V16I, [1] * 16))))
+    scales = _book_scales(c, c.half(o), ls, 0, _bits16(c, c.load(c.src, c.off(o, 2), _I16)), 4, 64, xg, accb)
+    three, one = _const(_V32I8, [3] * 32), _const(_V32I8, [1] * 32)
+    qh = c.load(c.src, c.off(o, 78), _V32I8)
+    for g in range(4):  # sub-blocks 2g, 2g + 1 share their low bits' bytes
+        raw = c.load(c.src, c.off(o, 14 + 32 * (g // 2)), _V32I8)
+        f = [b.or_(b.and_(b.lshr(raw, _const(_V32I8, [2 * ((2 * g + j) % 4)] * 32)), three),
+                   b.shl(b.and_(b.lshr(qh, _const(_V32I8, [2 * g + j] * 32)), one), _const(_V32I8, [2] * 32)))
+             for j in range(2)]
+        _accumulate(c, lookup_codes(b, b.shuffle_vector(f[0], f[1], _idx(list(range(64)))), _IQ3_CODES),
+                    _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
 def _ik_row(qtype: int, block, bias_lanes: int):
     def row(context, builder, sig, args, n_tok: int, k: int) -> None:
         def one(c, o, xg, acc, accb):
@@ -448,6 +474,7 @@ _ROWS = {
     IQ4_K: _ik_row(IQ4_K, _iq4_k_block, 16),
     IQ2_K: _ik_row(IQ2_K, _iq2_k_block, 16),
     IQ5_KS: _ik_row(IQ5_KS, _iq5_ks_block, 8),
+    IQ3_K: _ik_row(IQ3_K, _iq3_k_block, 16),
 } | {qtype: _small_row(qtype) for qtype in _SMALL}
 BLOCK_DOT_TYPES = tuple(_ROWS)  # the types with a kernel here (a row function per type: its code, row k of a group)
 
