@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import load_model
+from engine import kernels, load_model
 from engine.gguf_file import GGUFFile
 from engine.ik_types import is_ik
 
@@ -58,4 +58,17 @@ def test_logits_match_ik_llama() -> None:
     got = load_model(MODEL, ctx_size=512).logits(ik_tokens())
     assert got.shape == want.shape == (256, 288)
     top1, kl = agreement(got, want)
+    assert top1 >= MIN_TOP1 and kl <= MAX_MEAN_KL, (top1, kl)
+
+
+def test_step_logits_match_ik_llama() -> None:
+    """Token by token: the decode-sized products run on the fused integer kernels (IQ4_KS, IQ2_K_R4, IQ4_K,
+    IQ3_K, IQ5_KS here) and the rest on the decoder path, and still match ik_llama.cpp's batch logits."""
+    model = load_model(MODEL, ctx_size=512)
+    fused = {t.qtype_name for t in model.gguf.tensors.values() if is_ik(t.qtype) and kernels.fused(t.qtype)}
+    assert fused >= {"IQ4_KS", "IQ2_K_R4", "IQ4_K", "IQ3_K", "IQ5_KS"}
+    ids = ik_tokens()[:96]
+    cache = model.new_cache()
+    got = np.stack([model.eval([t], cache)[-1] for t in ids])
+    top1, kl = agreement(got, ik_logits()[: len(ids)])
     assert top1 >= MIN_TOP1 and kl <= MAX_MEAN_KL, (top1, kl)
