@@ -453,9 +453,11 @@ def _iq3_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
 
 
 def _ik_row(qtype: int, block, bias_lanes: int):
+    grouped = quant_type(qtype).group > 1  # the block body takes the row within its group
+
     def row(context, builder, sig, args, n_tok: int, k: int) -> None:
         def one(c, o, xg, acc, accb):
-            if quant_type(qtype).group > 1:
+            if grouped:
                 block(c, o, xg, acc, accb, k)
             else:
                 block(c, o, xg, acc, accb)

@@ -481,8 +481,8 @@ def takes_int8(qtype: int) -> bool:
 def fused(qtype: int) -> bool:
     """Whether decode-sized products with this type have a fused kernel: one that reads the encoded blocks (or
     a chunk of them decoded into an L1 scratch) for every token of a call. Not so: ik_llama.cpp's types without
-    a kernel in engine.block_dots, whose rows decode whole to float32 first."""
-    return int(qtype) in BLOCK_DOT_TYPES or (int(qtype) in BLOCK and not _by_unit(qtype))
+    a kernel in engine.block_dots, whose rows decode whole to float32 first (BLOCK holds mainline types only)."""
+    return int(qtype) in BLOCK_DOT_TYPES or int(qtype) in BLOCK
 
 
 def matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:
