@@ -1,0 +1,50 @@
+"""Fused dot kernels for ik_llama.cpp's row-interleaved types (*_R4, *_R8), read in their stored layout
+(engine.block_dots).
+
+A block of such a type holds the same block column of G rows (G = 4 or 8), interleaved. Row k of a group picks its
+bytes out of the group's with constant shuffles: one kernel body per k, no repacking at load. The rows of a group
+are visited one after another, so the group's bytes come from L1 after the first row.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+
+from engine.block_ir import _I8, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
+from engine.ik_decoders import IQ2_K_R4
+from engine.ik_dots import _IQ2_CODES, _book_scales, _ik_row, _spread
+from engine.simd_int8 import lookup_codes
+
+
+def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of an IQ2_K_R4 block of 4 rows (d[4] f16 @0, extra[8] @8, scales[32] @16, qs[256] @48). Half h of
+    sub-block s (16 values, one group) has scale d_k * (nibble 8 s + k + 4 h of scales - 8) and book half bit s of
+    extra[k + 4 h] (+5). Its 2-bit codes: bits 2 j of qs[32 s + 16 h + 4 k + i] hold value 4 j + i."""
+    b = c.b
+    v16i8 = ir.VectorType(_I8, 16)
+    order = [(s, h) for s in range(8) for h in range(2)]  # the block's 16 groups
+    raw_sc = c.load(c.src, c.off(o, 16), _V32I8)
+    nib = b.shuffle_vector(b.and_(raw_sc, _const(_V32I8, [15] * 32)), b.lshr(raw_sc, _const(_V32I8, [4] * 32)),
+                           _idx([8 * s + k + 4 * h for s, h in order]))
+    ex = _spread(c, c.off(o, 8), 8, [k + 4 * h for s, h in order])
+    half = b.and_(b.lshr(ex, _const(_V16I, [s for s, h in order])), _const(_V16I, [1] * 16))
+    scales = _book_scales(c, c.half(c.off(o, 2 * k)), b.zext(nib, _V16I), 8, half, 5, 32, xg, accb)
+    three = _const(v16i8, [3] * 16)
+    for g in range(4):  # sub-blocks 2g, 2g + 1: row k's 16 bytes of the 4 rows' 64
+        raw = c.load(c.src, c.off(o, 48 + 64 * g), ir.VectorType(_I8, 64))
+        mine = b.shuffle_vector(raw, raw, _idx([32 * s + 16 * h + 4 * k + i for s in range(2) for h in range(2)
+                                                for i in range(4)]))
+        f = [b.and_(b.lshr(mine, _const(v16i8, [2 * j] * 16)), three) for j in range(4)]
+        lo = b.shuffle_vector(f[0], f[1], _idx(list(range(32))))
+        hi = b.shuffle_vector(f[2], f[3], _idx(list(range(32))))
+        # value 32 s + 16 h + 4 j + i is field j of byte 8 s + 4 h + i
+        idx = b.shuffle_vector(lo, hi, _idx([16 * j + 8 * s + 4 * h + i for s in range(2) for h in range(2)
+                                             for j in range(4) for i in range(4)]))
+        _accumulate(c, lookup_codes(b, idx, _IQ2_CODES), _values(c, xg, g), scales,
+                    [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+
+ROWS = {
+    IQ2_K_R4: _ik_row(IQ2_K_R4, _iq2_k_r4_block, 16),
+}
