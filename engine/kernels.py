@@ -54,6 +54,8 @@ _CHUNK_VALUES = 4096
 _PREFETCH_ROWS = 4
 # Bytes ahead of the integer kernels' reads that they prefetch (covers DRAM latency at full bandwidth).
 _PREFETCH_BYTES = 16384
+# The expert ids of a one-matrix product run through the gather kernel: matrix 0 for every token.
+_ONE_RUN = np.zeros(1, np.int64)
 # reassoc lets LLVM vectorise the dot reductions, contract allows FMA; NaN/inf semantics stay IEEE.
 _FASTMATH = {"reassoc", "contract"}
 
@@ -305,21 +307,6 @@ def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _int8_matvec_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int, meta: int,
-                        group: int, x: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = x[t] . row r of raw [1, R, row bytes] (flat: the same bytes, 1-D) with 16-bit integer
-    activations (engine.q8_activations): each weight byte is read once for all T tokens."""
-    x16, xd, xs = quantized(x)
-    R = raw.shape[1]
-    rows = _int8_task_rows(qtype)
-    tasks = (R + rows - 1) // rows
-    for k in prange(tasks):
-        q, a, b = _int8_scratch(qtype)
-        _int8_rows(qtype, raw, flat, 0, k * rows, min(R, (k + 1) * rows), block_bytes, qk, meta, group,
-                   q, a, b, x16, xd, xs, 0, x16.shape[0], out, 0)
-
-
-@njit(parallel=True, cache=True, nogil=True)
 def _int8_gather_kernel(raw: np.ndarray, flat: np.ndarray, qtype: int, qk: int, block_bytes: int, meta: int,
                         group: int, experts: np.ndarray, bounds: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """out[n, r] = x[n] . row r of matrix experts[s] of raw [E, R, row bytes] (flat: the same bytes, 1-D) for the
@@ -494,8 +481,9 @@ def matvec(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -
         return out
     qt = quant_type(int(qtype))
     if takes_int8(qtype):
-        _int8_matvec_kernel(rows[None], rows.reshape(-1), int(qtype), qt.qk, qt.block_bytes, qt.meta, qt.group, x,
-                            out)
+        # one matrix as a gather of one run: the fused kernels compile once, for both (a per-type cost)
+        _int8_gather_kernel(rows[None], rows.reshape(-1), int(qtype), qt.qk, qt.block_bytes, qt.meta, qt.group,
+                            _ONE_RUN, np.array([0, x.shape[0]], np.int64), x, out)
     elif _by_unit(qtype):
         _unit_matvec_kernel(_units(rows, qt.group), int(qtype), qt.group, x, out)
     else:
