@@ -34,6 +34,22 @@ _ROWS = mainline_dots.ROWS | ik_dots.ROWS | interleaved_dots.ROWS
 BLOCK_DOT_TYPES = tuple(_ROWS)  # the types with a kernel here (a row function per type: its code, row k of a group)
 
 
+def _call_row(context, builder: ir.IRBuilder, sig, args: list, n_tok: int, qtype: int, k: int) -> None:
+    """Call the kernel body of (qtype, row k of its group) for n_tok tokens, emitted once per LLVM module as a
+    function of its own: LLVM optimises each body alone, not one function holding every type's (compile time grew
+    faster than the number of types), and a call per row span costs nothing next to the span's blocks."""
+    name = f"ikctl_block_dot{n_tok}_type{qtype}_row{k}"
+    fn = builder.module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [a.type for a in args]), name=name)
+        fn.linkage = "internal"
+        fn.attributes.add("noinline")
+        body = ir.IRBuilder(fn.append_basic_block("entry"))
+        _ROWS[qtype](context, body, sig, list(fn.args), n_tok, k)
+        body.ret_void()
+    builder.call(fn, args)
+
+
 def _make_dot(n_tok: int):
     @intrinsic
     def dot(typingctx, qtype, src, so, nblk, x16, xd, xs, xgroup, groups, out, oo, ostride, add, head, krow):
@@ -45,13 +61,13 @@ def _make_dot(n_tok: int):
             end = builder.append_basic_block("dot_end")
             switch = builder.switch(kind, end)
             krow = _arg_i64(context, builder, sig, args, 13)
-            for qt, row in _ROWS.items():
+            for qt in _ROWS:
                 case = builder.append_basic_block(f"dot_type{qt}")
                 switch.add_case(ir.Constant(_I64, qt), case)
                 builder.position_at_end(case)
                 group = quant_type(qt).group
                 if group == 1:
-                    row(context, builder, sig, args, n_tok, 0)
+                    _call_row(context, builder, sig, args, n_tok, qt, 0)
                     builder.branch(end)
                     continue
                 rows = builder.switch(krow, end)  # one body per row of an interleaved group
@@ -59,7 +75,7 @@ def _make_dot(n_tok: int):
                     at = builder.append_basic_block(f"dot_type{qt}_row{k}")
                     rows.add_case(ir.Constant(_I64, k), at)
                     builder.position_at_end(at)
-                    row(context, builder, sig, args, n_tok, k)
+                    _call_row(context, builder, sig, args, n_tok, qt, k)
                     builder.branch(end)
             builder.position_at_end(end)
             return context.get_dummy_value()
