@@ -146,7 +146,7 @@ def _write_gguf(path: Path, name: str, raw: np.ndarray, qtype: int, cols: int) -
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", ["IQ4_KS", "Q8_0_R8"])
+@pytest.mark.parametrize("name", ["IQ4_KS", "Q8_0_R8", "IQ1_S_R4", "BF16_R16"])
 def test_gguf_with_ik_tensor_loads(tmp_path: Path, name: str) -> None:
     rows, cols = next((r, c) for n, r, c in DECODED_CASES if n == name and c > 256)
     raw, want = _ref(name, rows, cols)

@@ -1,8 +1,8 @@
 // Reference data for tests/engine/test_ik_types.py: ik_llama.cpp's own quantizer and dequantizer.
 //
 // For each type and shape below: seeded random float rows are quantized with ggml_quantize_chunk (no
-// importance matrix) and dequantized with the type traits' to_float, one row (or one group of 4/8 interleaved
-// rows) per call, exactly as ik_llama.cpp's CPU backend converts a tensor. Writes, per case,
+// importance matrix) and dequantized with the type traits' to_float, one row (or one group of 4/8/16
+// interleaved rows) per call, exactly as ik_llama.cpp's CPU backend converts a tensor. Writes, per case,
 // <TYPE>-<rows>x<cols>.q (the encoded bytes, rows * ggml_row_size) and <TYPE>-<rows>x<cols>.f32 (the decoded
 // float32 values, row-major) into the directory given as argv[1]. Built and run by make_refs.sh; never by tests.
 #include "ggml.h"
