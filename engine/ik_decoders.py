@@ -828,14 +828,16 @@ def _dec_q8_kv_r8(src: np.ndarray, dst: np.ndarray) -> None:
 
 @njit(cache=True)
 def _dec_bf16_r16(src: np.ndarray, dst: np.ndarray) -> None:
-    # 16 rows of bf16 values, per 2 columns 64 bytes: row k's 2 values at bf16 index 2k, 2k + 1.
+    # 16 rows of bf16 values, per 2 columns 64 bytes: row k's 2 values at bytes 4k .. 4k + 3. One row at a time:
+    # writing the 16 rows side by side is ~10x slower.
     n = dst.size // 16
-    for b in range(n // 2):
-        for k in range(16):
-            for j in range(2):
-                o = 2 * (32 * b + 2 * k + j)
-                dst[k * n + 2 * b + j] = _bits_to_f32((np.uint32(src[o]) << np.uint32(16))
-                                                      | (np.uint32(src[o + 1]) << np.uint32(24)))
+    for k in range(16):
+        for b in range(n // 2):
+            o = 64 * b + 4 * k
+            y = k * n + 2 * b
+            dst[y] = _bits_to_f32((np.uint32(src[o]) << np.uint32(16)) | (np.uint32(src[o + 1]) << np.uint32(24)))
+            dst[y + 1] = _bits_to_f32((np.uint32(src[o + 2]) << np.uint32(16))
+                                      | (np.uint32(src[o + 3]) << np.uint32(24)))
 
 
 @njit(cache=True)
