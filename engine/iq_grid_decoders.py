@@ -3,7 +3,8 @@
 
 Legend: n values per row, 4 rows per group. src = one group's bytes (4 * row bytes), dst = the 4 rows one after
 another. Each 8 (IQ2, IQ1) or 4 (IQ3) values come from one grid entry (engine.iq_grids) times a scale, signs from
-separate bits. The expressions follow ik_llama.cpp's in float32 (a product per value; no sums to fuse).
+separate bits. The expressions follow ik_llama.cpp's in float32 (a product per value, no sums to fuse; its
+multiply by -1 for a sign is an exact negation, written here as one).
 """
 
 from __future__ import annotations
