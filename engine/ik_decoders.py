@@ -17,6 +17,15 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from engine.iq_grid_decoders import (
+    _dec_iq1_m_r4,
+    _dec_iq1_s_r4,
+    _dec_iq2_s_r4,
+    _dec_iq2_xs_r4,
+    _dec_iq2_xxs_r4,
+    _dec_iq3_s_r4,
+    _dec_iq3_xxs_r4,
+)
 from engine.simd import _bits_to_f32, _f16_at, _i8
 
 # ik_llama.cpp type ids (engine.ik_types), repeated as plain ints for jitted code.
@@ -27,6 +36,8 @@ Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ2_K_R4, IQ4_K_R4 = 208, 212, 214, 223, 3
 IQ3_K_R4, IQ5_K_R4, IQ4_KS_R4, IQ5_KS_R4 = 338, 340, 344, 352
 Q4_0_R8, Q5_0_R4, Q6_0_R4, IQ4_NL_R4, Q2_K_R4, Q3_K_R4, Q5_K_R4 = 202, 206, 233, 220, 210, 211, 213
 IQ2_KT, IQ3_KT, IQ4_KT, IQ1_KT = 153, 154, 155, 158
+IQ2_XXS_R4, IQ2_XS_R4, IQ3_XXS_R4, IQ1_S_R4, IQ3_S_R4, IQ2_S_R4, IQ1_M_R4 = 216, 217, 218, 219, 221, 222, 229
+Q8_KV_R8, BF16_R16 = 398, 230
 
 # The non-linear code books (ggml-common.h); the second half of each is the shifted set `extra` bits select.
 _IQ2NL = np.array([-31, -13, 1, 17, -26, -8, 6, 22], np.float32)
@@ -802,6 +813,34 @@ def _dec_q5_k_r4(src: np.ndarray, dst: np.ndarray) -> None:
 
 
 @njit(cache=True)
+def _dec_q8_kv_r8(src: np.ndarray, dst: np.ndarray) -> None:
+    # the 8 rows' float32 scales @0, int8 codes @32: per 16 columns 128 bytes, row k's values 4l + i at
+    # 32l + 4k + i.
+    n = dst.size // 8
+    for b in range(n // 16):
+        o = 32 + 128 * b
+        for k in range(8):
+            d = _f32_at(src, 4 * k)
+            for l in range(4):
+                for i in range(4):
+                    dst[k * n + 16 * b + 4 * l + i] = d * _i8(src[o + 32 * l + 4 * k + i])
+
+
+@njit(cache=True)
+def _dec_bf16_r16(src: np.ndarray, dst: np.ndarray) -> None:
+    # 16 rows of bf16 values, per 2 columns 64 bytes: row k's 2 values at bytes 4k .. 4k + 3. One row at a time:
+    # writing the 16 rows side by side is ~10x slower.
+    n = dst.size // 16
+    for k in range(16):
+        for b in range(n // 2):
+            o = 64 * b + 4 * k
+            y = k * n + 2 * b
+            dst[y] = _bits_to_f32((np.uint32(src[o]) << np.uint32(16)) | (np.uint32(src[o + 1]) << np.uint32(24)))
+            dst[y + 1] = _bits_to_f32((np.uint32(src[o + 2]) << np.uint32(16))
+                                      | (np.uint32(src[o + 3]) << np.uint32(24)))
+
+
+@njit(cache=True)
 def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
     """Decode one unit (a row with its header, or an interleaved group) of an ik_llama.cpp type."""
     if qtype == IQ4_KS:
@@ -872,10 +911,29 @@ def decode_ik(qtype: int, src: np.ndarray, dst: np.ndarray) -> None:
         _dec_q3_k_r4(src, dst)
     elif qtype == Q5_K_R4:
         _dec_q5_k_r4(src, dst)
+    elif qtype == IQ2_XXS_R4:
+        _dec_iq2_xxs_r4(src, dst)
+    elif qtype == IQ2_XS_R4:
+        _dec_iq2_xs_r4(src, dst)
+    elif qtype == IQ2_S_R4:
+        _dec_iq2_s_r4(src, dst)
+    elif qtype == IQ3_XXS_R4:
+        _dec_iq3_xxs_r4(src, dst)
+    elif qtype == IQ3_S_R4:
+        _dec_iq3_s_r4(src, dst)
+    elif qtype == IQ1_S_R4:
+        _dec_iq1_s_r4(src, dst)
+    elif qtype == IQ1_M_R4:
+        _dec_iq1_m_r4(src, dst)
+    elif qtype == Q8_KV_R8:
+        _dec_q8_kv_r8(src, dst)
+    elif qtype == BF16_R16:
+        _dec_bf16_r16(src, dst)
 
 
 # The ik_llama.cpp types decode_ik decodes.
 IK_DECODED = frozenset({Q6_0, IQ2_K, IQ3_K, IQ4_K, IQ5_K, IQ6_K, IQ4_KS, IQ2_KS, IQ4_KSS, IQ5_KS, IQ3_KS, IQ2_KL, Q8_KV,
                         Q8_0_R8, Q4_K_R4, Q6_K_R4, IQ4_XS_R8, IQ4_K_R4, IQ2_K_R4, IQ3_K_R4, IQ5_K_R4, IQ4_KS_R4,
                         IQ5_KS_R4, IQ1_KT, IQ2_KT, IQ3_KT, IQ4_KT, Q4_0_R8, IQ4_NL_R4, Q5_0_R4, Q6_0_R4, Q2_K_R4,
-                        Q3_K_R4, Q5_K_R4})
+                        Q3_K_R4, Q5_K_R4, IQ2_XXS_R4, IQ2_XS_R4, IQ2_S_R4, IQ3_XXS_R4, IQ3_S_R4, IQ1_S_R4,
+                        IQ1_M_R4, Q8_KV_R8, BF16_R16})

@@ -1,4 +1,4 @@
-"""GGML quant types that only ik_llama.cpp writes (IQ*_K, *_KS, *_KT, Q6_0, Q8_KV, row-interleaved *_R4/_R8):
+"""GGML quant types that only ik_llama.cpp writes (IQ*_K, *_KS, *_KT, Q6_0, Q8_KV, row-interleaved *_R4/_R8/_R16):
 names and ids. Their geometry (and mainline's) is `rpcnode.ggml_types`, shared with the worker's GGUF table
 reader, which does not import the engine.
 """

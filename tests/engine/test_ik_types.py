@@ -18,7 +18,7 @@ from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.ik_decoders import IK_DECODED
 from engine.ik_types import IK_IDS, IK_TYPES, quant_type, type_id, type_name
-from engine.quant import QTensor
+from engine.quant import QTensor, can_dequantize
 
 REFS = Path(__file__).parent / "ik_refs"
 _CASE = re.compile(r"(?P<name>\w+)-(?P<rows>\d+)x(?P<cols>\d+)\.q$")
@@ -146,7 +146,7 @@ def _write_gguf(path: Path, name: str, raw: np.ndarray, qtype: int, cols: int) -
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", ["IQ4_KS", "Q8_0_R8"])
+@pytest.mark.parametrize("name", ["IQ4_KS", "Q8_0_R8", "IQ1_S_R4", "BF16_R16"])
 def test_gguf_with_ik_tensor_loads(tmp_path: Path, name: str) -> None:
     rows, cols = next((r, c) for n, r, c in DECODED_CASES if n == name and c > 256)
     raw, want = _ref(name, rows, cols)
@@ -192,11 +192,17 @@ def test_unknown_type_id_names_the_tensor(tmp_path: Path) -> None:
         GGUFFile(path)
 
 
-@pytest.mark.parametrize("name", ["IQ2_XXS_R4", "IQ3_S_R4", "Q8_KV_R8"])
+def test_every_ik_type_in_the_table_decodes() -> None:
+    assert set(IK_TYPES) == IK_DECODED, sorted(IK_TYPES[q].name for q in set(IK_TYPES) - IK_DECODED)
+
+
+@pytest.mark.parametrize("name", ["Q8_K", "Q8_1"])  # types neither ikctl's kernels nor the gguf package decode
 def test_types_without_a_decoder_are_refused_by_name(name: str) -> None:
-    q = IK_IDS[name]
-    assert q not in IK_DECODED
-    raw = np.zeros((IK_TYPES[q].group, IK_TYPES[q].row_bytes(256)), np.uint8)
+    q = type_id(name)
+    assert not can_dequantize(q)
+    qt = quant_type(q)
+    assert qt is not None
+    raw = np.zeros((2, qt.row_bytes(256)), np.uint8)
     with pytest.raises(ModelFileError, match=rf"tensor 'blk\.0\.ffn_up\.weight' has type {name}, which ikctl cannot "
                                              "decode"):
         QTensor("blk.0.ffn_up.weight", raw, q, (raw.shape[0], 256))

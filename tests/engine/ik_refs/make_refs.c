@@ -1,8 +1,8 @@
 // Reference data for tests/engine/test_ik_types.py: ik_llama.cpp's own quantizer and dequantizer.
 //
 // For each type and shape below: seeded random float rows are quantized with ggml_quantize_chunk (no
-// importance matrix) and dequantized with the type traits' to_float, one row (or one group of 4/8 interleaved
-// rows) per call, exactly as ik_llama.cpp's CPU backend converts a tensor. Writes, per case,
+// importance matrix) and dequantized with the type traits' to_float, one row (or one group of 4/8/16
+// interleaved rows) per call, exactly as ik_llama.cpp's CPU backend converts a tensor. Writes, per case,
 // <TYPE>-<rows>x<cols>.q (the encoded bytes, rows * ggml_row_size) and <TYPE>-<rows>x<cols>.f32 (the decoded
 // float32 values, row-major) into the directory given as argv[1]. Built and run by make_refs.sh; never by tests.
 #include "ggml.h"
@@ -29,6 +29,11 @@ static const struct ref_type TYPES[] = {
     {GGML_TYPE_Q4_K_R4, 4},  {GGML_TYPE_Q5_K_R4, 4},   {GGML_TYPE_Q6_K_R4, 4},   {GGML_TYPE_IQ4_XS_R8, 8},
     {GGML_TYPE_IQ2_K_R4, 4}, {GGML_TYPE_IQ3_K_R4, 4},  {GGML_TYPE_IQ4_K_R4, 4},  {GGML_TYPE_IQ5_K_R4, 4},
     {GGML_TYPE_IQ4_KS_R4, 4}, {GGML_TYPE_IQ5_KS_R4, 4},
+    // added later, at the end so that the random values (one generator for the whole list) of the types above
+    // stay the same
+    {GGML_TYPE_IQ2_XXS_R4, 4}, {GGML_TYPE_IQ2_XS_R4, 4}, {GGML_TYPE_IQ2_S_R4, 4}, {GGML_TYPE_IQ3_XXS_R4, 4},
+    {GGML_TYPE_IQ3_S_R4, 4},   {GGML_TYPE_IQ1_S_R4, 4},  {GGML_TYPE_IQ1_M_R4, 4}, {GGML_TYPE_Q8_KV_R8, 8},
+    {GGML_TYPE_BF16_R16, 16},
 };
 
 // Shapes (rows x columns) per type: plain types 3 x 256 (one super-block) and 2 x 768 (three: several blocks
@@ -95,8 +100,19 @@ int main(int argc, char ** argv) {
                 return 1;
             }
             const int g = TYPES[t].group;
-            for (int r = 0; r < rows; r += g) {
-                traits.to_float(q + r * row_size, y + (size_t)r * cols, (int64_t)g * cols);
+            if (traits.to_float) {
+                for (int r = 0; r < rows; r += g) {
+                    traits.to_float(q + r * row_size, y + (size_t)r * cols, (int64_t)g * cols);
+                }
+            } else {
+                // BF16_R16 has no to_float (ik_llama.cpp only multiplies it); its quantizer stores each value
+                // truncated to bf16, so the decoded value is the input with its low 16 bits cleared
+                for (int i = 0; i < rows * cols; ++i) {
+                    uint32_t u;
+                    memcpy(&u, x + i, 4);
+                    u &= 0xffff0000u;
+                    memcpy(y + i, &u, 4);
+                }
             }
             char type_name[64], name[256];
             snprintf(type_name, sizeof type_name, "%s", traits.type_name);
