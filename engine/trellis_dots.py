@@ -32,7 +32,7 @@ from engine.block_ir import (
     _row_loop,
     _values,
 )
-from engine.ik_decoders import IQ4_KT
+from engine.ik_decoders import IQ1_KT, IQ2_KT, IQ3_KT, IQ4_KT
 from engine.simd import _splat
 from engine.simd_int8 import _ISA, IQ4_CODES, lookup_codes
 
@@ -190,4 +190,7 @@ def _kt_row(qtype: int, block):
 
 ROWS = {
     IQ4_KT: _kt_row(IQ4_KT, _iq4_kt_block),
+    IQ2_KT: _kt_row(IQ2_KT, _iq2_kt_block),
+    IQ3_KT: _kt_row(IQ3_KT, _iq3_kt_block),
+    IQ1_KT: _kt_row(IQ1_KT, _iq1_kt_block),
 }
