@@ -39,13 +39,14 @@ from engine.simd_int8 import _ISA, IQ4_CODES, lookup_codes
 _V8I, _V16I8, _V64I8 = ir.VectorType(_I32, 8), ir.VectorType(_I8, 16), ir.VectorType(_I8, 64)
 
 
-def _signed32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
+def _signed(v: int, bits: int) -> int:
+    """v mod 2^bits as a signed constant of that width."""
+    v &= (1 << bits) - 1
+    return v - (1 << bits) if v >> (bits - 1) else v
 
 
 # The generator's powers 0xCBAC1FED^k mod 2^32, k = 1..8 (value k of a group), as i32 constants.
-_POWERS = [_signed32(pow(0xCBAC1FED, k, 1 << 32)) for k in range(1, 9)]
+_POWERS = [_signed(pow(0xCBAC1FED, k, 1 << 32), 32) for k in range(1, 9)]
 
 
 def _byte_sums(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
@@ -57,17 +58,41 @@ def _byte_sums(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     return b.lshr(b.mul(s, _const(_V16I, [0x01010101] * 16)), _const(_V16I, [24] * 16))
 
 
+def _pack_bytes(b: ir.IRBuilder, parts: list[ir.Value]) -> ir.Value:
+    """<64 x i8>: four <16 x i32> of values 0..255 narrowed to bytes in the order of x86's saturating packs (two
+    `vpackusdw` and a `vpackuswb`, within 128-bit lanes): byte 16 L + 4 v + i = parts[v][4 L + i]. Cheaper than
+    truncating each vector (`vpmovdb`, two shuffle uops each); the lanes are filled in that order instead."""
+    if _ISA == "avx512vnni":
+        v32i16 = ir.VectorType(_I16, 32)
+        dw = b.module.declare_intrinsic("llvm.x86.avx512.packusdw.512", fnty=ir.FunctionType(v32i16, [_V16I] * 2))
+        wb = b.module.declare_intrinsic("llvm.x86.avx512.packuswb.512", fnty=ir.FunctionType(_V64I8, [v32i16] * 2))
+        return b.call(wb, [b.call(dw, parts[:2]), b.call(dw, parts[2:])])
+    t = [b.trunc(p, _V16I8) for p in parts]
+    lo, hi = b.shuffle_vector(t[0], t[1], _idx(list(range(32)))), b.shuffle_vector(t[2], t[3], _idx(list(range(32))))
+    return b.shuffle_vector(lo, hi, _idx([16 * (p % 16 // 4) + 4 * (p // 16) + p % 4 for p in range(64)]))
+
+
+def _layout(per: int) -> list[list[int]]:
+    """Which of a step's 64 values lane e of part v computes (parts as _pack_bytes packs them): each part takes
+    its seeds from the same lanes (per 4: lane e has seed e, its 4 values in parts 0-3; per 8: lane 4 L + i has
+    seed 2 L + i // 2, its values spread over the parts), so no part needs its own shuffle of the seeds, and
+    every 16-byte lane of the packed bytes holds 16 consecutive values (one in-lane byte shuffle sorts them)."""
+    if per == 4:
+        return [[4 * e + v for e in range(16)] for v in range(4)]
+    return [[16 * (e // 4) + 8 * (e % 4 // 2) + 2 * v + e % 2 for e in range(16)] for v in range(4)]
+
+
 def _trellis_sums(c: _Ctx, seeds: ir.Value, per: int, first: int) -> ir.Value:
     """<64 x i8>: the byte sums (value + 126) of 64 consecutive values whose groups of `per` values have the
     seeds (index + offset, i32 lanes) seeds[first], seeds[first + 1], ..."""
     b = c.b
-    parts = []
-    for q in range(4):
-        lanes = [first + (16 * q + k) // per for k in range(16)]
-        x = b.mul(b.shuffle_vector(seeds, seeds, _idx(lanes)), _const(_V16I, [_POWERS[k % per] for k in range(16)]))
-        parts.append(b.trunc(_byte_sums(b, x), _V16I8))
-    pairs = [b.shuffle_vector(parts[k], parts[k + 1], _idx(list(range(32)))) for k in (0, 2)]
-    return b.shuffle_vector(pairs[0], pairs[1], _idx(list(range(64))))
+    layout = _layout(per)
+    lanes = [first + k // per for k in layout[0]]  # the same for every part
+    mine = b.shuffle_vector(seeds, seeds, _idx(lanes))
+    parts = [_byte_sums(b, b.mul(mine, _const(_V16I, [_POWERS[k % per] for k in values]))) for values in layout]
+    packed = _pack_bytes(b, parts)
+    at = {k: 16 * (e // 4) + 4 * v + e % 4 for v, values in enumerate(layout) for e, k in enumerate(values)}
+    return b.shuffle_vector(packed, packed, _idx([at[k] for k in range(64)]))
 
 
 def _sub_scales(c: _Ctx, dl: ir.Value, zero: int, xg: list[ir.Value], accb) -> list[ir.Value]:
@@ -114,13 +139,14 @@ def _iq4_kt_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
                                _const(_V8I, [64] * 8)), _V8F))
     scales = _sub_scales(c, dl, 126, xg, accb)
     offsets = b.add(b.shl(b.and_(w, _const(_V8I, [1] * 8)), _const(_V8I, [15] * 8)), _const(_V8I, [4096] * 8))
+    rot = _const(_V16I, [(4 - 3 * i) % 32 for i in range(8)] * 2)  # rotates bits 8 + 3 i.. of w to bit 12
+    fshl = b.module.declare_intrinsic("llvm.fshl.v16i32", fnty=ir.FunctionType(_V16I, [_V16I] * 3))
     for g in range(4):  # groups j = 16 g .. 16 g + 15
         ql = b.zext(c.load(c.src, c.off(o, 32 + 16 * g), _V16I8), _V16I)
         qh = b.zext(c.load(c.src, c.off(o, 96 + 16 * (g % 2)), _V16I8), _V16I)
         high = b.and_(b.shl(qh, _const(_V16I, [8 - 4 * (g // 2)] * 16)), _const(_V16I, [0xF00] * 16))
         ws = b.shuffle_vector(w, w, _idx(_step_lanes(g)))
-        top = b.shl(b.and_(b.lshr(ws, _const(_V16I, [8 + 3 * i for i in range(8)] * 2)), _const(_V16I, [7] * 16)),
-                    _const(_V16I, [12] * 16))
+        top = b.and_(b.call(fshl, [ws, ws, rot]), _const(_V16I, [0x7000] * 16))
         seeds = b.add(b.or_(b.or_(ql, high), top), b.shuffle_vector(offsets, offsets, _idx(_step_lanes(g))))
         _accumulate(c, _trellis_sums(c, seeds, 4, 0), _values(c, xg, g), scales, _step_lanes(g), acc)
 
@@ -151,32 +177,32 @@ def _iq3_kt_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     seeds = _kt_seeds16(c, c.off(o, 4))
     qh = c.load(c.src, c.off(o, 68), _V32I8)
     both = b.shuffle_vector(qh, qh, _idx(list(range(32)) * 2))
-    zero = _const(_V64I8, [0] * 64)
+    usub = b.module.declare_intrinsic("llvm.usub.sat.v64i8", fnty=ir.FunctionType(_V64I8, [_V64I8] * 2))
+    mid, zero, base = (_const(_V64I8, [v] * 64) for v in (126, 0, _signed(128, 8)))
     for g in range(4):
-        v = b.sub(_trellis_sums(c, seeds, 8, 8 * g), _const(_V64I8, [126] * 64))  # -126..126 as i8
-        mag = b.select(b.icmp_signed("<", v, zero), b.sub(zero, v), v)
-        neg = b.sub(zero, b.and_(b.lshr(both, _const(_V64I8, [2 * g] * 32 + [2 * g + 1] * 32)),
-                                 _const(_V64I8, [1] * 64)))  # 0 or -1
-        signed = b.sub(b.xor(mag, neg), neg)
-        _accumulate(c, b.xor(signed, _const(_V64I8, [-128] * 64)), _values(c, xg, g), scales, _step_lanes(g),
-                    acc)
+        sums = _trellis_sums(c, seeds, 8, 8 * g)
+        mag = b.or_(b.call(usub, [sums, mid]), b.call(usub, [mid, sums]))  # |s - 126|: one of them is 0
+        bit = _const(_V64I8, [_signed(1 << 2 * g, 8)] * 32 + [_signed(2 << 2 * g, 8)] * 32)
+        negative = b.icmp_unsigned("!=", b.and_(both, bit), zero)
+        _accumulate(c, b.select(negative, b.sub(base, mag), b.add(base, mag)), _values(c, xg, g), scales,
+                    _step_lanes(g), acc)
 
 
 def _iq1_kt_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     """An IQ1_KT block (sh[8] @0, ql[32] @8, qh[16] @40): sub-block s has dl = d * IQ4K book[sh[s] & 15]; index
     j (values 8 j ..) is ql[j] | nibble j // 16 of qh[j % 16] << 8 | bit 4 + j % 4 of sh[j // 4] << 12."""
     b = c.b
-    v32, v32i8 = ir.VectorType(_I32, 32), _V32I8
+    v32 = ir.VectorType(_I16, 32)  # the indices fit 16 bits: half the vectors of 32-bit lanes
     sh = c.load(c.src, o, ir.VectorType(_I8, 8))
     nib = b.and_(b.shuffle_vector(sh, sh, _idx(list(range(8)) * 2)), _const(_V16I8, [15] * 16))
     scales = _sub_scales(c, _book_dl(c, nib), 126, xg, accb)
-    ql = b.zext(c.load(c.src, c.off(o, 8), v32i8), v32)
+    ql = b.zext(c.load(c.src, c.off(o, 8), _V32I8), v32)
     qh = c.load(c.src, c.off(o, 40), _V16I8)
     high = b.and_(b.shl(b.zext(b.shuffle_vector(qh, qh, _idx(list(range(16)) * 2)), v32),
                         _const(v32, [8] * 16 + [4] * 16)), _const(v32, [0xF00] * 32))
     top = b.and_(b.shl(b.zext(b.shuffle_vector(sh, sh, _idx([j // 4 for j in range(32)])), v32),
                        _const(v32, [8 - j % 4 for j in range(32)])), _const(v32, [0x1000] * 32))
-    seeds = b.add(b.or_(b.or_(ql, high), top), _const(v32, [4096] * 32))
+    seeds = b.zext(b.add(b.or_(b.or_(ql, high), top), _const(v32, [4096] * 32)), ir.VectorType(_I32, 32))
     for g in range(4):
         _accumulate(c, _trellis_sums(c, seeds, 8, 8 * g), _values(c, xg, g), scales, _step_lanes(g), acc)
 
