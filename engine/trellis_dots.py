@@ -5,10 +5,13 @@ A trellis type stores no codes: each 4 or 8 consecutive values come from one 13-
 offset (4096, or 4096 + 32768 by IQ4_KT's sub-block bit) seeds x, and the group's value k (k = 1, 2, ...) is
 x * 0xCBAC1FED^k mod 2^32 with its 4 bytes masked to 6 bits each and summed, less 126 (engine.ik_decoders'
 _kt_values). The byte sum s is already an unsigned code: value = s - 126, so a sub-block's scale dl puts
--126 * dl on the bias. The kernel seeds 16 lanes (each value's index, repeated per value of its group), multiplies
-them by the powers of the constant (one vector multiply for 16 values), and sums the masked bytes of each lane
-(VNNI `vpdpbusd` against bytes of 1, else a multiply by 0x01010101 whose top byte is the sum: the partial sums stay
-below 256, so no byte carries). IQ3_KT takes |s - 126| with a sign bit per value: code = 128 +- |s - 126|.
+-126 * dl on the bias; IQ3_KT takes |s - 126| with a sign bit per value: code = 128 +- |s - 126|.
+
+The kernel makes 64 values' codes at once: one shuffle spreads the step's seeds over 16 i32 lanes, four vector
+multiplies by per-lane powers of the constant give 4 x 16 values, `vpdpbusd` against bytes of 1 sums each lane's
+masked bytes (elsewhere a multiply by 0x01010101, whose top byte is the sum: partial sums stay below 256, so no
+byte carries), two `vpackusdw` and a `vpackuswb` narrow them to bytes and one in-lane byte shuffle puts them in
+value order (the lanes are laid out so that each 16-byte lane holds 16 consecutive values).
 All four have a float32 row scale (the context's `head`) and one scale per 32-value sub-block.
 """
 
@@ -129,7 +132,7 @@ def _step_lanes(g: int) -> list[int]:
 
 
 def _iq4_kt_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
-    """An IQ4_KT block (u32 words[8] @0, ql[64] @32, qh[32] @96): sub-block s has dl = d * ((w & 255) >> 1) - 64)
+    """An IQ4_KT block (u32 words[8] @0, ql[64] @32, qh[32] @96): sub-block s has dl = d * (((w & 255) >> 1) - 64)
     and offset 4096 (+ 32768 by bit 0) of w = words[s]; its group i (4 values, j = 8 s + i) has the index
     ql[j] | nibble j // 32 of qh[j % 32] << 8 | bits 8 + 3 i.. of w (3) << 12."""
     b = c.b
@@ -171,7 +174,8 @@ def _iq3_kt_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     """An IQ3_KT block (scales[4] @0, uint16 indices[32] @4, qh[32] @68): sub-block s has dl = d * (nibble
     s // 4 of scales[s % 4]); values |s - 126| as IQ2_KT's, value v negated by bit v // 32 of qh[v % 32]."""
     b = c.b
-    nib = b.shuffle_vector(_nibbles16(c, o), _nibbles16(c, o), _idx(list(range(8))))
+    nib = _nibbles16(c, o)
+    nib = b.shuffle_vector(nib, nib, _idx(list(range(8))))
     dl = b.fmul(_splat(b, c.f32(c.head), _V8F), b.sitofp(b.zext(nib, _V8I), _V8F))
     scales = _sub_scales(c, dl, 128, xg, accb)
     seeds = _kt_seeds16(c, c.off(o, 4))
