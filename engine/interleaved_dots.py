@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from engine.block_ir import _I8, _I32, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
-from engine.ik_decoders import IQ2_K_R4, Q4_0_R8, Q8_0_R8
+from engine.block_ir import _I8, _I32, _V16F, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
+from engine.ik_decoders import IQ2_K_R4, Q4_0_R8, Q4_K_R4, Q5_K_R4, Q6_K_R4, Q8_0_R8
 from engine.ik_dots import _IQ2_CODES, _book_scales, _ik_row, _spread
 from engine.ik_types import quant_type
 from engine.mainline_dots import _block_pair, _pair_row
-from engine.simd_int8 import lookup_codes
+from engine.simd import _splat
+from engine.simd_int8 import _fma, lookup_codes
 
 # The *_R4 nibble layouts (IQ4_NL_R4, Q5_0_R4, Q6_0_R4, Q*_K_R4): row k's 16 bytes of a 32-value block are 4 at
 # 16 p + 4 k for parts p = 0..3, and part p's byte i holds values _R4_AT[p] + i (low nibble) and + 8 (high). In
@@ -74,6 +75,67 @@ def _small_r_row(qtype: int, codes, bias: int):
     return _pair_row(qtype, step)
 
 
+def _group_scales(c: _Ctx, dl: ir.Value, bias: ir.Value, xg: list[ir.Value], accb) -> list[ir.Value]:
+    """Each token's 16 group scales dl * xd (dl, bias: <16 x f32> per group); adds bias * xs to accb."""
+    b = c.b
+    scales = []
+    for t, x in enumerate(xg):
+        scales.append(b.fmul(dl, c.load(c.xd, x, _V16F, 4)))
+        b.store(_fma(b, bias, c.load(c.xs, x, _V16F, 4), b.load(accb[t])), accb[t])
+    return scales
+
+
+def _k4_r4_scales(c: _Ctx, o: ir.Value, k: int, xg: list[ir.Value], accb) -> list[ir.Value]:
+    """Row k's group scales of a Q4_K_R4 / Q5_K_R4 block (d[4] @0, dmin[4] @8, scales_h[16] @16, scales_l[32]
+    @32): sub-block ib's 6-bit scale and min are the nibbles of scales_l[4 ib + k] with bits 0-1 and 2-3 of
+    scales_h[(4 ib + k) % 16] >> 4 (ib // 4) on top; value = d sc q - dmin m."""
+    b = c.b
+    sub = [g // 2 for g in range(16)]
+    sl = _spread(c, c.off(o, 32), 32, [4 * ib + k for ib in sub])
+    sh = b.lshr(_spread(c, c.off(o, 16), 16, [(4 * ib + k) % 16 for ib in sub]),
+                _const(_V16I, [4 * (ib // 4) for ib in sub]))
+
+    def k16(v: int) -> ir.Constant:
+        return _const(_V16I, [v] * 16)
+
+    sc = b.or_(b.and_(sl, k16(15)), b.shl(b.and_(sh, k16(3)), k16(4)))
+    m = b.or_(b.lshr(sl, k16(4)), b.shl(b.and_(sh, k16(12)), k16(2)))
+    dl = b.fmul(_splat(b, c.half(c.off(o, 2 * k)), _V16F), b.sitofp(sc, _V16F))
+    ml = b.fmul(_splat(b, c.half(c.off(o, 8 + 2 * k)), _V16F), b.sitofp(m, _V16F))
+    return _group_scales(c, dl, b.fsub(_const(_V16F, [0.0] * 16), ml), xg, accb)
+
+
+def _k4_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int, fifth: bool) -> None:
+    """Row k of a Q4_K_R4 block of 4 rows (qs[512] @64, 64 bytes per 32 values in the *_R4 nibble layout), or
+    with fifth bits of a Q5_K_R4 block (qh[128] @64, qs @192): sub-block ib's 5th bits are in row k's word
+    16 ib + 4 k of qh, bits (0, 2, 1, 3, 4, 6, 5, 7) for its 8 lanes."""
+    b = c.b
+    scales = _k4_r4_scales(c, o, k, xg, accb)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        w = _r4_nibbles(c, c.off(o, (192 if fifth else 64) + 128 * g), k, 2)
+        if fifth:
+            h = _fields(c, c.off(o, 64 + 32 * g), 8, [4 * (lane // 8) + k for lane in range(16)],
+                        [(0, 2, 1, 3, 4, 6, 5, 7)[lane % 8] for lane in range(16)], 1)
+            w = b.or_(w, b.shl(h, _const(_V16I, [4] * 16)))
+        _accumulate(c, _bytes(c, w), _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+def _q6_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of a Q6_K_R4 block of 4 rows (d[4] @0, int8 scales[64] @8, qh[256] @72, ql[512] @328): group g's
+    scale is byte 4 g + k; ql in the *_R4 nibble layout (64 bytes per 32 values), the 2 high bits of part p's
+    nibble h in row k's word 4 (p % 2) + k of the sub-block's 32 qh bytes, at bit 4 (p // 2) + 2 h."""
+    b = c.b
+    raw = c.load(c.src, c.off(o, 8), ir.VectorType(_I8, 64))
+    sc = b.sext(b.shuffle_vector(raw, raw, _idx([4 * g + k for g in range(16)])), _V16I)
+    scales = _book_scales(c, c.half(c.off(o, 2 * k)), sc, 0, _const(_V16I, [0] * 16), 0, 32, xg, accb)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        lanes = [(j, p, h) for j in range(2) for p, h in zip(_R4_PART, _R4_NIB, strict=True)]
+        h = _fields(c, c.off(o, 72 + 64 * g), 16, [8 * j + 4 * (p % 2) + k for j, p, h in lanes],
+                    [4 * (p // 2) + 2 * h for j, p, h in lanes], 3)
+        w = b.or_(_r4_nibbles(c, c.off(o, 328 + 128 * g), k, 2), b.shl(h, _const(_V16I, [4] * 16)))
+        _accumulate(c, _bytes(c, w), _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
 def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
     """Row k of an IQ2_K_R4 block of 4 rows (d[4] f16 @0, extra[8] @8, scales[32] @16, qs[256] @48). Half h of
     sub-block s (16 values, one group) has scale d_k * (nibble 8 s + k + 4 h of scales - 8) and book half bit s of
@@ -106,5 +168,8 @@ def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
 ROWS = {
     Q8_0_R8: _small_r_row(Q8_0_R8, _q8_0_r8_codes, 128),
     Q4_0_R8: _small_r_row(Q4_0_R8, _q4_0_r8_codes, 8),
+    Q4_K_R4: _ik_row(Q4_K_R4, lambda c, o, xg, acc, accb, k: _k4_r4_block(c, o, xg, acc, accb, k, False), 16),
+    Q5_K_R4: _ik_row(Q5_K_R4, lambda c, o, xg, acc, accb, k: _k4_r4_block(c, o, xg, acc, accb, k, True), 16),
+    Q6_K_R4: _ik_row(Q6_K_R4, _q6_k_r4_block, 16),
     IQ2_K_R4: _ik_row(IQ2_K_R4, _iq2_k_r4_block, 16),
 }
