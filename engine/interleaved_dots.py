@@ -11,12 +11,12 @@ from __future__ import annotations
 from llvmlite import ir
 
 from engine.block_ir import _I8, _I32, _V16F, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
-from engine.ik_decoders import IQ2_K_R4, Q4_0_R8, Q4_K_R4, Q5_K_R4, Q6_K_R4, Q8_0_R8
+from engine.ik_decoders import IQ2_K_R4, IQ4_NL_R4, Q4_0_R8, Q4_K_R4, Q5_0_R4, Q5_K_R4, Q6_0_R4, Q6_K_R4, Q8_0_R8
 from engine.ik_dots import _IQ2_CODES, _book_scales, _ik_row, _spread
 from engine.ik_types import quant_type
 from engine.mainline_dots import _block_pair, _pair_row
 from engine.simd import _splat
-from engine.simd_int8 import _fma, lookup_codes
+from engine.simd_int8 import IQ4_CODES, _fma, lookup_codes
 
 # The *_R4 nibble layouts (IQ4_NL_R4, Q5_0_R4, Q6_0_R4, Q*_K_R4): row k's 16 bytes of a 32-value block are 4 at
 # 16 p + 4 k for parts p = 0..3, and part p's byte i holds values _R4_AT[p] + i (low nibble) and + 8 (high). In
@@ -62,6 +62,28 @@ def _q4_0_r8_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
     """Row k's 32 codes of a Q4_0_R8 block of 8 rows (d[8] f16 @0, qs[128] @16): word 8 l + k of qs holds values
     4 l .. 4 l + 3 (low nibbles) and 16 + 4 l .. (high)."""
     w = _fields(c, c.off(at, 16), 32, [8 * (j % 4) + k for j in range(8)], [4 * (j // 4) for j in range(8)], 15)
+    return _bytes(c, w)
+
+
+def _iq4_nl_r4_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
+    """Row k's 32 codes of an IQ4_NL_R4 block of 4 rows (d[4] f16 @0, qs[64] @8 in the *_R4 nibble layout)."""
+    return lookup_codes(c.b, _bytes(c, _r4_nibbles(c, c.off(at, 8), k, 1)), IQ4_CODES)
+
+
+def _q5_0_r4_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
+    """Row k's 32 codes of a Q5_0_R4 block of 4 rows (d[4] f16 @0, qh[16] @8, qs[64] @24 in the *_R4 nibble
+    layout): part p's nibble h takes bit p + 4 h of row k's qh word k."""
+    h = _fields(c, c.off(at, 8), 4, [k] * 8, [p + 4 * h for p, h in zip(_R4_PART, _R4_NIB, strict=True)], 1)
+    w = c.b.or_(_r4_nibbles(c, c.off(at, 24), k, 1), c.b.shl(h, _const(h.type, [4] * 8)))
+    return _bytes(c, w)
+
+
+def _q6_0_r4_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
+    """Row k's 32 codes of a Q6_0_R4 block of 4 rows (d[4] f16 @0, qh[32] @8, qs[64] @40 in the *_R4 nibble
+    layout): part p's nibble h takes bits 2 (p // 2) + 4 h, + 1 of qh word 4 (p % 2) + k."""
+    lanes = list(zip(_R4_PART, _R4_NIB, strict=True))
+    h = _fields(c, c.off(at, 8), 8, [4 * (p % 2) + k for p, h in lanes], [2 * (p // 2) + 4 * h for p, h in lanes], 3)
+    w = c.b.or_(_r4_nibbles(c, c.off(at, 40), k, 1), c.b.shl(h, _const(h.type, [4] * 8)))
     return _bytes(c, w)
 
 
@@ -168,6 +190,9 @@ def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
 ROWS = {
     Q8_0_R8: _small_r_row(Q8_0_R8, _q8_0_r8_codes, 128),
     Q4_0_R8: _small_r_row(Q4_0_R8, _q4_0_r8_codes, 8),
+    IQ4_NL_R4: _small_r_row(IQ4_NL_R4, _iq4_nl_r4_codes, 128),
+    Q5_0_R4: _small_r_row(Q5_0_R4, _q5_0_r4_codes, 16),
+    Q6_0_R4: _small_r_row(Q6_0_R4, _q6_0_r4_codes, 32),
     Q4_K_R4: _ik_row(Q4_K_R4, lambda c, o, xg, acc, accb, k: _k4_r4_block(c, o, xg, acc, accb, k, False), 16),
     Q5_K_R4: _ik_row(Q5_K_R4, lambda c, o, xg, acc, accb, k: _k4_r4_block(c, o, xg, acc, accb, k, True), 16),
     Q6_K_R4: _ik_row(Q6_K_R4, _q6_k_r4_block, 16),
