@@ -11,7 +11,19 @@ from __future__ import annotations
 from llvmlite import ir
 
 from engine.block_ir import _I8, _I32, _V16F, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
-from engine.ik_decoders import IQ2_K_R4, IQ4_NL_R4, Q4_0_R8, Q4_K_R4, Q5_0_R4, Q5_K_R4, Q6_0_R4, Q6_K_R4, Q8_0_R8
+from engine.ik_decoders import (
+    IQ2_K_R4,
+    IQ4_NL_R4,
+    Q2_K_R4,
+    Q3_K_R4,
+    Q4_0_R8,
+    Q4_K_R4,
+    Q5_0_R4,
+    Q5_K_R4,
+    Q6_0_R4,
+    Q6_K_R4,
+    Q8_0_R8,
+)
 from engine.ik_dots import _IQ2_CODES, _book_scales, _ik_row, _spread
 from engine.ik_types import quant_type
 from engine.mainline_dots import _block_pair, _pair_row
@@ -158,6 +170,46 @@ def _q6_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) 
         _accumulate(c, _bytes(c, w), _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
 
 
+# The 2-bit layouts (Q2_K_R4, Q3_K_R4): row k's 8 bytes of a 32-value sub-block are words k and 4 + k of its 32,
+# bits 2 s of byte i of word 4 h + k hold value 16 h + 4 s + i. Per 64 values (two sub-blocks), each lane's word
+# and shift:
+_R4_2BIT = [(8 * (lane // 8) + 4 * (lane % 8 // 4), 2 * (lane % 4)) for lane in range(16)]
+
+
+def _q2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of a Q2_K_R4 block of 4 rows (d[4] @0, dmin[4] @8, scales[64] @16, qs[256] @80): group g's byte
+    4 g + k holds its 4-bit scale (low) and min (high); value = d sc q - dmin m."""
+    b = c.b
+    sc = _spread(c, c.off(o, 16), 64, [4 * g + k for g in range(16)])
+    dl = b.fmul(_splat(b, c.half(c.off(o, 2 * k)), _V16F), b.sitofp(b.and_(sc, _const(_V16I, [15] * 16)), _V16F))
+    ml = b.fmul(_splat(b, c.half(c.off(o, 8 + 2 * k)), _V16F), b.sitofp(b.lshr(sc, _const(_V16I, [4] * 16)), _V16F))
+    scales = _group_scales(c, dl, b.fsub(_const(_V16F, [0.0] * 16), ml), xg, accb)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        w = _fields(c, c.off(o, 80 + 64 * g), 16, [at + k for at, _ in _R4_2BIT], [s for _, s in _R4_2BIT], 3)
+        _accumulate(c, _bytes(c, w), _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+def _q3_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of a Q3_K_R4 block of 4 rows (d[4] @0, scales_h[16] @8, scales_l[32] @24, qh[128] @56, qs[256]
+    @184): group g's 6-bit scale s = 4 g + k is nibble s // 32 of scales_l[s % 32] with bits 2 (s // 16), + 1 of
+    scales_h[s % 16] on top, less 32; the 3rd bit of value 16 h + 4 j + i of sub-block ib is bit j + 4 h of byte
+    i of qh word 4 ib + k; value = d sc (q - 4)."""
+    b = c.b
+    sl = _spread(c, c.off(o, 24), 32, [(4 * g + k) % 32 for g in range(16)])
+    sh = _spread(c, c.off(o, 8), 16, [(4 * g + k) % 16 for g in range(16)])
+    at = [4 * g + k for g in range(16)]
+    lo = b.and_(b.lshr(sl, _const(_V16I, [4 * (s // 32) for s in at])), _const(_V16I, [15] * 16))
+    hi = b.and_(b.lshr(sh, _const(_V16I, [2 * (s // 16) for s in at])), _const(_V16I, [3] * 16))
+    ls = b.or_(lo, b.shl(hi, _const(_V16I, [4] * 16)))
+    scales = _book_scales(c, c.half(c.off(o, 2 * k)), ls, 32, _const(_V16I, [0] * 16), 0, 4, xg, accb)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        low = _fields(c, c.off(o, 184 + 64 * g), 16, [at + k for at, _ in _R4_2BIT], [s for _, s in _R4_2BIT], 3)
+        high = _fields(c, c.off(o, 56 + 32 * g), 8, [4 * (lane // 8) + k for lane in range(16)],
+                       [lane % 4 + 4 * (lane % 8 // 4) for lane in range(16)], 1)
+        w = b.or_(low, b.shl(high, _const(_V16I, [2] * 16)))
+        _accumulate(c, _bytes(c, w), _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
 def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
     """Row k of an IQ2_K_R4 block of 4 rows (d[4] f16 @0, extra[8] @8, scales[32] @16, qs[256] @48). Half h of
     sub-block s (16 values, one group) has scale d_k * (nibble 8 s + k + 4 h of scales - 8) and book half bit s of
@@ -196,5 +248,7 @@ ROWS = {
     Q4_K_R4: _ik_row(Q4_K_R4, lambda c, o, xg, acc, accb, k: _k4_r4_block(c, o, xg, acc, accb, k, False), 16),
     Q5_K_R4: _ik_row(Q5_K_R4, lambda c, o, xg, acc, accb, k: _k4_r4_block(c, o, xg, acc, accb, k, True), 16),
     Q6_K_R4: _ik_row(Q6_K_R4, _q6_k_r4_block, 16),
+    Q2_K_R4: _ik_row(Q2_K_R4, _q2_k_r4_block, 16),
+    Q3_K_R4: _ik_row(Q3_K_R4, _q3_k_r4_block, 16),
     IQ2_K_R4: _ik_row(IQ2_K_R4, _iq2_k_r4_block, 16),
 }

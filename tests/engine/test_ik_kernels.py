@@ -25,7 +25,8 @@ IK_FUSED = sorted(t for t in BLOCK_DOT_TYPES if t in IK_DECODED)
 F16_AT = {"IQ4_KS": (), "IQ2_K_R4": (0, 2, 4, 6), "IQ4_K": (0,), "IQ2_K": (0,), "IQ5_KS": (), "IQ3_K": (0,),
           "Q8_0_R8": tuple(range(0, 16, 2)), "Q4_0_R8": tuple(range(0, 16, 2)),
           "Q4_K_R4": tuple(range(0, 16, 2)), "Q5_K_R4": tuple(range(0, 16, 2)), "Q6_K_R4": (0, 2, 4, 6),
-          "IQ4_NL_R4": (0, 2, 4, 6), "Q5_0_R4": (0, 2, 4, 6), "Q6_0_R4": (0, 2, 4, 6)}
+          "IQ4_NL_R4": (0, 2, 4, 6), "Q5_0_R4": (0, 2, 4, 6), "Q6_0_R4": (0, 2, 4, 6),
+          "Q2_K_R4": tuple(range(0, 16, 2)), "Q3_K_R4": (0, 2, 4, 6)}
 
 
 def random_ik_rows(qtype: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
