@@ -10,10 +10,204 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from engine.block_ir import _I8, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
-from engine.ik_decoders import IQ2_K_R4
+from engine.block_ir import _I8, _I32, _V16F, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
+from engine.ik_decoders import (
+    IQ2_K_R4,
+    IQ4_NL_R4,
+    Q2_K_R4,
+    Q3_K_R4,
+    Q4_0_R8,
+    Q4_K_R4,
+    Q5_0_R4,
+    Q5_K_R4,
+    Q6_0_R4,
+    Q6_K_R4,
+    Q8_0_R8,
+)
 from engine.ik_dots import _IQ2_CODES, _book_scales, _ik_row, _spread
-from engine.simd_int8 import lookup_codes
+from engine.ik_types import quant_type
+from engine.mainline_dots import _block_pair, _pair_row
+from engine.simd import _splat
+from engine.simd_int8 import IQ4_CODES, _fma, lookup_codes
+
+# The *_R4 nibble layouts (IQ4_NL_R4, Q5_0_R4, Q6_0_R4, Q*_K_R4): row k's 16 bytes of a 32-value block are 4 at
+# 16 p + 4 k for parts p = 0..3, and part p's byte i holds values _R4_AT[p] + i (low nibble) and + 8 (high). In
+# value order, 4 values at a time: the part and nibble of each lane.
+_R4_PART = (0, 2, 0, 2, 1, 3, 1, 3)
+_R4_NIB = (0, 0, 1, 1, 0, 0, 1, 1)
+
+
+def _fields(c: _Ctx, at: ir.Value, nwords: int, picks: list[int], shifts: list[int] | None = None,
+            mask: int | None = None) -> ir.Value:
+    """<n x i32>: words picks[l] of the nwords 4-byte words at `at`, each shifted right by shifts[l] and each of
+    its bytes masked by `mask` (a lane's 4 values share the shift: row k's bytes come 4 at a time)."""
+    b = c.b
+    vty = ir.VectorType(_I32, len(picks))
+    raw = c.load(c.src, at, ir.VectorType(_I32, nwords))
+    w = b.shuffle_vector(raw, raw, _idx(picks))
+    if shifts is not None and any(shifts):
+        w = b.lshr(w, _const(vty, shifts))
+    if mask is not None:
+        w = b.and_(w, _const(vty, [mask * 0x01010101] * len(picks)))
+    return w
+
+
+def _bytes(c: _Ctx, w: ir.Value) -> ir.Value:
+    return c.b.bitcast(w, ir.VectorType(_I8, 4 * w.type.count))
+
+
+def _r4_nibbles(c: _Ctx, at: ir.Value, k: int, n: int) -> ir.Value:
+    """<8 n x i32>: row k's 4-bit codes of n consecutive 32-value blocks of 64 bytes at `at` in the *_R4 nibble
+    layout, in value order."""
+    return _fields(c, at, 16 * n, [16 * j + 4 * p + k for j in range(n) for p in _R4_PART],
+                   [4 * h for _ in range(n) for h in _R4_NIB], 15)
+
+
+def _q8_0_r8_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
+    """Row k's 32 codes + 128 of a Q8_0_R8 block of 8 rows (d[8] f16 @0, qs[256] @16): values 4 j .. 4 j + 3 are
+    word 8 j + k of qs."""
+    w = _fields(c, c.off(at, 16), 64, [8 * j + k for j in range(8)])
+    return _bytes(c, c.b.xor(w, _const(w.type, [-0x7F7F7F80] * 8)))  # 0x80808080: int8 + 128
+
+
+def _q4_0_r8_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
+    """Row k's 32 codes of a Q4_0_R8 block of 8 rows (d[8] f16 @0, qs[128] @16): word 8 l + k of qs holds values
+    4 l .. 4 l + 3 (low nibbles) and 16 + 4 l .. (high)."""
+    w = _fields(c, c.off(at, 16), 32, [8 * (j % 4) + k for j in range(8)], [4 * (j // 4) for j in range(8)], 15)
+    return _bytes(c, w)
+
+
+def _iq4_nl_r4_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
+    """Row k's 32 codes of an IQ4_NL_R4 block of 4 rows (d[4] f16 @0, qs[64] @8 in the *_R4 nibble layout)."""
+    return lookup_codes(c.b, _bytes(c, _r4_nibbles(c, c.off(at, 8), k, 1)), IQ4_CODES)
+
+
+def _q5_0_r4_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
+    """Row k's 32 codes of a Q5_0_R4 block of 4 rows (d[4] f16 @0, qh[16] @8, qs[64] @24 in the *_R4 nibble
+    layout): part p's nibble h takes bit p + 4 h of row k's qh word k."""
+    h = _fields(c, c.off(at, 8), 4, [k] * 8, [p + 4 * h for p, h in zip(_R4_PART, _R4_NIB, strict=True)], 1)
+    w = c.b.or_(_r4_nibbles(c, c.off(at, 24), k, 1), c.b.shl(h, _const(h.type, [4] * 8)))
+    return _bytes(c, w)
+
+
+def _q6_0_r4_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
+    """Row k's 32 codes of a Q6_0_R4 block of 4 rows (d[4] f16 @0, qh[32] @8, qs[64] @40 in the *_R4 nibble
+    layout): part p's nibble h takes bits 2 (p // 2) + 4 h, + 1 of qh word 4 (p % 2) + k."""
+    lanes = list(zip(_R4_PART, _R4_NIB, strict=True))
+    h = _fields(c, c.off(at, 8), 8, [4 * (p % 2) + k for p, h in lanes], [2 * (p // 2) + 4 * h for p, h in lanes], 3)
+    w = c.b.or_(_r4_nibbles(c, c.off(at, 40), k, 1), c.b.shl(h, _const(h.type, [4] * 8)))
+    return _bytes(c, w)
+
+
+def _small_r_row(qtype: int, codes, bias: int):
+    """The row function of a 32-value interleaved type: value = d_k * (code - bias), d_k the f16 at 2 k."""
+    nbytes = quant_type(qtype).group * quant_type(qtype).block_bytes
+
+    def step(c, o, xg, acc, accb, pair, k):
+        _block_pair(c, o, xg, acc, accb, lambda at: codes(c, at, k), nbytes, 2 * k, None, bias, pair)
+
+    return _pair_row(qtype, step)
+
+
+def _group_scales(c: _Ctx, dl: ir.Value, bias: ir.Value, xg: list[ir.Value], accb) -> list[ir.Value]:
+    """Each token's 16 group scales dl * xd (dl, bias: <16 x f32> per group); adds bias * xs to accb."""
+    b = c.b
+    scales = []
+    for t, x in enumerate(xg):
+        scales.append(b.fmul(dl, c.load(c.xd, x, _V16F, 4)))
+        b.store(_fma(b, bias, c.load(c.xs, x, _V16F, 4), b.load(accb[t])), accb[t])
+    return scales
+
+
+def _k4_r4_scales(c: _Ctx, o: ir.Value, k: int, xg: list[ir.Value], accb) -> list[ir.Value]:
+    """Row k's group scales of a Q4_K_R4 / Q5_K_R4 block (d[4] @0, dmin[4] @8, scales_h[16] @16, scales_l[32]
+    @32): sub-block ib's 6-bit scale and min are the nibbles of scales_l[4 ib + k] with bits 0-1 and 2-3 of
+    scales_h[(4 ib + k) % 16] >> 4 (ib // 4) on top; value = d sc q - dmin m."""
+    b = c.b
+    sub = [g // 2 for g in range(16)]
+    sl = _spread(c, c.off(o, 32), 32, [4 * ib + k for ib in sub])
+    sh = b.lshr(_spread(c, c.off(o, 16), 16, [(4 * ib + k) % 16 for ib in sub]),
+                _const(_V16I, [4 * (ib // 4) for ib in sub]))
+
+    def k16(v: int) -> ir.Constant:
+        return _const(_V16I, [v] * 16)
+
+    sc = b.or_(b.and_(sl, k16(15)), b.shl(b.and_(sh, k16(3)), k16(4)))
+    m = b.or_(b.lshr(sl, k16(4)), b.shl(b.and_(sh, k16(12)), k16(2)))
+    dl = b.fmul(_splat(b, c.half(c.off(o, 2 * k)), _V16F), b.sitofp(sc, _V16F))
+    ml = b.fmul(_splat(b, c.half(c.off(o, 8 + 2 * k)), _V16F), b.sitofp(m, _V16F))
+    return _group_scales(c, dl, b.fsub(_const(_V16F, [0.0] * 16), ml), xg, accb)
+
+
+def _k4_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int, fifth: bool) -> None:
+    """Row k of a Q4_K_R4 block of 4 rows (qs[512] @64, 64 bytes per 32 values in the *_R4 nibble layout), or
+    with fifth bits of a Q5_K_R4 block (qh[128] @64, qs @192): sub-block ib's 5th bits are in row k's word
+    16 ib + 4 k of qh, bits (0, 2, 1, 3, 4, 6, 5, 7) for its 8 lanes."""
+    b = c.b
+    scales = _k4_r4_scales(c, o, k, xg, accb)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        w = _r4_nibbles(c, c.off(o, (192 if fifth else 64) + 128 * g), k, 2)
+        if fifth:
+            h = _fields(c, c.off(o, 64 + 32 * g), 8, [4 * (lane // 8) + k for lane in range(16)],
+                        [(0, 2, 1, 3, 4, 6, 5, 7)[lane % 8] for lane in range(16)], 1)
+            w = b.or_(w, b.shl(h, _const(_V16I, [4] * 16)))
+        _accumulate(c, _bytes(c, w), _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+def _q6_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of a Q6_K_R4 block of 4 rows (d[4] @0, int8 scales[64] @8, qh[256] @72, ql[512] @328): group g's
+    scale is byte 4 g + k; ql in the *_R4 nibble layout (64 bytes per 32 values), the 2 high bits of part p's
+    nibble h in row k's word 4 (p % 2) + k of the sub-block's 32 qh bytes, at bit 4 (p // 2) + 2 h."""
+    b = c.b
+    raw = c.load(c.src, c.off(o, 8), ir.VectorType(_I8, 64))
+    sc = b.sext(b.shuffle_vector(raw, raw, _idx([4 * g + k for g in range(16)])), _V16I)
+    scales = _book_scales(c, c.half(c.off(o, 2 * k)), sc, 0, _const(_V16I, [0] * 16), 0, 32, xg, accb)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        lanes = [(j, p, h) for j in range(2) for p, h in zip(_R4_PART, _R4_NIB, strict=True)]
+        h = _fields(c, c.off(o, 72 + 64 * g), 16, [8 * j + 4 * (p % 2) + k for j, p, h in lanes],
+                    [4 * (p // 2) + 2 * h for j, p, h in lanes], 3)
+        w = b.or_(_r4_nibbles(c, c.off(o, 328 + 128 * g), k, 2), b.shl(h, _const(_V16I, [4] * 16)))
+        _accumulate(c, _bytes(c, w), _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+# The 2-bit layouts (Q2_K_R4, Q3_K_R4): row k's 8 bytes of a 32-value sub-block are words k and 4 + k of its 32,
+# bits 2 s of byte i of word 4 h + k hold value 16 h + 4 s + i. Per 64 values (two sub-blocks), each lane's word
+# and shift:
+_R4_2BIT = [(8 * (lane // 8) + 4 * (lane % 8 // 4), 2 * (lane % 4)) for lane in range(16)]
+
+
+def _q2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of a Q2_K_R4 block of 4 rows (d[4] @0, dmin[4] @8, scales[64] @16, qs[256] @80): group g's byte
+    4 g + k holds its 4-bit scale (low) and min (high); value = d sc q - dmin m."""
+    b = c.b
+    sc = _spread(c, c.off(o, 16), 64, [4 * g + k for g in range(16)])
+    dl = b.fmul(_splat(b, c.half(c.off(o, 2 * k)), _V16F), b.sitofp(b.and_(sc, _const(_V16I, [15] * 16)), _V16F))
+    ml = b.fmul(_splat(b, c.half(c.off(o, 8 + 2 * k)), _V16F), b.sitofp(b.lshr(sc, _const(_V16I, [4] * 16)), _V16F))
+    scales = _group_scales(c, dl, b.fsub(_const(_V16F, [0.0] * 16), ml), xg, accb)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        w = _fields(c, c.off(o, 80 + 64 * g), 16, [at + k for at, _ in _R4_2BIT], [s for _, s in _R4_2BIT], 3)
+        _accumulate(c, _bytes(c, w), _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+def _q3_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of a Q3_K_R4 block of 4 rows (d[4] @0, scales_h[16] @8, scales_l[32] @24, qh[128] @56, qs[256]
+    @184): group g's 6-bit scale s = 4 g + k is nibble s // 32 of scales_l[s % 32] with bits 2 (s // 16), + 1 of
+    scales_h[s % 16] on top, less 32; the 3rd bit of value 16 h + 4 j + i of sub-block ib is bit j + 4 h of byte
+    i of qh word 4 ib + k; value = d sc (q - 4)."""
+    b = c.b
+    sl = _spread(c, c.off(o, 24), 32, [(4 * g + k) % 32 for g in range(16)])
+    sh = _spread(c, c.off(o, 8), 16, [(4 * g + k) % 16 for g in range(16)])
+    at = [4 * g + k for g in range(16)]
+    lo = b.and_(b.lshr(sl, _const(_V16I, [4 * (s // 32) for s in at])), _const(_V16I, [15] * 16))
+    hi = b.and_(b.lshr(sh, _const(_V16I, [2 * (s // 16) for s in at])), _const(_V16I, [3] * 16))
+    ls = b.or_(lo, b.shl(hi, _const(_V16I, [4] * 16)))
+    scales = _book_scales(c, c.half(c.off(o, 2 * k)), ls, 32, _const(_V16I, [0] * 16), 0, 4, xg, accb)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        low = _fields(c, c.off(o, 184 + 64 * g), 16, [at + k for at, _ in _R4_2BIT], [s for _, s in _R4_2BIT], 3)
+        high = _fields(c, c.off(o, 56 + 32 * g), 8, [4 * (lane // 8) + k for lane in range(16)],
+                       [lane % 4 + 4 * (lane % 8 // 4) for lane in range(16)], 1)
+        w = b.or_(low, b.shl(high, _const(_V16I, [2] * 16)))
+        _accumulate(c, _bytes(c, w), _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
 
 
 def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
@@ -46,5 +240,15 @@ def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
 
 
 ROWS = {
+    Q8_0_R8: _small_r_row(Q8_0_R8, _q8_0_r8_codes, 128),
+    Q4_0_R8: _small_r_row(Q4_0_R8, _q4_0_r8_codes, 8),
+    IQ4_NL_R4: _small_r_row(IQ4_NL_R4, _iq4_nl_r4_codes, 128),
+    Q5_0_R4: _small_r_row(Q5_0_R4, _q5_0_r4_codes, 16),
+    Q6_0_R4: _small_r_row(Q6_0_R4, _q6_0_r4_codes, 32),
+    Q4_K_R4: _ik_row(Q4_K_R4, lambda c, o, xg, acc, accb, k: _k4_r4_block(c, o, xg, acc, accb, k, False), 16),
+    Q5_K_R4: _ik_row(Q5_K_R4, lambda c, o, xg, acc, accb, k: _k4_r4_block(c, o, xg, acc, accb, k, True), 16),
+    Q6_K_R4: _ik_row(Q6_K_R4, _q6_k_r4_block, 16),
+    Q2_K_R4: _ik_row(Q2_K_R4, _q2_k_r4_block, 16),
+    Q3_K_R4: _ik_row(Q3_K_R4, _q3_k_r4_block, 16),
     IQ2_K_R4: _ik_row(IQ2_K_R4, _iq2_k_r4_block, 16),
 }

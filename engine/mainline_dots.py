@@ -120,11 +120,19 @@ def _small_codes(c: _Ctx, o: ir.Value, qtype: int) -> ir.Value:
 
 def _small_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, qtype: int, pair: bool) -> None:
     """One step over two 32-value blocks (64 values), or over a lone last block (its second half zero)."""
-    b = c.b
-    nbytes = quant_type(qtype).block_bytes
     m_at, bias = _SMALL[qtype][:2]
-    first = _small_codes(c, o, qtype)
-    second = _small_codes(c, c.off(o, nbytes), qtype) if pair else ir.Constant(_V32I8, [0] * 32)
+    _block_pair(c, o, xg, acc, accb, lambda at: _small_codes(c, at, qtype), quant_type(qtype).block_bytes, 0, m_at,
+                bias, pair)
+
+
+def _block_pair(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, codes, nbytes: int, d_at: int,
+                m_at: int | None, bias: int, pair: bool) -> None:
+    """Two 32-value blocks nbytes apart (64 values), or a lone last block (its second half zero): codes(offset)
+    gives a block's 32 unsigned codes in value order, value = d * (code - bias) [+ m] with f16 d at d_at and m at
+    m_at of each block (ik_llama.cpp's interleaved *_0 types read row k's fields of a group's block)."""
+    b = c.b
+    first = codes(o)
+    second = codes(c.off(o, nbytes)) if pair else ir.Constant(_V32I8, [0] * 32)
     w = b.shuffle_vector(first, second, _idx(list(range(64))))
     v4 = ir.VectorType(_F32, 4)
     zero = ir.Constant(_F32, 0.0)
@@ -135,7 +143,7 @@ def _small_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, qtype: in
                                               ir.Constant(_I32, 0)), v1, ir.Constant(_I32, 1))
         return b.shuffle_vector(v, v, _idx([0, 0, 1, 1]))
 
-    d = per_group(0)
+    d = per_group(d_at)
     # the weight's offset per group, times each group's activation sum: d * -bias, or the block's m
     offset = per_group(m_at) if m_at is not None else b.fmul(d, _const(v4, [-float(bias)] * 4))
     scales = []
@@ -145,17 +153,23 @@ def _small_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, qtype: in
     _accumulate(c, w, _values(c, xg, 0), scales, [lane // 4 for lane in range(16)], acc)
 
 
-def _small_row(qtype: int):
+def _pair_row(qtype: int, step):
+    """A row function over 32-value blocks two at a time: step(c, o, xg, acc, accb, pair, k) with pair False for
+    a lone last block, k the row within an interleaved group."""
     def row(context, builder, sig, args, n_tok: int, k: int) -> None:
         def pair(c, o, xg, acc, accb):
-            _small_blocks(c, o, xg, acc, accb, qtype, True)
+            step(c, o, xg, acc, accb, True, k)
 
         def lone(c, o, xg, acc, accb):
-            _small_blocks(c, o, xg, acc, accb, qtype, False)
+            step(c, o, xg, acc, accb, False, k)
 
         _row_loop(context, builder, sig, args, n_tok, qtype, pair, 4, per_step=2, tail=lone)
 
     return row
+
+
+def _small_row(qtype: int):
+    return _pair_row(qtype, lambda c, o, xg, acc, accb, pair, k: _small_blocks(c, o, xg, acc, accb, qtype, pair))
 
 
 def _k4_row(fifth: bool):

@@ -23,7 +23,11 @@ from tests.engine.test_ik_types import CASES, _case_id, _ref
 IK_FUSED = sorted(t for t in BLOCK_DOT_TYPES if t in IK_DECODED)
 # Offsets of the f16 scales within one (interleaved) block, per type; the row header is set separately.
 F16_AT = {"IQ4_KS": (), "IQ2_K_R4": (0, 2, 4, 6), "IQ4_K": (0,), "IQ2_K": (0,), "IQ5_KS": (), "IQ3_K": (0,),
-          "IQ4_KT": (), "IQ2_KT": (), "IQ3_KT": (), "IQ1_KT": ()}
+          "IQ4_KT": (), "IQ2_KT": (), "IQ3_KT": (), "IQ1_KT": (),
+          "Q8_0_R8": tuple(range(0, 16, 2)), "Q4_0_R8": tuple(range(0, 16, 2)),
+          "Q4_K_R4": tuple(range(0, 16, 2)), "Q5_K_R4": tuple(range(0, 16, 2)), "Q6_K_R4": (0, 2, 4, 6),
+          "IQ4_NL_R4": (0, 2, 4, 6), "Q5_0_R4": (0, 2, 4, 6), "Q6_0_R4": (0, 2, 4, 6),
+          "Q2_K_R4": tuple(range(0, 16, 2)), "Q3_K_R4": (0, 2, 4, 6)}
 
 
 def random_ik_rows(qtype: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -81,7 +85,8 @@ def _shapes(qtype: int) -> list[tuple[int, int]]:
     qt = quant_type(qtype)
     long = qt.qk * (K._LONG_ROW // qt.qk + K._COL_SPAN // qt.qk // 2 + 1)
     assert long > K._LONG_ROW
-    return [(3 * qt.group * 8, qt.qk), (2 * max(qt.group, 4) + 24, 3 * qt.qk), (qt.group * 5, long)]
+    # tokens() zeroes the first 32 columns: a lone 32-value block would meet only zeros
+    return [(3 * qt.group * 8, max(qt.qk, 64)), (2 * max(qt.group, 4) + 24, 3 * qt.qk), (qt.group * 5, long)]
 
 
 @pytest.mark.parametrize("qtype", IK_FUSED, ids=type_name)
