@@ -26,7 +26,7 @@ from engine.block_ir import (
     _row_loop,
     _values,
 )
-from engine.ik_decoders import IQ2_K, IQ3_K, IQ4_K, IQ4_KS, IQ5_KS
+from engine.ik_decoders import IQ2_K, IQ3_K, IQ4_K, IQ4_KS, IQ5_K, IQ5_KS
 from engine.ik_types import quant_type
 from engine.simd import _splat
 from engine.simd_int8 import IQ4_CODES, _fma, lookup_codes
@@ -105,27 +105,33 @@ def _iq4_ks_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
                     scales, [2 * g] * 8 + [2 * g + 1] * 8, acc)
 
 
+def _iq5_codes(c: _Ctx, at: ir.Value, qh: ir.Value, g: int) -> ir.Value:
+    """<64 x i8>: the 5-bit indices of step g (64 values) of IQ5_KS/IQ5_K: the low nibbles of the 32 bytes at
+    `at`, then the high ones, with bits 2g and 2g + 1 of qh[j] (<32 x i8>) on top."""
+    b = c.b
+    one, four = _const(_V32I8, [1] * 32), _const(_V32I8, [4] * 32)
+    raw = c.load(c.src, at, _V32I8)
+    lo = b.or_(b.and_(raw, _const(_V32I8, [15] * 32)),
+               b.shl(b.and_(b.lshr(qh, _const(_V32I8, [2 * g] * 32)), one), four))
+    hi = b.or_(b.lshr(raw, four), b.shl(b.and_(b.lshr(qh, _const(_V32I8, [2 * g + 1] * 32)), one), four))
+    return b.shuffle_vector(lo, hi, _idx(list(range(64))))
+
+
 def _iq5_ks_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     """An IQ5_KS block (scales[8] @0, qs[128] @8, qh[32] @136), scales as IQ4_KS (book half +2): step g's 64
     values are the low nibbles of qs[32 g ..] (sub-block 2g), then the high ones (2g + 1), 5th bits 2g and
     2g + 1 of qh[j]."""
-    b = c.b
     scales = _ks_scales(c, o, 2, xg, accb)
     qh = c.load(c.src, c.off(o, 136), _V32I8)
-    one, four = _const(_V32I8, [1] * 32), _const(_V32I8, [4] * 32)
     for g in range(4):
-        raw = c.load(c.src, c.off(o, 8 + 32 * g), _V32I8)
-        lo = b.or_(b.and_(raw, _const(_V32I8, [15] * 32)),
-                   b.shl(b.and_(b.lshr(qh, _const(_V32I8, [2 * g] * 32)), one), four))
-        hi = b.or_(b.lshr(raw, four), b.shl(b.and_(b.lshr(qh, _const(_V32I8, [2 * g + 1] * 32)), one), four))
-        _accumulate(c, lookup_codes(b, b.shuffle_vector(lo, hi, _idx(list(range(64)))), _IQ5_CODES),
+        _accumulate(c, lookup_codes(c.b, _iq5_codes(c, c.off(o, 8 + 32 * g), qh, g), _IQ5_CODES),
                     _values(c, xg, g), scales, [2 * g] * 8 + [2 * g + 1] * 8, acc)
 
 
-def _iq4_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
-    """An IQ4_K block (d @0, extra @2, scales_h[4] @4, scales_l[8] @8, qs[128] @16): half h of sub-block s (one
-    group) has the 6-bit scale nibble h of scales_l[s] | bits 4 (s % 2) + 2 h of scales_h[s // 2] << 4, less 32,
-    and book half bit 2 s + h of extra (+4); nibbles as IQ4_KS."""
+def _iqk_scales(c: _Ctx, o: ir.Value, step: int, xg: list[ir.Value], accb) -> list[ir.Value]:
+    """Each token's 16 group scales of an IQ4_K/IQ5_K block (d @0, extra @2, scales_h[4] @4, scales_l[8] @8):
+    half h of sub-block s (one group) has the 6-bit scale nibble h of scales_l[s] | bits 4 (s % 2) + 2 h of
+    scales_h[s // 2] << 4, less 32, and book half bit 2 s + h of extra (+step)."""
     b = c.b
     order = [(s, h) for s in range(8) for h in range(2)]
     low = _spread(c, c.off(o, 8), 8, [s for s, h in order])
@@ -133,10 +139,24 @@ def _iq4_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     ls = b.or_(b.and_(b.lshr(low, _const(_V16I, [4 * h for s, h in order])), _const(_V16I, [15] * 16)),
                b.shl(b.and_(b.lshr(high, _const(_V16I, [4 * (s % 2) + 2 * h for s, h in order])),
                             _const(_V16I, [3] * 16)), _const(_V16I, [4] * 16)))
-    scales = _book_scales(c, c.half(o), ls, 32, _bits16(c, c.load(c.src, c.off(o, 2), _I16)), 4, 128, xg, accb)
+    return _book_scales(c, c.half(o), ls, 32, _bits16(c, c.load(c.src, c.off(o, 2), _I16)), step, 128, xg, accb)
+
+
+def _iq4_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
+    """An IQ4_K block (scales as _iqk_scales, book half +4; qs[128] @16), nibbles as IQ4_KS."""
+    scales = _iqk_scales(c, o, 4, xg, accb)
     for g in range(4):
-        _accumulate(c, lookup_codes(b, _iq4_nibbles(c, c.off(o, 16 + 32 * g)), IQ4_CODES), _values(c, xg, g),
+        _accumulate(c, lookup_codes(c.b, _iq4_nibbles(c, c.off(o, 16 + 32 * g)), IQ4_CODES), _values(c, xg, g),
                     scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+def _iq5_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
+    """An IQ5_K block (scales as _iqk_scales, book half +2; qs[128] @16, qh[32] @144): codes as IQ5_KS's."""
+    scales = _iqk_scales(c, o, 2, xg, accb)
+    qh = c.load(c.src, c.off(o, 144), _V32I8)
+    for g in range(4):
+        _accumulate(c, lookup_codes(c.b, _iq5_codes(c, c.off(o, 16 + 32 * g), qh, g), _IQ5_CODES),
+                    _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
 
 
 def _iq2_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
@@ -203,4 +223,5 @@ ROWS = {
     IQ2_K: _ik_row(IQ2_K, _iq2_k_block, 16),
     IQ5_KS: _ik_row(IQ5_KS, _iq5_ks_block, 8),
     IQ3_K: _ik_row(IQ3_K, _iq3_k_block, 16),
+    IQ5_K: _ik_row(IQ5_K, _iq5_k_block, 16),
 }
