@@ -8,6 +8,7 @@ activations), not its codes. Row scales (the *_KS types' header) come in as the 
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 
 from engine.block_ir import (
@@ -26,7 +27,7 @@ from engine.block_ir import (
     _row_loop,
     _values,
 )
-from engine.ik_decoders import IQ2_K, IQ3_K, IQ4_K, IQ4_KS, IQ5_K, IQ5_KS
+from engine.ik_decoders import _A6, _B6, _C6, _D6, IQ2_K, IQ3_K, IQ4_K, IQ4_KS, IQ5_K, IQ5_KS, IQ6_K
 from engine.ik_types import quant_type
 from engine.simd import _splat
 from engine.simd_int8 import IQ4_CODES, _fma, lookup_codes
@@ -39,6 +40,24 @@ _IQ3_CODES = [1, 24, 41, 54, 65, 77, 92, 111]
 _IQ5_CODES = [v + 128 for v in (-126, -114, -103, -92, -83, -74, -65, -57, -50, -43, -36, -30, -24, -18, -12, -6,
                                 -1, 5, 11, 17, 23, 29, 36, 43, 51, 59, 68, 77, 87, 97, 109, 121)]
 
+
+
+def _iq6_planes() -> list[list[int]]:
+    """IQ6_K's book + 128 in 24-bit fixed point (x 2^16) as three byte tables, low byte first. The book is a
+    float32 cubic (ik_decoders._iq6_value), not integers; each product and sum of its multiply-adds is exact in
+    float64, so one rounding to float32 gives the decoder's bits. Fixed point is off by at most 2^-17, the
+    spacing of float32 values above 64, so the products agree to float32 rounding."""
+    def fma(a: np.float32, b: np.float32, c: np.float32) -> np.float32:
+        return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+    fixed = []
+    for q in range(64):
+        f = np.float32(q)
+        fixed.append(round((float(fma(f, fma(f, fma(f, _D6, -_C6), _B6), _A6)) + 128.0) * 65536.0))
+    return [[(p >> (8 * k)) & 255 for p in fixed] for k in range(3)]
+
+
+_IQ6_PLANES = _iq6_planes()
 
 def _book_scales(c: _Ctx, d: ir.Value, ls: ir.Value, ls_zero: int, half: ir.Value, step: int, code_zero: int,
                  xg: list[ir.Value], accb) -> list[ir.Value]:
@@ -202,6 +221,30 @@ def _iq3_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
                     _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
 
 
+def _iq6_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
+    """An IQ6_K block (d @0, extra @2, int8 scales[16] @4, qs[128] @20, qh[64] @148): group g has scale
+    d * scales[g] and adds 1 to the book where bit g of extra is set; step g's codes are IQ5_K's nibbles with bits
+    4 (g % 2) (low nibbles) and 4 (g % 2) + 2 (high) of qh[32 (g // 2) + j] as bits 4-5. The three byte planes
+    of the book (_IQ6_PLANES) are dotted apart and summed with their weights 2^-16, 2^-8, 1."""
+    b = c.b
+    ls = b.sext(c.load(c.src, c.off(o, 4), ir.VectorType(_I8, 16)), _V16I)
+    scales = _book_scales(c, c.half(o), ls, 0, _bits16(c, c.load(c.src, c.off(o, 2), _I16)), 1, 128, xg, accb)
+    three, four, low = _const(_V32I8, [3] * 32), _const(_V32I8, [4] * 32), _const(_V32I8, [15] * 32)
+    step = _const(_V16F, [1.0 / 256] * 16)
+    for g in range(4):
+        raw = c.load(c.src, c.off(o, 20 + 32 * g), _V32I8)
+        qh = c.load(c.src, c.off(o, 148 + 32 * (g // 2)), _V32I8)
+        lo = b.or_(b.and_(raw, low), b.shl(b.and_(b.lshr(qh, _const(_V32I8, [4 * (g % 2)] * 32)), three), four))
+        hi = b.or_(b.lshr(raw, four), b.shl(b.and_(b.lshr(qh, _const(_V32I8, [4 * (g % 2) + 2] * 32)), three), four))
+        idx = b.shuffle_vector(lo, hi, _idx(list(range(64))))
+        planes = [lookup_codes(b, idx, table) for table in _IQ6_PLANES]
+        lanes = _idx([4 * g + lane // 4 for lane in range(16)])
+        for t, value in enumerate(_values(c, xg, g)):
+            f0, f1, f2 = (c.codes_dot(w, value) for w in planes)
+            f = _fma(b, _fma(b, f0, step, f1), step, f2)
+            b.store(_fma(b, f, b.shuffle_vector(scales[t], scales[t], lanes), b.load(acc[t])), acc[t])
+
+
 def _ik_row(qtype: int, block, bias_lanes: int):
     grouped = quant_type(qtype).group > 1  # the block body takes the row within its group
 
@@ -224,4 +267,5 @@ ROWS = {
     IQ5_KS: _ik_row(IQ5_KS, _iq5_ks_block, 8),
     IQ3_K: _ik_row(IQ3_K, _iq3_k_block, 16),
     IQ5_K: _ik_row(IQ5_K, _iq5_k_block, 16),
+    IQ6_K: _ik_row(IQ6_K, _iq6_k_block, 16),
 }
