@@ -1,9 +1,11 @@
-"""Fused dot kernels for ik_llama.cpp's own types (IQ*_K, IQ*_KS), read straight from their GGUF blocks
-(engine.block_dots).
+"""Fused dot kernels for ik_llama.cpp's own plain types (IQ*_K, IQ*_KS, IQ4_KSS, IQ2_KL, Q6_0, Q8_KV), read
+straight from their GGUF blocks (engine.block_dots).
 
 Each non-linear code book is stored as unsigned codes (book + 128, + 64 or + 32). The second half of every IQ*_K
-book is the first plus a constant (+4, +5, +4, +2), so a group's `extra` bit changes only its bias (b * sum of
-activations), not its codes. Row scales (the *_KS types' header) come in as the context's `head` offset.
+book is the first plus a constant (+4, +5, +4, +2, +1), so a group's `extra` bit changes only its bias (b * sum of
+activations), not its codes. IQ6_K's book is not integers: it is dotted as three byte planes of fixed point.
+Row scales (the *_KS types' header) come in as the context's `head` offset. Q6_0 and Q8_KV take mainline's
+32-value step (engine.mainline_dots.small_row).
 """
 
 from __future__ import annotations
@@ -62,7 +64,6 @@ _IQ5_CODES = [v + 128 for v in (-126, -114, -103, -92, -83, -74, -65, -57, -50, 
                                 -1, 5, 11, 17, 23, 29, 36, 43, 51, 59, 68, 77, 87, 97, 109, 121)]
 
 
-
 def _iq6_planes() -> list[list[int]]:
     """IQ6_K's book + 128 in 24-bit fixed point (x 2^16) as three byte tables, low byte first. The book is a
     float32 cubic (ik_decoders._iq6_value), not integers; each product and sum of its multiply-adds is exact in
@@ -81,6 +82,7 @@ def _iq6_planes() -> list[list[int]]:
 _IQ6_PLANES = _iq6_planes()
 # IQ2_KL's pairs (values of IQ3_K's first book half) + 64: their first values, then their second.
 _IQ2KL_CODES = [int(v) + 64 for v in _IQ2KL[:, 0]] + [int(v) + 64 for v in _IQ2KL[:, 1]]
+
 
 def _book_scales(c: _Ctx, d: ir.Value, ls: ir.Value, ls_zero: int, half: ir.Value, step: int, code_zero: int,
                  xg: list[ir.Value], accb) -> list[ir.Value]:
@@ -244,7 +246,6 @@ def _iq2_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
     for g in range(4):
         _accumulate(c, lookup_codes(b, _iq2_codes(c, c.off(o, 12), g), _IQ2_CODES), _values(c, xg, g), scales,
                     [4 * g + lane // 4 for lane in range(16)], acc)
-
 
 
 def _iq3_k_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb) -> None:
