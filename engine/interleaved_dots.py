@@ -8,6 +8,8 @@ are visited one after another, so the group's bytes come from L1 after the first
 
 from __future__ import annotations
 
+from functools import partial
+
 from llvmlite import ir
 
 from engine.block_ir import _I8, _I32, _V16F, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
@@ -25,8 +27,7 @@ from engine.ik_decoders import (
     Q8_0_R8,
 )
 from engine.ik_dots import _IQ2_CODES, _book_scales, _ik_row, _spread
-from engine.ik_types import quant_type
-from engine.mainline_dots import _block_pair, _pair_row
+from engine.mainline_dots import SmallBlocks, half_at, small_row
 from engine.simd import _splat
 from engine.simd_int8 import IQ4_CODES, _fma, lookup_codes
 
@@ -101,12 +102,7 @@ def _q6_0_r4_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
 
 def _small_r_row(qtype: int, codes, bias: int):
     """The row function of a 32-value interleaved type: value = d_k * (code - bias), d_k the f16 at 2 k."""
-    nbytes = quant_type(qtype).group * quant_type(qtype).block_bytes
-
-    def step(c, o, xg, acc, accb, pair, k):
-        _block_pair(c, o, xg, acc, accb, lambda at: codes(c, at, k), nbytes, 2 * k, None, bias, pair)
-
-    return _pair_row(qtype, step)
+    return small_row(qtype, lambda k: SmallBlocks(partial(codes, k=k), half_at(2 * k), None, bias))
 
 
 def _group_scales(c: _Ctx, dl: ir.Value, bias: ir.Value, xg: list[ir.Value], accb) -> list[ir.Value]:

@@ -4,6 +4,8 @@ Q4_K, Q5_K, Q6_K (what Q4_K_M files hold) and the 32-value blocks Q8_0, Q4_0, Q4
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 from llvmlite import ir
@@ -98,12 +100,21 @@ _SMALL = {
 }
 
 
+class SmallBlocks(NamedTuple):
+    """How a body reads a 32-value block at byte offset o: value = d * (q - bias) [+ m]."""
+
+    codes: Callable[[_Ctx, ir.Value], ir.Value]  # <32 x i8>: the unsigned codes q in value order
+    d: Callable[[_Ctx, ir.Value], ir.Value]  # f32 scale
+    m: Callable[[_Ctx, ir.Value], ir.Value] | None  # f32 added minimum
+    bias: int
+
+
 def _small_codes(c: _Ctx, o: ir.Value, qtype: int) -> ir.Value:
     """<32 x i8>: the block's 32 codes as unsigned values, in value order."""
     b = c.b
     _, _, qh_at, codes_at, nibbles = _SMALL[qtype]
     if not nibbles:  # int8 codes + 128: unsigned for the u8 x s8 product, the 128 undone in the bias
-        return b.xor(c.load(c.src, c.off(o, codes_at), _V32I8), _const(_V32I8, [-128] * 32))
+        return int8_codes(c, c.off(o, codes_at))
     v16 = ir.VectorType(_I8, 16)
     raw = c.load(c.src, c.off(o, codes_at), v16)
     q = b.shuffle_vector(b.and_(raw, _const(v16, [15] * 16)), b.lshr(raw, _const(v16, [4] * 16)),
@@ -118,34 +129,30 @@ def _small_codes(c: _Ctx, o: ir.Value, qtype: int) -> ir.Value:
     return q
 
 
-def _small_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, qtype: int, pair: bool) -> None:
+def int8_codes(c: _Ctx, at: ir.Value) -> ir.Value:
+    """<32 x i8>: 32 int8 codes at `at` + 128 (unsigned for the u8 x s8 product; a bias of 128 undoes it)."""
+    return c.b.xor(c.load(c.src, at, _V32I8), _const(_V32I8, [-128] * 32))
+
+
+def _small_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, nbytes: int, blocks: SmallBlocks,
+                  pair: bool) -> None:
     """One step over two 32-value blocks (64 values), or over a lone last block (its second half zero)."""
-    m_at, bias = _SMALL[qtype][:2]
-    _block_pair(c, o, xg, acc, accb, lambda at: _small_codes(c, at, qtype), quant_type(qtype).block_bytes, 0, m_at,
-                bias, pair)
-
-
-def _block_pair(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, codes, nbytes: int, d_at: int,
-                m_at: int | None, bias: int, pair: bool) -> None:
-    """Two 32-value blocks nbytes apart (64 values), or a lone last block (its second half zero): codes(offset)
-    gives a block's 32 unsigned codes in value order, value = d * (code - bias) [+ m] with f16 d at d_at and m at
-    m_at of each block (ik_llama.cpp's interleaved *_0 types read row k's fields of a group's block)."""
     b = c.b
-    first = codes(o)
-    second = codes(c.off(o, nbytes)) if pair else ir.Constant(_V32I8, [0] * 32)
+    first = blocks.codes(c, o)
+    second = blocks.codes(c, c.off(o, nbytes)) if pair else ir.Constant(_V32I8, [0] * 32)
     w = b.shuffle_vector(first, second, _idx(list(range(64))))
     v4 = ir.VectorType(_F32, 4)
     zero = ir.Constant(_F32, 0.0)
 
-    def per_group(at: int) -> ir.Value:  # a block field as <4 x f32>, one lane per group of 16 values
-        v1 = c.half(c.off(o, nbytes + at)) if pair else zero
-        v = b.insert_element(b.insert_element(ir.Constant(v4, ir.Undefined), c.half(c.off(o, at)),
-                                              ir.Constant(_I32, 0)), v1, ir.Constant(_I32, 1))
+    def per_group(field) -> ir.Value:  # a block field as <4 x f32>, one lane per group of 16 values
+        v1 = field(c, c.off(o, nbytes)) if pair else zero
+        v = b.insert_element(b.insert_element(ir.Constant(v4, ir.Undefined), field(c, o), ir.Constant(_I32, 0)),
+                             v1, ir.Constant(_I32, 1))
         return b.shuffle_vector(v, v, _idx([0, 0, 1, 1]))
 
-    d = per_group(d_at)
+    d = per_group(blocks.d)
     # the weight's offset per group, times each group's activation sum: d * -bias, or the block's m
-    offset = per_group(m_at) if m_at is not None else b.fmul(d, _const(v4, [-float(bias)] * 4))
+    offset = per_group(blocks.m) if blocks.m is not None else b.fmul(d, _const(v4, [-float(blocks.bias)] * 4))
     scales = []
     for t, x in enumerate(xg):
         scales.append(b.fmul(d, c.load(c.xd, x, v4, 4)))
@@ -153,23 +160,38 @@ def _block_pair(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, codes, nbyt
     _accumulate(c, w, _values(c, xg, 0), scales, [lane // 4 for lane in range(16)], acc)
 
 
-def _pair_row(qtype: int, step):
-    """A row function over 32-value blocks two at a time: step(c, o, xg, acc, accb, pair, k) with pair False for
-    a lone last block, k the row within an interleaved group."""
+def small_row(qtype: int, blocks: Callable[[int], SmallBlocks]):
+    """The row function of a 32-value block type, row k of an interleaved group read as blocks(k) says: two blocks
+    a step (a block column of the group apart), a lone last block alone."""
+    nbytes = quant_type(qtype).group * quant_type(qtype).block_bytes
+
     def row(context, builder, sig, args, n_tok: int, k: int) -> None:
+        layout = blocks(k)
+
         def pair(c, o, xg, acc, accb):
-            step(c, o, xg, acc, accb, True, k)
+            _small_blocks(c, o, xg, acc, accb, nbytes, layout, True)
 
         def lone(c, o, xg, acc, accb):
-            step(c, o, xg, acc, accb, False, k)
+            _small_blocks(c, o, xg, acc, accb, nbytes, layout, False)
 
         _row_loop(context, builder, sig, args, n_tok, qtype, pair, 4, per_step=2, tail=lone)
 
     return row
 
 
-def _small_row(qtype: int):
-    return _pair_row(qtype, lambda c, o, xg, acc, accb, pair, k: _small_blocks(c, o, xg, acc, accb, qtype, pair))
+def half_at(at: int) -> Callable[[_Ctx, ir.Value], ir.Value]:
+    """A block field reader: the f16 at byte `at` of the block, as f32."""
+
+    def field(c: _Ctx, o: ir.Value) -> ir.Value:
+        return c.half(c.off(o, at))
+
+    return field
+
+
+def _mainline_small(qtype: int) -> SmallBlocks:
+    layout = _SMALL[qtype]
+    return SmallBlocks(partial(_small_codes, qtype=qtype), half_at(0),
+                       half_at(layout.m_at) if layout.m_at is not None else None, layout.bias)
 
 
 def _k4_row(fifth: bool):
@@ -182,9 +204,8 @@ def _k4_row(fifth: bool):
     return row
 
 
-
 ROWS = {
     Q4_K: _k4_row(False),
     Q5_K: _k4_row(True),
     Q6_K: lambda context, builder, sig, args, n, k: _row_loop(context, builder, sig, args, n, Q6_K, _q6_k_block, 16),
-} | {qtype: _small_row(qtype) for qtype in _SMALL}
+} | {qtype: small_row(qtype, lambda k, qtype=qtype: _mainline_small(qtype)) for qtype in _SMALL}

@@ -35,6 +35,7 @@ def instruction_set() -> str:
 
 
 _ISA = instruction_set()
+_VBMI = _ISA == "avx512vnni" and "+avx512vbmi" in target_features()  # vpermb: a 64-byte table in one lookup
 
 
 def _load_lanes(context, builder, sig, args, k_array, k_offset, lanes: int) -> ir.Value:
@@ -114,11 +115,20 @@ _PSHUFB = {16: "llvm.x86.ssse3.pshuf.b.128", 32: "llvm.x86.avx2.pshuf.b", 64: "l
 
 
 def lookup_codes(builder: ir.IRBuilder, idx: ir.Value, table: list[int]) -> ir.Value:
-    """<n x i8>: table[idx[i]] for byte indices idx (<n x i8>, each < len(table) <= 32): the non-linear code books
+    """<n x i8>: table[idx[i]] for byte indices idx (<n x i8>, each < len(table) <= 64): the non-linear code books
     of the IQ types as unsigned codes. With AVX-512 one `vpshufb` per 16 entries (the table in every 16-byte
-    lane), else a select tree on the index bits, exact on any target."""
+    lane) or, for 64 indices and over 16 entries, one `vpermb` (VBMI); else a select tree on the index bits,
+    exact on any target."""
     n = idx.type.count
     vty = ir.VectorType(_I8, n)
+    if _VBMI and n == 64 and len(table) > 16:  # one vpermb: the table padded to 64 bytes
+        signed = [v - 256 if v > 127 else v for v in table] + [0] * (64 - len(table))
+        fn = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.qi.512", fnty=ir.FunctionType(vty, [vty, vty]))
+        return builder.call(fn, [ir.Constant(vty, signed), idx])
+    if _ISA == "avx512vnni" and len(table) > 32:  # 64 entries: each half's lookup, chosen by index bit 5
+        low = builder.and_(idx, ir.Constant(vty, [31] * n))
+        high = builder.icmp_unsigned("!=", builder.and_(idx, ir.Constant(vty, [32] * n)), ir.Constant(vty, [0] * n))
+        return builder.select(high, lookup_codes(builder, low, table[32:]), lookup_codes(builder, low, table[:32]))
     if _ISA == "avx512vnni" and len(table) > 16:  # 32 entries: each half's lookup, chosen by index bit 4
         low = builder.and_(idx, ir.Constant(vty, [15] * n))
         high = builder.icmp_unsigned("!=", builder.and_(idx, ir.Constant(vty, [16] * n)), ir.Constant(vty, [0] * n))

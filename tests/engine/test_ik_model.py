@@ -63,10 +63,10 @@ def test_logits_match_ik_llama() -> None:
 
 def test_step_logits_match_ik_llama() -> None:
     """Token by token: the decode-sized products run on the fused integer kernels (IQ4_KS, IQ2_K_R4, IQ4_K,
-    IQ3_K, IQ5_KS here) and the rest on the decoder path, and still match ik_llama.cpp's batch logits."""
+    IQ3_K, IQ5_KS, Q6_0 here) and the rest on the decoder path, and still match ik_llama.cpp's batch logits."""
     model = load_model(MODEL, ctx_size=512)
     fused = {t.qtype_name for t in model.gguf.tensors.values() if is_ik(t.qtype) and kernels.fused(t.qtype)}
-    assert fused >= {"IQ4_KS", "IQ2_K_R4", "IQ4_K", "IQ3_K", "IQ5_KS"}
+    assert fused >= {"IQ4_KS", "IQ2_K_R4", "IQ4_K", "IQ3_K", "IQ5_KS", "Q6_0"}
     ids = ik_tokens()
     cache = model.new_cache()
     got = np.stack([model.eval([t], cache)[-1] for t in ids])

@@ -106,7 +106,8 @@ def test_bench_json_names_the_tensors_on_the_decoder_path(tmp_path: Path) -> Non
     doc = json.loads(out.read_text())
     want = {n: t.qtype_name for n, t in GGUFFile(MODEL).tensors.items() if is_ik(t.qtype) and not fused(t.qtype)}
     assert doc["decoder_path"] == want and 0 < len(want) < 15
-    assert doc["decoder_path"]["blk.1.ffn_down_exps.weight"] == "Q6_0"
+    assert doc["decoder_path"]["blk.0.ffn_down.weight"] == "Q6_0_R4"
+    assert "blk.1.ffn_down_exps.weight" not in doc["decoder_path"]  # Q6_0: fused kernels
     assert "blk.1.ffn_up_exps.weight" not in doc["decoder_path"]  # IQ2_K_R4: fused kernels
     assert "blk.0.attn_q_a.weight" not in doc["decoder_path"]  # Q8_0: fused kernels
     types = ", ".join(sorted(set(want.values())))
