@@ -78,14 +78,19 @@ def _iq4_nibbles(c: _Ctx, at: ir.Value) -> ir.Value:
                             _idx([*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]))
 
 
-def _ks_scales(c: _Ctx, o: ir.Value, step: int, xg: list[ir.Value], accb) -> list[ir.Value]:
+def _ks_scales(c: _Ctx, o: ir.Value, step: int, xg: list[ir.Value], accb, row: int = 0,
+               rows: int = 1) -> list[ir.Value]:
     """Each token's 8 sub-block scales of an IQ4_KS/IQ5_KS block (scale bytes sc[8] @o) under the row's float32
     scale d: dl = d * ((sc & 254) - 127), value = dl * (code - 128 + step * (sc & 1)); adds the offsets' part to
-    accb."""
+    accb. Row `row` of an interleaved group of `rows` (*_KS_R4): sub-block s's byte at o + rows * s + row, d at
+    the header's float `row`."""
     b = c.b
     v8i = ir.VectorType(_I32, 8)
-    sc = b.zext(c.load(c.src, o, ir.VectorType(_I8, 8)), v8i)
-    dl = b.fmul(_splat(b, c.f32(c.head), _V8F),
+    raw = c.load(c.src, o, ir.VectorType(_I8, 8 * rows))
+    if rows > 1:
+        raw = b.shuffle_vector(raw, raw, _idx([rows * s + row for s in range(8)]))
+    sc = b.zext(raw, v8i)
+    dl = b.fmul(_splat(b, c.f32(c.off(c.head, 4 * row)), _V8F),
                 b.sitofp(b.sub(b.and_(sc, _const(v8i, [254] * 8)), _const(v8i, [127] * 8)), _V8F))
     shift = b.sub(b.mul(b.and_(sc, _const(v8i, [1] * 8)), _const(v8i, [step] * 8)), _const(v8i, [128] * 8))
     bias = b.fmul(dl, b.sitofp(shift, _V8F))

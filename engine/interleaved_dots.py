@@ -11,9 +11,9 @@ from __future__ import annotations
 from llvmlite import ir
 
 from engine.block_ir import _I8, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
-from engine.ik_decoders import IQ2_K_R4
-from engine.ik_dots import _IQ2_CODES, _book_scales, _ik_row, _spread
-from engine.simd_int8 import lookup_codes
+from engine.ik_decoders import _R4_AT, IQ2_K_R4, IQ4_KS_R4
+from engine.ik_dots import _IQ2_CODES, _IQ5_CODES, _book_scales, _ik_row, _ks_scales, _spread
+from engine.simd_int8 import IQ4_CODES, lookup_codes
 
 
 def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
@@ -45,6 +45,46 @@ def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
 
 
 
+def _r4_codes(c: _Ctx, qs: ir.Value, k: int, qh: ir.Value | None = None) -> ir.Value:
+    """<64 x i8>: row k's 4-bit (with qh, 5-bit) indices of two 32-value sub-blocks in value order, from the
+    IQ4_K_R4-like layout at qs (64 bytes a sub-block: byte 16 p + 4 k + i holds row k's values _R4_AT[p] + i (low
+    nibble) and _R4_AT[p] + 8 + i (high)); qh: the sub-blocks' 5th bits, 16 bytes each, bits 2p and 2p + 1 of
+    byte 4 k + i."""
+    b = c.b
+    v64 = ir.VectorType(_I8, 64)
+    a0, a1 = c.load(c.src, qs, v64), c.load(c.src, c.off(qs, 64), v64)
+    where = [(j, p, i) for j in range(2) for p in range(4) for i in range(4)]  # byte 16 j + 4 p + i of `mine`
+    mine = b.shuffle_vector(a0, a1, _idx([64 * j + 16 * p + 4 * k + i for j, p, i in where]))
+    lo, hi = b.and_(mine, _const(_V32I8, [15] * 32)), b.lshr(mine, _const(_V32I8, [4] * 32))
+    if qh is not None:
+        h = c.load(c.src, qh, _V32I8)
+        h = b.shuffle_vector(h, h, _idx([16 * j + 4 * k + i for j, p, i in where]))
+        zero, sixteen = _const(_V32I8, [0] * 32), _const(_V32I8, [16] * 32)
+
+        def fifth(bit: int) -> ir.Value:
+            on = b.icmp_unsigned("!=", b.and_(h, _const(_V32I8, [1 << (2 * p + bit) for j, p, i in where])), zero)
+            return b.select(on, sixteen, zero)
+
+        lo, hi = b.or_(lo, fifth(0)), b.or_(hi, fifth(1))
+    at = {(j, _R4_AT[p] + 8 * n + i): 32 * n + 16 * j + 4 * p + i for j, p, i in where for n in range(2)}
+    return b.shuffle_vector(lo, hi, _idx([at[v // 32, v % 32] for v in range(64)]))
+
+
+def _iqks_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int, fifth: bool) -> None:
+    """Row k of an IQ4_KS_R4 (IQ5_KS_R4) block of 4 rows (scales[32] @0, qs[512] @32, qh[128] @544): sub-block
+    s's scale byte 4 s + k as IQ4_KS's (book half +4, IQ5: +2) under row k's float in the group's header."""
+    scales = _ks_scales(c, o, 2 if fifth else 4, xg, accb, k, 4)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        qh = c.off(o, 544 + 32 * g) if fifth else None
+        w = lookup_codes(c.b, _r4_codes(c, c.off(o, 32 + 128 * g), k, qh), _IQ5_CODES if fifth else IQ4_CODES)
+        _accumulate(c, w, _values(c, xg, g), scales, [2 * g] * 8 + [2 * g + 1] * 8, acc)
+
+
+def _iq4_ks_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    _iqks_r4_block(c, o, xg, acc, accb, k, False)
+
+
 ROWS = {
     IQ2_K_R4: _ik_row(IQ2_K_R4, _iq2_k_r4_block, 16),
+    IQ4_KS_R4: _ik_row(IQ4_KS_R4, _iq4_ks_r4_block, 8),
 }
