@@ -11,8 +11,8 @@ from __future__ import annotations
 from llvmlite import ir
 
 from engine.block_ir import _I8, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
-from engine.ik_decoders import _R4_AT, IQ2_K_R4, IQ4_KS_R4
-from engine.ik_dots import _IQ2_CODES, _IQ5_CODES, _book_scales, _ik_row, _ks_scales, _spread
+from engine.ik_decoders import _R4_AT, IQ2_K_R4, IQ3_K_R4, IQ4_K_R4, IQ4_KS_R4, IQ4_XS_R8, IQ5_K_R4, IQ5_KS_R4
+from engine.ik_dots import _IQ2_CODES, _IQ3_CODES, _IQ5_CODES, _book_scales, _ik_row, _ks_scales, _spread
 from engine.simd_int8 import IQ4_CODES, lookup_codes
 
 
@@ -84,7 +84,108 @@ def _iq4_ks_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int
     _iqks_r4_block(c, o, xg, acc, accb, k, False)
 
 
+def _iq5_ks_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    _iqks_r4_block(c, o, xg, acc, accb, k, True)
+
+
+def _iqk_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int, fifth: bool) -> None:
+    """Row k of an IQ4_K_R4 (IQ5_K_R4) block of 4 rows (d[4] f16 @0, extra[8] @8, scales_h[16] @16, scales_l[32]
+    @32, qs[512] @64, qh[128] @576). Half h of sub-block s (one group) has scale S = 8 s + k + 4 h: nibble S // 32
+    of scales_l[S % 32] | bits 2 (S // 16) of scales_h[S % 16] << 4, less 32, and book half bit s of
+    extra[k + 4 h] (+4, IQ5: +2)."""
+    b = c.b
+    order = [8 * s + k + 4 * h for s in range(8) for h in range(2)]  # the block's 16 groups' scale indices
+    low = _spread(c, c.off(o, 32), 32, [n % 32 for n in order])
+    high = _spread(c, c.off(o, 16), 16, [n % 16 for n in order])
+    ls = b.or_(b.and_(b.lshr(low, _const(_V16I, [4 * (n // 32) for n in order])), _const(_V16I, [15] * 16)),
+               b.shl(b.and_(b.lshr(high, _const(_V16I, [2 * (n // 16) for n in order])), _const(_V16I, [3] * 16)),
+                     _const(_V16I, [4] * 16)))
+    ex = _spread(c, c.off(o, 8), 8, [k + 4 * h for s in range(8) for h in range(2)])
+    half = b.and_(b.lshr(ex, _const(_V16I, [s for s in range(8) for h in range(2)])), _const(_V16I, [1] * 16))
+    scales = _book_scales(c, c.half(c.off(o, 2 * k)), ls, 32, half, 2 if fifth else 4, 128, xg, accb)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        qh = c.off(o, 576 + 32 * g) if fifth else None
+        w = lookup_codes(b, _r4_codes(c, c.off(o, 64 + 128 * g), k, qh), _IQ5_CODES if fifth else IQ4_CODES)
+        _accumulate(c, w, _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+def _iq4_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    _iqk_r4_block(c, o, xg, acc, accb, k, False)
+
+
+def _iq5_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    _iqk_r4_block(c, o, xg, acc, accb, k, True)
+
+
+def _iq3_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of an IQ3_K_R4 block of 4 rows (d[4] f16 @0, extra[8] @8, scales_h[8] @16, scales_l[32] @24,
+    qs[256] @56, qh[128] @312). Half h of sub-block s (one group) has scale S = 8 s + k + 4 h: 2 (nibble S // 32
+    of scales_l[S % 32]) + 1, negated by bit S // 8 of scales_h[S % 8], and book half bit s of extra[k + 4 h]
+    (+4). Its codes as IQ2_K_R4's (qs[32 s + 16 h + 4 k + i], bits 2 j for value 4 j + i) with bit j + 4 h of
+    qh[16 s + 4 k + i] above them."""
+    b = c.b
+    v16i8, v64i8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 64)
+    order = [(s, h) for s in range(8) for h in range(2)]
+    at = [8 * s + k + 4 * h for s, h in order]  # the 16 groups' scale indices
+    sl = _spread(c, c.off(o, 24), 32, [n % 32 for n in at])
+    odd = b.or_(b.shl(b.and_(b.lshr(sl, _const(_V16I, [4 * (n // 32) for n in at])), _const(_V16I, [15] * 16)),
+                      _const(_V16I, [1] * 16)), _const(_V16I, [1] * 16))
+    sh = _spread(c, c.off(o, 16), 8, [n % 8 for n in at])
+    sign = b.and_(b.lshr(sh, _const(_V16I, [n // 8 for n in at])), _const(_V16I, [1] * 16))
+    ls = b.mul(odd, b.sub(_const(_V16I, [1] * 16), b.shl(sign, _const(_V16I, [1] * 16))))
+    ex = _spread(c, c.off(o, 8), 8, [k + 4 * h for s, h in order])
+    half = b.and_(b.lshr(ex, _const(_V16I, [s for s, h in order])), _const(_V16I, [1] * 16))
+    scales = _book_scales(c, c.half(c.off(o, 2 * k)), ls, 0, half, 4, 64, xg, accb)
+    three = _const(v16i8, [3] * 16)
+    zero, four = _const(v64i8, [0] * 64), _const(v64i8, [4] * 64)
+    # value 32 s + 16 h + 4 j + i of the step (s = 0, 1)
+    values = [(s, h, j, i) for s in range(2) for h in range(2) for j in range(4) for i in range(4)]
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        raw = c.load(c.src, c.off(o, 56 + 64 * g), v64i8)
+        mine = b.shuffle_vector(raw, raw, _idx([32 * s + 16 * h + 4 * k + i for s in range(2) for h in range(2)
+                                                for i in range(4)]))
+        f = [b.and_(b.lshr(mine, _const(v16i8, [2 * j] * 16)), three) for j in range(4)]
+        lo = b.shuffle_vector(f[0], f[1], _idx(list(range(32))))
+        hi = b.shuffle_vector(f[2], f[3], _idx(list(range(32))))
+        low = b.shuffle_vector(lo, hi, _idx([16 * j + 8 * s + 4 * h + i for s, h, j, i in values]))
+        qh = c.load(c.src, c.off(o, 312 + 32 * g), _V32I8)
+        qh = b.shuffle_vector(qh, qh, _idx([16 * s + 4 * k + i for s, h, j, i in values]))
+        on = b.icmp_unsigned("!=", b.and_(qh, _const(v64i8, [1 << (j + 4 * h) for s, h, j, i in values])), zero)
+        w = lookup_codes(b, b.or_(low, b.select(on, four, zero)), _IQ3_CODES)
+        _accumulate(c, w, _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+def _iq4_xs_r8_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of an IQ4_XS_R8 block of 8 rows (d[8] f16 @0, scales_h[16] @16, scales_l[32] @32, qs[1024] @64).
+    Sub-block s has the 6-bit scale S = 8 s + k (as IQ4_K_R4's, less 32); its row k codes: the nibbles of
+    qs[128 s + 32 l + 4 k + i], value 8 l + i low, 8 l + 4 + i high."""
+    b = c.b
+    v64i8 = ir.VectorType(_I8, 64)
+    at = [8 * s + k for s in range(8) for h in range(2)]  # one scale per sub-block, for both its groups
+    low = _spread(c, c.off(o, 32), 32, [n % 32 for n in at])
+    high = _spread(c, c.off(o, 16), 16, [n % 16 for n in at])
+    ls = b.or_(b.and_(b.lshr(low, _const(_V16I, [4 * (n // 32) for n in at])), _const(_V16I, [15] * 16)),
+               b.shl(b.and_(b.lshr(high, _const(_V16I, [2 * (n // 16) for n in at])), _const(_V16I, [3] * 16)),
+                     _const(_V16I, [4] * 16)))
+    scales = _book_scales(c, c.half(c.off(o, 2 * k)), ls, 32, _const(_V16I, [0] * 16), 0, 128, xg, accb)
+    pick = _idx([32 * l + 4 * k + i for l in range(4) for i in range(4)])
+    for g in range(4):  # sub-blocks 2g, 2g + 1: 16 bytes of 128 each
+        a = [c.load(c.src, c.off(o, 64 + 256 * g + 64 * n), v64i8) for n in range(4)]
+        mine = b.shuffle_vector(b.shuffle_vector(a[0], a[1], pick), b.shuffle_vector(a[2], a[3], pick),
+                                _idx(list(range(32))))  # byte 16 s + 4 l + i
+        lo, hi = b.and_(mine, _const(_V32I8, [15] * 32)), b.lshr(mine, _const(_V32I8, [4] * 32))
+        idx = b.shuffle_vector(lo, hi, _idx([32 * n + 16 * s + 4 * l + i for s in range(2) for l in range(4)
+                                             for n in range(2) for i in range(4)]))
+        _accumulate(c, lookup_codes(b, idx, IQ4_CODES), _values(c, xg, g), scales,
+                    [4 * g + lane // 4 for lane in range(16)], acc)
+
+
 ROWS = {
     IQ2_K_R4: _ik_row(IQ2_K_R4, _iq2_k_r4_block, 16),
     IQ4_KS_R4: _ik_row(IQ4_KS_R4, _iq4_ks_r4_block, 8),
+    IQ4_K_R4: _ik_row(IQ4_K_R4, _iq4_k_r4_block, 16),
+    IQ5_K_R4: _ik_row(IQ5_K_R4, _iq5_k_r4_block, 16),
+    IQ5_KS_R4: _ik_row(IQ5_KS_R4, _iq5_ks_r4_block, 8),
+    IQ3_K_R4: _ik_row(IQ3_K_R4, _iq3_k_r4_block, 16),
+    IQ4_XS_R8: _ik_row(IQ4_XS_R8, _iq4_xs_r8_block, 16),
 }
