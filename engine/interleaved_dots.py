@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from engine.block_ir import _I8, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
+from engine.block_ir import _I8, _V8I, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
 from engine.ik_decoders import _R4_AT, IQ2_K_R4, IQ3_K_R4, IQ4_K_R4, IQ4_KS_R4, IQ4_XS_R8, IQ5_K_R4, IQ5_KS_R4
 from engine.ik_dots import _IQ2_CODES, _IQ3_CODES, _IQ5_CODES, _book_scales, _ik_row, _ks_scales, _spread
 from engine.simd_int8 import IQ4_CODES, lookup_codes
@@ -45,29 +45,31 @@ def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
 
 
 
+def _dword_codes(c: _Ctx, words: ir.Value, picks: list[int], shifts: list[int], mask: int) -> ir.Value:
+    """<16 x i32>: lane l = (words[picks[l]] >> shifts[l]) & mask per byte (mask repeated in each byte). A 4-value
+    lane of codes sits in one dword of the interleaved layouts, so one dword permute picks row k's lanes in value
+    order and a per-dword shift (not a shuffle) chooses their nibble or bit field."""
+    b = c.b
+    w = b.shuffle_vector(words, words, _idx(picks))
+    return b.and_(b.lshr(w, _const(_V16I, shifts)), _const(_V16I, [mask * 0x01010101] * 16))
+
+
 def _r4_codes(c: _Ctx, qs: ir.Value, k: int, qh: ir.Value | None = None) -> ir.Value:
     """<64 x i8>: row k's 4-bit (with qh, 5-bit) indices of two 32-value sub-blocks in value order, from the
     IQ4_K_R4-like layout at qs (64 bytes a sub-block: byte 16 p + 4 k + i holds row k's values _R4_AT[p] + i (low
     nibble) and _R4_AT[p] + 8 + i (high)); qh: the sub-blocks' 5th bits, 16 bytes each, bits 2p and 2p + 1 of
     byte 4 k + i."""
     b = c.b
-    v64 = ir.VectorType(_I8, 64)
-    a0, a1 = c.load(c.src, qs, v64), c.load(c.src, c.off(qs, 64), v64)
-    where = [(j, p, i) for j in range(2) for p in range(4) for i in range(4)]  # byte 16 j + 4 p + i of `mine`
-    mine = b.shuffle_vector(a0, a1, _idx([64 * j + 16 * p + 4 * k + i for j, p, i in where]))
-    lo, hi = b.and_(mine, _const(_V32I8, [15] * 32)), b.lshr(mine, _const(_V32I8, [4] * 32))
-    if qh is not None:
-        h = c.load(c.src, qh, _V32I8)
-        h = b.shuffle_vector(h, h, _idx([16 * j + 4 * k + i for j, p, i in where]))
-        zero, sixteen = _const(_V32I8, [0] * 32), _const(_V32I8, [16] * 32)
-
-        def fifth(bit: int) -> ir.Value:
-            on = b.icmp_unsigned("!=", b.and_(h, _const(_V32I8, [1 << (2 * p + bit) for j, p, i in where])), zero)
-            return b.select(on, sixteen, zero)
-
-        lo, hi = b.or_(lo, fifth(0)), b.or_(hi, fifth(1))
-    at = {(j, _R4_AT[p] + 8 * n + i): 32 * n + 16 * j + 4 * p + i for j, p, i in where for n in range(2)}
-    return b.shuffle_vector(lo, hi, _idx([at[v // 32, v % 32] for v in range(64)]))
+    # lane l of sub-block j (values 4 l ..) is nibble n of dword 4 p + k
+    lanes = [(j, *next((p, n) for p in range(4) for n in range(2) if _R4_AT[p] + 8 * n == 4 * lane))
+             for j in range(2) for lane in range(8)]
+    words = b.shuffle_vector(c.load(c.src, qs, _V16I), c.load(c.src, c.off(qs, 64), _V16I), _idx(list(range(32))))
+    codes = _dword_codes(c, words, [16 * j + 4 * p + k for j, p, n in lanes], [4 * n for j, p, n in lanes], 15)
+    if qh is not None:  # bit 2 p + n of qh dword 4 j + k
+        bits = _dword_codes(c, c.load(c.src, qh, _V8I), [4 * j + k for j, p, n in lanes],
+                            [2 * p + n for j, p, n in lanes], 1)
+        codes = b.or_(codes, b.shl(bits, _const(_V16I, [4] * 16)))
+    return b.bitcast(codes, ir.VectorType(_I8, 64))
 
 
 def _iqks_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int, fifth: bool) -> None:
@@ -124,7 +126,6 @@ def _iq3_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
     (+4). Its codes as IQ2_K_R4's (qs[32 s + 16 h + 4 k + i], bits 2 j for value 4 j + i) with bit j + 4 h of
     qh[16 s + 4 k + i] above them."""
     b = c.b
-    v16i8, v64i8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 64)
     order = [(s, h) for s in range(8) for h in range(2)]
     at = [8 * s + k + 4 * h for s, h in order]  # the 16 groups' scale indices
     sl = _spread(c, c.off(o, 24), 32, [n % 32 for n in at])
@@ -136,23 +137,15 @@ def _iq3_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
     ex = _spread(c, c.off(o, 8), 8, [k + 4 * h for s, h in order])
     half = b.and_(b.lshr(ex, _const(_V16I, [s for s, h in order])), _const(_V16I, [1] * 16))
     scales = _book_scales(c, c.half(c.off(o, 2 * k)), ls, 0, half, 4, 64, xg, accb)
-    three = _const(v16i8, [3] * 16)
-    zero, four = _const(v64i8, [0] * 64), _const(v64i8, [4] * 64)
-    # value 32 s + 16 h + 4 j + i of the step (s = 0, 1)
-    values = [(s, h, j, i) for s in range(2) for h in range(2) for j in range(4) for i in range(4)]
+    lanes = [(j, q) for j in range(2) for q in range(8)]  # lane q of sub-block j: half q // 4, field q % 4
     for g in range(4):  # sub-blocks 2g, 2g + 1
-        raw = c.load(c.src, c.off(o, 56 + 64 * g), v64i8)
-        mine = b.shuffle_vector(raw, raw, _idx([32 * s + 16 * h + 4 * k + i for s in range(2) for h in range(2)
-                                                for i in range(4)]))
-        f = [b.and_(b.lshr(mine, _const(v16i8, [2 * j] * 16)), three) for j in range(4)]
-        lo = b.shuffle_vector(f[0], f[1], _idx(list(range(32))))
-        hi = b.shuffle_vector(f[2], f[3], _idx(list(range(32))))
-        low = b.shuffle_vector(lo, hi, _idx([16 * j + 8 * s + 4 * h + i for s, h, j, i in values]))
-        qh = c.load(c.src, c.off(o, 312 + 32 * g), _V32I8)
-        qh = b.shuffle_vector(qh, qh, _idx([16 * s + 4 * k + i for s, h, j, i in values]))
-        on = b.icmp_unsigned("!=", b.and_(qh, _const(v64i8, [1 << (j + 4 * h) for s, h, j, i in values])), zero)
-        w = lookup_codes(b, b.or_(low, b.select(on, four, zero)), _IQ3_CODES)
-        _accumulate(c, w, _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+        low = _dword_codes(c, c.load(c.src, c.off(o, 56 + 64 * g), _V16I), [8 * j + 4 * (q // 4) + k for j, q in lanes],
+                           [2 * (q % 4) for j, q in lanes], 3)
+        high = _dword_codes(c, c.load(c.src, c.off(o, 312 + 32 * g), _V8I), [4 * j + k for j, q in lanes],
+                            [q for j, q in lanes], 1)
+        w = b.bitcast(b.or_(low, b.shl(high, _const(_V16I, [2] * 16))), ir.VectorType(_I8, 64))
+        _accumulate(c, lookup_codes(b, w, _IQ3_CODES), _values(c, xg, g), scales,
+                    [4 * g + lane // 4 for lane in range(16)], acc)
 
 
 def _iq4_xs_r8_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
@@ -160,7 +153,6 @@ def _iq4_xs_r8_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int
     Sub-block s has the 6-bit scale S = 8 s + k (as IQ4_K_R4's, less 32); its row k codes: the nibbles of
     qs[128 s + 32 l + 4 k + i], value 8 l + i low, 8 l + 4 + i high."""
     b = c.b
-    v64i8 = ir.VectorType(_I8, 64)
     at = [8 * s + k for s in range(8) for h in range(2)]  # one scale per sub-block, for both its groups
     low = _spread(c, c.off(o, 32), 32, [n % 32 for n in at])
     high = _spread(c, c.off(o, 16), 16, [n % 16 for n in at])
@@ -168,17 +160,14 @@ def _iq4_xs_r8_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int
                b.shl(b.and_(b.lshr(high, _const(_V16I, [2 * (n // 16) for n in at])), _const(_V16I, [3] * 16)),
                      _const(_V16I, [4] * 16)))
     scales = _book_scales(c, c.half(c.off(o, 2 * k)), ls, 32, _const(_V16I, [0] * 16), 0, 128, xg, accb)
-    pick = _idx([32 * l + 4 * k + i for l in range(4) for i in range(4)])
-    for g in range(4):  # sub-blocks 2g, 2g + 1: 16 bytes of 128 each
-        a = [c.load(c.src, c.off(o, 64 + 256 * g + 64 * n), v64i8) for n in range(4)]
-        mine = b.shuffle_vector(b.shuffle_vector(a[0], a[1], pick), b.shuffle_vector(a[2], a[3], pick),
-                                _idx(list(range(32))))  # byte 16 s + 4 l + i
-        lo, hi = b.and_(mine, _const(_V32I8, [15] * 32)), b.lshr(mine, _const(_V32I8, [4] * 32))
-        idx = b.shuffle_vector(lo, hi, _idx([32 * n + 16 * s + 4 * l + i for s in range(2) for l in range(4)
-                                             for n in range(2) for i in range(4)]))
-        _accumulate(c, lookup_codes(b, idx, IQ4_CODES), _values(c, xg, g), scales,
+    for g in range(4):  # sub-blocks 2g, 2g + 1: lane q (values 4 q ..) is nibble q % 2 of dword 8 (q // 2) + k
+        a = [c.load(c.src, c.off(o, 64 + 256 * g + 64 * n), _V16I) for n in range(4)]
+        words = b.shuffle_vector(b.shuffle_vector(a[0], a[1], _idx(list(range(32)))),
+                                 b.shuffle_vector(a[2], a[3], _idx(list(range(32)))), _idx(list(range(64))))
+        w = _dword_codes(c, words, [32 * j + 8 * (q // 2) + k for j in range(2) for q in range(8)],
+                         [4 * (q % 2) for j in range(2) for q in range(8)], 15)
+        _accumulate(c, lookup_codes(b, b.bitcast(w, ir.VectorType(_I8, 64)), IQ4_CODES), _values(c, xg, g), scales,
                     [4 * g + lane // 4 for lane in range(16)], acc)
-
 
 ROWS = {
     IQ2_K_R4: _ik_row(IQ2_K_R4, _iq2_k_r4_block, 16),
