@@ -137,12 +137,14 @@ def _sub32_scales(c: _Ctx, d: ir.Value, ls: ir.Value, half: ir.Value, step: int,
     return scales
 
 
-def _ks_scales(c: _Ctx, sc: ir.Value, step: int, xg: list[ir.Value], accb) -> list[ir.Value]:
+def _ks_scales(c: _Ctx, sc: ir.Value, step: int, xg: list[ir.Value], accb, row: int = 0) -> list[ir.Value]:
     """Each token's 8 sub-block scales of an IQ4_KS/IQ5_KS/IQ4_KSS block from its scale bytes sc (<8 x i32>)
-    under the row's float32 scale d: dl = d * ((sc & 254) - 127), value = dl * (code - 128 + step * (sc & 1))."""
+    under the row's float32 scale d (float `row` of the header: row k of an interleaved group's):
+    dl = d * ((sc & 254) - 127), value = dl * (code - 128 + step * (sc & 1))."""
     b = c.b
     ls = b.sub(b.and_(sc, _const(_V8I, [254] * 8)), _const(_V8I, [127] * 8))
-    return _sub32_scales(c, c.f32(c.head), ls, b.and_(sc, _const(_V8I, [1] * 8)), step, 128, xg, accb)
+    return _sub32_scales(c, c.f32(c.off(c.head, 4 * row)), ls, b.and_(sc, _const(_V8I, [1] * 8)), step, 128, xg,
+                         accb)
 
 
 def _bytes8(c: _Ctx, o: ir.Value) -> ir.Value:

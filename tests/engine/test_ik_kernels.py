@@ -29,7 +29,8 @@ F16_AT = {"IQ4_KS": (), "IQ2_K_R4": (0, 2, 4, 6), "IQ4_K": (0,), "IQ2_K": (0,), 
           "IQ4_NL_R4": (0, 2, 4, 6), "Q5_0_R4": (0, 2, 4, 6), "Q6_0_R4": (0, 2, 4, 6),
           "Q2_K_R4": tuple(range(0, 16, 2)), "Q3_K_R4": (0, 2, 4, 6),
           "IQ5_K": (0,), "IQ6_K": (0,), "IQ2_KS": (), "IQ3_KS": (), "IQ4_KSS": (), "IQ2_KL": (), "Q6_0": (0,),
-          "Q8_KV": ()}
+          "Q8_KV": (), "IQ4_KS_R4": (), "IQ4_K_R4": (0, 2, 4, 6), "IQ3_K_R4": (0, 2, 4, 6), "IQ5_K_R4": (0, 2, 4, 6),
+          "IQ5_KS_R4": (), "IQ4_XS_R8": tuple(range(0, 16, 2))}
 
 
 def random_ik_rows(qtype: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -42,10 +43,12 @@ def random_ik_rows(qtype: int, rows: int, cols: int, seed: int = 0) -> np.ndarra
 
     raw = rng.integers(0, 256, (rows // qt.group, qt.group * qt.row_bytes(cols)), dtype=np.uint8)
     head = {0: None, 2: np.float16, 4: np.float32, 8: np.float32}[qt.meta]  # Q8_KV: a float32, then its code sum
+    meta = qt.group * qt.meta  # an interleaved group's header holds its rows' headers
     if head is not None:
         size = np.dtype(head).itemsize
-        raw[:, :size] = scales(raw.shape[0], head).view(np.uint8).reshape(-1, size)
-    blocks = raw[:, qt.meta :].reshape(raw.shape[0], cols // qt.qk, -1)
+        rows_head = raw[:, :meta].reshape(raw.shape[0], qt.group, qt.meta)
+        rows_head[:, :, :size] = scales(raw.shape[0] * qt.group, head).view(np.uint8).reshape(-1, qt.group, size)
+    blocks = raw[:, meta:].reshape(raw.shape[0], cols // qt.qk, -1)
     for o in F16_AT[qt.name]:
         blocks[:, :, o : o + 2] = scales(blocks.shape[0] * blocks.shape[1], np.float16).view(np.uint8).reshape(
             blocks.shape[0], blocks.shape[1], 2)
