@@ -267,10 +267,10 @@ def _int8_rows(qtype: int, raw: np.ndarray, flat: np.ndarray, e: int, r0: int, r
                 for t in range(t0, t1, TOKENS):
                     for r in range(rs, min(r1, rs + _ROW_TILE)):
                         head = (e * R + r - r % group) * row_bytes
-                        start = head + meta + b0 * span_bytes
+                        start = head + group * meta + b0 * span_bytes  # a group's header: its rows' meta
                         if nb < blocks and t == t0 and r % group == 0:
                             _prefetch_next_span(flat, start + nb * span_bytes if b0 + nb < blocks else
-                                                head + _ROW_TILE * row_bytes + meta, nb * span_bytes,
+                                                head + _ROW_TILE * row_bytes + group * meta, nb * span_bytes,
                                                 (e * R + r1) * row_bytes)
                         u = t
                         while u < min(t1, t + TOKENS):

@@ -22,7 +22,8 @@ from tests.engine.test_ik_types import CASES, _case_id, _ref
 
 IK_FUSED = sorted(t for t in BLOCK_DOT_TYPES if t in IK_DECODED)
 # Offsets of the f16 scales within one (interleaved) block, per type; the row header is set separately.
-F16_AT = {"IQ4_KS": (), "IQ2_K_R4": (0, 2, 4, 6), "IQ4_K": (0,), "IQ2_K": (0,), "IQ5_KS": (), "IQ3_K": (0,)}
+F16_AT = {"IQ4_KS": (), "IQ2_K_R4": (0, 2, 4, 6), "IQ4_K": (0,), "IQ2_K": (0,), "IQ5_KS": (), "IQ3_K": (0,),
+          "IQ1_S_R4": ()}
 
 
 def random_ik_rows(qtype: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -35,9 +36,10 @@ def random_ik_rows(qtype: int, rows: int, cols: int, seed: int = 0) -> np.ndarra
 
     raw = rng.integers(0, 256, (rows // qt.group, qt.group * qt.row_bytes(cols)), dtype=np.uint8)
     head = {0: None, 2: np.float16, 4: np.float32}[qt.meta]
+    meta = qt.group * qt.meta  # an interleaved group's header holds its rows' headers
     if head is not None:
-        raw[:, : qt.meta] = scales(raw.shape[0], head).view(np.uint8).reshape(-1, qt.meta)
-    blocks = raw[:, qt.meta :].reshape(raw.shape[0], cols // qt.qk, -1)
+        raw[:, :meta] = scales(raw.shape[0] * qt.group, head).view(np.uint8).reshape(-1, meta)
+    blocks = raw[:, meta:].reshape(raw.shape[0], cols // qt.qk, -1)
     for o in F16_AT[qt.name]:
         blocks[:, :, o : o + 2] = scales(blocks.shape[0] * blocks.shape[1], np.float16).view(np.uint8).reshape(
             blocks.shape[0], blocks.shape[1], 2)
@@ -80,7 +82,8 @@ def _shapes(qtype: int) -> list[tuple[int, int]]:
     qt = quant_type(qtype)
     long = qt.qk * (K._LONG_ROW // qt.qk + K._COL_SPAN // qt.qk // 2 + 1)
     assert long > K._LONG_ROW
-    return [(3 * qt.group * 8, qt.qk), (2 * max(qt.group, 4) + 24, 3 * qt.qk), (qt.group * 5, long)]
+    # tokens() zeroes the first 32 columns: a lone 32-value block would meet only zeros
+    return [(3 * qt.group * 8, max(qt.qk, 64)), (2 * max(qt.group, 4) + 24, 3 * qt.qk), (qt.group * 5, long)]
 
 
 @pytest.mark.parametrize("qtype", IK_FUSED, ids=type_name)
