@@ -26,17 +26,33 @@ from engine.block_ir import (
     _I16,
     _I32,
     _I64,
+    _V8F,
+    _V16F,
+    _V16I,
     _accumulate,
+    _const,
     _Ctx,
+    _idx,
+    _pairs,
     _row_loop,
     _values,
 )
-from engine.ik_decoders import IQ1_S_R4
-from engine.iq_grids import IQ1S_GRID
+from engine.ik_decoders import IQ1_M_R4, IQ1_S_R4, IQ2_S_R4, IQ2_XS_R4, IQ2_XXS_R4, IQ3_S_R4, IQ3_XXS_R4
+from engine.ik_dots import _book_scales, _ik_row, _spread
+from engine.iq_grids import IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID
+from engine.simd import _splat
 from engine.simd_int8 import _fma4
 
 _V64I8 = ir.VectorType(_I8, 64)
 _V4F = ir.VectorType(_F32, 4)
+_V8I = ir.VectorType(_I32, 8)
+_MASK64 = ir.VectorType(ir.IntType(1), 64)
+# Codes are point + 64 (IQ2/IQ3 points are 1 .. 62); a negative sign makes them 128 - code.
+_CENTER = 64
+
+
+def _plus_center(grid: np.ndarray) -> np.ndarray:
+    return (grid.astype(np.int16) + _CENTER).astype(np.uint8)
 
 
 def _table(c: _Ctx, name: str, entries: np.ndarray) -> ir.GlobalVariable:
@@ -56,17 +72,53 @@ def _table(c: _Ctx, name: str, entries: np.ndarray) -> ir.GlobalVariable:
     return gv
 
 
-def _lookup(c: _Ctx, table: ir.GlobalVariable, indices: list[ir.Value], per: int) -> ir.Value:
+def _lookup(c: _Ctx, table: ir.GlobalVariable, indices: list[ir.Value], per: int,
+            ors: list[ir.Value] | None = None) -> ir.Value:
     """<64 x i8>: the table entries of the i64 indices one after another (per entries make 64 bytes; entries
-    not given are zero)."""
+    not given are zero), each or'ed with ors[i] where given."""
     b = c.b
     ety = table.type.pointee.element
     vec = ir.Constant(ir.VectorType(ety, per), None)
     zero = ir.Constant(_I64, 0)
     for i, index in enumerate(indices):
         entry = b.load(b.gep(table, [zero, index], inbounds=True), align=ety.width // 8)
+        if ors is not None:
+            entry = b.or_(entry, ors[i])
         vec = b.insert_element(vec, entry, ir.Constant(_I32, i))
     return b.bitcast(vec, _V64I8)
+
+
+def _signed(c: _Ctx, codes: ir.Value, negative: ir.Value) -> ir.Value:
+    """<64 x i8>: code 64 + p, or 64 - p where negative (<64 x i1>): one masked subtract from 128."""
+    return c.b.select(negative, c.b.sub(_const(_V64I8, [2 * _CENTER] * 64), codes), codes)
+
+
+def _mask(c: _Ctx, words: ir.Value) -> ir.Value:
+    """<64 x i1>: the bits of a 64-bit vector (<2 x i32>, <8 x i8>, ...), lowest bit first: bit i = value i."""
+    return c.b.bitcast(words, _MASK64)
+
+
+def _sub_scales(c: _Ctx, dl: ir.Value, xg: list[ir.Value], accb) -> list[ir.Value]:
+    """Each token's 8 scales of a block with one scale dl (<8 x f32>) per 32 values; value = dl (code - 64), the
+    -64 dl xs going to accb."""
+    b = c.b
+    bias = b.fmul(dl, _const(_V8F, [-float(_CENTER)] * 8))
+    scales = []
+    for t, x in enumerate(xg):
+        scales.append(b.fmul(dl, _pairs(b, c.load(c.xd, x, _V16F, 4), add=False)))
+        b.store(b.fadd(b.load(accb[t]), b.fmul(bias, _pairs(b, c.load(c.xs, x, _V16F, 4), add=True))), accb[t])
+    return scales
+
+
+def _nibble_scales(c: _Ctx, o: ir.Value, d: ir.Value, k: int, xg: list[ir.Value], accb) -> list[ir.Value]:
+    """Each token's 16 group scales of an IQ2_XS_R4 / IQ2_S_R4 block: byte 4 ib + k of the 32 at o holds row k's
+    scales of sub-block ib, the low nibble n for its first 16 values, the high one for the next 16;
+    dl = d (2 n + 1), value = dl (code - 64)."""
+    b = c.b
+    sc = _spread(c, o, 32, [4 * (g // 2) + k for g in range(16)])
+    n = b.and_(b.lshr(sc, _const(_V16I, [4 * (g % 2) for g in range(16)])), _const(_V16I, [15] * 16))
+    ls = b.or_(b.shl(n, _const(_V16I, [1] * 16)), _const(_V16I, [1] * 16))
+    return _book_scales(c, d, ls, 0, _const(_V16I, [0] * 16), 0, _CENTER, xg, accb)
 
 
 def _byte(c: _Ctx, o: ir.Value, at: int) -> ir.Value:
@@ -121,6 +173,46 @@ def _iq1_s_r4_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int
     _accumulate(c, w, _values(c, xg, 0), scales, [lane // 4 for lane in range(16)], acc)
 
 
+# ---- IQ1_M_R4: 32-value blocks, a scale per 16 values and a shift per 8 ------------------------------------------
+
+_IQ1M_CODES = (8 * IQ1S_GRID.astype(np.int16) + 8).astype(np.uint8)  # 8 p + 8: 0, 8, 16
+
+
+def _iq1_m_r4_blocks(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int, pair: bool) -> None:
+    """Row k of one or two IQ1_M_R4 block columns (28 bytes each: qs[16] @0, qh[8] @16, scales[4] @24). Half i
+    of row k's block (16 values) has dl = d_k * nibble i of scales[k] and qh byte 4 i + k: 3 high index bits and
+    the shift's sign (bit 3, bit 7) for each 8 values. value = dl (p +- 1/8) = dl / 8 (code - 9) with code = 8 p +
+    10 for +1/8, 8 p + 8 for -1/8: the per-8 shift lives in the codes, the 9 in the bias."""
+    b = c.b
+    table = _table(c, "iq1m", _IQ1M_CODES)
+    d = b.fmul(_half_row_scale(c, k), ir.Constant(_F32, 0.125))
+    plus = ir.Constant(_I64, 0x0202020202020202)
+    zero64 = ir.Constant(_I64, 0)
+    entries, dls = [], []
+    for blk in range(2 if pair else 1):
+        ob = c.off(o, 28 * blk)
+        sc = _byte(c, ob, 24 + k)
+        for i in range(2):
+            qh = _byte(c, ob, 16 + 4 * i + k)
+            dls.append(b.fmul(d, b.uitofp(b.and_(b.lshr(sc, ir.Constant(_I64, 4 * i)), ir.Constant(_I64, 15)), _F32)))
+            for half, (bits, at, sign) in enumerate(((0x07, 8, 0x08), (0x70, 4, 0x80))):
+                index = b.or_(_byte(c, ob, 8 * i + k + 4 * half),
+                              b.shl(b.and_(qh, ir.Constant(_I64, bits)), ir.Constant(_I64, at)))
+                negative = b.icmp_unsigned("!=", b.and_(qh, ir.Constant(_I64, sign)), zero64)
+                entries.append((index, b.select(negative, zero64, plus)))
+    w = _lookup(c, table, [e[0] for e in entries], 8, [e[1] for e in entries])
+    zero = ir.Constant(_F32, 0.0)
+    dl4 = ir.Constant(_V4F, None)
+    for g in range(4):
+        dl4 = b.insert_element(dl4, dls[g] if g < len(dls) else zero, ir.Constant(_I32, g))
+    bias = b.fmul(dl4, _const(_V4F, [-9.0] * 4))
+    scales = []
+    for t, x in enumerate(xg):
+        scales.append(b.fmul(dl4, c.load(c.xd, x, _V4F, 4)))
+        b.store(_fma4(b, bias, c.load(c.xs, x, _V4F, 4), b.load(accb[t])), accb[t])
+    _accumulate(c, w, _values(c, xg, 0), scales, [lane // 4 for lane in range(16)], acc)
+
+
 def _iq1_row(qtype: int, blocks):
     """A row function of a 32-value-block type: two blocks (64 values) a step, a lone last block alone."""
 
@@ -136,6 +228,139 @@ def _iq1_row(qtype: int, blocks):
     return row
 
 
+# ---- the 256-value types: d[4] f16 @0, then row k's scales, indices and signs interleaved --------------------------
+
+
+def _sas(c: _Ctx, o: ir.Value, k: int) -> tuple[ir.Value, ir.Value]:
+    """IQ2_XXS_R4 / IQ3_XXS_R4: row k's 8 `sas` words (one per sub-block, word 4 ib + k of the 32 at o + 8) as
+    (4-bit scales, sign words) <8 x i32>: bit 0 of each byte is a scale bit, and masked off, the word xor itself
+    shifted right by one has bit i set where value i of the sub-block is negative."""
+    b = c.b
+    raw = c.load(c.src, c.off(o, 8), ir.VectorType(_I32, 32))
+    w = b.shuffle_vector(raw, raw, _idx([4 * ib + k for ib in range(8)]))
+
+    def bit(shift: int, value: int) -> ir.Value:
+        return b.and_(b.lshr(w, _const(_V8I, [shift] * 8)), _const(_V8I, [value] * 8))
+
+    scale = b.or_(b.or_(bit(0, 1), bit(7, 2)), b.or_(bit(14, 4), bit(21, 8)))
+    w = b.and_(w, _const(_V8I, [-0x01010102] * 8))  # 0xFEFEFEFE
+    return scale, b.xor(w, b.lshr(w, _const(_V8I, [1] * 8)))
+
+
+def _odd_dl(c: _Ctx, d: ir.Value, n: ir.Value) -> ir.Value:
+    """<8 x f32>: d (2 n + 1) for 4-bit scales n (<8 x i32>)."""
+    b = c.b
+    odd = b.or_(b.shl(n, _const(_V8I, [1] * 8)), _const(_V8I, [1] * 8))
+    return b.fmul(_splat(b, d, _V8F), b.sitofp(odd, _V8F))
+
+
+def _sign_pair(c: _Ctx, signs: ir.Value, g: int) -> ir.Value:
+    """<64 x i1>: the sign words of sub-blocks 2 g and 2 g + 1 (<8 x i32> signs) as one mask."""
+    return _mask(c, c.b.shuffle_vector(signs, signs, _idx([2 * g, 2 * g + 1])))
+
+
+def _iq2_xxs_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of an IQ2_XXS_R4 block (d[4] @0, sas[128] @8, qs[128] @136): sub-block ib's 4 grid indices are
+    bytes 136 + 16 ib + 4 k + i, its scale dl = d_k / 8 (2 s + 1) (_sas)."""
+    b = c.b
+    table = _table(c, "iq2xxs", _plus_center(IQ2XXS_GRID))
+    scale, signs = _sas(c, o, k)
+    scales = _sub_scales(c, _odd_dl(c, b.fmul(c.half(c.off(o, 2 * k)), ir.Constant(_F32, 0.125)), scale), xg, accb)
+    for g in range(4):  # sub-blocks 2g, 2g + 1
+        indices = [_byte(c, o, 136 + 16 * ib + 4 * k + i) for ib in (2 * g, 2 * g + 1) for i in range(4)]
+        w = _signed(c, _lookup(c, table, indices, 8), _sign_pair(c, signs, g))
+        _accumulate(c, w, _values(c, xg, g), scales, [2 * g] * 8 + [2 * g + 1] * 8, acc)
+
+
+def _iq3_xxs_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of an IQ3_XXS_R4 block (d[4] @0, sas[128] @8, qs[256] @136): sub-block ib's 8 grid indices (4
+    values each) are bytes 136 + 32 ib + 8 k + i, its scale dl = d_k / 4 (2 s + 1) (_sas)."""
+    b = c.b
+    table = _table(c, "iq3xxs", _plus_center(IQ3XXS_GRID))
+    scale, signs = _sas(c, o, k)
+    scales = _sub_scales(c, _odd_dl(c, b.fmul(c.half(c.off(o, 2 * k)), ir.Constant(_F32, 0.25)), scale), xg, accb)
+    for g in range(4):
+        indices = [_byte(c, o, 136 + 32 * ib + 8 * k + i) for ib in (2 * g, 2 * g + 1) for i in range(8)]
+        w = _signed(c, _lookup(c, table, indices, 16), _sign_pair(c, signs, g))
+        _accumulate(c, w, _values(c, xg, g), scales, [2 * g] * 8 + [2 * g + 1] * 8, acc)
+
+
+def _iq2_xs_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of an IQ2_XS_R4 block (d[4] @0, qs u16[128] @8, scales[32] @264): word 16 ib + 4 k + i holds a
+    9-bit grid index and 7 sign bits s, the 8 signs being s ^ (s << 1); scales as _nibble_scales, d = d_k / 8."""
+    b = c.b
+    table = _table(c, "iq2xs", _plus_center(IQ2XS_GRID))
+    d = b.fmul(c.half(c.off(o, 2 * k)), ir.Constant(_F32, 0.125))
+    scales = _nibble_scales(c, c.off(o, 264), d, k, xg, accb)
+    v4, v8 = ir.VectorType(_I16, 4), ir.VectorType(_I16, 8)
+    for g in range(4):
+        q0, q1 = (c.load(c.src, c.off(o, 8 + 2 * (16 * ib + 4 * k)), v4) for ib in (2 * g, 2 * g + 1))
+        q = b.shuffle_vector(q0, q1, _idx(list(range(8))))
+        index = b.and_(q, _const(v8, [511] * 8))
+        indices = [b.zext(b.extract_element(index, ir.Constant(_I32, i)), _I64) for i in range(8)]
+        s = b.lshr(q, _const(v8, [9] * 8))
+        negative = _mask(c, b.trunc(b.xor(s, b.shl(s, _const(v8, [1] * 8))), ir.VectorType(_I8, 8)))
+        w = _signed(c, _lookup(c, table, indices, 8), negative)
+        _accumulate(c, w, _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+def _iq2_s_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of an IQ2_S_R4 block (d[4] @0, qs[128] @8, qh[32] @136, signs[128] @168, scales[32] @296): entry
+    16 ib + 4 k + i has the index byte qs[.] with bits 2 i, 2 i + 1 of qh[4 ib + k] above it and its 8 signs in
+    signs[.]; scales as _nibble_scales, d = d_k / 8."""
+    b = c.b
+    table = _table(c, "iq2s", _plus_center(IQ2S_GRID))
+    d = b.fmul(c.half(c.off(o, 2 * k)), ir.Constant(_F32, 0.125))
+    scales = _nibble_scales(c, c.off(o, 296), d, k, xg, accb)
+    for g in range(4):
+        indices = []
+        for ib in (2 * g, 2 * g + 1):
+            qh = _byte(c, o, 136 + 4 * ib + k)
+            for i in range(4):
+                high = b.and_(b.shl(qh, ir.Constant(_I64, 8 - 2 * i)), ir.Constant(_I64, 0x300))
+                indices.append(b.or_(_byte(c, o, 8 + 16 * ib + 4 * k + i), high))
+        s0, s1 = (c.load(c.src, c.off(o, 168 + 16 * ib + 4 * k), ir.VectorType(_I8, 4)) for ib in (2 * g, 2 * g + 1))
+        negative = _mask(c, b.shuffle_vector(s0, s1, _idx(list(range(8)))))
+        w = _signed(c, _lookup(c, table, indices, 8), negative)
+        _accumulate(c, w, _values(c, xg, g), scales, [4 * g + lane // 4 for lane in range(16)], acc)
+
+
+def _iq3_s_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) -> None:
+    """Row k of an IQ3_S_R4 block (d[4] @0, qs[256] @8, qh[32] @264, signs[128] @296, scales[16] @424).
+    Sub-block ib: values 4 i + j (16 + 4 i + j) come from index byte qs[32 ib + k + 8 i] (+ 4) with bit i
+    (i + 4) of qh[4 ib + k] as its 9th bit, their signs are bit i (i + 4) of signs[16 ib + 4 k + j]; its scale
+    dl = d_k (2 n + 1), n = nibble l // 16 of scales[l % 16], l = 4 ib + k."""
+    b = c.b
+    table = _table(c, "iq3s", _plus_center(IQ3S_GRID))
+    lsc = [4 * ib + k for ib in range(8)]
+    n = b.and_(b.lshr(b.zext(b.shuffle_vector(*(2 * [c.load(c.src, c.off(o, 424), ir.VectorType(_I8, 16))]),
+                                              _idx([v % 16 for v in lsc])), _V8I),
+                      _const(_V8I, [4 * (v // 16) for v in lsc])), _const(_V8I, [15] * 8))
+    scales = _sub_scales(c, _odd_dl(c, c.half(c.off(o, 2 * k)), n), xg, accb)
+    # value p of a sub-block: its sign is bit 4 (p // 16) + (p % 16) // 4 of sign byte p % 4
+    bits = [1 << (4 * (p // 16) + (p % 16) // 4) for p in range(32)]
+    sign_bits = _const(_V64I8, [v - 256 if v > 127 else v for v in bits * 2])
+    for g in range(4):
+        indices = []
+        for ib in (2 * g, 2 * g + 1):
+            qh = _byte(c, o, 264 + 4 * ib + k)
+            for half in range(2):
+                for i in range(4):
+                    high = b.and_(b.shl(qh, ir.Constant(_I64, 8 - i - 4 * half)), ir.Constant(_I64, 0x100))
+                    indices.append(b.or_(_byte(c, o, 8 + 32 * ib + k + 8 * i + 4 * half), high))
+        s0, s1 = (c.load(c.src, c.off(o, 296 + 16 * ib + 4 * k), ir.VectorType(_I8, 4)) for ib in (2 * g, 2 * g + 1))
+        spread = b.shuffle_vector(s0, s1, _idx([4 * (p // 32) + p % 4 for p in range(64)]))
+        negative = b.icmp_unsigned("!=", b.and_(spread, sign_bits), _const(_V64I8, [0] * 64))
+        w = _signed(c, _lookup(c, table, indices, 16), negative)
+        _accumulate(c, w, _values(c, xg, g), scales, [2 * g] * 8 + [2 * g + 1] * 8, acc)
+
+
 ROWS = {
     IQ1_S_R4: _iq1_row(IQ1_S_R4, _iq1_s_r4_blocks),
+    IQ2_XXS_R4: _ik_row(IQ2_XXS_R4, _iq2_xxs_r4_block, 8),
+    IQ3_XXS_R4: _ik_row(IQ3_XXS_R4, _iq3_xxs_r4_block, 8),
+    IQ1_M_R4: _iq1_row(IQ1_M_R4, _iq1_m_r4_blocks),
+    IQ2_XS_R4: _ik_row(IQ2_XS_R4, _iq2_xs_r4_block, 16),
+    IQ3_S_R4: _ik_row(IQ3_S_R4, _iq3_s_r4_block, 8),
+    IQ2_S_R4: _ik_row(IQ2_S_R4, _iq2_s_r4_block, 16),
 }

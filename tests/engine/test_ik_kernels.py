@@ -23,7 +23,8 @@ from tests.engine.test_ik_types import CASES, _case_id, _ref
 IK_FUSED = sorted(t for t in BLOCK_DOT_TYPES if t in IK_DECODED)
 # Offsets of the f16 scales within one (interleaved) block, per type; the row header is set separately.
 F16_AT = {"IQ4_KS": (), "IQ2_K_R4": (0, 2, 4, 6), "IQ4_K": (0,), "IQ2_K": (0,), "IQ5_KS": (), "IQ3_K": (0,),
-          "IQ1_S_R4": ()}
+          "IQ1_S_R4": (), "IQ1_M_R4": (), "IQ2_XXS_R4": (0, 2, 4, 6), "IQ3_XXS_R4": (0, 2, 4, 6),
+          "IQ2_XS_R4": (0, 2, 4, 6), "IQ2_S_R4": (0, 2, 4, 6), "IQ3_S_R4": (0, 2, 4, 6)}
 
 
 def random_ik_rows(qtype: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
