@@ -22,7 +22,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from engine import ik_dots, interleaved_dots, mainline_dots, trellis_dots
+from engine import grid_dots, ik_dots, interleaved_dots, mainline_dots, trellis_dots
 from engine.block_ir import _I64, TOKENS
 from engine.ik_types import quant_type
 from engine.simd import _arg_i64
@@ -30,7 +30,7 @@ from engine.simd import _arg_i64
 __all__ = ["BLOCK_DOT_TYPES", "TOKENS", "block_dots", "has_block_dot"]
 
 # Each family's row functions: (context, builder, sig, args, tokens, row k of a group) -> the row's IR.
-_ROWS = mainline_dots.ROWS | ik_dots.ROWS | interleaved_dots.ROWS | trellis_dots.ROWS
+_ROWS = mainline_dots.ROWS | ik_dots.ROWS | interleaved_dots.ROWS | trellis_dots.ROWS | grid_dots.ROWS
 BLOCK_DOT_TYPES = tuple(_ROWS)  # the types with a kernel here (a row function per type: its code, row k of a group)
 
 
