@@ -19,6 +19,7 @@ from engine.kernels import fused, get_threads
 from engine.threads import blas
 
 if TYPE_CHECKING:
+    from engine.gguf_file import GGUFFile
     from engine.model import Model
 
 HEADER = "|    PP |     TG |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |"
@@ -136,7 +137,7 @@ def bench_settings(model: Model, n_ctx: int, ubatch: int, n_gen: int, kernels: b
         "kernels": "fused" if kernels else "generic",
         "activations": "float32" if model.options.float_activations or not kernels else "int8",
         "placement": placement_bytes(model),
-        "decoder_path": decoder_path_tensors(model),
+        "decoder_path": decoder_path_tensors(model.gguf),
         "host": host_info(),
         "blas": asdict(blas()),
         "ikctl_version": pkg,
@@ -147,11 +148,11 @@ def rows_as_dicts(rows: list[SweepRow]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
 
 
-def decoder_path_tensors(model: Model) -> dict[str, str]:
+def decoder_path_tensors(gguf: GGUFFile) -> dict[str, str]:
     """Weight matrices whose products decode rows to float32 and then multiply, with no fused kernel for their
     type: ik_llama.cpp's types without one (engine.kernels.fused) and types the kernels do not know.
     Name -> type name."""
-    return {name: t.qtype_name for name, t in model.gguf.tensors.items()
+    return {name: t.qtype_name for name, t in gguf.tensors.items()
             if len(t.shape) >= 2 and not fused(t.qtype)}
 
 

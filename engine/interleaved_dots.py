@@ -32,6 +32,7 @@ from engine.ik_decoders import (
     Q6_0_R4,
     Q6_K_R4,
     Q8_0_R8,
+    Q8_KV_R8,
 )
 from engine.ik_dots import _IQ2_CODES, _IQ3_CODES, _IQ5_CODES, _book_scales, _ik_row, _ks_scales, _spread
 from engine.mainline_dots import SmallBlocks, half_at, small_row
@@ -76,6 +77,22 @@ def _q8_0_r8_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
     word 8 j + k of qs."""
     w = _fields(c, c.off(at, 16), 64, [8 * j + k for j in range(8)])
     return _bytes(c, c.b.xor(w, _const(w.type, [-0x7F7F7F80] * 8)))  # 0x80808080: int8 + 128
+
+
+def _q8_kv_r8_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
+    """Row k's 32 codes + 128 of a Q8_KV_R8 block column of 8 rows (qs[256]; the rows' float32 scales are the
+    group's header): values 16 h + 4 l .. 16 h + 4 l + 3 are word 32 h + 8 l + k."""
+    w = _fields(c, at, 64, [32 * h + 8 * l + k for h in range(2) for l in range(4)])
+    return _bytes(c, c.b.xor(w, _const(w.type, [-0x7F7F7F80] * 8)))  # 0x80808080: int8 + 128
+
+
+def _header_scale(k: int):
+    """Row k's float32 scale in its group's header (the *_KV_R8 rows have no per-block scale)."""
+
+    def field(c: _Ctx, o: ir.Value) -> ir.Value:
+        return c.f32(c.off(c.head, 4 * k))
+
+    return field
 
 
 def _q4_0_r8_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
@@ -379,6 +396,7 @@ ROWS = {
     Q6_K_R4: _ik_row(Q6_K_R4, _q6_k_r4_block, 16),
     Q2_K_R4: _ik_row(Q2_K_R4, _q2_k_r4_block, 16),
     Q3_K_R4: _ik_row(Q3_K_R4, _q3_k_r4_block, 16),
+    Q8_KV_R8: small_row(Q8_KV_R8, lambda k: SmallBlocks(partial(_q8_kv_r8_codes, k=k), _header_scale(k), None, 128)),
     IQ2_K_R4: _ik_row(IQ2_K_R4, _iq2_k_r4_block, 16),
     IQ4_KS_R4: _ik_row(IQ4_KS_R4, _iq4_ks_r4_block, 8),
     IQ4_K_R4: _ik_row(IQ4_K_R4, _iq4_k_r4_block, 16),

@@ -32,7 +32,7 @@ F16_AT = {"IQ4_KS": (), "IQ2_K_R4": (0, 2, 4, 6), "IQ4_K": (0,), "IQ2_K": (0,), 
           "Q8_KV": (), "IQ4_KS_R4": (), "IQ4_K_R4": (0, 2, 4, 6), "IQ3_K_R4": (0, 2, 4, 6), "IQ5_K_R4": (0, 2, 4, 6),
           "IQ5_KS_R4": (), "IQ4_XS_R8": tuple(range(0, 16, 2)),
           "IQ1_S_R4": (), "IQ1_M_R4": (), "IQ2_XXS_R4": (0, 2, 4, 6), "IQ3_XXS_R4": (0, 2, 4, 6),
-          "IQ2_XS_R4": (0, 2, 4, 6), "IQ2_S_R4": (0, 2, 4, 6), "IQ3_S_R4": (0, 2, 4, 6)}
+          "IQ2_XS_R4": (0, 2, 4, 6), "IQ2_S_R4": (0, 2, 4, 6), "IQ3_S_R4": (0, 2, 4, 6), "Q8_KV_R8": ()}
 
 
 def random_ik_rows(qtype: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
