@@ -33,23 +33,31 @@ def _scale_and_signs(src: np.ndarray, o: int) -> tuple[int, int]:
     return scale, w ^ (w >> 1)
 
 
-@njit(cache=True)
-def _dec_iq2_xxs_r4(src: np.ndarray, dst: np.ndarray) -> None:
-    # per 256 columns: d[4] @0, sas[128] @8 (a 32-bit word per row and 32 columns), qs[128] @136 (grid indices).
+@njit(cache=True, inline="always")
+def _dec_xxs_r4(src: np.ndarray, dst: np.ndarray, grid: np.ndarray, nbytes: int, dmul: np.float32) -> None:
+    # IQ2_XXS_R4 (8-value grid entries, 264 bytes) and IQ3_XXS_R4 (4-value, 392 bytes): per 256 columns: d[4] @0,
+    # sas[128] @8 (a 32-bit word of scale and sign bits per row and 32 columns), qs @136 (grid indices).
+    width = grid.shape[1]
+    per = 32 // width  # grid entries per row and 32 columns
     n = dst.size // 4
     for b in range(n // 256):
-        o = 264 * b
+        o = nbytes * b
         for k in range(4):
-            d = np.float32(0.125) * _f16_at(src, o + 2 * k)
+            d = dmul * _f16_at(src, o + 2 * k)
             for ib in range(8):
                 scale, signs = _scale_and_signs(src, o + 8 + 4 * (4 * ib + k))
                 dl = d * np.float32(2 * scale + 1)
                 y = k * n + 256 * b + 32 * ib
-                for i in range(4):
-                    g = np.int64(src[o + 136 + 16 * ib + 4 * k + i])
-                    for j in range(8):
-                        v = dl * np.float32(IQ2XXS_GRID[g, j])
-                        dst[y + 8 * i + j] = -v if (signs >> (8 * i + j)) & 1 else v
+                for i in range(per):
+                    g = np.int64(src[o + 136 + 4 * per * ib + per * k + i])
+                    for j in range(width):
+                        v = dl * np.float32(grid[g, j])
+                        dst[y + width * i + j] = -v if (signs >> (width * i + j)) & 1 else v
+
+
+@njit(cache=True)
+def _dec_iq2_xxs_r4(src: np.ndarray, dst: np.ndarray) -> None:
+    _dec_xxs_r4(src, dst, IQ2XXS_GRID, 264, np.float32(0.125))
 
 
 @njit(cache=True)
@@ -102,21 +110,7 @@ def _dec_iq2_s_r4(src: np.ndarray, dst: np.ndarray) -> None:
 
 @njit(cache=True)
 def _dec_iq3_xxs_r4(src: np.ndarray, dst: np.ndarray) -> None:
-    # per 256 columns: d[4] @0, sas[128] @8 (as IQ2_XXS_R4, 4 sign bits per grid entry), qs[256] @136.
-    n = dst.size // 4
-    for b in range(n // 256):
-        o = 392 * b
-        for k in range(4):
-            d = np.float32(0.25) * _f16_at(src, o + 2 * k)
-            for ib in range(8):
-                scale, signs = _scale_and_signs(src, o + 8 + 4 * (4 * ib + k))
-                dl = d * np.float32(2 * scale + 1)
-                y = k * n + 256 * b + 32 * ib
-                for i in range(8):
-                    g = np.int64(src[o + 136 + 32 * ib + 8 * k + i])
-                    for j in range(4):
-                        v = dl * np.float32(IQ3XXS_GRID[g, j])
-                        dst[y + 4 * i + j] = -v if (signs >> (4 * i + j)) & 1 else v
+    _dec_xxs_r4(src, dst, IQ3XXS_GRID, 392, np.float32(0.25))
 
 
 @njit(cache=True)
