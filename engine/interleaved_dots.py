@@ -14,7 +14,6 @@ from llvmlite import ir
 
 from engine.block_ir import _I8, _I32, _V8I, _V16F, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
 from engine.ik_decoders import (
-    _R4_AT,
     IQ2_K_R4,
     IQ3_K_R4,
     IQ4_K_R4,
@@ -46,19 +45,25 @@ _R4_PART = (0, 2, 0, 2, 1, 3, 1, 3)
 _R4_NIB = (0, 0, 1, 1, 0, 0, 1, 1)
 
 
-def _fields(c: _Ctx, at: ir.Value, nwords: int, picks: list[int], shifts: list[int] | None = None,
-            mask: int | None = None) -> ir.Value:
-    """<n x i32>: words picks[l] of the nwords 4-byte words at `at`, each shifted right by shifts[l] and each of
-    its bytes masked by `mask` (a lane's 4 values share the shift: row k's bytes come 4 at a time)."""
+def _pick(c: _Ctx, words: ir.Value, picks: list[int], shifts: list[int] | None = None,
+          mask: int | None = None) -> ir.Value:
+    """<n x i32>: lane l = (words[picks[l]] >> shifts[l]) with each byte masked by `mask`. A 4-value lane of codes
+    sits in one dword of the interleaved layouts, so one dword permute picks row k's lanes in value order and a
+    per-dword shift (not a byte shuffle) chooses their nibble or bit field."""
     b = c.b
     vty = ir.VectorType(_I32, len(picks))
-    raw = c.load(c.src, at, ir.VectorType(_I32, nwords))
-    w = b.shuffle_vector(raw, raw, _idx(picks))
+    w = b.shuffle_vector(words, words, _idx(picks))
     if shifts is not None and any(shifts):
         w = b.lshr(w, _const(vty, shifts))
     if mask is not None:
         w = b.and_(w, _const(vty, [mask * 0x01010101] * len(picks)))
     return w
+
+
+def _fields(c: _Ctx, at: ir.Value, nwords: int, picks: list[int], shifts: list[int] | None = None,
+            mask: int | None = None) -> ir.Value:
+    """_pick from the nwords 4-byte words at `at`."""
+    return _pick(c, c.load(c.src, at, ir.VectorType(_I32, nwords)), picks, shifts, mask)
 
 
 def _bytes(c: _Ctx, w: ir.Value) -> ir.Value:
@@ -258,29 +263,16 @@ def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
                     [4 * g + lane // 4 for lane in range(16)], acc)
 
 
-def _dword_codes(c: _Ctx, words: ir.Value, picks: list[int], shifts: list[int], mask: int) -> ir.Value:
-    """<16 x i32>: lane l = (words[picks[l]] >> shifts[l]) & mask per byte (mask repeated in each byte). A 4-value
-    lane of codes sits in one dword of the interleaved layouts, so one dword permute picks row k's lanes in value
-    order and a per-dword shift (not a shuffle) chooses their nibble or bit field."""
-    b = c.b
-    w = b.shuffle_vector(words, words, _idx(picks))
-    return b.and_(b.lshr(w, _const(_V16I, shifts)), _const(_V16I, [mask * 0x01010101] * 16))
-
-
 def _r4_codes(c: _Ctx, qs: ir.Value, k: int, qh: ir.Value | None = None) -> ir.Value:
     """<64 x i8>: row k's 4-bit (with qh, 5-bit) indices of two 32-value sub-blocks in value order, from the
-    IQ4_K_R4-like layout at qs (64 bytes a sub-block: byte 16 p + 4 k + i holds row k's values _R4_AT[p] + i (low
-    nibble) and _R4_AT[p] + 8 + i (high)); qh: the sub-blocks' 5th bits, 16 bytes each, bits 2p and 2p + 1 of
-    byte 4 k + i."""
+    IQ4_K_R4-like layout at qs (the *_R4 nibble layout, 64 bytes a sub-block); qh: the sub-blocks' 5th bits, 16
+    bytes each: part p's nibble n takes bit 2 p + n of qh dword 4 j + k (sub-block j)."""
     b = c.b
-    # lane l of sub-block j (values 4 l ..) is nibble n of dword 4 p + k
-    lanes = [(j, *next((p, n) for p in range(4) for n in range(2) if _R4_AT[p] + 8 * n == 4 * lane))
-             for j in range(2) for lane in range(8)]
-    words = b.shuffle_vector(c.load(c.src, qs, _V16I), c.load(c.src, c.off(qs, 64), _V16I), _idx(list(range(32))))
-    codes = _dword_codes(c, words, [16 * j + 4 * p + k for j, p, n in lanes], [4 * n for j, p, n in lanes], 15)
-    if qh is not None:  # bit 2 p + n of qh dword 4 j + k
-        bits = _dword_codes(c, c.load(c.src, qh, _V8I), [4 * j + k for j, p, n in lanes],
-                            [2 * p + n for j, p, n in lanes], 1)
+    codes = _r4_nibbles(c, qs, k, 2)
+    if qh is not None:
+        lanes = [(j, p, n) for j in range(2) for p, n in zip(_R4_PART, _R4_NIB, strict=True)]
+        bits = _pick(c, c.load(c.src, qh, _V8I), [4 * j + k for j, p, n in lanes], [2 * p + n for j, p, n in lanes],
+                     1)
         codes = b.or_(codes, b.shl(bits, _const(_V16I, [4] * 16)))
     return b.bitcast(codes, ir.VectorType(_I8, 64))
 
@@ -354,9 +346,9 @@ def _iq3_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
     scales = _book_scales(c, c.half(c.off(o, 2 * k)), ls, 0, half, 4, 64, xg, accb)
     lanes = [(j, q) for j in range(2) for q in range(8)]  # lane q of sub-block j: half q // 4, field q % 4
     for g in range(4):  # sub-blocks 2g, 2g + 1
-        low = _dword_codes(c, c.load(c.src, c.off(o, 56 + 64 * g), _V16I), [8 * j + 4 * (q // 4) + k for j, q in lanes],
+        low = _pick(c, c.load(c.src, c.off(o, 56 + 64 * g), _V16I), [8 * j + 4 * (q // 4) + k for j, q in lanes],
                            [2 * (q % 4) for j, q in lanes], 3)
-        high = _dword_codes(c, c.load(c.src, c.off(o, 312 + 32 * g), _V8I), [4 * j + k for j, q in lanes],
+        high = _pick(c, c.load(c.src, c.off(o, 312 + 32 * g), _V8I), [4 * j + k for j, q in lanes],
                             [q for j, q in lanes], 1)
         w = b.bitcast(b.or_(low, b.shl(high, _const(_V16I, [2] * 16))), ir.VectorType(_I8, 64))
         _accumulate(c, lookup_codes(b, w, _IQ3_CODES), _values(c, xg, g), scales,
@@ -379,7 +371,7 @@ def _iq4_xs_r8_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int
         a = [c.load(c.src, c.off(o, 64 + 256 * g + 64 * n), _V16I) for n in range(4)]
         words = b.shuffle_vector(b.shuffle_vector(a[0], a[1], _idx(list(range(32)))),
                                  b.shuffle_vector(a[2], a[3], _idx(list(range(32)))), _idx(list(range(64))))
-        w = _dword_codes(c, words, [32 * j + 8 * (q // 2) + k for j in range(2) for q in range(8)],
+        w = _pick(c, words, [32 * j + 8 * (q // 2) + k for j in range(2) for q in range(8)],
                          [4 * (q % 2) for j in range(2) for q in range(8)], 15)
         _accumulate(c, lookup_codes(b, b.bitcast(w, ir.VectorType(_I8, 64)), IQ4_CODES), _values(c, xg, g), scales,
                     [4 * g + lane // 4 for lane in range(16)], acc)
