@@ -37,6 +37,11 @@ from engine.simd_int8 import _dot_u8s8
 # L1-resident dot, while the tiled path pays a full decode plus BLAS calls that are slow for small T
 # (measured on 2048x2048 Q4_K/Q8_0, one thread: equal at T = 16, matvec 2x faster at T = 8).
 MATVEC_MAX_T = 16
+# Types with a kernel in engine.block_dots keep to it up to this many tokens: it unpacks each block once per 8
+# tokens, where a tile first decodes whole rows to float32 (2 threads, 2048x7168 Q4_K / IQ4_KS / Q8_0, fused time
+# over tiled: 0.2-0.4 at 16-24 tokens, 0.5-0.7 at 32-48, about 0.8-1 at 64-96, 1-1.5 at 128). An MoE prompt batch
+# gives most experts fewer than 48 tokens (DeepSeek-V3, 512 tokens: 16 on average).
+FUSED_MAX_T = 48
 # Float32 scratch per prefill tile (as engine.quant's generic path). Tile size barely matters on one thread,
 # but every tile is one hand-over between numba's and BLAS's thread pools, which is slow on a busy machine.
 TILE_BYTES = 16 << 20
@@ -524,6 +529,11 @@ def matmul_tiled(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndar
     return out
 
 
+def matvec_max_tokens(qtype: int) -> int:
+    """The most tokens matmul_t multiplies with the matvec kernels (more go through tiles and BLAS)."""
+    return FUSED_MAX_T if takes_int8(qtype) and int(qtype) in BLOCK_DOT_TYPES else MATVEC_MAX_T
+
+
 def matmul_t(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:
     """x @ W.T for W [R, C] in its GGUF encoding: x [..., C] -> [..., R] float32 (matvec or tiled by T)."""
     R, C = (int(s) for s in shape)
@@ -531,7 +541,7 @@ def matmul_t(raw: np.ndarray, qtype: int, shape: tuple[int, int], x: np.ndarray)
     if int(qtype) == F32:
         return np.asarray(x, dtype=np.float32) @ np.ascontiguousarray(raw).view(np.float32).reshape(R, C).T
     T = int(np.prod(lead, dtype=np.int64))
-    y = matvec(raw, qtype, shape, x) if T <= MATVEC_MAX_T else matmul_tiled(raw, qtype, shape, x)
+    y = matvec(raw, qtype, shape, x) if matvec_max_tokens(qtype) >= T else matmul_tiled(raw, qtype, shape, x)
     return y.reshape(*lead, R)
 
 

@@ -137,3 +137,26 @@ def test_fused_kernels_on_ik_llamas_own_quantization(case: tuple[str, int, int])
         with K.activations(int8=True):
             y = K.matmul_t(raw, type_id(name), (rows, cols), x)
         assert close(y, q8_reference(x)[0], w.astype(np.float64)), T
+
+
+@pytest.mark.parametrize("name", ["IQ4_KS", "IQ2_K_R4", "Q4_K"])
+def test_prompt_batches_up_to_fused_max_t_take_the_fused_kernel(name: str) -> None:
+    """matmul_t keeps a type with a fused kernel on it up to FUSED_MAX_T tokens (the tiled BLAS path is slower
+    there), and tiles one token more; without integer activations the boundary stays at MATVEC_MAX_T."""
+    qtype = type_id(name)
+    R, C = 8, 2 * quant_type(qtype).qk
+    if name == "Q4_K":  # mainline: random 144-byte blocks with finite d, dmin
+        raw = np.random.default_rng(0).integers(0, 256, (R, C // 256 * 144), dtype=np.uint8)
+        raw.reshape(R, -1, 144)[:, :, :4] = np.array([0.01, 0.002], np.float16).view(np.uint8)
+    else:
+        raw = random_ik_rows(qtype, R, C)
+    for T, fused in ((K.FUSED_MAX_T, True), (K.FUSED_MAX_T + 1, False)):
+        x = tokens(T, C)
+        with K.activations(int8=True):
+            assert K.matvec_max_tokens(qtype) == K.FUSED_MAX_T
+            y = K.matmul_t(raw, qtype, (R, C), x)
+            want = K.matvec(raw, qtype, (R, C), x) if fused else K.matmul_tiled(raw, qtype, (R, C), x)
+        assert np.array_equal(y, want), (T, fused)
+    with K.activations(int8=False):
+        assert K.matvec_max_tokens(qtype) == K.MATVEC_MAX_T
+
