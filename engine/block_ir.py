@@ -20,6 +20,7 @@ _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.
 _V8I, _V8F, _V16F = (ir.VectorType(t, n) for t, n in ((_I32, 8), (_F32, 8), (_F32, 16)))
 _V32I8 = ir.VectorType(_I8, 32)
 _V16I = ir.VectorType(_I32, 16)
+_V64I8 = ir.VectorType(_I8, 64)
 
 # Tokens per call at most: 8 accumulators and their scales stay in registers next to the unpacked weights.
 TOKENS = 8

@@ -28,8 +28,10 @@ from engine.block_ir import (
     _I32,
     _I64,
     _V8F,
+    _V8I,
     _V16F,
     _V16I,
+    _V64I8,
     _accumulate,
     _const,
     _Ctx,
@@ -44,9 +46,7 @@ from engine.iq_grids import IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_
 from engine.simd import _splat
 from engine.simd_int8 import _fma4
 
-_V64I8 = ir.VectorType(_I8, 64)
 _V4F = ir.VectorType(_F32, 4)
-_V8I = ir.VectorType(_I32, 8)
 _V4I = ir.VectorType(_I32, 4)
 _MASK64 = ir.VectorType(ir.IntType(1), 64)
 # Codes are point + 64 (IQ2/IQ3 points are 1 .. 62); a negative sign makes them 128 - code.

@@ -51,7 +51,7 @@ from engine.ik_decoders import (
     Q8_KV,
 )
 from engine.ik_types import quant_type
-from engine.mainline_dots import SmallBlocks, int8_codes, small_row
+from engine.mainline_dots import SmallBlocks, half_at, int8_codes, small_row
 from engine.simd import _splat
 from engine.simd_int8 import IQ4_CODES, _fma, lookup_codes
 
@@ -386,12 +386,13 @@ def _q6_0_codes(c: _Ctx, o: ir.Value) -> ir.Value:
     return b.or_(q, b.shl(b.and_(h, _const(_V32I8, [3] * 32)), _const(_V32I8, [4] * 32)))
 
 
-def _row_scale(c: _Ctx, o: ir.Value) -> ir.Value:
-    return c.f32(c.head)
+def _header_scale(k: int):
+    """Row k's float32 scale in its row's (or interleaved group's) header: the *_KV types have no block scale."""
 
+    def field(c: _Ctx, o: ir.Value) -> ir.Value:
+        return c.f32(c.off(c.head, 4 * k))
 
-def _block_half(c: _Ctx, o: ir.Value) -> ir.Value:
-    return c.half(o)
+    return field
 
 
 def _ik_row(qtype: int, block, bias_lanes: int):
@@ -421,6 +422,7 @@ ROWS = {
     IQ3_KS: _ik_row(IQ3_KS, _iq3_ks_block, 8),
     IQ4_KSS: _ik_row(IQ4_KSS, _iq4_kss_block, 8),
     IQ2_KL: _ik_row(IQ2_KL, _iq2_kl_block, 8),
-    Q6_0: small_row(Q6_0, lambda k: SmallBlocks(_q6_0_codes, _block_half, None, 32)),
-    Q8_KV: small_row(Q8_KV, lambda k: SmallBlocks(int8_codes, _row_scale, None, 128)),  # the row's code sum unused
+    Q6_0: small_row(Q6_0, lambda k: SmallBlocks(_q6_0_codes, half_at(0), None, 32)),
+    # Q8_KV's header also holds the row's code sum, unused here
+    Q8_KV: small_row(Q8_KV, lambda k: SmallBlocks(int8_codes, _header_scale(0), None, 128)),
 }

@@ -12,7 +12,7 @@ from functools import partial
 
 from llvmlite import ir
 
-from engine.block_ir import _I8, _I32, _V8I, _V16F, _V16I, _V32I8, _accumulate, _const, _Ctx, _idx, _values
+from engine.block_ir import _I8, _I32, _V8I, _V16F, _V16I, _V32I8, _V64I8, _accumulate, _const, _Ctx, _idx, _values
 from engine.ik_decoders import (
     IQ2_K_R4,
     IQ3_K_R4,
@@ -33,7 +33,7 @@ from engine.ik_decoders import (
     Q8_0_R8,
     Q8_KV_R8,
 )
-from engine.ik_dots import _IQ2_CODES, _IQ3_CODES, _IQ5_CODES, _book_scales, _ik_row, _ks_scales, _spread
+from engine.ik_dots import _IQ2_CODES, _IQ3_CODES, _IQ5_CODES, _book_scales, _header_scale, _ik_row, _ks_scales, _spread
 from engine.mainline_dots import SmallBlocks, half_at, small_row
 from engine.simd import _splat
 from engine.simd_int8 import IQ4_CODES, _fma, lookup_codes
@@ -89,15 +89,6 @@ def _q8_kv_r8_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
     group's header): values 16 h + 4 l .. 16 h + 4 l + 3 are word 32 h + 8 l + k."""
     w = _fields(c, at, 64, [32 * h + 8 * l + k for h in range(2) for l in range(4)])
     return _bytes(c, c.b.xor(w, _const(w.type, [-0x7F7F7F80] * 8)))  # 0x80808080: int8 + 128
-
-
-def _header_scale(k: int):
-    """Row k's float32 scale in its group's header (the *_KV_R8 rows have no per-block scale)."""
-
-    def field(c: _Ctx, o: ir.Value) -> ir.Value:
-        return c.f32(c.off(c.head, 4 * k))
-
-    return field
 
 
 def _q4_0_r8_codes(c: _Ctx, at: ir.Value, k: int) -> ir.Value:
@@ -184,7 +175,7 @@ def _q6_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int) 
     scale is byte 4 g + k; ql in the *_R4 nibble layout (64 bytes per 32 values), the 2 high bits of part p's
     nibble h in row k's word 4 (p % 2) + k of the sub-block's 32 qh bytes, at bit 4 (p // 2) + 2 h."""
     b = c.b
-    raw = c.load(c.src, c.off(o, 8), ir.VectorType(_I8, 64))
+    raw = c.load(c.src, c.off(o, 8), _V64I8)
     sc = b.sext(b.shuffle_vector(raw, raw, _idx([4 * g + k for g in range(16)])), _V16I)
     scales = _book_scales(c, c.half(c.off(o, 2 * k)), sc, 0, _const(_V16I, [0] * 16), 0, 32, xg, accb)
     for g in range(4):  # sub-blocks 2g, 2g + 1
@@ -250,7 +241,7 @@ def _iq2_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
     scales = _book_scales(c, c.half(c.off(o, 2 * k)), b.zext(nib, _V16I), 8, half, 5, 32, xg, accb)
     three = _const(v16i8, [3] * 16)
     for g in range(4):  # sub-blocks 2g, 2g + 1: row k's 16 bytes of the 4 rows' 64
-        raw = c.load(c.src, c.off(o, 48 + 64 * g), ir.VectorType(_I8, 64))
+        raw = c.load(c.src, c.off(o, 48 + 64 * g), _V64I8)
         mine = b.shuffle_vector(raw, raw, _idx([32 * s + 16 * h + 4 * k + i for s in range(2) for h in range(2)
                                                 for i in range(4)]))
         f = [b.and_(b.lshr(mine, _const(v16i8, [2 * j] * 16)), three) for j in range(4)]
@@ -274,7 +265,7 @@ def _r4_codes(c: _Ctx, qs: ir.Value, k: int, qh: ir.Value | None = None) -> ir.V
         bits = _pick(c, c.load(c.src, qh, _V8I), [4 * j + k for j, p, n in lanes], [2 * p + n for j, p, n in lanes],
                      1)
         codes = b.or_(codes, b.shl(bits, _const(_V16I, [4] * 16)))
-    return b.bitcast(codes, ir.VectorType(_I8, 64))
+    return b.bitcast(codes, _V64I8)
 
 
 def _iqks_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int, fifth: bool) -> None:
@@ -350,7 +341,7 @@ def _iq3_k_r4_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int)
                            [2 * (q % 4) for j, q in lanes], 3)
         high = _pick(c, c.load(c.src, c.off(o, 312 + 32 * g), _V8I), [4 * j + k for j, q in lanes],
                             [q for j, q in lanes], 1)
-        w = b.bitcast(b.or_(low, b.shl(high, _const(_V16I, [2] * 16))), ir.VectorType(_I8, 64))
+        w = b.bitcast(b.or_(low, b.shl(high, _const(_V16I, [2] * 16))), _V64I8)
         _accumulate(c, lookup_codes(b, w, _IQ3_CODES), _values(c, xg, g), scales,
                     [4 * g + lane // 4 for lane in range(16)], acc)
 
@@ -373,7 +364,7 @@ def _iq4_xs_r8_block(c: _Ctx, o: ir.Value, xg: list[ir.Value], acc, accb, k: int
                                  b.shuffle_vector(a[2], a[3], _idx(list(range(32)))), _idx(list(range(64))))
         w = _pick(c, words, [32 * j + 8 * (q // 2) + k for j in range(2) for q in range(8)],
                          [4 * (q % 2) for j in range(2) for q in range(8)], 15)
-        _accumulate(c, lookup_codes(b, b.bitcast(w, ir.VectorType(_I8, 64)), IQ4_CODES), _values(c, xg, g), scales,
+        _accumulate(c, lookup_codes(b, b.bitcast(w, _V64I8), IQ4_CODES), _values(c, xg, g), scales,
                     [4 * g + lane // 4 for lane in range(16)], acc)
 
 

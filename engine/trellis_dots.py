@@ -24,9 +24,11 @@ from engine.block_ir import (
     _I16,
     _I32,
     _V8F,
+    _V8I,
     _V16F,
     _V16I,
     _V32I8,
+    _V64I8,
     _accumulate,
     _const,
     _Ctx,
@@ -39,7 +41,7 @@ from engine.ik_decoders import IQ1_KT, IQ2_KT, IQ3_KT, IQ4_KT
 from engine.simd import _splat
 from engine.simd_int8 import _ISA, IQ4_CODES, lookup_codes
 
-_V8I, _V16I8, _V64I8 = ir.VectorType(_I32, 8), ir.VectorType(_I8, 16), ir.VectorType(_I8, 64)
+_V16I8 = ir.VectorType(_I8, 16)
 
 
 def _signed(v: int, bits: int) -> int:
